@@ -1,0 +1,5 @@
+import sys
+
+from hrp_ood.cli import main
+
+sys.exit(main())

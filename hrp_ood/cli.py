@@ -1,0 +1,156 @@
+"""`hrp-ood` command line: a thin layer over the library (train, demo, evaluate, report, export)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from hrp_ood import __version__
+from hrp_ood.config import METHODS, build_config, parse_set_option
+from hrp_ood.errors import UserError
+
+log = logging.getLogger("hrp_ood")
+
+# flag name → config key for the few training options worth a flag; everything else goes through --set key=value
+TRAIN_FLAGS = {
+    "dataset": str, "data_root": str, "noise": str, "noisy_labels": str, "noisy_labels_key": str, "method": str,
+    "model": str, "epochs": int, "batch_size": int, "lr": float, "seed": int, "device": str, "out_dir": str,
+    "name": str, "meta_size": int,
+}
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="flat YAML config (see configs/); flags override it")
+    for key, kind in TRAIN_FLAGS.items():
+        p.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None)
+    p.add_argument("--download", action="store_true", default=None, help="download CIFAR into --data-root if missing")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set kappa=2 --set lr_milestones=[100,150]")
+    p.add_argument("--resume", action="store_true", help="continue the run in <out-dir>/<name> from last.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="tqdm progress bars (default: only on a terminal)")
+
+
+def _train_overrides(args: argparse.Namespace) -> dict:
+    overrides = {key: getattr(args, key) for key in [*TRAIN_FLAGS, "download"]}
+    for item in args.set:
+        key, value = parse_set_option(item)
+        overrides[key] = value
+    return overrides
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from hrp_ood.train.trainer import train
+
+    overrides = _train_overrides(args)
+    cfg = build_config(args.config, overrides)
+    explicit = {k for k, v in overrides.items() if v is not None}
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite, explicit=explicit, progress=args.progress)
+    print(f"done: {result['epochs']} epochs, best ensemble test accuracy {result['best_acc']:.2f}% "
+          f"-> {result['run_dir']}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from hrp_ood.demo import run_demo
+
+    run_demo(Path(args.out_dir), epochs=args.epochs, overwrite=args.overwrite, progress=args.progress)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from hrp_ood.eval.cli import evaluate_from_args
+
+    evaluate_from_args(args)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from hrp_ood.eval.report import write_report
+
+    paths = write_report([Path(p) for p in args.evals], Path(args.out), by=args.by, plots=not args.no_plots)
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from hrp_ood.eval.network import export_checkpoint
+
+    out = export_checkpoint(Path(args.ckpt), Path(args.out), net=args.net)
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hrp-ood",
+        description="Train HRP (Holistic Reliability Propagation) on noisy labels and evaluate OOD detection.",
+    )
+    parser.add_argument("--version", action="version", version=f"hrp-ood {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train HRP, a baseline or an ablation on noisy labels",
+                       description=f"Methods: {', '.join(METHODS)}. Example: hrp-ood train --noise sym80")
+    _add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="offline end-to-end demo: noisy digits → HRP → OOD table (a few CPU minutes)")
+    p.add_argument("--out-dir", default="runs/demo")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--overwrite", action="store_true", default=True, help=argparse.SUPPRESS)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("evaluate", help="OOD evaluation of a checkpoint (OpenOOD conventions)")
+    from hrp_ood.eval.cli import add_evaluate_arguments
+
+    add_evaluate_arguments(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="comparison tables (CSV, Markdown, LaTeX) and plots from many eval.json")
+    p.add_argument("evals", nargs="+", help="eval.json files (e.g. runs/*/eval_ensemble/eval.json)")
+    p.add_argument("--by", default="noise", choices=["noise", "dataset", "method", "net", "ood"])
+    p.add_argument("--out", default="report")
+    p.add_argument("--no-plots", action="store_true")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="write a plain state dict of one network (OpenOOD-loadable for resnet18_32x32)")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--net", default="1", choices=["1", "2"])
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def _configure_console_logging() -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_console_logging()
+    try:
+        return args.func(args)
+    except UserError as err:
+        if args.debug:
+            raise
+        print(f"hrp-ood {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hrp-ood {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Typed training configuration: flat YAML in, validated dataclass out, unknown keys rejected.
+
+Precedence (lowest first): dataclass defaults (the paper's CIFAR-10 set-up, SPEC §3.4.1) →
+`--config FILE` → explicit CLI flags / `--set key=value`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hrp_ood.errors import UserError
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method name switches on. Every method and ablation is one row of METHODS."""
+
+    dual: bool = True  # two co-trained networks
+    loss: str = "hrp"  # ce | gce | coteach | hrp
+    meta: bool = True  # bilevel meta step for α, β (otherwise α = β = 1)
+    normalization: str = "separate"  # Eq. 5 (separate) or L2B-style coupled
+    ram: bool = True
+    grg: bool = True
+    symmetric_ram: bool = False
+    cdcl: bool = True
+
+
+METHODS: dict[str, MethodSpec] = {
+    "ce": MethodSpec(dual=False, loss="ce", meta=False),
+    "gce": MethodSpec(dual=False, loss="gce", meta=False),
+    "coteach": MethodSpec(loss="coteach", meta=False),
+    "coupled_meta": MethodSpec(normalization="coupled"),
+    "hrp": MethodSpec(),
+    "hrp_no_ram": MethodSpec(ram=False),
+    "hrp_no_cdcl": MethodSpec(cdcl=False),
+    "hrp_no_grg": MethodSpec(grg=False),
+    "hrp_sym_ram": MethodSpec(symmetric_ram=True),
+    # α = β = 1 everywhere: HRP's losses without the meta step (the speed baseline of benchmarks/train_step.py).
+    "hrp_no_meta": MethodSpec(meta=False),
+}
+
+
+@dataclass
+class TrainConfig:
+    # data and noise (SPEC §2)
+    dataset: str = "cifar10"
+    data_root: str = "./data"
+    download: bool = False
+    image_size: int | None = None  # image-folder datasets only: resize to this size
+    noise: str = "sym50"
+    noisy_labels: str | None = None  # file of real noisy labels (.npy or CIFAR-N .pt)
+    noisy_labels_key: str | None = None  # key inside a CIFAR-N .pt file, e.g. worse_label
+    meta_size: int = 1000
+    meta_balanced: bool = True
+    strong_policy: str = "randaugment"  # randaugment | autoaugment | none
+    # model and method
+    model: str = "preact_resnet18"
+    method: str = "hrp"
+    proj_hidden_dim: int = 512
+    proj_dim: int = 128
+    # optimisation (the paper's schedule)
+    epochs: int = 450
+    batch_size: int = 128
+    meta_batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_milestones: list[int] = field(default_factory=lambda: [250, 400])
+    lr_gamma: float = 0.1
+    warmup_epochs: int = 10
+    ramp_epochs: int = 16
+    # HRP hyper-parameters (SPEC §3.4.1)
+    meta_method: str = "jvp"  # jvp | double_backward
+    kappa: float = 4.0
+    t_min: float = 0.1
+    t_max: float = 3.0
+    delta: float = 1e-8
+    cdcl_temperature: float = 0.1
+    tau_conf: float = 0.95
+    tau_match: float = 0.5
+    sharpen_temperature: float = 0.5
+    gamma: float = 0.5
+    lambda_cons: float = 1.0
+    lambda_c: float = 0.1
+    # baselines
+    gce_q: float = 0.7
+    forget_rate: float | None = None  # co-teaching; None = the noise file's realised rate
+    coteach_ramp_epochs: int = 10
+    # run
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # bfloat16 autocast on CUDA; ignored on CPU
+    deterministic: bool = False
+    out_dir: str = "runs"
+    name: str | None = None
+    eval_batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        self.validate()
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if self.meta_method not in ("jvp", "double_backward"):
+            raise UserError(f"meta_method must be 'jvp' or 'double_backward', got {self.meta_method!r}")
+        if self.strong_policy not in ("randaugment", "autoaugment", "none"):
+            raise UserError(f"strong_policy must be randaugment, autoaugment or none, got {self.strong_policy!r}")
+        for name in ("epochs", "batch_size", "meta_batch_size", "meta_size", "eval_batch_size"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.t_min <= self.t_max:
+            raise UserError(f"t_min ({self.t_min}) must not exceed t_max ({self.t_max})")
+
+    @property
+    def spec(self) -> MethodSpec:
+        return METHODS[self.method]
+
+    @property
+    def run_name(self) -> str:
+        noise = "file" if self.noisy_labels else self.noise
+        return self.name or f"{self.dataset}_{noise}_{self.method}_s{self.seed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def _unknown_key_error(key: str, where: str) -> UserError:
+    close = difflib.get_close_matches(key, field_names(), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(field_names())}"
+    return UserError(f"unknown config key {key!r} in {where}{hint}")
+
+
+def _allowed_types(hint: Any) -> tuple[type, ...]:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return tuple(t for arg in typing.get_args(hint) for t in _allowed_types(arg))
+    return (typing.get_origin(hint) or hint,)
+
+
+def _type_name(t: type) -> str:
+    return {type(None): "null", list: "a list of int"}.get(t, t.__name__)
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        allowed = _allowed_types(hints[f.name])
+        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+            setattr(cfg, f.name, float(value))
+            continue
+        ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+        if value is None:
+            ok = type(None) in allowed
+        if ok and isinstance(value, list):
+            ok = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        if not ok:
+            names = " or ".join(_type_name(t) for t in allowed)
+            raise UserError(f"config key {f.name!r} must be {names}, got {value!r} ({type(value).__name__})")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} not found; the shipped configs are in configs/ of the repository")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"config file {path} is not valid YAML{where}: fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must be a flat mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def parse_set_option(item: str) -> tuple[str, Any]:
+    """`key=value` from `--set`; the value is parsed as YAML (so 0.1 is a float, [1, 2] a list, null None)."""
+    if "=" not in item:
+        raise UserError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise UserError(f"--set {item!r}: the value is not valid YAML") from None
+
+
+def build_config(
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
+) -> TrainConfig:
+    """Defaults ← `base` ← YAML file ← overrides (None values in overrides are ignored)."""
+    values: dict[str, Any] = dict(base or {})
+    sources = [(values, "the built-in defaults")]
+    if config_file is not None:
+        sources.append((read_yaml(config_file), str(config_file)))
+    sources.append(({k: v for k, v in (overrides or {}).items() if v is not None}, "the command line"))
+    merged: dict[str, Any] = {}
+    valid = set(field_names())
+    for mapping, where in sources:
+        for key, value in mapping.items():
+            if key not in valid:
+                raise _unknown_key_error(key, where)
+            merged[key] = value
+    return TrainConfig(**merged)
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    from hrp_ood.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

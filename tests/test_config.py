@@ -1,0 +1,89 @@
+from pathlib import Path
+
+import pytest
+
+from hrp_ood.config import METHODS, TrainConfig, build_config, parse_set_option, read_yaml, save_config
+from hrp_ood.errors import UserError
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+def test_defaults_are_the_papers_cifar10_setup():
+    cfg = TrainConfig()
+    assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.lr_milestones) == (0.05, 0.9, 5e-4, [250, 400])
+    assert (cfg.kappa, cfg.t_min, cfg.t_max, cfg.cdcl_temperature, cfg.tau_conf) == (4.0, 0.1, 3.0, 0.1, 0.95)
+    assert cfg.meta_size == 1000 and cfg.epochs == 450
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    cfg = build_config(path)
+    assert cfg.method in METHODS
+
+
+def test_every_method_has_a_config():
+    methods = {build_config(p).method for p in CONFIGS}
+    assert set(METHODS) - {"hrp_no_meta"} <= methods
+
+
+def test_precedence_defaults_then_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 0.1\nepochs: 7\n")
+    cfg = build_config(path, {"epochs": 3, "seed": None}, base={"lr": 0.2, "seed": 5})
+    assert (cfg.lr, cfg.epochs, cfg.seed) == (0.1, 3, 5)
+
+
+def test_unknown_key_names_it_and_suggests_the_closest(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rat: 0.1\nepoch: 3\n")
+    with pytest.raises(UserError, match=r"unknown config key 'learning_rat'.*c\.yaml"):
+        build_config(path)
+    with pytest.raises(UserError, match="did you mean 'epochs'"):
+        build_config(overrides={"epoch": 3})
+
+
+@pytest.mark.parametrize("values, words", [
+    ({"lr": "fast"}, "'lr' must be float"),
+    ({"epochs": 2.5}, "'epochs' must be int"),
+    ({"download": 1}, "'download' must be bool"),
+    ({"lr_milestones": [10, "x"]}, "list of int"),
+    ({"method": "hrp2"}, "unknown method 'hrp2'"),
+    ({"batch_size": 0}, "batch_size must be positive"),
+    ({"t_min": 4.0}, "t_min"),
+])
+def test_wrong_values_are_one_line_errors(values, words):
+    with pytest.raises(UserError, match=words) as info:
+        build_config(overrides=values)
+    assert "\n" not in str(info.value)
+
+
+def test_int_is_accepted_for_float_and_null_for_optional():
+    cfg = build_config(overrides={"lr": 1, "forget_rate": None, "image_size": 64})
+    assert isinstance(cfg.lr, float) and cfg.forget_rate is None and cfg.image_size == 64
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [0.1\nepochs: 3\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        read_yaml(bad)
+    with pytest.raises(UserError, match="not found"):
+        build_config(tmp_path / "missing.yaml")
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- lr\n- 0.1\n")
+    with pytest.raises(UserError, match="flat mapping"):
+        read_yaml(listy)
+
+
+def test_set_option_parses_yaml_values():
+    assert parse_set_option("kappa=2") == ("kappa", 2)
+    assert parse_set_option("lr_milestones=[1, 2]") == ("lr_milestones", [1, 2])
+    assert parse_set_option("name=a=b") == ("name", "a=b")
+    with pytest.raises(UserError, match="key=value"):
+        parse_set_option("kappa")
+
+
+def test_saved_config_reloads_identically(tmp_path):
+    cfg = build_config(overrides={"noise": "asym40", "lr_milestones": [3, 4], "forget_rate": 0.3})
+    save_config(cfg, tmp_path / "config.yaml")
+    assert build_config(tmp_path / "config.yaml") == cfg

@@ -1,0 +1,108 @@
+"""Everything a run trains on, made once and saved in the run folder: noisy labels and the meta set."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hrp_ood.config import TrainConfig
+from hrp_ood.data import load_dataset
+from hrp_ood.data.meta_set import load_indices, save_indices, split_meta_set
+from hrp_ood.data.noise import (
+    load_label_file,
+    load_noise,
+    make_noisy_labels,
+    parse_noise,
+    realised_noise_rate,
+    save_noise,
+)
+from hrp_ood.errors import UserError
+
+log = logging.getLogger(__name__)
+
+NOISE_FILE = "noise.npz"
+META_FILE = "meta_indices.npz"
+
+
+@dataclass
+class TrainingData:
+    """Tensors live on the training device; images stay uint8 until a batch is augmented."""
+
+    dataset: str
+    classes: list[str]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    image_size: int
+    images: torch.Tensor  # (N, 3, H, W) uint8, meta set removed
+    noisy_labels: torch.Tensor  # (N,) int64, what the method sees
+    clean_labels: torch.Tensor  # (N,) int64, only for logging how well α/T separate clean from corrupted
+    meta_images: torch.Tensor
+    meta_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    noise_rate: float  # realised rate on the training part
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def is_clean(self) -> torch.Tensor:
+        return self.noisy_labels == self.clean_labels
+
+
+def _noisy_labels(cfg: TrainConfig, clean: np.ndarray, num_classes: int, coarse: np.ndarray | None) -> np.ndarray:
+    if cfg.noisy_labels:
+        return load_label_file(cfg.noisy_labels, num_classes, len(clean), key=cfg.noisy_labels_key)
+    return make_noisy_labels(clean, num_classes, parse_noise(cfg.noise), cfg.seed,
+                             dataset=cfg.dataset, coarse_labels=coarse)
+
+
+def prepare_training_data(cfg: TrainConfig, run_dir: Path, device: torch.device) -> TrainingData:
+    """Load the dataset; create (or reload, on resume) the noise file and the meta-set indices."""
+    if not cfg.noisy_labels:
+        parse_noise(cfg.noise)  # a bad spec fails before a slow dataset load
+    bundle = load_dataset(cfg.dataset, cfg.data_root, download=cfg.download, image_size=cfg.image_size)
+    clean = np.asarray(bundle.train_labels, dtype=np.int64)
+
+    noise_path = run_dir / NOISE_FILE
+    if noise_path.exists():
+        noisy, saved_clean, _ = load_noise(noise_path)
+        if len(noisy) != len(clean) or not np.array_equal(saved_clean, clean):
+            raise UserError(f"{noise_path} does not belong to dataset {cfg.dataset!r} at {cfg.data_root}; "
+                            "point --data-root at the run's dataset or start a new run")
+    else:
+        noisy = _noisy_labels(cfg, clean, bundle.num_classes, bundle.train_coarse_labels)
+        save_noise(noise_path, noisy, clean, spec="file" if cfg.noisy_labels else cfg.noise, seed=cfg.seed)
+
+    meta_path = run_dir / META_FILE
+    if meta_path.exists():
+        split = load_indices(meta_path)
+        meta_idx, train_idx = split["meta_indices"], split["train_indices"]
+    else:
+        meta_idx, train_idx = split_meta_set(clean, bundle.num_classes, cfg.meta_size, cfg.seed,
+                                             balanced=cfg.meta_balanced)
+        save_indices(meta_path, meta_indices=meta_idx, train_indices=train_idx)
+
+    rate = realised_noise_rate(noisy[train_idx], clean[train_idx])
+    log.info("dataset %s: %d train / %d meta / %d test, %d classes; realised label-noise rate %.4f",
+             bundle.name, len(train_idx), len(meta_idx), len(bundle.test_labels), bundle.num_classes, rate)
+
+    def labels(a: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(a, dtype=np.int64), device=device)
+
+    train_t = torch.as_tensor(train_idx)
+    meta_t = torch.as_tensor(meta_idx)
+    return TrainingData(
+        dataset=bundle.name, classes=list(bundle.classes), mean=tuple(bundle.mean), std=tuple(bundle.std),
+        image_size=bundle.image_size,
+        images=bundle.train_images[train_t].to(device),
+        noisy_labels=labels(noisy[train_idx]), clean_labels=labels(clean[train_idx]),
+        meta_images=bundle.train_images[meta_t].to(device), meta_labels=labels(clean[meta_idx]),
+        test_images=bundle.test_images.to(device), test_labels=labels(bundle.test_labels),
+        noise_rate=rate,
+    )
