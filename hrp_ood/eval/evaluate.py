@@ -1,0 +1,222 @@
+"""The evaluation pipeline (SPEC §4): one cached pass per dataset, every postprocessor fitted once, metrics, files.
+
+    ID train ──pass──▶ FeatureSet ──fit──▶ postprocessor ◀──score── FeatureSet ◀──pass── ID test, OOD sets
+
+Each dataset (ID train, ID test, every OOD set) goes through the network exactly once and its
+(logits, features) are cached on disk (`features.cached_features`); a second evaluation of the same
+checkpoint reads the cache and runs no forward pass. Postprocessors that need the network itself
+(`needs_network`, e.g. ODIN with input perturbation) cannot work from cached outputs: they get their
+own, uncached, pass over ID test and every OOD set through `score_batch(net, x)`.
+
+Metrics follow `hrp_ood.eval.metrics` (OOD positive, ×100); the "mean" row of a postprocessor is the
+mean over OOD sets of each metric, as OpenOOD reports it.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from hrp_ood.data import DataBundle
+from hrp_ood.errors import UserError
+from hrp_ood.eval.features import batches, cached_features, channel_stats, normalise_batch
+from hrp_ood.eval.featureset import FeatureSet
+from hrp_ood.eval.metrics import accuracy, ood_metrics
+from hrp_ood.io import atomic_write, atomic_write_text
+from hrp_ood.postprocessors import Postprocessor, create_postprocessor
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("auroc", "fpr95", "aupr_in", "aupr_out", "fpr95_tpr_id")
+ROW_KEYS = ("postprocessor", "ood", *METRIC_KEYS)
+FIT_LABELS = ("clean", "noisy", "pred")
+MEAN_ROW = "mean"
+FIT_SUBSET_SEED = 0
+
+
+@dataclass
+class EvalResult:
+    """rows: one per (postprocessor, OOD set) plus one "mean" row per postprocessor (keys ROW_KEYS);
+    id_accuracy: top-1 accuracy ×100 on ID test; scores: "<postprocessor>/id" and "<postprocessor>/<ood set>"."""
+
+    rows: list[dict[str, Any]]
+    id_accuracy: float
+    scores: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def run_evaluation(net: nn.Module, id_bundle: DataBundle, ood_images: dict[str, torch.Tensor],
+                   postprocessors: list[str], *, cache_dir: str | Path, cache_key: str, fit_labels: str = "clean",
+                   noisy_train_labels: np.ndarray | None = None, device: str | torch.device = "cpu",
+                   batch_size: int = 256, amp: bool = False, progress: bool = False,
+                   fit_subset: int | None = None) -> EvalResult:
+    """Score ID test and every OOD set with every postprocessor (module docstring for the passes).
+
+    fit_labels: the labels fitted postprocessors (MDS, …) see with the ID-train features — "clean" (the
+    dataset's labels, OpenOOD's convention), "noisy" (`noisy_train_labels`, what the practitioner has) or
+    "pred" (the network's own argmax). fit_subset: fit on that many training images, drawn without
+    replacement with a fixed seed (cached under its own key). cache_key must identify the checkpoint and
+    the net choice; dataset, split, image size and normalisation are appended here.
+    """
+    if not ood_images:
+        raise UserError("no OOD set to evaluate; give at least one with --ood / --ood-dir")
+    methods = [_for_dataset(create_postprocessor(name), id_bundle) for name in postprocessors]
+    device = torch.device(device)
+    net = net.to(device).eval()
+    extract = dict(cache_dir=cache_dir, batch_size=batch_size, device=device, amp=amp, progress=progress)
+    mean, std = id_bundle.mean, id_bundle.std
+    prefix = f"{cache_key}-{id_bundle.name}-{_transform_tag(id_bundle)}"
+
+    if any(m.requires_fit for m in methods):
+        train = _fit_features(net, id_bundle, fit_labels, noisy_train_labels, fit_subset, prefix, extract)
+        fc = net.get_fc()
+        for method in methods:
+            if method.requires_fit:
+                method.fit(train, fc)
+                log.info("%s fitted on %d ID-train samples (%s labels)", method.name, len(train), fit_labels)
+    id_test = cached_features(net, id_bundle.test_images, mean, std, key=f"{prefix}-test",
+                              labels=id_bundle.test_labels, **extract)
+    ood = {name: cached_features(net, images, mean, std, key=f"{prefix}-ood-{name}", **extract)
+           for name, images in ood_images.items()}
+
+    datasets = {"id": (id_bundle.test_images, id_test), **{n: (ood_images[n], ood[n]) for n in ood_images}}
+    scores = {}
+    for method in methods:
+        for set_name, (images, features) in datasets.items():
+            scores[f"{method.name}/{set_name}"] = (
+                network_scores(method, net, images, mean, std, device=device, batch_size=batch_size)
+                if method.needs_network else np.asarray(method.score(features), dtype=np.float64))
+    rows = [row for method in methods for row in _metric_rows(method.name, scores, list(ood_images))]
+    return EvalResult(rows=rows, id_accuracy=accuracy(id_test.logits, id_test.labels), scores=scores)
+
+
+def _for_dataset(method: Postprocessor, bundle: DataBundle) -> Postprocessor:
+    """Give input-perturbing methods (ODIN's `input_std`) the ID normalisation, so their step is in pixel units."""
+    if hasattr(method, "input_std"):
+        method.input_std = tuple(float(s) for s in bundle.std)
+    return method
+
+
+def _transform_tag(bundle: DataBundle) -> str:
+    """Image size and ID normalisation: the features change when either does."""
+    stats = hashlib.sha256(repr((tuple(bundle.mean), tuple(bundle.std))).encode()).hexdigest()[:8]
+    return f"s{bundle.image_size}-norm{stats}"
+
+
+def _fit_features(net: nn.Module, bundle: DataBundle, fit_labels: str, noisy_train_labels: np.ndarray | None,
+                  fit_subset: int | None, prefix: str, extract: dict[str, Any]) -> FeatureSet:
+    """ID-train features with the labels chosen by `fit_labels`, on the optional fixed-seed subset."""
+    n_train = len(bundle.train_images)
+    labels = _fit_label_source(fit_labels, noisy_train_labels, bundle.train_labels, n_train)
+    images, key = bundle.train_images, f"{prefix}-train"
+    if fit_subset is not None:
+        if not 0 < fit_subset:
+            raise UserError(f"fit_subset must be a positive number of images, got {fit_subset}")
+        if fit_subset < n_train:
+            picked = np.sort(np.random.default_rng(FIT_SUBSET_SEED).choice(n_train, fit_subset, replace=False))
+            images, key = images[torch.from_numpy(picked)], f"{key}-subset{fit_subset}"
+            labels = labels[picked] if labels is not None else None
+    train = cached_features(net, images, bundle.mean, bundle.std, key=key, **extract)
+    train.labels = train.logits.argmax(axis=1).astype(np.int64) if labels is None else labels
+    return train
+
+
+def _fit_label_source(fit_labels: str, noisy: np.ndarray | None, clean: np.ndarray, n_train: int) -> np.ndarray | None:
+    """The fitting labels for the whole training split, or None for "pred" (known only after the pass)."""
+    if fit_labels not in FIT_LABELS:
+        raise UserError(f"fit_labels must be one of {', '.join(FIT_LABELS)}, got {fit_labels!r}")
+    if fit_labels == "pred":
+        return None
+    if fit_labels == "clean":
+        return np.asarray(clean, dtype=np.int64)
+    if noisy is None:
+        raise UserError("fit_labels='noisy' needs the run's noisy training labels (noise.npz in the run folder)")
+    if len(noisy) != n_train:
+        raise UserError(f"the noisy labels hold {len(noisy)} entries but the training split has {n_train} images; "
+                        "use the noise.npz of the run this checkpoint came from")
+    return np.asarray(noisy, dtype=np.int64)
+
+
+def network_scores(method: Postprocessor, net: nn.Module, images_uint8: torch.Tensor, mean: Sequence[float],
+                   std: Sequence[float], *, device: torch.device, batch_size: int) -> np.ndarray:
+    """(N,) scores of a `needs_network` postprocessor: its own batched pass, `method.score_batch(net, x)`.
+
+    No `no_grad` here: such methods (ODIN) differentiate with respect to the input themselves.
+    """
+    mean_t, std_t = channel_stats(mean, std, device)
+    parts = [method.score_batch(net, normalise_batch(images_uint8[s:s + batch_size].to(device), mean_t, std_t))
+             .detach().double().cpu() for s in batches(len(images_uint8), batch_size)]
+    return torch.cat(parts).numpy()
+
+
+def _metric_rows(method: str, scores: dict[str, np.ndarray], ood_sets: list[str]) -> list[dict[str, Any]]:
+    """One row per OOD set, then the mean row (per-metric mean over sets)."""
+    id_scores = scores[f"{method}/id"]
+    rows = []
+    for name in ood_sets:
+        values = ood_metrics(id_scores, scores[f"{method}/{name}"])
+        rows.append({"postprocessor": method, "ood": name, **{k: float(values[k]) for k in METRIC_KEYS}})
+    mean = {k: float(np.mean([row[k] for row in rows])) for k in METRIC_KEYS}
+    return [*rows, {"postprocessor": method, "ood": MEAN_ROW, **mean}]
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+
+def write_eval_outputs(result: EvalResult, out_dir: str | Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Write eval.json ({**meta, id_accuracy, results: rows}), eval.csv, eval.md and scores.npz, each atomically.
+
+    Returns the eval.json content.
+    """
+    out_dir = Path(out_dir)
+    report = {**meta, "id_accuracy": float(result.id_accuracy), "results": result.rows}
+    atomic_write_text(out_dir / "eval.json", json.dumps(report, indent=2, default=_json_default) + "\n")
+    atomic_write_text(out_dir / "eval.csv", rows_to_csv(result.rows))
+    atomic_write_text(out_dir / "eval.md", f"ID accuracy: {result.id_accuracy:.2f}%\n\n"
+                                           f"{format_markdown_table(result.rows)}\n")
+    atomic_write(out_dir / "scores.npz", lambda f: np.savez(f, **result.scores))
+    return report
+
+
+def _json_default(value: Any) -> Any:
+    """Paths, numpy scalars and arrays in the meta dict become JSON values."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def rows_to_csv(rows: list[dict[str, Any]]) -> str:
+    """CSV text with the header ROW_KEYS and one line per row."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=ROW_KEYS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def format_markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table: one line per postprocessor, one column per OOD set (first-seen order, mean last),
+    cells "AUROC / FPR95"."""
+    sets = list(dict.fromkeys(row["ood"] for row in rows if row["ood"] != MEAN_ROW))
+    if any(row["ood"] == MEAN_ROW for row in rows):
+        sets.append(MEAN_ROW)
+    cells = {(row["postprocessor"], row["ood"]): f"{row['auroc']:.2f} / {row['fpr95']:.2f}" for row in rows}
+    methods = list(dict.fromkeys(row["postprocessor"] for row in rows))
+    lines = ["| postprocessor (AUROC / FPR95) | " + " | ".join(sets) + " |",
+             "|---|" + "---:|" * len(sets)]
+    lines += [f"| {m} | " + " | ".join(cells.get((m, s), "–") for s in sets) + " |" for m in methods]
+    return "\n".join(lines)

@@ -1,0 +1,220 @@
+"""OOD test sets (SPEC §4): find a set on disk, decode it, apply the eval transform, return uint8 images.
+
+A set name is resolved, first match wins, as
+
+1. `ood_dirs[name]` — any image folder, searched recursively (`--ood-dir NAME=PATH`);
+2. OpenOOD's layout — `<data_root>/benchmark_imglist/<id_dataset>/test_<name>.txt`, one
+   "relative/path label" line per image, paths relative to `<data_root>/images_classic/`;
+3. plain formats under `data_root` — SVHN's `svhn/test_32x32.mat`, MNIST's idx files in torchvision's
+   `MNIST/raw/` layout, the CIFAR pickles (near-OOD), or an image folder (`dtd/images/`, `LSUN/`, …).
+
+Every image goes through OpenOOD's test transform without its normalisation: RGB (grey → 3 channels,
+alpha dropped), resize the shorter side to `image_size` (bilinear, antialiased), centre-crop
+`image_size`. The ID mean/std is applied later, on the batch, on the device (`features.py`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+
+from hrp_ood.errors import UserError
+
+log = logging.getLogger(__name__)
+
+FAR_OOD_SETS = ("svhn", "lsun", "places365", "textures", "mnist")
+NEAR_OOD_SETS = ("cifar10", "cifar100", "tin")
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+
+# OpenOOD's image-list file stem per set; LSUN is not in OpenOOD v1.5's lists, so test_lsun.txt is ours.
+OPENOOD_LIST_STEMS = {"textures": "texture"}
+
+# Image folders under data_root tried for each set after the set's own name (`<data_root>/<name>/`).
+FOLDER_ALIASES: dict[str, tuple[str, ...]] = {
+    "textures": ("dtd/images", "dtd"),
+    "lsun": ("LSUN", "LSUN_resize"),
+    "places365": ("Places365",),
+    "tin": ("TinyImageNet", "tiny-imagenet-200/test"),
+}
+
+# The CIFAR pickle folders `hrp_ood.data.load_dataset` reads (torchvision's names).
+CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+
+MNIST_IMAGES_MAGIC = 0x00000803  # idx3-ubyte: unsigned bytes, 3 dimensions
+
+# Decoding is I/O and C code (PIL releases the GIL), so threads scale without pickling images across processes.
+DECODE_THREADS = min(8, os.cpu_count() or 1)
+
+_UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+Loader = Callable[[], torch.Tensor]
+
+
+def load_ood_images(name: str, data_root: str | Path, *, id_dataset: str, image_size: int = 32,
+                    ood_dirs: dict[str, Path] | None = None, skip_corrupt: bool = False) -> torch.Tensor:
+    """The OOD set `name` as uint8 images (N, 3, image_size, image_size), eval-transformed (module docstring)."""
+    if name == id_dataset:
+        raise UserError(f"OOD set {name!r} is the ID dataset itself; choose another set in --ood")
+    data_root = Path(data_root)
+    candidates = _candidates(name, data_root, id_dataset, image_size, ood_dirs or {}, skip_corrupt)
+    for path, loader in candidates:
+        if path.exists():
+            images = loader()
+            if len(images) == 0:
+                raise UserError(f"OOD set {name!r} at {path} holds no images; point --data-root/--ood-dir at the "
+                                f"images or drop {name} from --ood")
+            log.info("OOD set %s: %d images from %s", name, len(images), path)
+            return images
+    looked = ", ".join(str(path) for path, _ in candidates)
+    raise UserError(f"OOD set {name!r} not found; looked for: {looked}; download it there, give "
+                    f"--ood-dir {name}=PATH, or pass --skip-missing")
+
+
+def _candidates(name: str, data_root: Path, id_dataset: str, size: int, ood_dirs: dict[str, Path],
+                skip_corrupt: bool) -> list[tuple[Path, Loader]]:
+    """Every (path, loader) that could hold set `name`, in resolution order."""
+    def folder(path: Path) -> tuple[Path, Loader]:
+        return path, lambda: load_image_folder(path, size, skip_corrupt=skip_corrupt)
+
+    if name in ood_dirs:  # given explicitly: the only place to look
+        path = Path(ood_dirs[name])
+        if path.exists() and not path.is_dir():
+            raise UserError(f"--ood-dir {name}={path} is not a folder; give a folder of images")
+        return [folder(path)]
+    stem = OPENOOD_LIST_STEMS.get(name, name)
+    image_list = data_root / "benchmark_imglist" / id_dataset / f"test_{stem}.txt"
+    found: list[tuple[Path, Loader]] = [
+        (image_list, lambda: load_image_list(image_list, data_root / "images_classic", size,
+                                             skip_corrupt=skip_corrupt)),
+    ]
+    if name == "svhn":
+        mat = data_root / "svhn" / "test_32x32.mat"
+        found.append((mat, lambda: eval_transform_batch(read_svhn_mat(mat), size)))
+    if name == "mnist":
+        raw = data_root / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+        for idx in (raw, raw.with_name(raw.name + ".gz")):
+            found.append((idx, lambda idx=idx: eval_transform_batch(read_mnist_idx(idx), size)))
+    if name in CIFAR_FOLDERS:
+        found.append((data_root / CIFAR_FOLDERS[name], lambda: _cifar_test_images(name, data_root, size)))
+    found += [folder(data_root / sub) for sub in (name, *FOLDER_ALIASES.get(name, ()))]
+    return found
+
+
+# ---------------------------------------------------------------------------------------------- formats
+
+
+def read_svhn_mat(path: Path) -> torch.Tensor:
+    """SVHN's `test_32x32.mat`: X is (32, 32, 3, N) uint8 → (N, 3, 32, 32)."""
+    from scipy.io import loadmat
+
+    try:
+        x = loadmat(path, variable_names=["X"])["X"]
+    except (ValueError, KeyError, OSError, TypeError) as err:
+        raise UserError(f"{path} is not SVHN's test_32x32.mat ({err}); download it again") from None
+    if x.ndim != 4 or x.shape[2] != 3:
+        raise UserError(f"{path}: X has shape {x.shape}, expected (32, 32, 3, N) as in SVHN's test_32x32.mat")
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(3, 2, 0, 1), dtype=np.uint8))
+
+
+def read_mnist_idx(path: Path) -> torch.Tensor:
+    """MNIST's idx3-ubyte file (optionally .gz): big-endian header magic, N, rows, cols → (N, 1, rows, cols)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as err:
+        raise UserError(f"{path} cannot be read ({err}); download MNIST again") from None
+    header = np.frombuffer(data[:16], dtype=">u4") if len(data) >= 16 else np.zeros(0)
+    if len(header) != 4 or header[0] != MNIST_IMAGES_MAGIC:
+        raise UserError(f"{path} is not an idx3-ubyte image file (bad magic number); download MNIST again")
+    n, rows, cols = (int(v) for v in header[1:])
+    pixels = np.frombuffer(data, dtype=np.uint8, offset=16)
+    if pixels.size != n * rows * cols:
+        raise UserError(f"{path} is truncated: {pixels.size} pixels for {n} images of {rows}x{cols}; "
+                        "download MNIST again")
+    return torch.from_numpy(pixels.reshape(n, 1, rows, cols).copy())
+
+
+def _cifar_test_images(name: str, data_root: Path, size: int) -> torch.Tensor:
+    from hrp_ood.data import load_dataset
+
+    return eval_transform_batch(load_dataset(name, data_root).test_images, size)
+
+
+def load_image_list(list_file: Path, images_root: Path, size: int, *, skip_corrupt: bool = False) -> torch.Tensor:
+    """OpenOOD image list: the first token of every non-empty line is a path relative to `images_root`."""
+    lines = list_file.read_text(encoding="utf-8").splitlines()
+    relative = [line.split(maxsplit=1)[0] for line in lines if line.strip()]
+    paths = [_inside(images_root, rel, list_file) for rel in relative]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise UserError(f"{list_file} lists {len(missing)} image(s) missing under {images_root}, first: "
+                        f"{missing[0]}; download the images (OpenOOD's images_classic) or fix --data-root")
+    return decode_images(paths, size, skip_corrupt=skip_corrupt)
+
+
+def _inside(root: Path, relative: str, list_file: Path) -> Path:
+    """`root / relative`, refusing paths that leave `root` (absolute or `..`).
+
+    The check is lexical (normpath), not `resolve()`: a data root made of symlinks to other disks is
+    legitimate, a list entry climbing out of it is not.
+    """
+    joined = os.path.normpath(os.path.join(root, relative))
+    base = os.path.normpath(root)
+    if os.path.isabs(relative) or os.path.commonpath([base, joined]) != base:
+        raise UserError(f"{list_file} lists {relative!r}, which is outside {root}; image lists must hold "
+                        "paths relative to the images folder")
+    return Path(joined)
+
+
+def load_image_folder(folder: Path, size: int, *, skip_corrupt: bool = False) -> torch.Tensor:
+    """Every image file under `folder` (recursive, sorted by path), eval-transformed."""
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return decode_images(paths, size, skip_corrupt=skip_corrupt)
+
+
+# ---------------------------------------------------------------------------------------------- transform
+
+
+def decode_images(paths: Sequence[Path], size: int, *, skip_corrupt: bool = False) -> torch.Tensor:
+    """Decode + eval-transform `paths` on a thread pool → uint8 (N, 3, size, size), in the order given."""
+    with ThreadPoolExecutor(DECODE_THREADS) as pool:
+        decoded = list(pool.map(lambda p: _decode_one(p, size), paths))
+    unreadable = [p for p, img in zip(paths, decoded) if img is None]
+    if unreadable and not skip_corrupt:
+        raise UserError(f"cannot decode image {unreadable[0]} ({len(unreadable)} unreadable in all); "
+                        "replace it or pass --skip-corrupt")
+    if unreadable:
+        log.warning("skipped %d unreadable image(s), first: %s", len(unreadable), unreadable[0])
+    images = [img for img in decoded if img is not None]
+    if not images:
+        return torch.empty(0, 3, size, size, dtype=torch.uint8)
+    return torch.stack(images)
+
+
+def _decode_one(path: Path, size: int) -> torch.Tensor | None:
+    try:
+        with Image.open(path) as img:
+            rgb = img.convert("RGB")
+    except _UNREADABLE:
+        return None
+    return TF.pil_to_tensor(TF.center_crop(TF.resize(rgb, size), size))
+
+
+def eval_transform_batch(images: torch.Tensor, size: int) -> torch.Tensor:
+    """The eval transform on a uint8 batch (N, 1|3, H, W): grey → RGB, shorter side → size, centre-crop."""
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    if min(images.shape[-2:]) != size:
+        images = TF.resize(images, size, antialias=True)
+    return TF.center_crop(images, size).contiguous()
