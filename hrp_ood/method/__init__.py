@@ -1,0 +1,37 @@
+"""The HRP method's maths (SPEC §3) as pure functions: reliabilities, RAM/GRG, CDCL, targets, schedules."""
+
+from hrp_ood.method.cdcl import cdcl_loss, normalize_beta
+from hrp_ood.method.ram import MixedBatch, ram_beta_params, ram_loss, reliability_mixup, total_reliability
+from hrp_ood.method.reliability import Reliabilities, meta_reliabilities, normalize_reliabilities
+from hrp_ood.method.schedule import coteaching_forget_rate, ramp_weight
+from hrp_ood.method.targets import (
+    coteaching_select,
+    consistency_loss,
+    gce_loss,
+    refine_targets,
+    reweighted_ce,
+    sharpen,
+    soft_cross_entropy,
+)
+
+__all__ = [
+    "MixedBatch",
+    "Reliabilities",
+    "cdcl_loss",
+    "consistency_loss",
+    "coteaching_forget_rate",
+    "coteaching_select",
+    "gce_loss",
+    "meta_reliabilities",
+    "normalize_beta",
+    "normalize_reliabilities",
+    "ram_beta_params",
+    "ram_loss",
+    "ramp_weight",
+    "refine_targets",
+    "reliability_mixup",
+    "reweighted_ce",
+    "sharpen",
+    "soft_cross_entropy",
+    "total_reliability",
+]

@@ -1,0 +1,180 @@
+"""Disentangled sample reliabilities by bilevel meta-learning (SPEC §3.1, Eqs. 1–5).
+
+For a mini-batch (x_i, ỹ_i, ŷ_i) and a clean meta batch (x^meta_j, y^meta_j):
+
+    (1) L_ε(θ)    = (1/n) Σ_i [ε^α_i ℓ(f_θ(x_i), ỹ_i) + ε^β_i ℓ(f_θ(x_i), ŷ_i)],   ε = 0
+    (2) θ̂(ε)     = θ − η ∇_θ L_ε(θ)
+    (3) L_meta(ε) = (1/m) Σ_j ℓ(f_θ̂(ε)(x^meta_j), y^meta_j)          (BN in eval mode)
+    (4) α̃_i = max(−∂L_meta/∂ε^α_i, 0),  β̃_i = max(−∂L_meta/∂ε^β_i, 0)   at ε = 0
+    (5) α_i = n α̃_i / (Σ_k α̃_k + δ),   β_i = n β̃_i / (Σ_k β̃_k + δ)
+
+Since ε = 0 gives θ̂ = θ, the chain rule collapses to an inner product of gradients:
+
+    −∂L_meta/∂ε_i = (η/n) ⟨∇_θ L_meta(θ), ∇_θ ℓ_i(θ)⟩,
+
+which the default ``method="jvp"`` evaluates with one reverse pass (v = ∇_θ L_meta) and one
+forward-mode pass of the train-mode logits along v. ``method="double_backward"`` differentiates
+through the virtual SGD step as Learning-to-Reweight / L2B do; both give the same numbers.
+
+Both methods run the per-sample losses of Eq. 1 in train mode (batch statistics, like L2B's
+virtual step) on *cloned* buffers, so the model's BN running statistics never change, and the
+meta loss in eval mode. Nothing is written to ``.grad`` and every module's train/eval flag is
+restored on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from hrp_ood.errors import UserError
+
+NORMALIZATIONS = ("separate", "coupled")
+METHODS = ("jvp", "double_backward")
+
+
+@dataclass
+class Reliabilities:
+    """Per-sample reliabilities of one batch, all (n,) detached tensors.
+
+    alpha / beta: normalised α, β (Eq. 5); alpha_raw / beta_raw: clamped meta-gradients α̃, β̃ (Eq. 4).
+    """
+
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    alpha_raw: torch.Tensor
+    beta_raw: torch.Tensor
+
+
+def normalize_reliabilities(alpha_raw: torch.Tensor, beta_raw: torch.Tensor, normalization: str = "separate",
+                            delta: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch-normalise the raw reliabilities α̃, β̃ (non-negative, shape (n,)).
+
+    ``"separate"`` (Eq. 5, HRP): α = n α̃ / (Σ α̃ + δ) and β = n β̃ / (Σ β̃ + δ), so each has batch
+    mean 1 whenever any of its raw values is positive, and is 0 when none is.
+
+    ``"coupled"`` (the L2B-like "Coupled Meta" ablation): one joint normaliser,
+    α = n α̃ / (Σ α̃ + Σ β̃ + δ), β = n β̃ / (Σ α̃ + Σ β̃ + δ), so Σ(α + β) = n: mass given to the
+    noisy label is taken from the pseudo-label and vice versa (the zero-sum coupling).
+    """
+    n = alpha_raw.shape[0]
+    if normalization == "separate":
+        return n * alpha_raw / (alpha_raw.sum() + delta), n * beta_raw / (beta_raw.sum() + delta)
+    if normalization == "coupled":
+        joint = alpha_raw.sum() + beta_raw.sum() + delta
+        return n * alpha_raw / joint, n * beta_raw / joint
+    raise UserError(f"unknown reliability normalization {normalization!r}; use one of {', '.join(NORMALIZATIONS)}")
+
+
+def meta_reliabilities(model: nn.Module, x: torch.Tensor, noisy_labels: torch.Tensor, pseudo_labels: torch.Tensor,
+                       meta_x: torch.Tensor, meta_y: torch.Tensor, lr: float, *, normalization: str = "separate",
+                       method: str = "jvp", delta: float = 1e-8) -> Reliabilities:
+    """α, β of every sample in the batch (Eqs. 1–5) for ``model`` at its current parameters.
+
+    ``lr`` is the network's current learning rate η of the virtual step (Eq. 2). The virtual step
+    is plain SGD over the parameters that require grad (no momentum, no weight decay).
+    """
+    if method not in METHODS:
+        raise UserError(f"unknown meta-gradient method {method!r}; use one of {', '.join(METHODS)}")
+    if normalization not in NORMALIZATIONS:
+        raise UserError(f"unknown reliability normalization {normalization!r}; use one of {', '.join(NORMALIZATIONS)}")
+    raw = _raw_reliabilities_jvp if method == "jvp" else _raw_reliabilities_double_backward
+    with _preserved_modes(model), torch.enable_grad():
+        alpha_raw, beta_raw = raw(model, x, noisy_labels, pseudo_labels, meta_x, meta_y, lr)
+    alpha_raw, beta_raw = alpha_raw.detach().clamp_min(0), beta_raw.detach().clamp_min(0)
+    alpha, beta = normalize_reliabilities(alpha_raw, beta_raw, normalization, delta)
+    return Reliabilities(alpha=alpha, beta=beta, alpha_raw=alpha_raw, beta_raw=beta_raw)
+
+
+def _raw_reliabilities_jvp(model: nn.Module, x: torch.Tensor, noisy_labels: torch.Tensor,
+                           pseudo_labels: torch.Tensor, meta_x: torch.Tensor, meta_y: torch.Tensor,
+                           lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """−∂L_meta/∂ε^α, −∂L_meta/∂ε^β (before clamping) via the gradient-alignment identity.
+
+    v = ∇_θ L_meta(θ); one JVP gives dz_i = (∂z_i/∂θ) v for the train-mode logits z_i, and
+    ⟨v, ∇_θ ℓ(z_i, y)⟩ = (softmax(z_i) − onehot(y)) · dz_i for y = ỹ_i and y = ŷ_i alike.
+    """
+    params = _trainable_parameters(model)
+    direction = _meta_gradient(model, params, meta_x, meta_y)
+    model.train()
+    # torch.func.jvp refuses BN's in-place running-stat update of a captured buffer, so use the
+    # forward-AD API directly; the buffers are clones, and no_grad keeps no reverse graph.
+    with torch.no_grad(), fwAD.dual_level():
+        duals = {name: fwAD.make_dual(p.detach(), direction[name]) for name, p in params.items()}
+        out = functional_call(model, (duals, _cloned_buffers(model)), (x,))
+        logits, dlogits = fwAD.unpack_dual(out)
+    logits, dlogits = _at_least_float32(logits), _at_least_float32(dlogits)
+    expected = (logits.softmax(dim=1) * dlogits).sum(dim=1)  # p_i · dz_i, shared by both labels
+    scale = lr / x.shape[0]
+    alpha_raw = scale * (expected - dlogits.gather(1, noisy_labels[:, None]).squeeze(1))
+    beta_raw = scale * (expected - dlogits.gather(1, pseudo_labels[:, None]).squeeze(1))
+    return alpha_raw, beta_raw
+
+
+def _raw_reliabilities_double_backward(model: nn.Module, x: torch.Tensor, noisy_labels: torch.Tensor,
+                                       pseudo_labels: torch.Tensor, meta_x: torch.Tensor, meta_y: torch.Tensor,
+                                       lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """−∂L_meta/∂ε^α, −∂L_meta/∂ε^β (before clamping) by differentiating through the virtual step."""
+    params = _trainable_parameters(model)
+    n = x.shape[0]
+    model.train()
+    logits = _at_least_float32(functional_call(model, (params, _cloned_buffers(model)), (x,)))
+    eps_alpha = torch.zeros(n, dtype=logits.dtype, device=logits.device, requires_grad=True)
+    eps_beta = torch.zeros(n, dtype=logits.dtype, device=logits.device, requires_grad=True)
+    inner = (eps_alpha * F.cross_entropy(logits, noisy_labels, reduction="none")
+             + eps_beta * F.cross_entropy(logits, pseudo_labels, reduction="none")).mean()
+    grads = _grads_or_zeros(inner, params, create_graph=True)
+    stepped = {name: p - lr * grads[name] for name, p in params.items()}
+
+    model.eval()
+    meta_loss = F.cross_entropy(_at_least_float32(functional_call(model, stepped, (meta_x,))), meta_y)
+    d_alpha, d_beta = torch.autograd.grad(meta_loss, (eps_alpha, eps_beta))
+    return -d_alpha, -d_beta
+
+
+def _meta_gradient(model: nn.Module, params: dict[str, torch.Tensor], meta_x: torch.Tensor,
+                   meta_y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """v = ∇_θ L_meta(θ) (Eq. 3 at ε = 0), eval mode, without touching ``.grad``."""
+    model.eval()
+    meta_loss = F.cross_entropy(_at_least_float32(model(meta_x)), meta_y)
+    return {name: g.detach() for name, g in _grads_or_zeros(meta_loss, params, create_graph=False).items()}
+
+
+def _grads_or_zeros(loss: torch.Tensor, params: dict[str, torch.Tensor],
+                    create_graph: bool) -> dict[str, torch.Tensor]:
+    """autograd.grad of ``loss`` w.r.t. every parameter; a parameter the loss ignores gets zeros."""
+    grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph, allow_unused=True)
+    return {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(params.items(), grads)}
+
+
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits are promoted for the loss; float64 stays float64 (the exactness tests use it)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters an SGD step would move (requires_grad), by name."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _cloned_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every buffer, so train-mode BN updates land on the copies, not on the model."""
+    return {name: b.clone() for name, b in model.named_buffers()}
+
+
+@contextlib.contextmanager
+def _preserved_modes(model: nn.Module) -> Iterator[None]:
+    """Restore each submodule's own train/eval flag on exit (a model may keep some parts in eval)."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training

@@ -1,0 +1,204 @@
+"""Meta reliabilities (SPEC §3.1): exactness against a brute-force autograd reference, side effects, normalisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from hrp_ood.errors import UserError
+from hrp_ood.method import meta_reliabilities, normalize_reliabilities
+
+NUM_CLASSES = 3
+
+
+class TinyBNNet(nn.Module):
+    """Conv + BatchNorm2d, then Linear + BatchNorm1d: both BN kinds couple the samples of a batch."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+            nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(),
+        )
+        self.fc = nn.Linear(8, num_classes)
+        self.unused = nn.Linear(2, 2)  # never called: its meta-gradient must be treated as zero
+        self.frozen = nn.Parameter(torch.ones(8), requires_grad=False)  # not moved by the virtual step
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x) * self.frozen)
+
+
+def _tiny_problem(seed: int = 0, n: int = 8, m: int = 6):
+    gen = torch.Generator().manual_seed(seed)
+    torch_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # nn.Module init draws from the global RNG; restored below
+    model = TinyBNNet().double()
+    torch.random.set_rng_state(torch_state)
+    # Non-trivial running statistics, so eval mode differs from train mode.
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5, generator=gen)
+            module.running_var.uniform_(0.5, 2.0, generator=gen)
+    x = torch.randn(n, 3, 6, 6, generator=gen, dtype=torch.float64)
+    noisy = torch.randint(NUM_CLASSES, (n,), generator=gen)
+    pseudo = torch.randint(NUM_CLASSES, (n,), generator=gen)
+    meta_x = torch.randn(m, 3, 6, 6, generator=gen, dtype=torch.float64)
+    meta_y = torch.randint(NUM_CLASSES, (m,), generator=gen)
+    return model, x, noisy, pseudo, meta_x, meta_y
+
+
+def brute_force_raw(model, x, noisy, pseudo, meta_x, meta_y, lr):
+    """Eqs. 1–4 literally: ε leaves at zero, one virtual SGD step, meta loss in eval mode, grad w.r.t. ε."""
+    was_training = model.training
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    n = x.shape[0]
+    eps_a = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+    eps_b = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+    model.train()
+    buffers = {k: b.clone() for k, b in model.named_buffers()}
+    logits = functional_call(model, {**params, **buffers}, (x,))
+    inner = (eps_a * F.cross_entropy(logits, noisy, reduction="none")).sum() / n \
+        + (eps_b * F.cross_entropy(logits, pseudo, reduction="none")).sum() / n
+    grads = torch.autograd.grad(inner, list(params.values()), create_graph=True, allow_unused=True)
+    stepped = {k: p if g is None else p - lr * g for (k, p), g in zip(params.items(), grads)}
+    model.eval()
+    meta = F.cross_entropy(functional_call(model, stepped, (meta_x,)), meta_y)
+    d_a, d_b = torch.autograd.grad(meta, (eps_a, eps_b))
+    model.train(was_training)
+    return (-d_a).clamp_min(0), (-d_b).clamp_min(0)
+
+
+def per_sample_gradient_raw(model, x, noisy, pseudo, meta_x, meta_y, lr):
+    """Second reference via the identity −∂L_meta/∂ε_i = (η/n)⟨∇L_meta, ∇ℓ_i⟩, one backward per sample."""
+    params = [p for p in model.named_parameters() if p[1].requires_grad]
+    tensors = [p for _, p in params]
+    model.eval()
+    meta_grad = torch.autograd.grad(F.cross_entropy(model(meta_x), meta_y), tensors, allow_unused=True)
+    model.train()
+    buffers = {k: b.clone() for k, b in model.named_buffers()}
+    logits = functional_call(model, {**dict(params), **buffers}, (x,))
+    n = x.shape[0]
+    out = []
+    for labels in (noisy, pseudo):
+        losses = F.cross_entropy(logits, labels, reduction="none")
+        values = []
+        for i in range(n):
+            g_i = torch.autograd.grad(losses[i], tensors, retain_graph=True, allow_unused=True)
+            values.append(sum((a * b).sum() for a, b in zip(meta_grad, g_i) if a is not None and b is not None))
+        out.append((lr / n * torch.stack(values)).clamp_min(0))
+    return out
+
+
+@pytest.mark.parametrize("method", ["jvp", "double_backward"])
+def test_matches_brute_force_reference(method):
+    model, x, noisy, pseudo, meta_x, meta_y = _tiny_problem()
+    lr = 0.1
+    ref_a, ref_b = brute_force_raw(model, x, noisy, pseudo, meta_x, meta_y, lr)
+    assert (ref_a > 0).any() and (ref_a == 0).any(), "reference should exercise both the clamp and positives"
+    rel = meta_reliabilities(model, x, noisy, pseudo, meta_x, meta_y, lr, method=method)
+    for got, want in ((rel.alpha_raw, ref_a), (rel.beta_raw, ref_b)):
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    ps_a, ps_b = per_sample_gradient_raw(model, x, noisy, pseudo, meta_x, meta_y, lr)
+    torch.testing.assert_close(ps_a, ref_a, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ps_b, ref_b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["jvp", "double_backward"])
+def test_no_side_effects_on_model(method):
+    model, x, noisy, pseudo, meta_x, meta_y = _tiny_problem(seed=1)
+    model.train()
+    model.features[1].eval()  # a submodule kept in eval mode on purpose must stay so
+    buffers_before = {k: b.clone() for k, b in model.named_buffers()}
+    params_before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    meta_reliabilities(model, x, noisy, pseudo, meta_x, meta_y, 0.1, method=method)
+    for k, b in model.named_buffers():
+        assert torch.equal(b, buffers_before[k]), f"buffer {k} changed"
+    for k, p in model.named_parameters():
+        assert torch.equal(p, params_before[k]) and p.grad is None, f"parameter {k} changed or got .grad"
+    assert model.training and not model.features[1].training and model.fc.training
+    model.eval()
+    meta_reliabilities(model, x, noisy, pseudo, meta_x, meta_y, 0.1, method=method)
+    assert not any(module.training for module in model.modules())
+
+
+def test_normalized_outputs_follow_eq5():
+    model, x, noisy, pseudo, meta_x, meta_y = _tiny_problem(seed=2)
+    rel = meta_reliabilities(model, x, noisy, pseudo, meta_x, meta_y, 0.05)
+    n = x.shape[0]
+    torch.testing.assert_close(rel.alpha, n * rel.alpha_raw / (rel.alpha_raw.sum() + 1e-8))
+    torch.testing.assert_close(rel.beta, n * rel.beta_raw / (rel.beta_raw.sum() + 1e-8))
+    coupled = meta_reliabilities(model, x, noisy, pseudo, meta_x, meta_y, 0.05, normalization="coupled")
+    torch.testing.assert_close(coupled.alpha_raw, rel.alpha_raw)
+    joint = rel.alpha_raw.sum() + rel.beta_raw.sum()
+    torch.testing.assert_close((coupled.alpha + coupled.beta).sum(), n * joint / (joint + 1e-8))
+    for t in (rel.alpha, rel.beta, rel.alpha_raw, rel.beta_raw):
+        assert not t.requires_grad and (t >= 0).all()
+
+
+def test_separate_normalization_properties():
+    alpha_raw = torch.tensor([0.0, 2e-4, 6e-4, 2e-4])
+    beta_raw = torch.tensor([1.0, 0.0, 0.0, 3.0])
+    alpha, beta = normalize_reliabilities(alpha_raw, beta_raw, "separate")
+    torch.testing.assert_close(alpha, torch.tensor([0.0, 0.8, 2.4, 0.8]), rtol=1e-4, atol=0)
+    torch.testing.assert_close(beta, torch.tensor([1.0, 0.0, 0.0, 3.0]))
+    assert abs(alpha.sum().item() - 4) < 1e-3 and abs(beta.sum().item() - 4) < 1e-6
+    zeros_a, zeros_b = normalize_reliabilities(torch.zeros(5), torch.zeros(5), "separate")
+    assert torch.equal(zeros_a, torch.zeros(5)) and torch.equal(zeros_b, torch.zeros(5))
+
+
+def test_coupled_normalization_is_zero_sum():
+    alpha_raw = torch.tensor([1.0, 0.0, 3.0])
+    beta_raw = torch.tensor([0.0, 2.0, 0.0])
+    alpha, beta = normalize_reliabilities(alpha_raw, beta_raw, "coupled")
+    torch.testing.assert_close(alpha, torch.tensor([0.5, 0.0, 1.5]))
+    torch.testing.assert_close(beta, torch.tensor([0.0, 1.0, 0.0]))
+    # Raising one sample's β̃ lowers every α (the coupling); separate normalisation leaves α alone.
+    more_beta = beta_raw + torch.tensor([0.0, 0.0, 4.0])
+    alpha_more, _ = normalize_reliabilities(alpha_raw, more_beta, "coupled")
+    assert (alpha_more[[0, 2]] < alpha[[0, 2]]).all()
+    sep_before, _ = normalize_reliabilities(alpha_raw, beta_raw, "separate")
+    sep_after, _ = normalize_reliabilities(alpha_raw, more_beta, "separate")
+    assert torch.equal(sep_before, sep_after)
+    assert not torch.isnan(torch.stack(normalize_reliabilities(torch.zeros(3), torch.zeros(3), "coupled"))).any()
+
+
+def test_bad_options_are_user_errors():
+    model, x, noisy, pseudo, meta_x, meta_y = _tiny_problem()
+    with pytest.raises(UserError, match="method"):
+        meta_reliabilities(model, x, noisy, pseudo, meta_x, meta_y, 0.1, method="finite_difference")
+    with pytest.raises(UserError, match="normalization"):
+        meta_reliabilities(model, x, noisy, pseudo, meta_x, meta_y, 0.1, normalization="joint")
+
+
+def test_flipped_labels_get_lower_alpha_on_separable_toy():
+    """After a few SGD steps on noisy labels, corrupted samples' gradients oppose the clean meta gradient."""
+    gen = torch.Generator().manual_seed(0)
+    n, n_meta, dim = 128, 64, 2
+    centres = torch.tensor([[2.0, 0.0], [-2.0, 0.0]])
+
+    def blobs(count):
+        y = torch.randint(2, (count,), generator=gen)
+        return centres[y] + 0.5 * torch.randn(count, dim, generator=gen), y
+
+    x, clean = blobs(n)
+    meta_x, meta_y = blobs(n_meta)
+    flipped = torch.rand(n, generator=gen) < 0.3
+    noisy = torch.where(flipped, 1 - clean, clean)
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(dim, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+    torch.random.set_rng_state(state)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(20):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), noisy).backward()
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
+
+    for method in ("jvp", "double_backward"):
+        rel = meta_reliabilities(model, x, noisy, noisy, meta_x, meta_y, 0.1, method=method)
+        assert rel.alpha[flipped].mean() < 0.5 * rel.alpha[~flipped].mean()
