@@ -10,7 +10,7 @@ from pathlib import Path
 
 from hrp_ood import __version__
 from hrp_ood.config import METHODS, build_config, parse_set_option
-from hrp_ood.errors import UserError
+from hrp_ood.errors import Interrupted, UserError
 
 log = logging.getLogger("hrp_ood")
 
@@ -72,7 +72,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from hrp_ood.eval.report import write_report
 
-    paths = write_report([Path(p) for p in args.evals], Path(args.out), by=args.by, plots=not args.no_plots)
+    paths = write_report([Path(p) for p in args.evals], Path(args.out), by=args.by, ood=args.ood,
+                         metrics=tuple(m.strip() for m in args.metrics.split(",")), plots=not args.no_plots)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0
@@ -116,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="comparison tables (CSV, Markdown, LaTeX) and plots from many eval.json")
     p.add_argument("evals", nargs="+", help="eval.json files (e.g. runs/*/eval_ensemble/eval.json)")
     p.add_argument("--by", default="noise", choices=["noise", "dataset", "method", "net", "ood"])
+    p.add_argument("--ood", default="mean", help="which OOD column to tabulate: 'mean' (over sets) or a set name")
+    p.add_argument("--metrics", default="auroc,fpr95", help="comma list of auroc, fpr95, aupr_in, aupr_out")
     p.add_argument("--out", default="report")
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=cmd_report)
@@ -147,6 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"hrp-ood {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:
+        print(f"hrp-ood {args.command}: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print(f"hrp-ood {args.command}: interrupted", file=sys.stderr)
         return 130

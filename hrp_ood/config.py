@@ -99,6 +99,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bfloat16 autocast on CUDA; ignored on CPU
     deterministic: bool = False
+    on_nonfinite: str = "stop"  # stop | skip (skip the step and count it in metrics.csv)
     out_dir: str = "runs"
     name: str | None = None
     eval_batch_size: int = 512
@@ -114,9 +115,15 @@ class TrainConfig:
             raise UserError(f"meta_method must be 'jvp' or 'double_backward', got {self.meta_method!r}")
         if self.strong_policy not in ("randaugment", "autoaugment", "none"):
             raise UserError(f"strong_policy must be randaugment, autoaugment or none, got {self.strong_policy!r}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise UserError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         for name in ("epochs", "batch_size", "meta_batch_size", "meta_size", "eval_batch_size"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.noisy_labels:
+            from hrp_ood.data.noise import parse_noise
+
+            parse_noise(self.noise)
         if not self.t_min <= self.t_max:
             raise UserError(f"t_min ({self.t_min}) must not exceed t_max ({self.t_max})")
 

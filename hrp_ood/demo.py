@@ -30,7 +30,7 @@ def photo_patches(count: int, size: int, generator: torch.Generator) -> torch.Te
     """`count` random size×size crops of scikit-learn's two bundled sample photographs (uint8, N×3×size×size)."""
     from sklearn.datasets import load_sample_images
 
-    photos = [torch.as_tensor(img).permute(2, 0, 1) for img in load_sample_images().images]
+    photos = [torch.tensor(img).permute(2, 0, 1) for img in load_sample_images().images]
     # shrink first so a crop holds structure (edges, textures) rather than a flat region
     photos = [F.interpolate(p[None].float(), scale_factor=0.25, mode="area")[0] for p in photos]
     which = torch.randint(len(photos), (count,), generator=generator)

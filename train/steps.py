@@ -63,6 +63,7 @@ class StepContext:
     meta_labels: torch.Tensor
     autocast_device: str | None  # "cuda" when AMP is on, else None
     forget_rate: float = 0.0
+    skipped_steps: int = 0  # non-finite steps skipped under on_nonfinite="skip"
     # per-sample reliabilities seen this epoch (for the clean-vs-corrupted AUROC in metrics.csv)
     alpha_seen: torch.Tensor | None = field(default=None)
     total_seen: torch.Tensor | None = field(default=None)
@@ -78,9 +79,23 @@ class StepContext:
         return self.augment.weak(self.meta_images[pick]), self.meta_labels[pick]
 
 
-def _update(members: list[Member], loss: torch.Tensor) -> None:
+class NonFiniteLoss(Exception):
+    """Raised before any weight changes, naming the loss terms that are not finite."""
+
+    def __init__(self, terms: list[str]):
+        super().__init__(", ".join(terms))
+        self.terms = terms
+
+
+def _update(ctx: StepContext, members: list[Member], loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+    """Backward and step every member's optimiser, unless the loss is not finite (then raise or skip)."""
     for m in members:
         m.optimizer.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        if ctx.cfg.on_nonfinite == "skip":
+            ctx.skipped_steps += 1
+            return
+        raise NonFiniteLoss([k for k, v in terms.items() if k.startswith("loss") and not torch.isfinite(v).all()])
     loss.backward()
     for m in members:
         m.optimizer.step()
@@ -92,7 +107,7 @@ def ce_step(ctx: StepContext, members: list[Member], batch: StepInputs) -> dict[
     with ctx.autocast():
         losses = [F.cross_entropy(m.net(x).float(), batch.noisy_labels) for m in members]
     loss = torch.stack(losses).sum()
-    _update(members, loss)
+    _update(ctx, members, loss, {"loss_ce": loss})
     return {"loss": loss.detach(), "loss_ce": loss.detach() / len(members)}
 
 
@@ -100,7 +115,7 @@ def gce_step(ctx: StepContext, members: list[Member], batch: StepInputs) -> dict
     x = ctx.augment.weak(batch.images)
     with ctx.autocast():
         loss = torch.stack([gce_loss(m.net(x).float(), batch.noisy_labels, q=ctx.cfg.gce_q) for m in members]).sum()
-    _update(members, loss)
+    _update(ctx, members, loss, {"loss_gce": loss})
     return {"loss": loss.detach(), "loss_gce": loss.detach() / len(members)}
 
 
@@ -112,7 +127,7 @@ def coteach_step(ctx: StepContext, members: list[Member], batch: StepInputs) -> 
     rate = coteaching_forget_rate(batch.epoch, ctx.forget_rate, ctx.cfg.coteach_ramp_epochs)
     keep_a, keep_b = coteaching_select(per_sample[0].detach(), per_sample[1].detach(), rate)
     loss = per_sample[0][keep_a].mean() + per_sample[1][keep_b].mean()
-    _update(members, loss)
+    _update(ctx, members, loss, {"loss_ce": loss})
     return {"loss": loss.detach(), "loss_ce": loss.detach() / 2,
             "forget_rate": torch.tensor(rate, device=loss.device)}
 
@@ -186,7 +201,7 @@ def hrp_step(ctx: StepContext, members: list[Member], batch: StepInputs) -> dict
         for k, m in enumerate(members)
     ]
     loss = torch.stack([t["loss"] for t in per_member]).sum()
-    _update(members, loss)
+    _update(ctx, members, loss, {k: torch.stack([t[k] for t in per_member]) for k in per_member[0]})
 
     alpha = torch.stack([o["alpha"] for o in outputs]).mean(dim=0)
     beta = torch.stack([o["beta"] for o in outputs]).mean(dim=0)

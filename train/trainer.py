@@ -6,13 +6,16 @@ last.pt (everything needed to resume) and best.pt (best ensemble test accuracy).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
 import math
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,11 +28,11 @@ from tqdm.auto import tqdm
 from hrp_ood.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from hrp_ood.config import TrainConfig, save_config
 from hrp_ood.data.augment import BatchAugment
-from hrp_ood.errors import UserError
+from hrp_ood.errors import Interrupted, UserError
 from hrp_ood.io import atomic_write_text
 from hrp_ood.models import EnsembleNet, ProjectionHead, create_model
 from hrp_ood.train.data import TrainingData, prepare_training_data
-from hrp_ood.train.steps import STEPS, Member, StepContext, StepInputs
+from hrp_ood.train.steps import STEPS, Member, NonFiniteLoss, StepContext, StepInputs
 
 log = logging.getLogger(__name__)
 
@@ -129,13 +132,19 @@ class Trainer:
         self.step_fn = STEPS[cfg.spec.loss]
         self.metrics = MetricsLog(run_dir / "metrics.csv")
         self.epoch = 0  # epochs completed
+        self.step = 0  # steps completed in the current epoch
+        self.order = torch.empty(0, dtype=torch.long)
+        self.sums: dict[str, torch.Tensor] = {}
         self.best_acc = -math.inf
+        self.stop_requested = False  # set by SIGINT/SIGTERM: checkpoint after the current step and stop
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
             "config": self.cfg.to_dict(),
             "epoch": self.epoch,
+            "step": self.step,  # > 0 only in a checkpoint written mid-epoch (interrupt)
+            "epoch_state": self._epoch_state() if self.step else {},
             "best_acc": self.best_acc,
             "dataset": {"name": self.data.dataset, "classes": self.data.classes, "mean": list(self.data.mean),
                         "std": list(self.data.std), "image_size": self.data.image_size,
@@ -156,60 +165,110 @@ class Trainer:
             m.optimizer.load_state_dict(opt)
             m.scheduler.load_state_dict(sched)
         self.epoch = state["epoch"]
+        self.step = state["step"]
         self.best_acc = state["best_acc"]
+        if self.step:
+            epoch_state = state["epoch_state"]
+            self.order = epoch_state["order"]
+            self.sums = {k: v.to(self.device) for k, v in epoch_state["sums"].items()}
+            self.ctx.alpha_seen = epoch_state["alpha_seen"].to(self.device)
+            self.ctx.total_seen = epoch_state["total_seen"].to(self.device)
+            self.ctx.skipped_steps = epoch_state["skipped_steps"]
         set_rng_state(state["rng"])
 
+    def _epoch_state(self) -> dict[str, Any]:
+        return {"order": self.order, "sums": {k: torch.as_tensor(v).cpu() for k, v in self.sums.items()},
+                "alpha_seen": self.ctx.alpha_seen.cpu(), "total_seen": self.ctx.total_seen.cpu(),
+                "skipped_steps": self.ctx.skipped_steps}
+
     # ---- the loop ----------------------------------------------------------------------------------
-    def train_epoch(self) -> dict[str, float]:
+    def _begin_epoch(self) -> None:
         n = len(self.data.noisy_labels)
-        batch_size = min(self.cfg.batch_size, n)
-        steps = n // batch_size  # drop the last partial batch: BN and the batch-level normalisations want full batches
-        order = torch.randperm(n).to(self.device)
+        self.order = torch.randperm(n)  # CPU generator: the same order on every device
+        self.sums = {}
         self.ctx.alpha_seen = torch.full((n,), float("nan"), device=self.device)
         self.ctx.total_seen = torch.full((n,), float("nan"), device=self.device)
-        sums: dict[str, torch.Tensor] = {}
+        self.ctx.skipped_steps = 0
+
+    def steps_per_epoch(self) -> int:
+        # the last partial batch is dropped: BN and the batch-level normalisations want full batches
+        return len(self.data.noisy_labels) // min(self.cfg.batch_size, len(self.data.noisy_labels))
+
+    def train_epoch(self) -> dict[str, float]:
+        """Run (the rest of) the current epoch; returns the epoch's mean logs. Resumes mid-epoch if needed."""
+        steps = self.steps_per_epoch()
+        batch_size = min(self.cfg.batch_size, len(self.data.noisy_labels))
+        if self.step == 0:
+            self._begin_epoch()
         for m in self.members:
             m.net.train()
-        bar = tqdm(range(steps), desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", disable=not self.progress,
-                   leave=False, dynamic_ncols=True)
+        bar = tqdm(range(self.step, steps), desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
+                   disable=not self.progress, leave=False, dynamic_ncols=True, initial=self.step, total=steps)
         for step in bar:
-            index = order[step * batch_size:(step + 1) * batch_size]
+            if self.stop_requested:
+                raise TrainingInterrupted(self.epoch, step)
+            index = self.order[step * batch_size:(step + 1) * batch_size].to(self.device)
             batch = StepInputs(self.data.images[index], self.data.noisy_labels[index], index,
                                epoch=self.epoch + step / steps)
-            logs = self.step_fn(self.ctx, self.members, batch)
-            if not torch.isfinite(logs["loss"]):
-                bad = [k for k, v in logs.items() if k.startswith("loss") and not torch.isfinite(v)]
-                raise UserError(f"non-finite loss at epoch {self.epoch + 1}, step {step + 1} (terms: {', '.join(bad)}); "
-                                f"the last good checkpoint is {self.run_dir / 'last.pt'}; lower --lr or check the data")
+            try:
+                logs = self.step_fn(self.ctx, self.members, batch)
+            except NonFiniteLoss as err:
+                raise UserError(f"non-finite loss at epoch {self.epoch + 1}, step {step + 1} (terms: {err}); "
+                                f"the last good checkpoint is {self.run_dir / 'last.pt'}; lower --lr, or "
+                                "--set on_nonfinite=skip to skip such steps") from None
             for key, value in logs.items():
-                sums[key] = sums.get(key, 0) + value
-        row = {key: (value / steps).item() for key, value in sums.items()}
+                self.sums[key] = self.sums.get(key, 0) + value
+            self.step = step + 1
+        self.step = 0
+        row = {key: (value / steps).item() for key, value in self.sums.items()}
         row["alpha_auroc"] = _auroc(self.ctx.alpha_seen, self.data.is_clean)
         row["T_auroc"] = _auroc(self.ctx.total_seen, self.data.is_clean)
+        row["skipped_steps"] = self.ctx.skipped_steps
         return row
+
+    def _check_weights(self) -> None:
+        for k, m in enumerate(self.members):
+            if not all(torch.isfinite(p).all() for p in m.net.parameters()):
+                raise UserError(f"net {k + 1} has non-finite weights after epoch {self.epoch}; not saving them: "
+                                f"the last good checkpoint is {self.run_dir / 'last.pt'}")
+
+    def save(self) -> None:
+        save_checkpoint(self.state_dict(), self.run_dir / "last.pt")
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        log.info("training %s (%s, %s) for %d epochs on %s", cfg.method, cfg.model, cfg.dataset, cfg.epochs, self.device)
+        log.info("training %s (%s, %s) for %d epochs on %s", cfg.method, cfg.model, cfg.dataset, cfg.epochs,
+                 self.device)
         while self.epoch < cfg.epochs:
             started = time.perf_counter()
             lr = self.members[0].lr
-            row = self.train_epoch()
+            try:
+                row = self.train_epoch()
+            except TrainingInterrupted:
+                self.save()
+                raise
             for m in self.members:
                 m.scheduler.step()
             self.epoch += 1
+            self._check_weights()
             row.update(test_accuracies(self.members, self.data, self.augment, cfg.eval_batch_size))
             row = {"epoch": self.epoch, "lr": lr, **row, "epoch_time_s": time.perf_counter() - started}
             self.metrics.append({k: _format(v) for k, v in row.items()})
             is_best = row["acc_ensemble"] > self.best_acc
             self.best_acc = max(self.best_acc, row["acc_ensemble"])
-            save_checkpoint(self.state_dict(), self.run_dir / "last.pt")
+            self.save()
             if is_best:
                 shutil.copyfile(self.run_dir / "last.pt", self.run_dir / ".best.pt.tmp")
                 (self.run_dir / ".best.pt.tmp").replace(self.run_dir / "best.pt")
             log.info("epoch %d/%d  loss %.4f  acc %.2f (net1 %.2f)  alpha-AUROC %.1f  %.1fs", self.epoch, cfg.epochs,
                      row["loss"], row["acc_ensemble"], row["acc_net1"], row["alpha_auroc"], row["epoch_time_s"])
         return {"epochs": self.epoch, "best_acc": self.best_acc, "run_dir": str(self.run_dir)}
+
+
+class TrainingInterrupted(Exception):
+    def __init__(self, epoch: int, step: int):
+        super().__init__(f"epoch {epoch + 1}, step {step}")
+        self.epoch, self.step = epoch, step
 
 
 def ensemble_or_single(members: list[Member]) -> torch.nn.Module:
@@ -249,6 +308,29 @@ def resume_config(run_dir: Path, requested: TrainConfig, explicit: set[str]) -> 
     return TrainConfig(**saved)
 
 
+@contextlib.contextmanager
+def _stop_on_signals(trainer: Trainer):
+    """SIGINT/SIGTERM ask the trainer to checkpoint after the current step; a second signal acts at once."""
+    received: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def request_stop(signum, frame):
+        if trainer.stop_requested:
+            raise KeyboardInterrupt
+        received.append(signal.Signals(signum).name)
+        trainer.stop_requested = True
+        log.warning("%s received: saving a checkpoint after the current step", received[-1])
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     """Seed the global generators once, at the start of a run (an application decision, not a library one)."""
     random.seed(seed)
@@ -266,16 +348,30 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, ex
     _check_run_dir(run_dir, resume, overwrite)
     if resume:
         cfg = resume_config(run_dir, cfg, set(explicit))
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     handler = _setup_logging(run_dir)
     try:
         seed_everything(cfg.seed, cfg.deterministic)
         save_config(cfg, run_dir / "config.yaml")
-        trainer = Trainer(cfg, run_dir, progress=progress)
+        try:
+            trainer = Trainer(cfg, run_dir, progress=progress)
+        except BaseException:
+            if created:  # a run that never started leaves no folder behind to block the corrected retry
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         if resume:
             trainer.load_state_dict(load_checkpoint(run_dir / "last.pt", map_location=trainer.device))
-            log.info("resumed %s at epoch %d", run_dir, trainer.epoch)
-        return trainer.fit()
+            log.info("resumed %s at epoch %d, step %d", run_dir, trainer.epoch, trainer.step)
+        with _stop_on_signals(trainer) as received:
+            try:
+                return trainer.fit()
+            except TrainingInterrupted as where:
+                raise Interrupted(
+                    f"{received[0]} at {where}: state saved to {run_dir / 'last.pt'}; resume with: "
+                    f"hrp-ood train --out-dir {cfg.out_dir} --name {cfg.run_name} --resume",
+                    exit_code=128 + getattr(signal, received[0]),
+                ) from None
     finally:
         logging.getLogger("hrp_ood").removeHandler(handler)
         handler.close()

@@ -1,0 +1,123 @@
+"""Cost of one HRP iteration (both networks) against its baselines, side by side in one process.
+
+    python benchmarks/train_step.py [--quick] [--device cpu|cuda] [--models small_cnn,preact_resnet18]
+
+Methods compared on the same backbone, batch and data: `hrp` (full, meta step on), `hrp_no_meta`
+(α = β = 1: the same losses without the meta step), `coteach`, `ce`. Timings are interleaved round-robin
+and the median per method is reported, so machine noise hits every method alike. Peak memory: CUDA max
+allocated on a GPU; on CPU the peak RSS growth of a fresh subprocess per method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hrp_ood.config import build_config
+from hrp_ood.data.augment import BatchAugment
+from hrp_ood.train.steps import STEPS, StepContext, StepInputs
+from hrp_ood.train.trainer import build_members
+
+METHODS = ("hrp", "hrp_no_meta", "coteach", "ce")
+
+
+def make_step(model: str, method: str, batch: int, device: torch.device, num_classes: int = 10):
+    """A closure running one training iteration of `method` on a fixed random batch."""
+    cfg = build_config(overrides={"model": model, "method": method, "batch_size": batch, "meta_batch_size": batch,
+                                  "warmup_epochs": 0, "ramp_epochs": 0, "device": str(device)})
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, generator=generator).to(device)
+    labels = torch.randint(0, num_classes, (batch,), generator=generator).to(device)
+    meta_images = torch.randint(0, 256, (4 * batch, 3, 32, 32), dtype=torch.uint8, generator=generator).to(device)
+    meta_labels = torch.randint(0, num_classes, (4 * batch,), generator=generator).to(device)
+    members = build_members(cfg, num_classes, device)
+    augment = BatchAugment((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 32, strong_policy=cfg.strong_policy)
+    amp = "cuda" if device.type == "cuda" else None
+    ctx = StepContext(cfg, augment, meta_images, meta_labels, autocast_device=amp, forget_rate=0.5)
+    step_fn = STEPS[cfg.spec.loss]
+    batch_inputs = StepInputs(images, labels, torch.arange(batch, device=device), epoch=5.0)
+
+    def step() -> None:
+        step_fn(ctx, members, batch_inputs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return step
+
+
+def time_methods(model: str, batch: int, device: torch.device, rounds: int) -> dict[str, float]:
+    steps = {m: make_step(model, m, batch, device) for m in METHODS}
+    for step in steps.values():  # warm-up: allocator, cudnn autotune, lazy init
+        step()
+        step()
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    for _ in range(rounds):
+        for method, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[method].append(time.perf_counter() - start)
+    return {m: statistics.median(t) for m, t in times.items()}
+
+
+def peak_memory_mb(model: str, method: str, batch: int, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.max_memory_allocated()
+        step = make_step(model, method, batch, device)
+        step()
+        step()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    # CPU: a fresh process per method, so one method's peak cannot hide another's
+    code = ("import resource, torch, sys; sys.argv=['x'];"
+            "from benchmarks.train_step import make_step;"
+            "base=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+            f"s=make_step({model!r}, {method!r}, {batch}, torch.device('cpu')); s(); s();"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss-base)/1024)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small CNN, small batch, few rounds (CI smoke run)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", default="small_cnn,preact_resnet18")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    args = parser.parse_args()
+    if args.quick:
+        args.models, args.batch, args.rounds, args.no_memory = "small_cnn", 32, 3, True
+    device = torch.device(args.device)
+    print(f"# train_step: torch {torch.__version__}, device {device}, batch {args.batch}, "
+          f"median of {args.rounds} interleaved rounds, threads {torch.get_num_threads()}")
+    results = {}
+    for model in args.models.split(","):
+        times = time_methods(model, args.batch, device, args.rounds)
+        memory = {m: float("nan") if args.no_memory else peak_memory_mb(model, m, args.batch, device)
+                  for m in METHODS}
+        print(f"\n{model}\n{'method':<14}{'ms/iter':>10}{'x ce':>8}{'peak MB':>10}")
+        for m in METHODS:
+            print(f"{m:<14}{1000 * times[m]:>10.1f}{times[m] / times['ce']:>8.2f}{memory[m]:>10.1f}")
+        results[model] = {"time_s": times, "peak_mb": memory,
+                          "hrp_over_no_meta": times["hrp"] / times["hrp_no_meta"],
+                          "hrp_over_coteach": times["hrp"] / times["coteach"]}
+    print("\nratios: " + "; ".join(
+        f"{model}: hrp/no-meta {r['hrp_over_no_meta']:.2f}x, hrp/coteach {r['hrp_over_coteach']:.2f}x"
+        for model, r in results.items()))
+    if args.json:
+        print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""An interrupted run resumes to bit-identical weights: SIGKILL (lose the epoch in flight) and SIGTERM
+(checkpoint mid-epoch, exit non-zero with a resume hint) on a real `hrp-ood train` subprocess."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fakes import write_cifar10
+from hrp_ood.checkpoint import load_checkpoint
+
+EPOCHS = 4
+ARGS = ["--model", "small_cnn", "--batch-size", "16", "--meta-size", "20", "--set", "meta_batch_size=16",
+        "--set", "warmup_epochs=1", "--set", "ramp_epochs=2", "--set", "lr_milestones=[3]",
+        "--set", "proj_hidden_dim=32", "--set", "proj_dim=16", "--set", "tau_conf=0.3",
+        "--set", "deterministic=true", "--epochs", str(EPOCHS), "--no-progress"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_cifar10(root, n_train=260, n_test=40, seed=1)
+    return root
+
+
+def train_command(data_root, out_dir, *extra):
+    return [sys.executable, "-m", "hrp_ood", "train", "--data-root", str(data_root), "--out-dir", str(out_dir),
+            "--name", "run", *ARGS, *extra]
+
+
+@pytest.fixture(scope="module")
+def reference_weights(data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    subprocess.run(train_command(data_root, out), env=ENV, check=True, capture_output=True)
+    return load_checkpoint(out / "run" / "last.pt")["nets"]
+
+
+def wait_for(path, process, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def assert_identical(nets_a, nets_b):
+    for a, b in zip(nets_a, nets_b, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_interrupt_then_resume_is_bit_identical(how, data_root, reference_weights, tmp_path):
+    process = subprocess.Popen(train_command(data_root, tmp_path), env=ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    wait_for(tmp_path / "run" / "last.pt", process)  # epoch 1 is done; kill inside a later epoch
+    process.send_signal(how)
+    _, err = process.communicate(timeout=120)
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["epoch"] < EPOCHS
+    if how == signal.SIGTERM:  # checkpointed after the step in flight, with a one-line resume hint
+        assert process.returncode == 128 + signal.SIGTERM
+        assert "--resume" in err.strip().splitlines()[-1]
+        assert state["step"] > 0, "the SIGTERM checkpoint is a mid-epoch one"
+    resumed = subprocess.run(train_command(data_root, tmp_path, "--resume"), env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_identical(load_checkpoint(tmp_path / "run" / "last.pt")["nets"], reference_weights)

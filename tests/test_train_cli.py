@@ -1,0 +1,114 @@
+"""End-to-end: `hrp-ood train` on generated data in the real formats, resume, every method, the demo."""
+
+import csv
+
+import pytest
+import torch
+
+from fakes import write_cifar10, write_image_folder
+from hrp_ood.checkpoint import load_checkpoint
+from hrp_ood.cli import main
+from hrp_ood.config import METHODS
+from hrp_ood.data.noise import load_noise
+
+TINY = ["--model", "small_cnn", "--batch-size", "32", "--meta-size", "20", "--set", "meta_batch_size=16",
+        "--set", "warmup_epochs=1", "--set", "ramp_epochs=1", "--set", "lr_milestones=[1]",
+        "--set", "proj_hidden_dim=32", "--set", "proj_dim=16", "--set", "tau_conf=0.3", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_cifar10(root, n_train=200, n_test=60, seed=0)
+    return root
+
+
+def read_metrics(run):
+    with (run / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_train_two_epochs_on_cifar_pickles_then_resume(cifar_root, tmp_path, capsys):
+    args = ["train", "--data-root", str(cifar_root), "--noise", "sym50", "--epochs", "2",
+            "--out-dir", str(tmp_path), "--name", "run", *TINY]
+    assert main(args) == 0
+    run = tmp_path / "run"
+    for name in ("config.yaml", "noise.npz", "meta_indices.npz", "metrics.csv", "train.log", "last.pt", "best.pt"):
+        assert (run / name).is_file(), name
+    rows = read_metrics(run)
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    hrp_row = rows[1]  # epoch 2 is past the warm-up: every HRP term is logged
+    for column in ("loss_ce", "loss_cons", "loss_ram", "loss_cdcl", "alpha", "beta", "T", "gate",
+                   "alpha_auroc", "T_auroc", "acc_net1", "acc_net2", "acc_ensemble", "lr"):
+        assert column in hrp_row and hrp_row[column] != "", column
+    assert 0 <= float(hrp_row["acc_ensemble"]) <= 100
+    noisy, clean, _ = load_noise(run / "noise.npz")
+    assert 0.3 < (noisy != clean).mean() < 0.6  # sym50 on 10 classes realises ~45%
+
+    before = load_checkpoint(run / "last.pt")
+    assert before["epoch"] == 2 and len(before["nets"]) == 2
+    assert main(["train", "--out-dir", str(tmp_path), "--name", "run", "--resume", "--epochs", "3",
+                 "--no-progress"]) == 0
+    after = load_checkpoint(run / "last.pt")
+    assert after["epoch"] == 3
+    assert [r["epoch"] for r in read_metrics(run)] == ["1", "2", "3"]
+    noisy_again, _, _ = load_noise(run / "noise.npz")
+    assert (noisy_again == noisy).all(), "resume reuses the saved noise"
+    assert "done: 3 epochs" in capsys.readouterr().out
+
+
+def test_train_on_an_image_folder(tmp_path):
+    root = tmp_path / "folder"
+    write_image_folder(root, classes=("a", "b", "c"), n_per_class=30, size=32)
+    assert main(["train", "--dataset", "folder", "--data-root", str(root), "--noise", "sym20", "--epochs", "2",
+                 "--out-dir", str(tmp_path / "runs"), "--name", "f", "--meta-size", "9",
+                 *TINY[:2], "--batch-size", "16", *TINY[6:]]) == 0
+    state = load_checkpoint(tmp_path / "runs" / "f" / "last.pt")
+    assert state["dataset"]["classes"] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_trains(method, cifar_root, tmp_path):
+    assert main(["train", "--data-root", str(cifar_root), "--method", method, "--epochs", "2",
+                 "--out-dir", str(tmp_path), "--name", method, *TINY]) == 0
+    state = load_checkpoint(tmp_path / method / "last.pt")
+    assert len(state["nets"]) == (2 if METHODS[method].dual else 1)
+    weights = torch.cat([p.flatten() for p in state["nets"][0].values() if p.is_floating_point()])
+    assert torch.isfinite(weights).all()
+
+
+def test_existing_run_folder_is_not_overwritten_silently(cifar_root, tmp_path, capsys):
+    args = ["train", "--data-root", str(cifar_root), "--epochs", "1", "--out-dir", str(tmp_path), "--name", "r",
+            "--method", "ce", *TINY]
+    assert main(args) == 0
+    stamp = (tmp_path / "r" / "last.pt").stat().st_mtime_ns
+    assert main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (tmp_path / "r" / "last.pt").stat().st_mtime_ns == stamp
+    assert main([*args, "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--noise", "sym120"], "sym120"),
+    (["--noise", "foo40"], "foo40"),
+    (["--set", "kappaa=3"], "did you mean 'kappa'"),
+    (["--method", "hrpp"], "unknown method"),
+])
+def test_bad_input_is_a_one_line_error(flags, words, cifar_root, tmp_path, capsys):
+    assert main(["train", "--data-root", str(cifar_root), "--out-dir", str(tmp_path), *TINY, *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1
+    assert not any(tmp_path.iterdir()), "a rejected run writes nothing"
+
+
+def test_missing_dataset_names_the_files(tmp_path, capsys):
+    assert main(["train", "--data-root", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "runs"),
+                 *TINY]) == 2
+    assert "cifar-10-batches-py" in capsys.readouterr().err
+
+
+def test_demo_finishes_with_an_ood_table(tmp_path, capsys):
+    assert main(["demo", "--out-dir", str(tmp_path / "demo"), "--epochs", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "photo_patches" in out and "uniform_noise" in out and "msp" in out
+    assert (tmp_path / "demo" / "eval_ensemble" / "eval.json").is_file()
