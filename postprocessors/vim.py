@@ -35,7 +35,7 @@ class ViM(Postprocessor):
 
     Wang et al., "ViM: Out-Of-Distribution with Virtual-logit Matching", CVPR 2022,
     https://arxiv.org/abs/2203.10807, as implemented by OpenOOD v1.5 (``vim``, ``dim`` = 256 for
-    512-d CIFAR features):
+    512-d CIFAR features; by default ``dim`` = half the feature dimension, which is that 256):
 
     * u = −W⁺b, the origin at which the logits vanish (W⁺ the pseudo-inverse of the fc weight);
     * R = residual basis: eigenvectors of the ID-train covariance around u outside the top `dim`;
@@ -46,14 +46,16 @@ class ViM(Postprocessor):
     requires_fit = True
     uses_features = True
 
-    def __init__(self, dim: int = 256) -> None:
+    def __init__(self, dim: int | None = None) -> None:
         super().__init__()
-        if int(dim) < 1:
+        if dim is not None and int(dim) < 1:
             raise UserError(f"vim dim must be >= 1, got {dim}")
-        self.dim = int(dim)
+        self.dim = None if dim is None else int(dim)
 
     def _fit(self, train: FeatureSet, weight: np.ndarray, bias: np.ndarray) -> None:
         features = np.asarray(train.features, dtype=np.float64)
+        if self.dim is None:  # OpenOOD's 256 for 512-d ResNet-18 features: half the feature dimension
+            self.dim = features.shape[1] // 2
         if self.dim >= features.shape[1]:
             raise UserError(f"vim dim={self.dim} must be smaller than the feature dimension "
                             f"{features.shape[1]}; pass a smaller dim")

@@ -215,10 +215,11 @@ def test_vim_matches_openood_numpy_transcription():
     np.testing.assert_allclose(scores, reference_vim(train, test, weight, bias, dim=10), rtol=1e-4, atol=1e-3)
 
 
-def test_vim_dim_must_be_below_the_feature_dimension():
+def test_vim_dim_must_be_below_the_feature_dimension_and_defaults_to_half_of_it():
     train, _, fc = random_problem(dim=24)
     with pytest.raises(UserError, match="smaller"):
-        fitted("vim", train, fc)  # default dim 256 >= 24
+        fitted("vim", train, fc, dim=24)
+    assert fitted("vim", train, fc).dim == 12  # OpenOOD's 256 for 512-d features
 
 
 def reference_odin(net: nn.Module, data: torch.Tensor, temperature: float, noise: float, std) -> np.ndarray:
