@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import pickle
 import random
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +31,38 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found; runs keep theirs in runs/<name>/last.pt and best.pt")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign files (pickle protocol); errors are reported below
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else "unsafe content"
-        raise UserError(
-            f"refusing to load {path}: it is not a plain weights checkpoint and could run code when unpickled "
-            f"({first_line[:120]})"
-        ) from None
+        raise _unpickling_error(path, str(err)) from None
     except Exception as err:  # noqa: BLE001 - a torn/foreign file fails anywhere inside the unpickler
-        raise UserError(f"checkpoint {path} is truncated or not a torch checkpoint ({type(err).__name__}); "
+        text = str(err).strip()
+        detail = text.split(". ")[0].splitlines()[0][:120] if text else type(err).__name__
+        raise UserError(f"checkpoint {path} is truncated or not a torch checkpoint ({detail}); "
                         "use the previous last.pt/best.pt or retrain") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not an hrp-ood checkpoint (no '{FORMAT}' format marker); "
                         "`hrp-ood evaluate` expects last.pt/best.pt written by `hrp-ood train`")
     return state
+
+
+# torch's weights-only unpickler names what it refused as "... GLOBAL module.name ..."
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _unpickling_error(path: Path, message: str) -> UserError:
+    """A refused import is a file that could run code; anything else the safe unpickler rejects is not a checkpoint."""
+    refused = _REFUSED_GLOBAL.search(message)
+    if refused:
+        return UserError(f"refusing to load {path}: unpickling it would call {refused[1]}, so it could run code; "
+                         "load only last.pt/best.pt written by `hrp-ood train`")
+    details = [line.strip() for line in message.splitlines()
+               if line.strip() and not line.strip().startswith(_TORCH_BOILERPLATE)]
+    detail = details[0][:120] if details else "unreadable pickle data"
+    return UserError(f"checkpoint {path} is truncated or not a torch checkpoint ({detail}); "
+                     "use the previous last.pt/best.pt or retrain")
 
 
 def rng_state() -> dict[str, Any]:

@@ -131,11 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+CONSOLE_HANDLER = "hrp-ood-console"
+
+
 def _configure_console_logging() -> None:
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
+    """INFO and above to the current sys.stderr: main() may run many times in one process (tests, notebooks),
+    each time with another stderr, so the handler is replaced rather than kept pointing at an old stream."""
+    for stale in [h for h in log.handlers if h.get_name() == CONSOLE_HANDLER]:
+        log.removeHandler(stale)  # not flushed or closed: its stream may be closed already
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(CONSOLE_HANDLER)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
     log.setLevel(logging.INFO)
 
 

@@ -121,9 +121,9 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
         if not self.noisy_labels:
-            from hrp_ood.data.noise import parse_noise
+            from hrp_ood.data.noise import check_noise_for_dataset, parse_noise
 
-            parse_noise(self.noise)
+            check_noise_for_dataset(parse_noise(self.noise), self.dataset)
         if not self.t_min <= self.t_max:
             raise UserError(f"t_min ({self.t_min}) must not exceed t_max ({self.t_max})")
 

@@ -96,7 +96,7 @@ def _require_files(folder: Path, files: tuple[str, ...], name: str, url: str) ->
     missing = [f for f in files if not (folder / f).is_file()]
     if missing:
         raise UserError(f"{name} not found: expected {folder}/{{{', '.join(files)}}} (missing: {', '.join(missing)}); "
-                        f"pass --download, or extract {url} into {folder.parent}")
+                        f"extract {url} into {folder.parent}, or let `hrp-ood train --download` fetch it")
 
 
 def _download(name: str, root: Path) -> None:

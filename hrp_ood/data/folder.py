@@ -34,6 +34,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".
 ANIMAL10N_CLASSES = ["cat", "lynx", "wolf", "coyote", "cheetah", "jaguar", "chimpanzee", "orangutan",
                      "hamster", "guinea pig"]
 ANIMAL10N_SIZE = 64
+ANIMAL10N_URL = "https://dm.kaist.ac.kr/datasets/animal-10n/"  # the authors' request form
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -97,7 +98,8 @@ def _first_image_size(path: Path) -> int:
 
 def _require_dir(path: Path, what: str) -> None:
     if not path.is_dir():
-        raise UserError(f"{what} not found: expected the folder {path}")
+        raise UserError(f"{what} not found: expected the folder {path}; point --data-root at the folder that "
+                        "holds train/<class>/ and test/<class>/")
 
 
 def _class_files(split_dir: Path, classes: list[str]) -> tuple[list[Path], np.ndarray]:
@@ -146,7 +148,8 @@ def _pick_dir(root: Path, names: tuple[str, ...], what: str) -> Path:
         if (root / name).is_dir():
             return root / name
     raise UserError(f"Animal-10N {what} split not found: expected {' or '.join(str(root / n) for n in names)} "
-                    "holding <label>_<id>.jpg files")
+                    f"holding <label>_<id>.jpg files; point --data-root at the extracted Animal-10N release "
+                    f"({ANIMAL10N_URL})")
 
 
 def animal10n_label(path: Path) -> int:

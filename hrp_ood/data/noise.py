@@ -35,6 +35,7 @@ _RATELESS_MODES = ("none", "file")
 
 # CIFAR-10 class ids: 0 airplane, 1 automobile, 2 bird, 3 cat, 4 deer, 5 dog, 6 frog, 7 horse, 8 ship, 9 truck.
 CIFAR10_ASYM_MAP = {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}
+ASYM_DATASETS = ("cifar10", "cifar100")  # the datasets asym_target_map has a class map for
 
 
 @dataclass(frozen=True)
@@ -107,17 +108,22 @@ def cifar100_asym_map(fine: np.ndarray, coarse: np.ndarray, num_classes: int) ->
 def asym_target_map(dataset: str, num_classes: int, clean: np.ndarray,
                     coarse_labels: np.ndarray | None) -> np.ndarray:
     """class → class it is flipped to under asymmetric noise (identity for classes that are never flipped)."""
+    check_noise_for_dataset(NoiseSpec("asym", 0.0), dataset)
     if dataset == "cifar10":
         target = np.arange(num_classes)
         target[list(CIFAR10_ASYM_MAP)] = list(CIFAR10_ASYM_MAP.values())
         return target
-    if dataset == "cifar100":
-        if coarse_labels is None or len(coarse_labels) != len(clean):
-            raise UserError("asymmetric CIFAR-100 noise needs the superclass (coarse) label of every training "
-                            "sample; load cifar100 from its python-pickle release")
-        return cifar100_asym_map(clean, np.asarray(coarse_labels, dtype=np.int64), num_classes)
-    raise UserError(f"asymmetric noise is defined for cifar10 and cifar100 only, not {dataset!r}; "
-                    "use symR or symflipR, or give a label file")
+    if coarse_labels is None or len(coarse_labels) != len(clean):  # cifar100
+        raise UserError("asymmetric CIFAR-100 noise needs the superclass (coarse) label of every training "
+                        "sample; load cifar100 from its python-pickle release")
+    return cifar100_asym_map(clean, np.asarray(coarse_labels, dtype=np.int64), num_classes)
+
+
+def check_noise_for_dataset(spec: NoiseSpec, dataset: str) -> None:
+    """Reject a noise mode the dataset does not define, from names alone (before any slow dataset load)."""
+    if spec.mode == "asym" and dataset not in ASYM_DATASETS:
+        raise UserError(f"asymmetric noise is defined for {' and '.join(ASYM_DATASETS)} only, not {dataset!r}; "
+                        "use symR or symflipR, or give a label file")
 
 
 def make_noisy_labels(clean_labels: np.ndarray, num_classes: int, spec: NoiseSpec, seed: int, *,

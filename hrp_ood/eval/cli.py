@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import platform
 import sys
@@ -12,7 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from hrp_ood.config import TrainConfig
 from hrp_ood.data import load_dataset
+from hrp_ood.data.bundle import DataBundle
 from hrp_ood.data.noise import load_noise
 from hrp_ood.errors import UserError
 from hrp_ood.eval.evaluate import format_markdown_table, run_evaluation, write_eval_outputs
@@ -53,13 +56,15 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
                    help="tqdm progress bars (default: only on a terminal)")
 
 
-def _split_names(value: str, valid: list[str] | tuple[str, ...], what: str, all_means: tuple[str, ...]) -> list[str]:
+def _split_names(value: str, valid: list[str] | tuple[str, ...], what: str, all_means: tuple[str, ...],
+                 hint: str = "") -> list[str]:
     names = [v.strip() for v in value.split(",") if v.strip()]
     if names == ["all"]:
         return list(all_means)
     unknown = [n for n in names if n not in valid]
     if unknown or not names:
-        raise UserError(f"unknown {what} {', '.join(unknown) or '(none given)'}; valid: {', '.join(valid)}, all")
+        raise UserError(f"unknown {what} {', '.join(unknown) or '(none given)'}; valid: {', '.join(valid)}, all"
+                        + (f"; {hint}" if hint else ""))
     return names
 
 
@@ -68,7 +73,7 @@ def _parse_ood_dirs(items: list[str]) -> dict[str, Path]:
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise UserError(f"--ood-dir expects NAME=PATH, got {item!r}")
+            raise UserError(f"--ood-dir expects NAME=PATH, e.g. --ood-dir mine=/data/my_ood, got {item!r}")
         dirs[name.strip()] = Path(path)
     return dirs
 
@@ -104,34 +109,79 @@ def _noisy_train_labels(ckpt: Path) -> np.ndarray:
     return load_noise(noise_file)[0]
 
 
-def evaluate_checkpoint(ckpt: Path, ood_images: dict[str, torch.Tensor], postprocessors: list[str], *,
-                        net: str = "ensemble", out_dir: Path | None = None, cache_dir: Path | None = None,
-                        id_data_root: Path | None = None, fit_labels: str = "clean", device: str = "auto",
-                        batch_size: int = 256, progress: bool = False) -> dict[str, Any]:
-    """Evaluate one checkpoint against already-loaded OOD images; write and return eval.json's content."""
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    """What an evaluation needs from a checkpoint: the network, its saved state and config, the ID data."""
+
+    path: Path
+    model: torch.nn.Module
+    state: dict[str, Any]
+    cfg: TrainConfig
+    bundle: DataBundle
+    device: torch.device
+
+
+def _load_id_dataset(state: dict[str, Any], cfg: TrainConfig, ckpt: Path, id_data_root: Path | None) -> DataBundle:
+    """The ID dataset named in the checkpoint, at the checkpoint's image size and with its saved mean/std.
+
+    The flags choose only where the files are (`--id-data-root`); what they must be, and how they are
+    normalised, is what the network was trained on.
+    """
+    saved = state["dataset"]
+    root = id_data_root or cfg.data_root
+    try:
+        bundle = load_dataset(cfg.dataset, root, image_size=saved["image_size"])
+    except UserError as err:
+        raise UserError(f"cannot load the ID dataset of {ckpt}, which was trained on {cfg.dataset}: {err}; "
+                        f"or point --id-data-root at the {cfg.dataset} files") from None
+    if list(bundle.classes) != list(saved["classes"]):
+        raise UserError(f"{ckpt} was trained on {cfg.dataset} with {len(saved['classes'])} classes, but the "
+                        f"{cfg.dataset} files at {root} hold {len(bundle.classes)} different ones; point "
+                        "--id-data-root at the dataset the checkpoint was trained on")
+    return dataclasses.replace(bundle, mean=tuple(saved["mean"]), std=tuple(saved["std"]))
+
+
+def load_checkpoint_for_evaluation(ckpt: Path, net: str = "ensemble", device: str = "auto",
+                                   id_data_root: Path | None = None) -> LoadedCheckpoint:
+    """Checkpoint → network on the device + the ID dataset it was trained on; every failure is a UserError."""
     from hrp_ood.train.trainer import resolve_device
 
     torch_device = resolve_device(device)
     model, state = load_network(ckpt, net, torch_device)
     cfg = checkpoint_config(state, ckpt)
-    bundle = load_dataset(cfg.dataset, id_data_root or cfg.data_root, image_size=cfg.image_size)
-    if len(bundle.classes) != len(state["dataset"]["classes"]):
-        raise UserError(f"{ckpt} was trained on {len(state['dataset']['classes'])} classes but the ID dataset "
-                        f"{cfg.dataset} at {id_data_root or cfg.data_root} has {len(bundle.classes)}")
+    bundle = _load_id_dataset(state, cfg, ckpt, id_data_root)
+    return LoadedCheckpoint(ckpt, model, state, cfg, bundle, torch_device)
+
+
+def evaluate_loaded(loaded: LoadedCheckpoint, ood_images: dict[str, torch.Tensor], postprocessors: list[str], *,
+                    net: str = "ensemble", out_dir: Path | None = None, cache_dir: Path | None = None,
+                    fit_labels: str = "clean", batch_size: int = 256, progress: bool = False) -> dict[str, Any]:
+    """Score a loaded checkpoint against already-loaded OOD images; write and return eval.json's content."""
+    ckpt, cfg, device = loaded.path, loaded.cfg, loaded.device
     sha = file_sha256(ckpt)
     result = run_evaluation(
-        model, bundle, ood_images, postprocessors, cache_dir=cache_dir or ckpt.parent / "cache",
+        loaded.model, loaded.bundle, ood_images, postprocessors, cache_dir=cache_dir or ckpt.parent / "cache",
         cache_key=f"{sha[:16]}-net{net}", fit_labels=fit_labels,
         noisy_train_labels=_noisy_train_labels(ckpt) if fit_labels == "noisy" else None,
-        device=torch_device, batch_size=batch_size, amp=torch_device.type == "cuda", progress=progress,
+        device=device, batch_size=batch_size, amp=device.type == "cuda", progress=progress,
     )
     meta = {"checkpoint": str(ckpt), "checkpoint_sha256": sha, "method": cfg.method, "dataset": cfg.dataset,
             "noise": "file" if cfg.noisy_labels else cfg.noise, "seed": cfg.seed, "net": net, "model": cfg.model,
-            "epoch": state["epoch"], "fit_labels": fit_labels, "versions": _versions(),
+            "epoch": loaded.state["epoch"], "fit_labels": fit_labels, "versions": _versions(),
             "postprocessors": postprocessors, "ood_sets": list(ood_images)}
     report = write_eval_outputs(result, out_dir or ckpt.parent / f"eval_{net}", meta)
     log.info("ID accuracy %.2f%%\n%s", result.id_accuracy, format_markdown_table(result.rows))
     return report
+
+
+def evaluate_checkpoint(ckpt: Path, ood_images: dict[str, torch.Tensor], postprocessors: list[str], *,
+                        net: str = "ensemble", out_dir: Path | None = None, cache_dir: Path | None = None,
+                        id_data_root: Path | None = None, fit_labels: str = "clean", device: str = "auto",
+                        batch_size: int = 256, progress: bool = False) -> dict[str, Any]:
+    """Evaluate one checkpoint against already-loaded OOD images; write and return eval.json's content."""
+    loaded = load_checkpoint_for_evaluation(ckpt, net, device, id_data_root)
+    return evaluate_loaded(loaded, ood_images, postprocessors, net=net, out_dir=out_dir, cache_dir=cache_dir,
+                           fit_labels=fit_labels, batch_size=batch_size, progress=progress)
 
 
 def evaluate_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -139,14 +189,13 @@ def evaluate_from_args(args: argparse.Namespace) -> dict[str, Any]:
                                   tuple(list_postprocessors()))
     ood_dirs = _parse_ood_dirs(args.ood_dir)
     names = _split_names(args.ood, [*FAR_OOD_SETS, *NEAR_OOD_SETS, *ood_dirs], "OOD set",
-                         FAR_OOD_SETS + tuple(n for n in ood_dirs if n not in FAR_OOD_SETS))
-    from hrp_ood.checkpoint import load_checkpoint
-
-    state = load_checkpoint(args.ckpt)  # fail on a bad checkpoint before reading any OOD data
-    cfg = checkpoint_config(state, args.ckpt)
-    ood = load_ood_sets(names, args.data_root, id_dataset=cfg.dataset, image_size=state["dataset"]["image_size"],
-                        ood_dirs=ood_dirs, skip_missing=args.skip_missing, skip_corrupt=args.skip_corrupt)
-    return evaluate_checkpoint(args.ckpt, ood, postprocessors, net=args.net, out_dir=args.out,
-                               cache_dir=args.cache_dir, id_data_root=args.id_data_root, fit_labels=args.fit_labels,
-                               device=args.device, batch_size=args.batch_size,
-                               progress=sys.stderr.isatty() if args.progress is None else args.progress)
+                         FAR_OOD_SETS + tuple(n for n in ood_dirs if n not in FAR_OOD_SETS),
+                         hint="or give an image folder as --ood-dir NAME=PATH")
+    # a bad checkpoint or missing ID data fails before any (slow) OOD data is read
+    loaded = load_checkpoint_for_evaluation(args.ckpt, args.net, args.device, args.id_data_root)
+    ood = load_ood_sets(names, args.data_root, id_dataset=loaded.cfg.dataset,
+                        image_size=loaded.state["dataset"]["image_size"], ood_dirs=ood_dirs,
+                        skip_missing=args.skip_missing, skip_corrupt=args.skip_corrupt)
+    return evaluate_loaded(loaded, ood, postprocessors, net=args.net, out_dir=args.out, cache_dir=args.cache_dir,
+                           fit_labels=args.fit_labels, batch_size=args.batch_size,
+                           progress=sys.stderr.isatty() if args.progress is None else args.progress)

@@ -18,11 +18,40 @@ from hrp_ood.models import EnsembleNet, create_model, export_state_dict
 NET_CHOICES = ("1", "2", "ensemble")
 
 
+REQUIRED_KEYS = ("config", "dataset", "nets", "epoch")
+
+
 def checkpoint_config(state: dict[str, Any], path: Path) -> TrainConfig:
+    missing = [key for key in REQUIRED_KEYS if key not in state]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}: it is not a complete checkpoint of `hrp-ood train`; "
+                        "use the run's last.pt or best.pt")
     try:
         return TrainConfig(**state["config"])
     except (KeyError, TypeError) as err:
         raise UserError(f"{path}: the checkpoint's config does not match this version of hrp-ood ({err})") from None
+
+
+def weights_mismatch(expected: dict[str, torch.Tensor], weights: dict[str, Any], num_classes: int) -> str | None:
+    """Why `weights` cannot be loaded into a network whose state dict is `expected`, or None if it can.
+
+    Different tensor names mean another backbone; the same names with a classifier `fc` of another
+    height mean another class count; other shape differences mean another width of the same backbone.
+    """
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    if missing or unexpected:
+        examples = ", ".join([*(f"no {k}" for k in missing[:2]), *(f"extra {k}" for k in unexpected[:2])])
+        return (f"they are from another backbone ({len(missing)} tensor(s) missing, {len(unexpected)} unknown: "
+                f"{examples})")
+    shapes = {k: (tuple(getattr(weights[k], "shape", ())), tuple(expected[k].shape)) for k in expected}
+    shapes = {k: (got, want) for k, (got, want) in shapes.items() if got != want}
+    if not shapes:
+        return None
+    if "fc.weight" in shapes and shapes["fc.weight"][0][:1] != (num_classes,):
+        return f"they are from another class count (the classifier fc has {shapes['fc.weight'][0][0]} outputs)"
+    key, (got, want) = next(iter(shapes.items()))
+    return f"they are from another width of the backbone ({key} has shape {got}, expected {want})"
 
 
 def networks_from_checkpoint(state: dict[str, Any], path: Path) -> list[nn.Module]:
@@ -32,12 +61,13 @@ def networks_from_checkpoint(state: dict[str, Any], path: Path) -> list[nn.Modul
     nets = []
     for k, weights in enumerate(state["nets"]):
         net = create_model(cfg.model, num_classes=num_classes)
-        try:
-            net.load_state_dict(weights)
-        except RuntimeError as err:
-            first = str(err).splitlines()[0]
-            raise UserError(f"{path}: net {k + 1}'s weights do not fit a {cfg.model} with {num_classes} classes "
-                            f"({first[:160]})") from None
+        problem = (weights_mismatch(net.state_dict(), weights, num_classes) if isinstance(weights, dict)
+                   else f"they are a {type(weights).__name__}, not a state dict")
+        if problem:
+            raise UserError(f"{path}: net {k + 1}'s weights do not fit the checkpoint's {cfg.model} for "
+                            f"{num_classes} classes ({cfg.dataset}): {problem}; use a checkpoint written by "
+                            "`hrp-ood train` and not edited since")
+        net.load_state_dict(weights)
         nets.append(net.eval())
     return nets
 

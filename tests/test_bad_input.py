@@ -1,0 +1,269 @@
+"""Issue 4: bad input gets a clear error. Every row runs the real CLI (`hrp_ood.cli.main`, in-process) on
+generated data in the real formats and checks the contract of a rejected command:
+
+* exit code 2, and stderr is exactly one line "hrp-ood <command>: error: ..." with no traceback;
+* the line names what is wrong and how to fix it (the row's key words);
+* nothing already on disk is touched: every file keeps its bytes and mtime (the files of the existing
+  run folders are hashed), and no file or folder is left behind by the rejected command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fakes import write_animal10n, write_cifar10, write_cifar100, write_image_folder
+from hrp_ood.checkpoint import load_checkpoint
+from hrp_ood.cli import main
+from hrp_ood.errors import UserError
+from hrp_ood.models import create_model
+
+TINY = ["--model", "small_cnn", "--epochs", "1", "--batch-size", "32", "--meta-size", "20", "--set",
+        "meta_batch_size=16", "--no-progress"]
+CIFAR10_TRAIN = 100
+
+
+class RunsCode:
+    """A pickle payload that would create `marker` if it were ever unpickled by a code-running loader."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@dataclass
+class Workspace:
+    root: Path
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative
+
+    def train(self, *extra: str, data: str = "cifar10") -> list[str]:
+        return ["train", "--data-root", str(self.path(data)), "--out-dir", str(self.path("runs")),
+                "--name", "rejected", *TINY, *extra]
+
+    def evaluate(self, ckpt: str, *extra: str, ood: str = "clean_ood") -> list[str]:
+        return ["evaluate", "--ckpt", str(self.path(ckpt)), "--postprocessor", "msp", "--device", "cpu",
+                "--ood-dir", f"mine={self.path(ood)}", "--ood", "mine",
+                "--out", str(self.path("eval_out")), "--cache-dir", str(self.path("cache")), *extra]
+
+
+def _write_label_files(ws: Workspace) -> None:
+    folder = ws.path("labels")
+    folder.mkdir()
+    np.save(folder / "short.npy", np.zeros(7, dtype=np.int64))
+    np.save(folder / "out_of_range.npy", np.full(CIFAR10_TRAIN, 12, dtype=np.int64))
+    np.save(folder / "floats.npy", np.zeros(CIFAR10_TRAIN, dtype=np.float32))
+    torch.save({"worse_label": np.zeros(CIFAR10_TRAIN, dtype=np.int64)}, folder / "cifar10n.pt")
+
+
+def _write_configs(ws: Workspace) -> None:
+    folder = ws.path("configs")
+    folder.mkdir()
+    (folder / "unknown_key.yaml").write_text("kapa: 2.0\n")
+    (folder / "wrong_type.yaml").write_text("kappa: high\n")
+    (folder / "invalid.yaml").write_text("lr: 0.1\nlr_milestones: [1, 2\n")
+
+
+def _write_data(ws: Workspace) -> None:
+    write_cifar10(ws.path("cifar10"), n_train=CIFAR10_TRAIN, n_test=30, seed=0)
+    write_cifar100(ws.path("cifar100"), n_train=200, n_test=50, seed=1)
+    write_image_folder(ws.path("folder"))
+    write_cifar100(ws.path("cifar100_partial"), n_train=100, n_test=20, seed=2)
+    for name in ("test", "meta"):
+        (ws.path("cifar100_partial/cifar-100-python") / name).unlink()
+    write_animal10n(ws.path("animal10n_no_test"), n_train=10, n_test=5)
+    shutil.rmtree(ws.path("animal10n_no_test/testing"))
+    ws.path("empty_root").mkdir()
+    write_image_folder(ws.path("clean_ood"), splits=("x",), n_per_class=4, seed=3)
+    write_image_folder(ws.path("corrupt_ood"), splits=("x",), n_per_class=4, seed=4)
+    (ws.path("corrupt_ood/x/a") / "bad.png").write_bytes(b"\x89PNG but not really an image")
+    ws.path("empty_ood").mkdir()
+    image_list = ws.path("openood/benchmark_imglist/cifar10/test_svhn.txt")
+    image_list.parent.mkdir(parents=True)
+    ws.path("openood/images_classic").mkdir()
+    image_list.write_text("svhn/0.png 0\nsvhn/1.png 0\n")
+
+
+def _write_checkpoints(ws: Workspace) -> None:
+    folder = ws.path("ckpts")
+    folder.mkdir()
+    real = ws.path("runs/existing/last.pt")
+    data = real.read_bytes()
+    (folder / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (folder / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    torch.save({"model": {"w": torch.zeros(3)}, "epoch": 1}, folder / "plain_dict.pt")
+    marker = ws.path("PWNED")
+    torch.save({"format": "hrp-ood/1", "nets": RunsCode(marker)}, folder / "runs_code.pt")
+    with (folder / "runs_code.pkl").open("wb") as f:
+        pickle.dump({"format": "hrp-ood/1", "nets": RunsCode(marker)}, f, protocol=2)
+
+    state = load_checkpoint(real)
+    other_backbone = create_model("preact_resnet18", num_classes=10).state_dict()
+    torch.save({**state, "nets": [other_backbone, other_backbone]}, folder / "other_backbone.pt")
+    five_classes = [{**net, "fc.weight": net["fc.weight"][:5], "fc.bias": net["fc.bias"][:5]} for net in state["nets"]]
+    torch.save({**state, "nets": five_classes}, folder / "other_class_count.pt")
+    ws.path("corrupt_eval.json").write_text('{"method": "hrp", "results": [')
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Workspace:
+    ws = Workspace(tmp_path_factory.mktemp("bad_input"))
+    _write_data(ws)
+    runs = str(ws.path("runs"))
+    assert main(["train", "--data-root", str(ws.path("cifar10")), "--out-dir", runs, "--name", "existing",
+                 "--noise", "sym50", *TINY]) == 0
+    assert main(["train", "--dataset", "cifar100", "--data-root", str(ws.path("cifar100")), "--out-dir", runs,
+                 "--name", "c100", "--method", "ce", "--noise", "sym20", *TINY]) == 0
+    _write_label_files(ws)
+    _write_configs(ws)
+    _write_checkpoints(ws)
+    return ws
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every path under root: folders by name; files by size and mtime, plus a hash inside the run folders."""
+    state = {}
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root).as_posix()
+        if path.is_dir():
+            state[relative] = ("dir",)
+            continue
+        stat = path.stat()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if relative.startswith("runs/") else ""
+        state[relative] = (stat.st_size, stat.st_mtime_ns, digest)
+    return state
+
+
+# (id, command, argv(ws), key words the one-line message must contain)
+ROWS = [
+    # ---- noise specs and label files
+    ("noise-rate-above-100", "train", lambda ws: ws.train("--noise", "sym120"), ["120", "above 100", "sym80"]),
+    ("noise-negative-rate", "train", lambda ws: ws.train("--noise", "sym-5"), ["'sym-5'", "valid forms", "symR"]),
+    ("noise-unknown-mode", "train", lambda ws: ws.train("--noise", "foo40"), ["'foo40'", "valid forms", "asymR"]),
+    ("noise-asym-without-class-map", "train",
+     lambda ws: ws.train("--dataset", "folder", "--noise", "asym40", data="folder"),
+     ["asymmetric noise", "'folder'", "symR"]),
+    ("labels-wrong-length", "train", lambda ws: ws.train("--noisy-labels", str(ws.path("labels/short.npy"))),
+     ["short.npy", "7 labels", f"has {CIFAR10_TRAIN}"]),
+    ("labels-out-of-range", "train", lambda ws: ws.train("--noisy-labels", str(ws.path("labels/out_of_range.npy"))),
+     ["out_of_range.npy", "[12, 12]", "10 classes [0, 9]"]),
+    ("labels-float-dtype", "train", lambda ws: ws.train("--noisy-labels", str(ws.path("labels/floats.npy"))),
+     ["floats.npy", "must be integers", "float32"]),
+    ("labels-pt-without-key", "train",
+     lambda ws: ws.train("--noisy-labels", str(ws.path("labels/cifar10n.pt")), "--noisy-labels-key", "aggre_label"),
+     ["cifar10n.pt", "no key 'aggre_label'", "choose one of: worse_label"]),
+    # ---- configs
+    ("config-unknown-key", "train", lambda ws: ws.train("--config", str(ws.path("configs/unknown_key.yaml"))),
+     ["unknown config key 'kapa'", "unknown_key.yaml", "did you mean 'kappa'"]),
+    ("set-unknown-key", "train", lambda ws: ws.train("--set", "kapa=2"),
+     ["unknown config key 'kapa'", "did you mean 'kappa'"]),
+    ("config-wrong-type", "train", lambda ws: ws.train("--config", str(ws.path("configs/wrong_type.yaml"))),
+     ["'kappa'", "must be float", "'high'"]),
+    ("config-missing-file", "train", lambda ws: ws.train("--config", str(ws.path("configs/missing.yaml"))),
+     ["missing.yaml", "not found", "configs/"]),
+    ("config-invalid-yaml", "train", lambda ws: ws.train("--config", str(ws.path("configs/invalid.yaml"))),
+     ["invalid.yaml", "not valid YAML", "line"]),
+    # ---- data
+    ("cifar10-missing", "train", lambda ws: ws.train(data="empty_root"),
+     ["cifar10 not found", "cifar-10-batches-py", "data_batch_1", "cifar-10-python.tar.gz", "--download"]),
+    ("cifar100-files-missing", "train", lambda ws: ws.train("--dataset", "cifar100", data="cifar100_partial"),
+     ["cifar-100-python", "missing: test, meta", "--download"]),
+    ("image-folder-missing", "train", lambda ws: ws.train("--dataset", "folder", data="empty_root"),
+     ["not found", "empty_root/train", "--data-root"]),
+    ("animal10n-test-split-missing", "train", lambda ws: ws.train("--dataset", "animal10n", data="animal10n_no_test"),
+     ["Animal-10N test split not found", "animal10n_no_test/testing", "<label>_<id>.jpg", "--data-root"]),
+    ("ood-image-list-missing-images", "evaluate",
+     lambda ws: ["evaluate", "--ckpt", str(ws.path("runs/existing/last.pt")), "--postprocessor", "msp",
+                 "--data-root", str(ws.path("openood")), "--ood", "svhn", "--out", str(ws.path("eval_out")),
+                 "--cache-dir", str(ws.path("cache"))],
+     ["test_svhn.txt", "2 image(s) missing", "images_classic", "--data-root"]),
+    ("ood-corrupt-image", "evaluate", lambda ws: ws.evaluate("runs/existing/last.pt", ood="corrupt_ood"),
+     ["cannot decode image", "bad.png", "--skip-corrupt"]),
+    ("ood-empty-set", "evaluate", lambda ws: ws.evaluate("runs/existing/last.pt", ood="empty_ood"),
+     ["'mine'", "empty_ood", "holds no images", "--ood-dir"]),
+    # ---- checkpoints
+    ("ckpt-missing", "evaluate", lambda ws: ws.evaluate("ckpts/nope.pt"), ["nope.pt", "not found", "last.pt"]),
+    ("ckpt-truncated", "evaluate", lambda ws: ws.evaluate("ckpts/truncated.pt"),
+     ["truncated.pt", "truncated or not a torch checkpoint", "retrain"]),
+    ("ckpt-random-bytes", "evaluate", lambda ws: ws.evaluate("ckpts/random.pt"),
+     ["random.pt", "not a torch checkpoint"]),
+    ("ckpt-plain-torch-dict", "evaluate", lambda ws: ws.evaluate("ckpts/plain_dict.pt"),
+     ["plain_dict.pt", "not an hrp-ood checkpoint", "hrp-ood train"]),
+    ("ckpt-pickle-runs-code", "evaluate", lambda ws: ws.evaluate("ckpts/runs_code.pt"),
+     ["refusing to load", "runs_code.pt", "system", "could run code"]),
+    ("ckpt-raw-pickle-runs-code", "evaluate", lambda ws: ws.evaluate("ckpts/runs_code.pkl"),
+     ["refusing to load", "runs_code.pkl", "could run code"]),
+    ("ckpt-other-backbone", "evaluate", lambda ws: ws.evaluate("ckpts/other_backbone.pt"),
+     ["other_backbone.pt", "small_cnn", "another backbone"]),
+    ("ckpt-other-class-count", "evaluate", lambda ws: ws.evaluate("ckpts/other_class_count.pt"),
+     ["other_class_count.pt", "10 classes", "another class count", "fc has 5 outputs"]),
+    ("ckpt-cifar100-with-cifar10-id-files", "evaluate",
+     lambda ws: ws.evaluate("runs/c100/last.pt", "--id-data-root", str(ws.path("cifar10"))),
+     ["trained on cifar100", "cifar-100-python", "--id-data-root"]),
+    # ---- command line
+    ("unknown-postprocessor", "evaluate",
+     lambda ws: [*ws.evaluate("runs/existing/last.pt"), "--postprocessor", "foo"],
+     ["unknown postprocessor foo", "msp", "ebo", "mds"]),
+    ("unknown-ood-set", "evaluate", lambda ws: [*ws.evaluate("runs/existing/last.pt"), "--ood", "foo"],
+     ["unknown OOD set foo", "svhn", "textures", "mnist", "--ood-dir NAME=PATH"]),
+    ("ood-dir-without-equals", "evaluate",
+     lambda ws: [*ws.evaluate("runs/existing/last.pt"), "--ood-dir", str(ws.path("clean_ood"))],
+     ["--ood-dir expects NAME=PATH", "clean_ood"]),
+    ("report-missing-eval-json", "report", lambda ws: ["report", str(ws.path("nope/eval.json")), "--out",
+                                                       str(ws.path("report_out"))], ["nope/eval.json", "no such file"]),
+    ("report-corrupt-eval-json", "report", lambda ws: ["report", str(ws.path("corrupt_eval.json")), "--out",
+                                                       str(ws.path("report_out"))],
+     ["corrupt_eval.json", "not a readable JSON", "hrp-ood evaluate"]),
+    ("export-missing-checkpoint", "export",
+     lambda ws: ["export", "--ckpt", str(ws.path("ckpts/nope.pt")), "--out", str(ws.path("exported.pt"))],
+     ["nope.pt", "not found"]),
+]
+PARAMS = [pytest.param(*row, id=row[0]) for row in ROWS]
+
+
+@pytest.mark.parametrize(("case", "command", "argv", "words"), PARAMS)
+def test_bad_input_is_one_clear_line_and_damages_nothing(case, command, argv, words, ws, capsys):
+    args = argv(ws)
+    before = snapshot(ws.root)
+    capsys.readouterr()
+    code = main(args)
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert code == 2, (case, err)
+    assert len(lines) == 1, f"{case}: stderr is not one line:\n{err}"
+    assert lines[0].startswith(f"hrp-ood {command}: error: "), lines[0]
+    for word in words:
+        assert word in lines[0], f"{case}: {word!r} missing from: {lines[0]}"
+    assert "Traceback" not in out + err
+    assert snapshot(ws.root) == before, f"{case}: the rejected command changed files on disk"
+    assert not ws.path("PWNED").exists(), "a crafted pickle ran code"
+
+
+def test_skip_corrupt_succeeds_and_logs_how_many_images_it_skipped(ws, tmp_path, capsys):
+    before = snapshot(ws.root)
+    args = ws.evaluate("runs/existing/last.pt", "--skip-corrupt", ood="corrupt_ood")
+    args[args.index("--out") + 1] = str(tmp_path / "eval")
+    args[args.index("--cache-dir") + 1] = str(tmp_path / "cache")
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "skipped 1 unreadable image(s)" in err and "bad.png" in err
+    assert "OOD set mine: 12 images" in err  # 3 classes × 4 good images; the corrupt one is not counted
+    assert (tmp_path / "eval" / "eval.json").is_file()
+    assert snapshot(ws.root) == before
+
+
+def test_debug_reraises_the_error_with_its_traceback(ws, capsys):
+    with pytest.raises(UserError, match="nope.pt not found"):
+        main(["--debug", *ws.evaluate("ckpts/nope.pt")])
+    assert capsys.readouterr().err == "", "with --debug the error propagates instead of being printed"
