@@ -8,7 +8,9 @@ Images are encoded with Pillow, independently of the torchvision decoders the lo
 
 from __future__ import annotations
 
+import gzip
 import pickle
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,3 +129,97 @@ def write_animal10n(root: str | Path, n_train: int = 30, n_test: int = 10, seed:
         for i, (image, label) in enumerate(zip(images, labels)):
             save_image(Path(root) / folder / f"{label}_{i:05d}.jpg", image)
     return FakeSplit(train_x, train_y, test_x, test_y, list(ANIMAL10N_CLASSES))
+
+
+# ------------------------------------------------------------------------------------------ OOD test sets
+# Each writer puts a set where `hrp_ood.eval.ood_data` looks for it, in the format the real download has,
+# and returns the pixels it wrote (so a test can compare them with what the loader returns).
+
+# File stem of OpenOOD's image list per set where it differs from the set name (OpenOOD names DTD "texture").
+OPENOOD_LIST_STEMS = {"textures": "texture"}
+DTD_CATEGORIES = ("banded", "dotted", "striped")
+
+
+def random_images(n: int, size: int = 32, seed: int = 0, channels: int = 3) -> np.ndarray:
+    """Uniform-noise uint8 images (n, channels, size, size): unlike the class-coloured ID data."""
+    return np.random.default_rng(seed).integers(0, 256, (n, channels, size, size), dtype=np.uint8)
+
+
+def write_openood_imglist(root: str | Path, id_dataset: str, name: str, images: np.ndarray,
+                          list_name: str | None = None) -> Path:
+    """OpenOOD's layout: `benchmark_imglist/<id_dataset>/test_<stem>.txt` with one "relative/path -1" line per
+    image, and the PNGs under `images_classic/<name>/test/`. images: uint8 (N, 3, H, W), written in list order.
+    list_name overrides the list's file name (default OpenOOD's `test_<stem>.txt`). Returns the list file."""
+    root = Path(root)
+    lines = []
+    for k, image in enumerate(images):
+        relative = f"{name}/test/{k:03d}.png"
+        (root / "images_classic" / relative).parent.mkdir(parents=True, exist_ok=True)
+        save_image(root / "images_classic" / relative, image)
+        lines.append(f"{relative} -1")
+    list_name = list_name or f"test_{OPENOOD_LIST_STEMS.get(name, name)}.txt"
+    list_file = root / "benchmark_imglist" / id_dataset / list_name
+    list_file.parent.mkdir(parents=True, exist_ok=True)
+    list_file.write_text("\n".join(lines) + "\n")
+    return list_file
+
+
+def write_svhn_mat(root: str | Path, n: int, seed: int = 0) -> np.ndarray:
+    """`root/svhn/test_32x32.mat` as SVHN ships it: X (32, 32, 3, N) uint8 and y (N, 1) in 1..10.
+    Returns the images as (N, 3, 32, 32)."""
+    import scipy.io
+
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+    (Path(root) / "svhn").mkdir(parents=True, exist_ok=True)
+    scipy.io.savemat(Path(root) / "svhn" / "test_32x32.mat",
+                     {"X": images.transpose(2, 3, 1, 0), "y": rng.integers(1, 11, size=(n, 1))})
+    return images
+
+
+def write_idx_images(path: str | Path, images: np.ndarray, *, compress: bool = False, magic: int = 2051) -> None:
+    """An idx3-ubyte file byte by byte: magic (2051 = images), N, rows, cols as big-endian uint32, then pixels."""
+    n, rows, cols = images.shape
+    payload = struct.pack(">IIII", magic, n, rows, cols) + images.astype(np.uint8).tobytes()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(gzip.compress(payload) if compress else payload)
+
+
+def write_mnist_idx(root: str | Path, n: int, compress: bool = False, seed: int = 0, size: int = 28) -> np.ndarray:
+    """torchvision's MNIST layout: `root/MNIST/raw/t10k-images-idx3-ubyte[.gz]`. Returns the digits (N, size, size)."""
+    digits = np.random.default_rng(seed).integers(0, 256, (n, size, size), dtype=np.uint8)
+    name = "t10k-images-idx3-ubyte" + (".gz" if compress else "")
+    write_idx_images(Path(root) / "MNIST" / "raw" / name, digits, compress=compress)
+    return digits
+
+
+def write_ood_folder(folder: str | Path, images: np.ndarray, subfolders: tuple[str, ...] = (),
+                     ext: str = ".png") -> list[Path]:
+    """Images (N, 3, H, W) as `<folder>/[<sub>/]<k>.png`, spread round-robin over `subfolders` (if any).
+    Returns the paths in the order the images were given."""
+    paths = []
+    for k, image in enumerate(images):
+        sub = subfolders[k % len(subfolders)] if subfolders else ""
+        path = Path(folder) / sub / f"{k:04d}{ext}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(path, image)
+        paths.append(path)
+    return paths
+
+
+def write_far_ood_sets(root: str | Path, n: int = 40, id_dataset: str = "cifar10",
+                       seed: int = 0) -> dict[str, np.ndarray]:
+    """The paper's five OOD sets under `root`, each in a different supported format: svhn as `svhn/test_32x32.mat`,
+    lsun and places365 (48x48, so the loader resizes) as OpenOOD image lists, textures as the
+    `dtd/images/<category>/` folder, mnist as gzip idx. Returns {set name: the images written, in writing order}:
+    (N, 3, H, W), mnist (N, 28, 28); the folder loader reads textures back sorted by path, not in this order."""
+    root = Path(root)
+    written = {"svhn": write_svhn_mat(root, n, seed=seed),
+               "lsun": random_images(n, seed=seed + 1),
+               "places365": random_images(n, size=48, seed=seed + 2),
+               "textures": random_images(n, seed=seed + 3)}
+    write_openood_imglist(root, id_dataset, "lsun", written["lsun"])
+    write_openood_imglist(root, id_dataset, "places365", written["places365"])
+    write_ood_folder(root / "dtd" / "images", written["textures"], subfolders=DTD_CATEGORIES)
+    written["mnist"] = write_mnist_idx(root, n, compress=True, seed=seed + 4)
+    return written

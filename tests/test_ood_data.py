@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import gzip
 import logging
-import pickle
-import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.io
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fakes import (random_images, write_cifar100, write_idx_images, write_mnist_idx, write_ood_folder,
+                   write_openood_imglist, write_svhn_mat)
 from hrp_ood.errors import UserError
 from hrp_ood.eval.ood_data import FAR_OOD_SETS, NEAR_OOD_SETS, load_ood_images
 
@@ -27,17 +24,8 @@ def _chw(array_hwc: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array_hwc.transpose(2, 0, 1).copy())
 
 
-def _openood_layout(root: Path, list_name: str, folder: str, images: list[np.ndarray]) -> None:
-    """OpenOOD: benchmark_imglist/cifar10/<list_name> with "relative/path label" lines under images_classic/."""
-    lines = []
-    for k, array in enumerate(images):
-        rel = f"{folder}/test/{k:03d}.png"
-        (root / "images_classic" / rel).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(array).save(root / "images_classic" / rel)
-        lines.append(f"{rel} -1")
-    list_file = root / "benchmark_imglist" / "cifar10" / list_name
-    list_file.parent.mkdir(parents=True, exist_ok=True)
-    list_file.write_text("\n".join(lines) + "\n")
+def _chw_batch(arrays_hwc: list[np.ndarray]) -> np.ndarray:
+    return np.stack(arrays_hwc).transpose(0, 3, 1, 2)
 
 
 def test_set_names_are_the_papers_five_plus_near_ood():
@@ -50,37 +38,23 @@ def test_set_names_are_the_papers_five_plus_near_ood():
 def test_openood_image_list_loads_images_in_list_order(tmp_path, name, list_name):
     rng = np.random.default_rng(0)
     arrays = [_rgb(rng) for _ in range(5)]
-    _openood_layout(tmp_path, list_name, name, arrays)
+    write_openood_imglist(tmp_path, "cifar10", name, _chw_batch(arrays), list_name=list_name)
     images = load_ood_images(name, tmp_path, id_dataset="cifar10")
     assert images.dtype == torch.uint8 and images.shape == (5, 3, 32, 32)
     assert torch.equal(images, torch.stack([_chw(a) for a in arrays]))  # 32×32 in → transform is the identity
 
 
 def test_svhn_mat_with_the_real_key_layout(tmp_path):
-    rng = np.random.default_rng(1)
-    x = rng.integers(0, 256, size=(32, 32, 3, 7), dtype=np.uint8)  # SVHN: X is (H, W, C, N)
-    (tmp_path / "svhn").mkdir()
-    scipy.io.savemat(tmp_path / "svhn" / "test_32x32.mat", {"X": x, "y": rng.integers(1, 11, size=(7, 1))})
+    written = write_svhn_mat(tmp_path, 7, seed=1)  # the file holds X as (H, W, C, N)
     images = load_ood_images("svhn", tmp_path, id_dataset="cifar10")
     assert images.shape == (7, 3, 32, 32)
     for i in (0, 3, 6):
-        assert torch.equal(images[i], _chw(x[:, :, :, i]))
-
-
-def _write_idx(path: Path, images: np.ndarray, *, compress: bool) -> None:
-    """MNIST idx3-ubyte byte by byte: magic 2051, N, rows, cols (big-endian uint32), then the pixels."""
-    n, rows, cols = images.shape
-    payload = struct.pack(">IIII", 2051, n, rows, cols) + images.astype(np.uint8).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(gzip.compress(payload) if compress else payload)
+        assert torch.equal(images[i], torch.from_numpy(written[i]))
 
 
 @pytest.mark.parametrize("compress", [False, True])
 def test_mnist_idx_grey_to_rgb_and_resized(tmp_path, compress):
-    rng = np.random.default_rng(2)
-    digits = rng.integers(0, 256, size=(6, 28, 28), dtype=np.uint8)
-    name = "t10k-images-idx3-ubyte" + (".gz" if compress else "")
-    _write_idx(tmp_path / "MNIST" / "raw" / name, digits, compress=compress)
+    digits = write_mnist_idx(tmp_path, 6, compress, seed=2)
 
     native = load_ood_images("mnist", tmp_path, id_dataset="cifar10", image_size=28)
     assert native.shape == (6, 3, 28, 28)
@@ -95,8 +69,7 @@ def test_mnist_idx_grey_to_rgb_and_resized(tmp_path, compress):
 
 def test_mnist_bad_magic_is_a_user_error(tmp_path):
     path = tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
-    path.parent.mkdir(parents=True)
-    path.write_bytes(struct.pack(">IIII", 2049, 1, 28, 28) + bytes(784))  # 2049 = a *label* file
+    write_idx_images(path, np.zeros((1, 28, 28), dtype=np.uint8), magic=2049)  # 2049 = a *label* file
     with pytest.raises(UserError, match="magic"):
         load_ood_images("mnist", tmp_path, id_dataset="cifar10")
 
@@ -125,35 +98,20 @@ def test_image_folder_recursive_with_grey_rgba_and_non_square(tmp_path):
 
 
 def test_ood_dir_takes_precedence_over_the_openood_list(tmp_path):
-    rng = np.random.default_rng(4)
-    _openood_layout(tmp_path / "data", "test_svhn.txt", "svhn", [_rgb(rng) for _ in range(3)])
+    write_openood_imglist(tmp_path / "data", "cifar10", "svhn", random_images(3, seed=4))
     mine = tmp_path / "my_svhn"
-    mine.mkdir()
-    Image.fromarray(_rgb(rng)).save(mine / "only.png")
+    write_ood_folder(mine, random_images(1, seed=5))
     images = load_ood_images("svhn", tmp_path / "data", id_dataset="cifar10", ood_dirs={"svhn": mine})
     assert len(images) == 1
 
 
 def test_lsun_resize_folder_alias(tmp_path):
-    (tmp_path / "LSUN_resize").mkdir()
-    Image.fromarray(_rgb(np.random.default_rng(5))).save(tmp_path / "LSUN_resize" / "x.png")
+    write_ood_folder(tmp_path / "LSUN_resize", random_images(1, seed=5))
     assert load_ood_images("lsun", tmp_path, id_dataset="cifar10").shape == (1, 3, 32, 32)
 
 
-def _write_cifar100(root: Path, test_images: np.ndarray) -> None:
-    """The python-pickle release: train / test / meta dicts with bytes keys, data (N, 3072) uint8."""
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    n = len(test_images)
-    for split, data in (("train", test_images[::-1].copy()), ("test", test_images)):
-        batch = {b"data": data.reshape(n, -1), b"fine_labels": list(range(n)), b"coarse_labels": [0] * n}
-        (folder / split).write_bytes(pickle.dumps(batch))
-    (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": [f"c{k}".encode() for k in range(100)]}))
-
-
 def test_cifar100_as_near_ood_reads_the_test_split(tmp_path):
-    test_images = np.random.default_rng(6).integers(0, 256, size=(4, 3, 32, 32), dtype=np.uint8)
-    _write_cifar100(tmp_path, test_images)
+    test_images = write_cifar100(tmp_path, n_train=4, n_test=4, seed=6).test_images
     images = load_ood_images("cifar100", tmp_path, id_dataset="cifar10")
     assert torch.equal(images, torch.from_numpy(test_images))
 
@@ -176,7 +134,7 @@ def test_missing_set_names_every_path_and_skip_missing(tmp_path):
 
 
 def test_list_pointing_at_missing_images_names_first_and_count(tmp_path):
-    _openood_layout(tmp_path, "test_svhn.txt", "svhn", [_rgb(np.random.default_rng(7))])
+    write_openood_imglist(tmp_path, "cifar10", "svhn", random_images(1, seed=7))
     list_file = tmp_path / "benchmark_imglist" / "cifar10" / "test_svhn.txt"
     list_file.write_text(list_file.read_text() + "svhn/test/gone_a.png -1\nsvhn/test/gone_b.png -1\n")
     with pytest.raises(UserError, match=r"2 image\(s\) missing.*gone_a\.png"):
@@ -196,10 +154,7 @@ def test_list_path_escaping_the_data_root_is_rejected(tmp_path, entry):
 
 def test_corrupt_image_is_an_error_unless_skipped(tmp_path, caplog):
     folder = tmp_path / "places365"
-    folder.mkdir()
-    rng = np.random.default_rng(9)
-    for k in range(3):
-        Image.fromarray(_rgb(rng)).save(folder / f"{k}.png")
+    write_ood_folder(folder, random_images(3, seed=9))
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
     with pytest.raises(UserError, match="broken.jpg.*--skip-corrupt"):
         load_ood_images("places365", tmp_path, id_dataset="cifar10")
