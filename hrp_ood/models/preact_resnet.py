@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hrp_ood.models.base import ClassifierNet, register_model
+from hrp_ood.models.base import register_model
+from hrp_ood.models.resnet_openood import CifarResNet
 
 
 class PreActBlock(nn.Module):
@@ -37,29 +38,11 @@ class PreActBlock(nn.Module):
         return out + self.shortcut(activated)
 
 
-class PreActResNet(ClassifierNet):
+class PreActResNet(CifarResNet):
     """Stem, four stages of pre-activation blocks, global average pooling, linear head."""
 
     def __init__(self, num_blocks: tuple[int, ...] = (2, 2, 2, 2), num_classes: int = 10) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        widths, strides = (64, 128, 256, 512), (1, 2, 2, 2)
-        in_planes = 64
-        for index, (planes, depth, stride) in enumerate(zip(widths, num_blocks, strides), start=1):
-            blocks = [PreActBlock(in_planes if k == 0 else planes, planes, stride if k == 0 else 1)
-                      for k in range(depth)]
-            setattr(self, f"layer{index}", nn.Sequential(*blocks))
-            in_planes = planes
-        self.num_features = 512
-        self.fc = nn.Linear(self.num_features, num_classes)
-
-    def forward_stages(self, x: Tensor) -> list[Tensor]:
-        stem = F.relu(self.bn1(self.conv1(x)))
-        out1 = self.layer1(stem)
-        out2 = self.layer2(out1)
-        out3 = self.layer3(out2)
-        return [stem, out1, out2, out3, self.layer4(out3)]
+        super().__init__(PreActBlock, num_blocks, num_classes)
 
 
 @register_model("preact_resnet18")

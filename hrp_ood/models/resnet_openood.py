@@ -36,18 +36,19 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class ResNet18_32x32(ClassifierNet):  # noqa: N801 (OpenOOD's class name)
-    """ResNet-18 for 32×32 images: 3×3 stem without max-pool, four stages of two BasicBlocks, 512-d feature."""
+class CifarResNet(ClassifierNet):
+    """The CIFAR ResNet trunk both ResNets share: 3×3 stem conv-bn-relu without max-pool, four stages of
+    `block`s (64-128-256-512), global average pooling, 512-d feature, linear head `fc`."""
 
-    def __init__(self, num_classes: int = 10, num_blocks: tuple[int, ...] = (2, 2, 2, 2)) -> None:
+    def __init__(self, block: type[nn.Module], num_blocks: tuple[int, ...] = (2, 2, 2, 2),
+                 num_classes: int = 10) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         widths, strides = (64, 128, 256, 512), (1, 2, 2, 2)
         in_planes = 64
         for index, (planes, depth, stride) in enumerate(zip(widths, num_blocks, strides), start=1):
-            blocks = [BasicBlock(in_planes if k == 0 else planes, planes, stride if k == 0 else 1)
-                      for k in range(depth)]
+            blocks = [block(in_planes if k == 0 else planes, planes, stride if k == 0 else 1) for k in range(depth)]
             setattr(self, f"layer{index}", nn.Sequential(*blocks))
             in_planes = planes
         self.num_features = 512
@@ -59,6 +60,13 @@ class ResNet18_32x32(ClassifierNet):  # noqa: N801 (OpenOOD's class name)
         out2 = self.layer2(out1)
         out3 = self.layer3(out2)
         return [stem, out1, out2, out3, self.layer4(out3)]
+
+
+class ResNet18_32x32(CifarResNet):  # noqa: N801 (OpenOOD's class name)
+    """ResNet-18 for 32×32 images: 3×3 stem without max-pool, four stages of two BasicBlocks, 512-d feature."""
+
+    def __init__(self, num_classes: int = 10, num_blocks: tuple[int, ...] = (2, 2, 2, 2)) -> None:
+        super().__init__(BasicBlock, num_blocks, num_classes)
 
 
 @register_model("resnet18_32x32")
