@@ -64,8 +64,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from hrp_ood.eval.cli import evaluate_from_args
+    from hrp_ood.eval.evaluate import format_markdown_table
 
-    evaluate_from_args(args)
+    report = evaluate_from_args(args)
+    print(f"ID accuracy {report['id_accuracy']:.2f}%  ({report['net']} of {report['checkpoint']})")
+    print(format_markdown_table(report["results"]))
     return 0
 
 

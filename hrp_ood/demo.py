@@ -62,6 +62,7 @@ def demo_ood_sets(size: int = 32, count: int = 500, seed: int = 0) -> dict[str, 
 def run_demo(out_dir: Path, *, epochs: int | None = None, overwrite: bool = True,
              progress: bool | None = None) -> dict[str, Any]:
     from hrp_ood.eval.cli import evaluate_checkpoint
+    from hrp_ood.eval.evaluate import format_markdown_table
     from hrp_ood.train.trainer import train
 
     out_dir = Path(out_dir)
@@ -72,6 +73,6 @@ def run_demo(out_dir: Path, *, epochs: int | None = None, overwrite: bool = True
     report = evaluate_checkpoint(run_dir / "last.pt", demo_ood_sets(), DEMO_POSTPROCESSORS, net="ensemble")
     print(f"\nhrp-ood demo: HRP on noisy digits ({cfg.noise}), ensemble test accuracy "
           f"{report['id_accuracy']:.2f}%; OOD detection (AUROC / FPR95, x100):")
-    print((run_dir / "eval_ensemble" / "eval.md").read_text())
+    print(format_markdown_table(report["results"]))
     print(f"run folder: {run_dir}")
     return report

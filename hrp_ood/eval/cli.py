@@ -18,7 +18,7 @@ from hrp_ood.data import load_dataset
 from hrp_ood.data.bundle import DataBundle
 from hrp_ood.data.noise import load_noise
 from hrp_ood.errors import UserError
-from hrp_ood.eval.evaluate import format_markdown_table, run_evaluation, write_eval_outputs
+from hrp_ood.eval.evaluate import run_evaluation, write_eval_outputs
 from hrp_ood.eval.features import file_sha256
 from hrp_ood.eval.network import NET_CHOICES, checkpoint_config, load_network
 from hrp_ood.eval.ood_data import FAR_OOD_SETS, NEAR_OOD_SETS, load_ood_images
@@ -169,8 +169,9 @@ def evaluate_loaded(loaded: LoadedCheckpoint, ood_images: dict[str, torch.Tensor
             "noise": "file" if cfg.noisy_labels else cfg.noise, "seed": cfg.seed, "net": net, "model": cfg.model,
             "epoch": loaded.state["epoch"], "fit_labels": fit_labels, "versions": _versions(),
             "postprocessors": postprocessors, "ood_sets": list(ood_images)}
-    report = write_eval_outputs(result, out_dir or ckpt.parent / f"eval_{net}", meta)
-    log.info("ID accuracy %.2f%%\n%s", result.id_accuracy, format_markdown_table(result.rows))
+    out_dir = out_dir or ckpt.parent / f"eval_{net}"
+    report = write_eval_outputs(result, out_dir, meta)
+    log.info("wrote %s", out_dir / "eval.json")
     return report
 
 
