@@ -66,6 +66,14 @@ def time_methods(model: str, batch: int, device: torch.device, rounds: int) -> d
     return {m: statistics.median(t) for m, t in times.items()}
 
 
+def rss_kb(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS: now, VmHWM: peak since the last reset), in kB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+
+
 def peak_memory_mb(model: str, method: str, batch: int, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -75,12 +83,13 @@ def peak_memory_mb(model: str, method: str, batch: int, device: torch.device) ->
         step()
         step()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    # CPU: a fresh process per method, so one method's peak cannot hide another's
-    code = ("import resource, torch, sys; sys.argv=['x'];"
-            "from benchmarks.train_step import make_step;"
-            "base=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+    # CPU: a fresh process per method; the kernel's peak-RSS mark (VmHWM) is reset after the imports
+    # (writing 5 to /proc/self/clear_refs), so the peak is the step's own
+    code = ("import torch, sys; sys.argv=['x'];"
+            "from benchmarks.train_step import make_step, rss_kb;"
+            "open('/proc/self/clear_refs', 'w').write('5'); base = rss_kb('VmRSS');"
             f"s=make_step({model!r}, {method!r}, {batch}, torch.device('cpu')); s(); s();"
-            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss-base)/1024)")
+            "print((rss_kb('VmHWM') - base) / 1024)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     return float(out.stdout.strip().splitlines()[-1])

@@ -112,3 +112,35 @@ def test_demo_finishes_with_an_ood_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "photo_patches" in out and "uniform_noise" in out and "msp" in out
     assert (tmp_path / "demo" / "eval_ensemble" / "eval.json").is_file()
+
+
+def nan_cross_entropy(monkeypatch):
+    original = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda *a, **k: original(*a, **k) * float("nan"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cifar_root, tmp_path, capsys, monkeypatch):
+    args = ["train", "--data-root", str(cifar_root), "--method", "ce", "--out-dir", str(tmp_path), "--name", "r",
+            *TINY]
+    assert main([*args, "--epochs", "1"]) == 0
+    good = (tmp_path / "r" / "last.pt").read_bytes()
+    nan_cross_entropy(monkeypatch)
+    assert main([*args, "--epochs", "2", "--resume"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("hrp-ood train: error: non-finite loss at epoch 2, step 1 (terms: loss_ce)")
+    assert (tmp_path / "r" / "last.pt").read_bytes() == good
+
+
+def test_non_finite_steps_can_be_skipped_and_counted(cifar_root, tmp_path, monkeypatch):
+    args = ["train", "--data-root", str(cifar_root), "--method", "ce", "--out-dir", str(tmp_path), "--name", "r",
+            *TINY]
+    assert main([*args, "--epochs", "1"]) == 0
+    before = load_checkpoint(tmp_path / "r" / "last.pt")["nets"][0]
+    nan_cross_entropy(monkeypatch)
+    assert main([*args, "--epochs", "2", "--resume", "--set", "on_nonfinite=skip"]) == 0
+    rows = read_metrics(tmp_path / "r")
+    steps = (200 - 20) // 32
+    assert rows[1]["skipped_steps"] == str(steps)
+    after = load_checkpoint(tmp_path / "r" / "last.pt")["nets"][0]
+    assert all(torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point()
+               and "running" not in k), "a skipped step leaves the weights alone"

@@ -295,16 +295,19 @@ def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         shutil.rmtree(run_dir)
 
 
+RESUMABLE = ("epochs", "device", "on_nonfinite", "eval_batch_size")
+
+
 def resume_config(run_dir: Path, requested: TrainConfig, explicit: set[str]) -> TrainConfig:
-    """The saved config of the run, with only `epochs` and `device` allowed to change on resume."""
+    """The saved config of the run; only the run-time policies in RESUMABLE may change on resume."""
     state = load_checkpoint(run_dir / "last.pt")
     saved = state["config"]
-    changed = sorted(k for k in explicit - {"epochs", "device", "name", "out_dir"}
+    changed = sorted(k for k in explicit - {*RESUMABLE, "name", "out_dir"}
                      if getattr(requested, k) != saved.get(k))
     if changed:
         raise UserError(f"--resume continues {run_dir} with its saved config; {', '.join(changed)} differ(s) from it: "
                         "start a new run (--name) to change them")
-    saved.update({k: getattr(requested, k) for k in ("epochs", "device") if k in explicit})
+    saved.update({k: getattr(requested, k) for k in RESUMABLE if k in explicit})
     return TrainConfig(**saved)
 
 

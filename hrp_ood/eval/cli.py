@@ -50,6 +50,9 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: <ckpt folder>/cache)")
     p.add_argument("--skip-missing", action="store_true", help="skip OOD sets that are not on disk (with a warning)")
     p.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images (counted) instead of failing")
+    p.add_argument("--backend", default="ours", choices=["ours", "openood"],
+                   help="ours: one cached pass for every postprocessor; openood: OpenOOD's own postprocessors "
+                        "(needs the openood package and, for several methods, a GPU)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -155,20 +158,30 @@ def load_checkpoint_for_evaluation(ckpt: Path, net: str = "ensemble", device: st
 
 def evaluate_loaded(loaded: LoadedCheckpoint, ood_images: dict[str, torch.Tensor], postprocessors: list[str], *,
                     net: str = "ensemble", out_dir: Path | None = None, cache_dir: Path | None = None,
-                    fit_labels: str = "clean", batch_size: int = 256, progress: bool = False) -> dict[str, Any]:
+                    fit_labels: str = "clean", batch_size: int = 256, progress: bool = False,
+                    backend: str = "ours") -> dict[str, Any]:
     """Score a loaded checkpoint against already-loaded OOD images; write and return eval.json's content."""
     ckpt, cfg, device = loaded.path, loaded.cfg, loaded.device
     sha = file_sha256(ckpt)
-    result = run_evaluation(
-        loaded.model, loaded.bundle, ood_images, postprocessors, cache_dir=cache_dir or ckpt.parent / "cache",
-        cache_key=f"{sha[:16]}-net{net}", fit_labels=fit_labels,
-        noisy_train_labels=_noisy_train_labels(ckpt) if fit_labels == "noisy" else None,
-        device=device, batch_size=batch_size, amp=device.type == "cuda", progress=progress,
-    )
+    if backend == "openood":
+        from hrp_ood.eval.openood_backend import evaluate_with_openood
+
+        if fit_labels != "clean":
+            raise UserError("--backend openood fits on the clean ID labels only (OpenOOD's convention); "
+                            "drop --fit-labels")
+        result = evaluate_with_openood(loaded.model, loaded.bundle, ood_images, postprocessors, device=device,
+                                       batch_size=batch_size)
+    else:
+        result = run_evaluation(
+            loaded.model, loaded.bundle, ood_images, postprocessors, cache_dir=cache_dir or ckpt.parent / "cache",
+            cache_key=f"{sha[:16]}-net{net}", fit_labels=fit_labels,
+            noisy_train_labels=_noisy_train_labels(ckpt) if fit_labels == "noisy" else None,
+            device=device, batch_size=batch_size, amp=device.type == "cuda", progress=progress,
+        )
     meta = {"checkpoint": str(ckpt), "checkpoint_sha256": sha, "method": cfg.method, "dataset": cfg.dataset,
             "noise": "file" if cfg.noisy_labels else cfg.noise, "seed": cfg.seed, "net": net, "model": cfg.model,
             "epoch": loaded.state["epoch"], "fit_labels": fit_labels, "versions": _versions(),
-            "postprocessors": postprocessors, "ood_sets": list(ood_images)}
+            "postprocessors": postprocessors, "ood_sets": list(ood_images), "backend": backend}
     out_dir = out_dir or ckpt.parent / f"eval_{net}"
     report = write_eval_outputs(result, out_dir, meta)
     log.info("wrote %s", out_dir / "eval.json")
@@ -198,5 +211,5 @@ def evaluate_from_args(args: argparse.Namespace) -> dict[str, Any]:
                         image_size=loaded.state["dataset"]["image_size"], ood_dirs=ood_dirs,
                         skip_missing=args.skip_missing, skip_corrupt=args.skip_corrupt)
     return evaluate_loaded(loaded, ood, postprocessors, net=args.net, out_dir=args.out, cache_dir=args.cache_dir,
-                           fit_labels=args.fit_labels, batch_size=args.batch_size,
+                           fit_labels=args.fit_labels, batch_size=args.batch_size, backend=args.backend,
                            progress=sys.stderr.isatty() if args.progress is None else args.progress)
