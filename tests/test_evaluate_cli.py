@@ -326,3 +326,12 @@ def test_export_of_resnet18_32x32_loads_strictly_into_openood_layout(tmp_path):
     fresh.load_state_dict(state_dict, strict=True)
     trained = load_checkpoint(ckpt)["nets"][0]
     assert all(torch.equal(fresh.state_dict()[k], trained[k]) for k in state_dict)
+
+
+@pytest.mark.parametrize("run, net", [("hrp_sym20_s0", "1"), ("ce_sym20_s0", "1"), ("ce_sym20_s0", "ensemble")])
+def test_every_postprocessor_runs_on_a_single_network(world: World, run, net, tmp_path):
+    out = tmp_path / "single"
+    assert evaluate(world, run, "--net", net, "--ood", "svhn", "--postprocessor", "all", "--out", str(out)) == 0
+    rows = json.loads((out / "eval.json").read_text())["results"]
+    assert {r["postprocessor"] for r in rows} == set(list_postprocessors())
+    assert all(np.isfinite(r["auroc"]) for r in rows)
