@@ -99,6 +99,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bfloat16 autocast on CUDA; ignored on CPU
     deterministic: bool = False
+    compile: bool = False  # torch.compile the training passes (opt-in; helps on GPU, costs start-up time)
+    channels_last: bool = False  # channels-last memory format for the backbones (opt-in; helps on tensor cores)
     on_nonfinite: str = "stop"  # stop | skip (skip the step and count it in metrics.csv)
     out_dir: str = "runs"
     name: str | None = None

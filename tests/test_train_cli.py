@@ -144,3 +144,21 @@ def test_non_finite_steps_can_be_skipped_and_counted(cifar_root, tmp_path, monke
     after = load_checkpoint(tmp_path / "r" / "last.pt")["nets"][0]
     assert all(torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point()
                and "running" not in k), "a skipped step leaves the weights alone"
+
+
+def test_compile_and_channels_last_are_opt_in(cifar_root, tmp_path, monkeypatch):
+    compiled = []
+
+    def fake_compile(module):  # torch.compile itself needs minutes of CPU; check the wiring only
+        compiled.append(module)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    assert main(["train", "--data-root", str(cifar_root), "--epochs", "1", "--out-dir", str(tmp_path), "--name", "c",
+                 *TINY, "--set", "compile=true", "--set", "channels_last=true"]) == 0
+    assert len(compiled) == 2, "both networks' training passes are compiled"
+    conv_weights = [p for m in compiled for p in m.parameters() if p.dim() == 4]
+    assert conv_weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights)
+    state = load_checkpoint(tmp_path / "c" / "last.pt")
+    assert state["config"]["compile"] and state["config"]["channels_last"]
+    assert not any(k.startswith("_orig_mod") for k in state["nets"][0]), "checkpoints hold the plain network"

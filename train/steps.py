@@ -8,7 +8,9 @@ scalar tensors to log (never `.item()` here: a GPU step must not wait on the hos
 from __future__ import annotations
 
 from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +43,13 @@ class Member:
     head: nn.Module | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    # the training passes; `torch.compile(net)` with --set compile=true. The meta step differentiates
+    # `net` itself (functional_call + forward-mode AD), which compiled graphs do not support.
+    forward: Callable[..., Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.forward is None:
+            self.forward = self.net
 
     @property
     def lr(self) -> float:
@@ -105,7 +114,7 @@ def ce_step(ctx: StepContext, members: list[Member], batch: StepInputs) -> dict[
     """Plain cross-entropy on the noisy labels, every network (also HRP's warm-up)."""
     x = ctx.augment.weak(batch.images)
     with ctx.autocast():
-        losses = [F.cross_entropy(m.net(x).float(), batch.noisy_labels) for m in members]
+        losses = [F.cross_entropy(m.forward(x).float(), batch.noisy_labels) for m in members]
     loss = torch.stack(losses).sum()
     _update(ctx, members, loss, {"loss_ce": loss})
     return {"loss": loss.detach(), "loss_ce": loss.detach() / len(members)}
@@ -114,7 +123,7 @@ def ce_step(ctx: StepContext, members: list[Member], batch: StepInputs) -> dict[
 def gce_step(ctx: StepContext, members: list[Member], batch: StepInputs) -> dict[str, torch.Tensor]:
     x = ctx.augment.weak(batch.images)
     with ctx.autocast():
-        loss = torch.stack([gce_loss(m.net(x).float(), batch.noisy_labels, q=ctx.cfg.gce_q) for m in members]).sum()
+        loss = torch.stack([gce_loss(m.forward(x).float(), batch.noisy_labels, q=ctx.cfg.gce_q) for m in members]).sum()
     _update(ctx, members, loss, {"loss_gce": loss})
     return {"loss": loss.detach(), "loss_gce": loss.detach() / len(members)}
 
@@ -123,7 +132,7 @@ def coteach_step(ctx: StepContext, members: list[Member], batch: StepInputs) -> 
     """Co-teaching (Han et al. 2018): each network learns from the small-loss samples its peer selects."""
     x = ctx.augment.weak(batch.images)
     with ctx.autocast():
-        per_sample = [F.cross_entropy(m.net(x).float(), batch.noisy_labels, reduction="none") for m in members]
+        per_sample = [F.cross_entropy(m.forward(x).float(), batch.noisy_labels, reduction="none") for m in members]
     rate = coteaching_forget_rate(batch.epoch, ctx.forget_rate, ctx.cfg.coteach_ramp_epochs)
     keep_a, keep_b = coteaching_select(per_sample[0].detach(), per_sample[1].detach(), rate)
     loss = per_sample[0][keep_a].mean() + per_sample[1][keep_b].mean()
@@ -162,7 +171,7 @@ def _hrp_member_loss(ctx: StepContext, member: Member, own: dict[str, torch.Tens
         mixed = reliability_mixup(x_weak, targets, T, cfg.kappa, symmetric=spec.symmetric_ram, gated=spec.grg,
                                   eps=cfg.delta)
         with ctx.autocast():
-            mixed_logits = member.net(mixed.inputs).float()
+            mixed_logits = member.forward(mixed.inputs).float()
         terms["loss_ram"] = ram_loss(mixed_logits, mixed.targets, mixed.gate)
         terms["gate"] = mixed.gate.mean()
         terms["lambda"] = mixed.lam.mean()
@@ -187,7 +196,7 @@ def hrp_step(ctx: StepContext, members: list[Member], batch: StepInputs) -> dict
     outputs = []
     for m in members:
         with ctx.autocast():
-            logits, features = m.net(torch.cat([x_weak, x_strong]), return_feature=True)
+            logits, features = m.forward(torch.cat([x_weak, x_strong]), return_feature=True)
         logits = logits.float()
         probs = logits[:n].detach().softmax(dim=1)
         outputs.append({"logits_weak": logits[:n], "logits_strong": logits[n:], "features": features,

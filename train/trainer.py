@@ -50,13 +50,15 @@ def build_members(cfg: TrainConfig, num_classes: int, device: torch.device) -> l
     members = []
     for _ in range(2 if cfg.spec.dual else 1):
         net = create_model(cfg.model, num_classes=num_classes).to(device)
+        if cfg.channels_last:
+            net = net.to(memory_format=torch.channels_last)
         head = None
         if cfg.spec.loss == "hrp" and cfg.spec.cdcl:
             head = ProjectionHead(net.num_features, cfg.proj_hidden_dim, cfg.proj_dim).to(device)
         params = list(net.parameters()) + (list(head.parameters()) if head is not None else [])
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.lr_milestones, gamma=cfg.lr_gamma)
-        members.append(Member(net, head, optimizer, scheduler))
+        members.append(Member(net, head, optimizer, scheduler, forward=torch.compile(net) if cfg.compile else net))
     return members
 
 
