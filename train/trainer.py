@@ -30,7 +30,7 @@ from hrp_ood.config import TrainConfig, save_config
 from hrp_ood.data.augment import BatchAugment
 from hrp_ood.errors import Interrupted, UserError
 from hrp_ood.io import atomic_write_text
-from hrp_ood.models import EnsembleNet, ProjectionHead, create_model
+from hrp_ood.models import ProjectionHead, create_model
 from hrp_ood.train.data import TrainingData, prepare_training_data
 from hrp_ood.train.steps import STEPS, Member, NonFiniteLoss, StepContext, StepInputs
 
@@ -80,7 +80,7 @@ def test_accuracies(members: list[Member], data: TrainingData, augment: BatchAug
         net.train()
     acc = (100.0 * correct / len(data.test_labels)).tolist()
     names = [f"acc_net{k + 1}" for k in range(len(nets))] + ["acc_ensemble"]
-    return dict(zip(names, acc if len(nets) > 1 else acc[:1] * 2))
+    return dict(zip(names, acc))
 
 
 def _auroc(scores: torch.Tensor, is_clean: torch.Tensor) -> float:
@@ -192,14 +192,11 @@ class Trainer:
         self.ctx.total_seen = torch.full((n,), float("nan"), device=self.device)
         self.ctx.skipped_steps = 0
 
-    def steps_per_epoch(self) -> int:
-        # the last partial batch is dropped: BN and the batch-level normalisations want full batches
-        return len(self.data.noisy_labels) // min(self.cfg.batch_size, len(self.data.noisy_labels))
-
     def train_epoch(self) -> dict[str, float]:
         """Run (the rest of) the current epoch; returns the epoch's mean logs. Resumes mid-epoch if needed."""
-        steps = self.steps_per_epoch()
         batch_size = min(self.cfg.batch_size, len(self.data.noisy_labels))
+        # the last partial batch is dropped: BN and the batch-level normalisations want full batches
+        steps = len(self.data.noisy_labels) // batch_size
         if self.step == 0:
             self._begin_epoch()
         for m in self.members:
@@ -271,11 +268,6 @@ class TrainingInterrupted(Exception):
     def __init__(self, epoch: int, step: int):
         super().__init__(f"epoch {epoch + 1}, step {step}")
         self.epoch, self.step = epoch, step
-
-
-def ensemble_or_single(members: list[Member]) -> torch.nn.Module:
-    nets = [m.net for m in members]
-    return EnsembleNet(nets) if len(nets) > 1 else nets[0]
 
 
 def _setup_logging(run_dir: Path) -> logging.Handler:
