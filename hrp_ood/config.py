@@ -90,6 +90,7 @@ class TrainConfig:
     gamma: float = 0.5
     lambda_cons: float = 1.0
     lambda_c: float = 0.1
+    lambda_prior: float = 1.0  # not in SPEC: DivideMix's uniform-prior penalty; without it HRP collapsed (method/targets.py)
     # baselines
     gce_q: float = 0.7
     forget_rate: float | None = None  # co-teaching; None = the noise file's realised rate

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -132,3 +134,22 @@ def test_coteaching_forget_rate_schedule():
     assert coteaching_forget_rate(10, 0.5, 10) == 0.5 and coteaching_forget_rate(50, 0.5, 10) == 0.5
     assert coteaching_forget_rate(3, 0.2, 0) == 0.2
     assert math.isclose(coteaching_forget_rate(5, 0.8), 0.4)
+
+
+def test_prior_penalty_is_kl_from_uniform_to_the_mean_prediction():
+    from scipy.stats import entropy
+
+    from hrp_ood.method import prior_penalty
+
+    logits = torch.randn(16, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    mean_probs = logits.softmax(dim=1).mean(dim=0).numpy()
+    expected = entropy(np.full(5, 0.2), mean_probs)  # KL(uniform ‖ p̄)
+    assert prior_penalty(logits).item() == pytest.approx(expected, rel=1e-12)
+    balanced = torch.eye(5, dtype=torch.float64).repeat(2, 1) * 4.0  # every class predicted equally often
+    assert prior_penalty(balanced).item() == pytest.approx(0.0, abs=1e-12)
+    collapsed = torch.zeros(10, 5, dtype=torch.float64)
+    collapsed[:, 0] = 8.0
+    assert prior_penalty(collapsed).item() > 1.0
+    logits.requires_grad_(True)
+    prior_penalty(logits).backward()
+    assert torch.isfinite(logits.grad).all()

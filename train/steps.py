@@ -26,6 +26,7 @@ from hrp_ood.method import (
     gce_loss,
     meta_reliabilities,
     normalize_beta,
+    prior_penalty,
     ram_loss,
     ramp_weight,
     refine_targets,
@@ -167,6 +168,9 @@ def _hrp_member_loss(ctx: StepContext, member: Member, own: dict[str, torch.Tens
         "T": T.mean(),
     }
     loss = terms["loss_ce"] + cfg.lambda_cons * terms["loss_cons"]
+    if cfg.lambda_prior > 0:
+        terms["loss_prior"] = prior_penalty(own["logits_weak"])
+        loss = loss + cfg.lambda_prior * terms["loss_prior"]
     if weight > 0 and spec.ram:
         mixed = reliability_mixup(x_weak, targets, T, cfg.kappa, symmetric=spec.symmetric_ram, gated=spec.grg,
                                   eps=cfg.delta)
