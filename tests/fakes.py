@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -223,3 +224,29 @@ def write_far_ood_sets(root: str | Path, n: int = 40, id_dataset: str = "cifar10
     write_ood_folder(root / "dtd" / "images", written["textures"], subfolders=DTD_CATEGORIES)
     written["mnist"] = write_mnist_idx(root, n, compress=True, seed=seed + 4)
     return written
+
+
+class CountingNet(torch.nn.Module):
+    """OpenOOD's network contract (return_feature, get_fc) on a tiny seeded MLP; counts its forward calls."""
+
+    def __init__(self, num_classes: int = 3, size: int = 8, width: int = 6, activation: str = "relu",
+                 dropout: float = 0.5, scale: float = 0.3) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        act = {"relu": torch.nn.ReLU(), "tanh": torch.nn.Tanh()}[activation]
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * size * size, width), act,
+                                        torch.nn.Dropout(dropout))
+        self.fc = torch.nn.Linear(width, num_classes)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * scale)
+        self.calls = 0
+
+    def forward(self, x, return_feature=False):
+        self.calls += 1
+        feature = self.body(x)
+        logits = self.fc(feature)
+        return (logits, feature) if return_feature else logits
+
+    def get_fc(self):
+        return self.fc.weight.detach().numpy().copy(), self.fc.bias.detach().numpy().copy()

@@ -13,6 +13,7 @@ import torchvision.transforms.v2.functional as TF
 from scipy.special import logsumexp, softmax
 from torch import nn
 
+import fakes
 from hrp_ood.data import DataBundle
 from hrp_ood.errors import UserError
 from hrp_ood.eval import evaluate as evaluate_module
@@ -25,27 +26,11 @@ MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out", "fpr95_tpr_id")
 
 
-class CountingNet(nn.Module):
-    """OpenOOD's contract (return_feature, get_fc) on a tiny MLP with tanh features (full-rank covariance)."""
+class CountingNet(fakes.CountingNet):
+    """tanh features (a full-rank covariance for MDS), no dropout."""
 
     def __init__(self) -> None:
-        super().__init__()
-        generator = torch.Generator().manual_seed(0)
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, 5), nn.Tanh())
-        self.fc = nn.Linear(5, NUM_CLASSES)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
-        self.calls = 0
-
-    def forward(self, x, return_feature=False):
-        self.calls += 1
-        feature = self.body(x)
-        logits = self.fc(feature)
-        return (logits, feature) if return_feature else logits
-
-    def get_fc(self):
-        return self.fc.weight.detach().numpy().copy(), self.fc.bias.detach().numpy().copy()
+        super().__init__(NUM_CLASSES, SIZE, width=5, activation="tanh", dropout=0.0, scale=0.2)
 
 
 def _uint8(n: int, seed: int, low: int = 0, high: int = 256) -> torch.Tensor:

@@ -11,33 +11,11 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch import nn
 
+from fakes import CountingNet
 from hrp_ood.eval import features as features_module
 from hrp_ood.eval.features import cached_features, extract_features, file_sha256
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-
-
-class CountingNet(nn.Module):
-    """OpenOOD's contract on a tiny MLP; counts its forward calls."""
-
-    def __init__(self, num_classes: int = 3, size: int = 8) -> None:
-        super().__init__()
-        generator = torch.Generator().manual_seed(0)
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(3 * size * size, 6), nn.ReLU(), nn.Dropout(0.5))
-        self.fc = nn.Linear(6, num_classes)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
-        self.calls = 0
-
-    def forward(self, x, return_feature=False):
-        self.calls += 1
-        feature = self.body(x)
-        logits = self.fc(feature)
-        return (logits, feature) if return_feature else logits
-
-    def get_fc(self):
-        return self.fc.weight.detach().numpy(), self.fc.bias.detach().numpy()
 
 
 def _images(n: int, seed: int = 0, size: int = 8) -> torch.Tensor:
