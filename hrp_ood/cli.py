@@ -33,25 +33,72 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="tqdm progress bars (default: only on a terminal)")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="data-parallel training in N processes (one per GPU) through torchrun")
+    p.add_argument("--sync-bn", dest="sync_bn", action="store_true", default=None,
+                   help="with --nproc: batch-norm statistics over the global batch (same maths as one process)")
 
 
 def _train_overrides(args: argparse.Namespace) -> dict:
-    overrides = {key: getattr(args, key) for key in [*TRAIN_FLAGS, "download"]}
+    overrides = {key: getattr(args, key) for key in [*TRAIN_FLAGS, "download", "sync_bn"]}
     for item in args.set:
         key, value = parse_set_option(item)
         overrides[key] = value
     return overrides
 
 
+def _launch_with_torchrun(nproc: int, argv: list[str]) -> int:
+    """Run this same command in `nproc` processes through torchrun's module (torch.distributed.run); each
+    process sees WORLD_SIZE and trains its rank. Returns the first failing process's exit code (it printed
+    its own error), else 0."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    log.info("launching %d processes with torchrun", nproc)
+    try:
+        torchrun.main(["--standalone", f"--nproc_per_node={nproc}", "-m", "hrp_ood", *_without_nproc(argv)])
+    except ChildFailedError as err:
+        codes = [failure.exitcode for _, failure in sorted(err.failures.items())]
+        return next((code for code in codes if code > 0), 1)
+    return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """argv minus `--nproc N` / `--nproc=N` (or an abbreviation): torchrun's own parser would take it for its
+    --nproc-per-node, and the processes it starts know their number from WORLD_SIZE."""
+    kept, skip_value = [], False
+    for token in argv:
+        name = token.split("=", 1)[0]
+        if skip_value:
+            skip_value = False
+        elif len(name) >= 4 and "--nproc".startswith(name):
+            skip_value = "=" not in token
+        else:
+            kept.append(token)
+    return kept
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
     from hrp_ood.train.trainer import train
 
     overrides = _train_overrides(args)
-    cfg = build_config(args.config, overrides)
+    cfg = build_config(args.config, overrides)  # a bad config fails here, before any process is started
     explicit = {k for k, v in overrides.items() if v is not None}
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise UserError(f"--nproc must be at least 1, got {args.nproc}")
+        if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+            return _launch_with_torchrun(args.nproc, args.argv)
+        if "WORLD_SIZE" in os.environ and launched != args.nproc:
+            raise UserError(f"--nproc {args.nproc} differs from torchrun's {launched} processes; drop --nproc "
+                            "when launching with torchrun yourself")
     result = train(cfg, resume=args.resume, overwrite=args.overwrite, explicit=explicit, progress=args.progress)
-    print(f"done: {result['epochs']} epochs, best ensemble test accuracy {result['best_acc']:.2f}% "
-          f"-> {result['run_dir']}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: {result['epochs']} epochs, best ensemble test accuracy {result['best_acc']:.2f}% "
+              f"-> {result['run_dir']}")
     return 0
 
 
@@ -152,6 +199,7 @@ def _configure_console_logging() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc N` re-runs itself under torchrun
     _configure_console_logging()
     try:
         return args.func(args)

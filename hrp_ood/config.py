@@ -102,6 +102,7 @@ class TrainConfig:
     deterministic: bool = False
     compile: bool = False  # torch.compile the training passes (opt-in; helps on GPU, costs start-up time)
     channels_last: bool = False  # channels-last memory format for the backbones (opt-in; helps on tensor cores)
+    sync_bn: bool = False  # data-parallel runs: BN statistics over the global batch (hrp_ood.distributed.GlobalBatchNorm)
     on_nonfinite: str = "stop"  # stop | skip (skip the step and count it in metrics.csv)
     out_dir: str = "runs"
     name: str | None = None

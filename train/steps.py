@@ -3,6 +3,12 @@
 A step function takes the run's `Members` (one or two networks with their optimisers), a batch of uint8
 images with their noisy labels, and the fractional epoch; it updates the networks and returns detached
 scalar tensors to log (never `.item()` here: a GPU step must not wait on the host).
+
+Data-parallel (torchrun): each rank runs the same step on its slice of the global batch; `Member.forward`
+and `Member.head_forward` are the DDP-wrapped modules, `Member.net` the plain one the meta step
+differentiates. The losses follow the gradient convention of `hrp_ood.distributed` (each rank's loss is
+W × its share, DDP averages), so the update equals one process on the whole batch; the logged terms
+are rank-local (the trainer averages them over ranks), the non-finite check is global.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from torch import nn
 
 from hrp_ood.config import TrainConfig
 from hrp_ood.data.augment import BatchAugment
+from hrp_ood.distributed import broadcast_from_main, global_sum, rank, world_size
 from hrp_ood.method import (
     consistency_loss,
     cdcl_loss,
@@ -47,10 +54,14 @@ class Member:
     # the training passes; `torch.compile(net)` with --set compile=true. The meta step differentiates
     # `net` itself (functional_call + forward-mode AD), which compiled graphs do not support.
     forward: Callable[..., Any] | None = None
+    # the projection head's training pass (DDP-wrapped in a data-parallel run)
+    head_forward: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         if self.forward is None:
             self.forward = self.net
+        if self.head_forward is None:
+            self.head_forward = self.head
 
     @property
     def lr(self) -> float:
@@ -84,8 +95,12 @@ class StepContext:
         return torch.autocast(self.autocast_device, dtype=torch.bfloat16)
 
     def sample_meta_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        count = min(self.cfg.meta_batch_size, len(self.meta_labels))
+        """A random meta batch (without replacement); data-parallel: rank 0 draws it, each rank takes an
+        equal slice, so the ranks' mean meta gradient is the one of the whole meta batch."""
+        ranks = world_size()
+        count = min(self.cfg.meta_batch_size, len(self.meta_labels)) // ranks * ranks
         pick = torch.randperm(len(self.meta_labels), device=self.meta_labels.device)[:count]
+        pick = broadcast_from_main(pick).chunk(ranks)[rank()]
         return self.augment.weak(self.meta_images[pick]), self.meta_labels[pick]
 
 
@@ -97,11 +112,16 @@ class NonFiniteLoss(Exception):
         self.terms = terms
 
 
+def _loss_precision(t: torch.Tensor) -> torch.Tensor:
+    """Autocast's half-precision outputs are promoted to float32 for the losses; float64 stays float64."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _update(ctx: StepContext, members: list[Member], loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
     """Backward and step every member's optimiser, unless the loss is not finite (then raise or skip)."""
     for m in members:
         m.optimizer.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss):
+    if not torch.isfinite(global_sum(loss.detach())):  # every rank takes the same branch
         if ctx.cfg.on_nonfinite == "skip":
             ctx.skipped_steps += 1
             return
@@ -175,13 +195,13 @@ def _hrp_member_loss(ctx: StepContext, member: Member, own: dict[str, torch.Tens
         mixed = reliability_mixup(x_weak, targets, T, cfg.kappa, symmetric=spec.symmetric_ram, gated=spec.grg,
                                   eps=cfg.delta)
         with ctx.autocast():
-            mixed_logits = member.forward(mixed.inputs).float()
+            mixed_logits = _loss_precision(member.forward(mixed.inputs))
         terms["loss_ram"] = ram_loss(mixed_logits, mixed.targets, mixed.gate)
         terms["gate"] = mixed.gate.mean()
         terms["lambda"] = mixed.lam.mean()
         loss = loss + weight * terms["loss_ram"]
     if weight > 0 and spec.cdcl:
-        z = member.head(own["features"].float())
+        z = member.head_forward(_loss_precision(own["features"]))
         confident = peer["probs"].max(dim=1).values >= cfg.tau_conf
         terms["loss_cdcl"] = cdcl_loss(z, peer["pseudo"], normalize_beta(peer["beta"], cfg.delta), confident,
                                        cfg.cdcl_temperature)
@@ -201,7 +221,7 @@ def hrp_step(ctx: StepContext, members: list[Member], batch: StepInputs) -> dict
     for m in members:
         with ctx.autocast():
             logits, features = m.forward(torch.cat([x_weak, x_strong]), return_feature=True)
-        logits = logits.float()
+        logits = _loss_precision(logits)
         probs = logits[:n].detach().softmax(dim=1)
         outputs.append({"logits_weak": logits[:n], "logits_strong": logits[n:], "features": features,
                         "probs": probs, "pseudo": probs.argmax(dim=1)})

@@ -2,12 +2,20 @@
 
 A run folder `runs/<name>/` holds config.yaml, noise.npz, meta_indices.npz, metrics.csv, train.log,
 last.pt (everything needed to resume) and best.pt (best ensemble test accuracy).
+
+Data-parallel under torchrun (`hrp-ood train --nproc N`): `batch_size` and `meta_batch_size` stay the
+GLOBAL batch sizes, split evenly over the ranks, so N ranks compute the same maths as one process. Rank 0
+draws the epoch's order and broadcasts it; each rank trains on its slice of every global batch, with its
+own generator seeded from (seed, rank) for augmentation and mixup. Rank 0 alone writes files, logs and
+progress bars; the others read the noise and meta files it created. Checkpoints hold the unwrapped
+networks (no `module.`) and every rank's RNG state, so a run resumes on any number of ranks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import inspect
 import io
 import logging
 import math
@@ -25,6 +33,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
+from hrp_ood import distributed
 from hrp_ood.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from hrp_ood.config import TrainConfig, save_config
 from hrp_ood.data.augment import BatchAugment
@@ -38,11 +47,21 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
+    """The training device; in a data-parallel run on CUDA, this rank's GPU (torchrun's LOCAL_RANK)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    if name.startswith("cuda") and distributed.world_size() > 1:
+        return torch.device("cuda", distributed.local_rank())
     return torch.device(name)
+
+
+def device_type(name: str) -> str:
+    """'cuda' or 'cpu' for a config's device name (before any process group exists)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if name.startswith("cuda") else "cpu"
 
 
 def build_members(cfg: TrainConfig, num_classes: int, device: torch.device) -> list[Member]:
@@ -50,6 +69,8 @@ def build_members(cfg: TrainConfig, num_classes: int, device: torch.device) -> l
     members = []
     for _ in range(2 if cfg.spec.dual else 1):
         net = create_model(cfg.model, num_classes=num_classes).to(device)
+        if cfg.sync_bn:  # before the optimiser: the conversion makes new BN parameters
+            distributed.convert_to_global_batch_norm(net)
         if cfg.channels_last:
             net = net.to(memory_format=torch.channels_last)
         head = None
@@ -62,6 +83,32 @@ def build_members(cfg: TrainConfig, num_classes: int, device: torch.device) -> l
     return members
 
 
+def wrap_data_parallel(members: list[Member], cfg: TrainConfig, device: torch.device) -> None:
+    """DDP-wrap each network and head for the training passes (a no-op in one process).
+
+    `Member.net` / `Member.head` stay the plain modules (the meta step, evaluation and checkpoints use
+    them); DDP broadcasts rank 0's initial weights. With sync_bn the BN statistics are global, so the
+    running statistics agree on every rank and need no broadcast before each forward.
+    """
+    if distributed.world_size() == 1:
+        return
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    # the per-forward buffer broadcast (rank 0's BN running statistics); newer torch renamed the option
+    buffers_option = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                      else "broadcast_buffers")
+
+    def ddp(module: torch.nn.Module) -> DistributedDataParallel:
+        return DistributedDataParallel(module, device_ids=device_ids, **{buffers_option: not cfg.sync_bn})
+
+    for m in members:
+        wrapped = ddp(m.net)
+        m.forward = torch.compile(wrapped) if cfg.compile else wrapped
+        if m.head is not None:
+            m.head_forward = ddp(m.head)
+
+
 @torch.no_grad()
 def test_accuracies(members: list[Member], data: TrainingData, augment: BatchAugment,
                     batch_size: int) -> dict[str, float]:
@@ -70,7 +117,8 @@ def test_accuracies(members: list[Member], data: TrainingData, augment: BatchAug
     for net in nets:
         net.eval()
     correct = torch.zeros(len(nets) + 1, device=data.test_labels.device)
-    for start in range(0, len(data.test_labels), batch_size):
+    ranks, first = distributed.world_size(), distributed.rank() * batch_size  # each rank scores every W-th batch
+    for start in range(first, len(data.test_labels), ranks * batch_size):
         x = augment.normalize(data.test_images[start:start + batch_size])
         y = data.test_labels[start:start + batch_size]
         logits = [net(x).float() for net in nets]
@@ -78,6 +126,7 @@ def test_accuracies(members: list[Member], data: TrainingData, augment: BatchAug
         correct += torch.stack([(out.argmax(dim=1) == y).sum() for out in logits])
     for net in nets:
         net.train()
+    correct = distributed.global_sum(correct)
     acc = (100.0 * correct / len(data.test_labels)).tolist()
     names = [f"acc_net{k + 1}" for k in range(len(nets))] + ["acc_ensemble"]
     return dict(zip(names, acc))
@@ -122,11 +171,14 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = run_dir
         self.device = resolve_device(cfg.device)
-        self.progress = sys.stderr.isatty() if progress is None else progress
-        self.data = prepare_training_data(cfg, run_dir, self.device)
+        self.ranks = distributed.world_size()
+        _check_divisible(cfg, self.ranks)
+        self.progress = (sys.stderr.isatty() if progress is None else progress) and distributed.is_main()
+        self.data = distributed.main_first(lambda: prepare_training_data(cfg, run_dir, self.device))
         self.augment = BatchAugment(self.data.mean, self.data.std, self.data.image_size,
                                     strong_policy=cfg.strong_policy)
         self.members = build_members(cfg, self.data.num_classes, self.device)
+        wrap_data_parallel(self.members, cfg, self.device)
         amp = cfg.amp and self.device.type == "cuda"
         self.ctx = StepContext(cfg, self.augment, self.data.meta_images, self.data.meta_labels,
                                autocast_device="cuda" if amp else None,
@@ -151,11 +203,13 @@ class Trainer:
             "dataset": {"name": self.data.dataset, "classes": self.data.classes, "mean": list(self.data.mean),
                         "std": list(self.data.std), "image_size": self.data.image_size,
                         "noise_rate": self.data.noise_rate},
+            "world_size": self.ranks,
             "nets": [m.net.state_dict() for m in self.members],
             "heads": [m.head.state_dict() if m.head is not None else {} for m in self.members],
             "optimizers": [m.optimizer.state_dict() for m in self.members],
             "schedulers": [m.scheduler.state_dict() for m in self.members],
-            "rng": rng_state(),
+            "rng": rng_state(),  # rank 0's (what a one-process resume uses)
+            "rank_rng": distributed.all_gather_objects(rng_state()) if self.ranks > 1 else [],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -172,21 +226,38 @@ class Trainer:
         if self.step:
             epoch_state = state["epoch_state"]
             self.order = epoch_state["order"]
-            self.sums = {k: v.to(self.device) for k, v in epoch_state["sums"].items()}
-            self.ctx.alpha_seen = epoch_state["alpha_seen"].to(self.device)
-            self.ctx.total_seen = epoch_state["total_seen"].to(self.device)
+            # the saved partial sums are over every rank: rank 0 carries them, the others restart from 0
+            keep = distributed.is_main()
+            self.sums = {k: v.to(self.device) * keep for k, v in epoch_state["sums"].items()}
+            seen = (epoch_state["alpha_seen"], epoch_state["total_seen"])
+            self.ctx.alpha_seen, self.ctx.total_seen = (
+                t.to(self.device) if keep else torch.full_like(t, float("nan"), device=self.device) for t in seen)
             self.ctx.skipped_steps = epoch_state["skipped_steps"]
-        set_rng_state(state["rng"])
+        self._restore_rng(state)
+
+    def _restore_rng(self, state: dict[str, Any]) -> None:
+        """Each rank's generators as saved; a rank the saved run did not have starts a stream of (seed, rank, epoch)."""
+        rank = distributed.rank()
+        rank_rng = state.get("rank_rng") or []
+        if len(rank_rng) == self.ranks:
+            set_rng_state(rank_rng[rank])
+        elif rank == 0:
+            set_rng_state(state["rng"])
+        else:
+            seed_everything(distributed.rank_seed(self.cfg.seed * 100_003 + self.epoch, rank), self.cfg.deterministic)
 
     def _epoch_state(self) -> dict[str, Any]:
-        return {"order": self.order, "sums": {k: torch.as_tensor(v).cpu() for k, v in self.sums.items()},
-                "alpha_seen": self.ctx.alpha_seen.cpu(), "total_seen": self.ctx.total_seen.cpu(),
+        """The epoch in flight, merged over ranks (partial sums added, per-sample reliabilities combined)."""
+        return {"order": self.order,
+                "sums": {k: distributed.global_sum(torch.as_tensor(v)).cpu() for k, v in self.sums.items()},
+                "alpha_seen": _merge_seen(self.ctx.alpha_seen).cpu(), "total_seen": _merge_seen(self.ctx.total_seen).cpu(),
                 "skipped_steps": self.ctx.skipped_steps}
 
     # ---- the loop ----------------------------------------------------------------------------------
     def _begin_epoch(self) -> None:
         n = len(self.data.noisy_labels)
-        self.order = torch.randperm(n)  # CPU generator: the same order on every device
+        # CPU generator: the same order on every device; rank 0's, so every rank slices the same order
+        self.order = distributed.broadcast_from_main(torch.randperm(n).to(self.device)).cpu()
         self.sums = {}
         self.ctx.alpha_seen = torch.full((n,), float("nan"), device=self.device)
         self.ctx.total_seen = torch.full((n,), float("nan"), device=self.device)
@@ -194,7 +265,9 @@ class Trainer:
 
     def train_epoch(self) -> dict[str, float]:
         """Run (the rest of) the current epoch; returns the epoch's mean logs. Resumes mid-epoch if needed."""
-        batch_size = min(self.cfg.batch_size, len(self.data.noisy_labels))
+        batch_size = min(self.cfg.batch_size, len(self.data.noisy_labels)) // self.ranks * self.ranks
+        local_size = batch_size // self.ranks
+        first = distributed.rank() * local_size  # this rank's slice of each global batch
         # the last partial batch is dropped: BN and the batch-level normalisations want full batches
         steps = len(self.data.noisy_labels) // batch_size
         if self.step == 0:
@@ -204,9 +277,10 @@ class Trainer:
         bar = tqdm(range(self.step, steps), desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
                    disable=not self.progress, leave=False, dynamic_ncols=True, initial=self.step, total=steps)
         for step in bar:
-            if self.stop_requested:
+            if self._stop_agreed():
                 raise TrainingInterrupted(self.epoch, step)
-            index = self.order[step * batch_size:(step + 1) * batch_size].to(self.device)
+            start = step * batch_size + first
+            index = self.order[start:start + local_size].to(self.device)
             batch = StepInputs(self.data.images[index], self.data.noisy_labels[index], index,
                                epoch=self.epoch + step / steps)
             try:
@@ -219,9 +293,10 @@ class Trainer:
                 self.sums[key] = self.sums.get(key, 0) + value
             self.step = step + 1
         self.step = 0
-        row = {key: (value / steps).item() for key, value in self.sums.items()}
-        row["alpha_auroc"] = _auroc(self.ctx.alpha_seen, self.data.is_clean)
-        row["T_auroc"] = _auroc(self.ctx.total_seen, self.data.is_clean)
+        # rank-local logs → their mean over ranks (equal local batches: the global batch's values)
+        row = {key: (distributed.global_sum(value) / self.ranks / steps).item() for key, value in self.sums.items()}
+        row["alpha_auroc"] = _auroc(_merge_seen(self.ctx.alpha_seen), self.data.is_clean)
+        row["T_auroc"] = _auroc(_merge_seen(self.ctx.total_seen), self.data.is_clean)
         row["skipped_steps"] = self.ctx.skipped_steps
         return row
 
@@ -231,8 +306,18 @@ class Trainer:
                 raise UserError(f"net {k + 1} has non-finite weights after epoch {self.epoch}; not saving them: "
                                 f"the last good checkpoint is {self.run_dir / 'last.pt'}")
 
+    def _stop_agreed(self) -> bool:
+        """A stop signal seen by any rank stops every rank at the same step (one tiny all-reduce per step)."""
+        if self.ranks == 1:
+            return self.stop_requested
+        flag = torch.tensor(float(self.stop_requested), device=self.device)
+        return bool(distributed.global_max(flag).item())
+
     def save(self) -> None:
-        save_checkpoint(self.state_dict(), self.run_dir / "last.pt")
+        """Every rank takes part (the state gathers RNG states and epoch sums); rank 0 writes."""
+        state = self.state_dict()
+        if distributed.is_main():
+            save_checkpoint(state, self.run_dir / "last.pt")
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -252,16 +337,35 @@ class Trainer:
             self._check_weights()
             row.update(test_accuracies(self.members, self.data, self.augment, cfg.eval_batch_size))
             row = {"epoch": self.epoch, "lr": lr, **row, "epoch_time_s": time.perf_counter() - started}
-            self.metrics.append({k: _format(v) for k, v in row.items()})
+            if distributed.is_main():
+                self.metrics.append({k: _format(v) for k, v in row.items()})
             is_best = row["acc_ensemble"] > self.best_acc
             self.best_acc = max(self.best_acc, row["acc_ensemble"])
             self.save()
-            if is_best:
+            if is_best and distributed.is_main():
                 shutil.copyfile(self.run_dir / "last.pt", self.run_dir / ".best.pt.tmp")
                 (self.run_dir / ".best.pt.tmp").replace(self.run_dir / "best.pt")
             log.info("epoch %d/%d  loss %.4f  acc %.2f (net1 %.2f)  alpha-AUROC %.1f  %.1fs", self.epoch, cfg.epochs,
                      row["loss"], row["acc_ensemble"], row["acc_net1"], row["alpha_auroc"], row["epoch_time_s"])
         return {"epochs": self.epoch, "best_acc": self.best_acc, "run_dir": str(self.run_dir)}
+
+
+def _merge_seen(values: torch.Tensor) -> torch.Tensor:
+    """Per-sample values each rank filled for its own samples (NaN elsewhere), combined over ranks."""
+    if distributed.world_size() == 1:
+        return values
+    seen = ~torch.isnan(values)
+    total = distributed.global_sum(torch.where(seen, values, torch.zeros_like(values)))
+    count = distributed.global_sum(seen.to(values.dtype))
+    return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(values, float("nan")))
+
+
+def _check_divisible(cfg: TrainConfig, ranks: int) -> None:
+    """The global batch and meta batch are split evenly over the ranks."""
+    for key in ("batch_size", "meta_batch_size"):
+        if getattr(cfg, key) % ranks:
+            raise UserError(f"{key} {getattr(cfg, key)} is not divisible by the {ranks} processes; batch sizes are "
+                            f"global: use a multiple of {ranks} (--set {key}=...)")
 
 
 class TrainingInterrupted(Exception):
@@ -340,35 +444,66 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, explicit: set[str] = frozenset(),
           progress: bool | None = None) -> dict[str, Any]:
-    """`hrp-ood train`: create or resume `cfg.out_dir/cfg.run_name` and train to `cfg.epochs`."""
-    run_dir = Path(cfg.out_dir) / cfg.run_name
+    """`hrp-ood train`: create or resume `cfg.out_dir/cfg.run_name` and train to `cfg.epochs`.
+
+    Under torchrun (WORLD_SIZE > 1) every process calls this; it joins the process group and leaves it.
+    """
+    owns_group = distributed.init_from_env(device_type(cfg.device))
+    try:
+        return _train(cfg, resume=resume, overwrite=overwrite, explicit=explicit, progress=progress)
+    finally:
+        if owns_group:
+            distributed.shutdown()
+
+
+def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool,
+                     explicit: set[str]) -> tuple[TrainConfig, bool]:
+    """Check / create the run folder and write config.yaml; returns (the run's config, whether it was created)."""
     _check_run_dir(run_dir, resume, overwrite)
     if resume:
         cfg = resume_config(run_dir, cfg, set(explicit))
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    handler = _setup_logging(run_dir)
+    save_config(cfg, run_dir / "config.yaml")
+    return cfg, created
+
+
+def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool, explicit: set[str],
+           progress: bool | None) -> dict[str, Any]:
+    run_dir = Path(cfg.out_dir) / cfg.run_name
+    main = distributed.is_main()
+    # rank 0 alone touches the folder; the others get its config (or its error)
+    cfg, created = distributed.on_main(lambda: _prepare_run_dir(cfg, run_dir, resume, overwrite, explicit))
+    package_log = logging.getLogger("hrp_ood")
+    previous_level = package_log.level
+    handler = _setup_logging(run_dir) if main else None
+    if not main:
+        package_log.setLevel(logging.WARNING)  # one console log, rank 0's
     try:
-        seed_everything(cfg.seed, cfg.deterministic)
-        save_config(cfg, run_dir / "config.yaml")
+        seed_everything(distributed.rank_seed(cfg.seed, distributed.rank()), cfg.deterministic)
         try:
             trainer = Trainer(cfg, run_dir, progress=progress)
         except BaseException:
-            if created:  # a run that never started leaves no folder behind to block the corrected retry
+            if created and main:  # a run that never started leaves no folder behind to block the corrected retry
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
         if resume:
             trainer.load_state_dict(load_checkpoint(run_dir / "last.pt", map_location=trainer.device))
-            log.info("resumed %s at epoch %d, step %d", run_dir, trainer.epoch, trainer.step)
+            log.info("resumed %s at epoch %d, step %d on %d process(es)", run_dir, trainer.epoch, trainer.step,
+                     trainer.ranks)
         with _stop_on_signals(trainer) as received:
             try:
                 return trainer.fit()
             except TrainingInterrupted as where:
+                signal_name = received[0] if received else "SIGTERM"  # a rank may stop on its peers' signal
+                nproc = f" --nproc {trainer.ranks}" if trainer.ranks > 1 else ""
                 raise Interrupted(
-                    f"{received[0]} at {where}: state saved to {run_dir / 'last.pt'}; resume with: "
-                    f"hrp-ood train --out-dir {cfg.out_dir} --name {cfg.run_name} --resume",
-                    exit_code=128 + getattr(signal, received[0]),
+                    f"{signal_name} at {where}: state saved to {run_dir / 'last.pt'}; resume with: "
+                    f"hrp-ood train --out-dir {cfg.out_dir} --name {cfg.run_name}{nproc} --resume",
+                    exit_code=128 + getattr(signal, signal_name),
                 ) from None
     finally:
-        logging.getLogger("hrp_ood").removeHandler(handler)
-        handler.close()
+        package_log.setLevel(previous_level)
+        if handler is not None:
+            package_log.removeHandler(handler)
+            handler.close()

@@ -10,6 +10,10 @@ The Beta parameters sum to κ, so E[λ] = T_i/(T_i+T_j): equal reliabilities giv
 (balanced, more endpoint-heavy than standard Mixup's Beta(κ, κ)); T_i ≫ T_j pushes λ to 1 so the
 mix stays near the reliable sample. DivideMix's λ ← max(λ, 1−λ) is deliberately *not* applied:
 it would erase that asymmetry.
+
+Data-parallel: each rank mixes pairs within its own slice of the batch (π permutes the local rows),
+and the local mean of Eq. 9 is W × the rank's share of the global mean (`hrp_ood.distributed`), so DDP's
+gradient mean equals one process mixing the same pairs with the same λ.
 """
 
 from __future__ import annotations
@@ -57,19 +61,24 @@ class MixedBatch:
 
 
 def reliability_mixup(inputs: torch.Tensor, targets: torch.Tensor, T: torch.Tensor, kappa: float = 4.0, *,
-                      symmetric: bool = False, gated: bool = True, eps: float = 1e-8) -> MixedBatch:
+                      symmetric: bool = False, gated: bool = True, eps: float = 1e-8,
+                      perm: torch.Tensor | None = None, lam: torch.Tensor | None = None) -> MixedBatch:
     """Mix each sample i with a random partner j = π(i), λ drawn from its reliability-arbitrated Beta (Eqs. 7–8).
 
     ``targets`` are soft targets (n, C) (one-hot rows for hard labels); ``T`` is the total reliability
     (Eq. 6). ``gated=False`` is the RAM-without-GRG ablation (g ≡ 1). Randomness (π and λ) comes from
-    torch's global RNG on the inputs' device, like any other augmentation in the training loop.
+    torch's global RNG on the inputs' device, like any other augmentation in the training loop, unless
+    ``perm`` (n,) and/or ``lam`` (n,) are given (to replay a draw, e.g. across processes).
     """
     n = inputs.shape[0]
-    perm = torch.randperm(n, device=inputs.device)
-    T = T.detach().to(device=inputs.device, dtype=torch.float32)
+    if perm is None:
+        perm = torch.randperm(n, device=inputs.device)
+    T = T.detach().to(device=inputs.device, dtype=torch.promote_types(T.dtype, torch.float32))
     t_i, t_j = T, T[perm]
-    a, b = ram_beta_params(t_i, t_j, kappa, eps, symmetric)
-    lam = torch.distributions.Beta(a, b, validate_args=False).sample()  # no host sync
+    if lam is None:
+        a, b = ram_beta_params(t_i, t_j, kappa, eps, symmetric)
+        lam = torch.distributions.Beta(a, b, validate_args=False).sample()  # no host sync
+    lam = lam.to(device=inputs.device, dtype=T.dtype)
 
     lam_x = lam.to(inputs.dtype).view(n, *([1] * (inputs.dim() - 1)))
     mixed_inputs = lam_x * inputs + (1 - lam_x) * inputs[perm]

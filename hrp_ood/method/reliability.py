@@ -20,6 +20,12 @@ Both methods run the per-sample losses of Eq. 1 in train mode (batch statistics,
 virtual step) on *cloned* buffers, so the model's BN running statistics never change, and the
 meta loss in eval mode. Nothing is written to ``.grad`` and every module's train/eval flag is
 restored on exit.
+
+Data-parallel (`hrp_ood.distributed`, identities in one process): the batch of n samples and the meta
+batch are spread over the ranks. v = ∇L_meta is the mean of the ranks' meta gradients (equal meta
+slices), n in η/n and in Eq. 5 is the global batch size and Σ_k runs over every rank's samples, so
+every rank gets the α, β one process would compute for its samples. With synchronised BN
+(`GlobalBatchNorm`) the train-mode forward of Eq. 1 uses the global batch statistics, as one process does.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from hrp_ood.distributed import global_count, global_mean_of_grads, global_sum, world_size
 from hrp_ood.errors import UserError
 
 NORMALIZATIONS = ("separate", "coupled")
@@ -58,17 +65,19 @@ def normalize_reliabilities(alpha_raw: torch.Tensor, beta_raw: torch.Tensor, nor
     """Batch-normalise the raw reliabilities α̃, β̃ (non-negative, shape (n,)).
 
     ``"separate"`` (Eq. 5, HRP): α = n α̃ / (Σ α̃ + δ) and β = n β̃ / (Σ β̃ + δ), so each has batch
-    mean 1 whenever any of its raw values is positive, and is 0 when none is.
+    mean 1 whenever any of its raw values is positive, and is 0 when none is. n and Σ are global
+    (over every rank's samples) in a data-parallel run.
 
     ``"coupled"`` (the L2B-like "Coupled Meta" ablation): one joint normaliser,
     α = n α̃ / (Σ α̃ + Σ β̃ + δ), β = n β̃ / (Σ α̃ + Σ β̃ + δ), so Σ(α + β) = n: mass given to the
     noisy label is taken from the pseudo-label and vice versa (the zero-sum coupling).
     """
-    n = alpha_raw.shape[0]
+    n = global_count(alpha_raw.shape[0])
+    alpha_sum, beta_sum = global_sum(alpha_raw.sum()), global_sum(beta_raw.sum())
     if normalization == "separate":
-        return n * alpha_raw / (alpha_raw.sum() + delta), n * beta_raw / (beta_raw.sum() + delta)
+        return n * alpha_raw / (alpha_sum + delta), n * beta_raw / (beta_sum + delta)
     if normalization == "coupled":
-        joint = alpha_raw.sum() + beta_raw.sum() + delta
+        joint = alpha_sum + beta_sum + delta
         return n * alpha_raw / joint, n * beta_raw / joint
     raise UserError(f"unknown reliability normalization {normalization!r}; use one of {', '.join(NORMALIZATIONS)}")
 
@@ -112,7 +121,7 @@ def _raw_reliabilities_jvp(model: nn.Module, x: torch.Tensor, noisy_labels: torc
         logits, dlogits = fwAD.unpack_dual(out)
     logits, dlogits = _at_least_float32(logits), _at_least_float32(dlogits)
     expected = (logits.softmax(dim=1) * dlogits).sum(dim=1)  # p_i · dz_i, shared by both labels
-    scale = lr / x.shape[0]
+    scale = lr / global_count(x.shape[0])
     alpha_raw = scale * (expected - dlogits.gather(1, noisy_labels[:, None]).squeeze(1))
     beta_raw = scale * (expected - dlogits.gather(1, pseudo_labels[:, None]).squeeze(1))
     return alpha_raw, beta_raw
@@ -131,20 +140,23 @@ def _raw_reliabilities_double_backward(model: nn.Module, x: torch.Tensor, noisy_
     inner = (eps_alpha * F.cross_entropy(logits, noisy_labels, reduction="none")
              + eps_beta * F.cross_entropy(logits, pseudo_labels, reduction="none")).mean()
     grads = _grads_or_zeros(inner, params, create_graph=True)
-    stepped = {name: p - lr * grads[name] for name, p in params.items()}
+    # ∇L_ε over the global batch: the mean of the ranks' gradients of their local means (equal n per rank)
+    stepped = {name: p - lr * global_sum(grads[name]) / world_size() for name, p in params.items()}
 
     model.eval()
     meta_loss = F.cross_entropy(_at_least_float32(functional_call(model, stepped, (meta_x,))), meta_y)
-    d_alpha, d_beta = torch.autograd.grad(meta_loss, (eps_alpha, eps_beta))
+    # L_meta is the mean over ranks; the all-reduce in θ̂ carries every rank's ∂L_meta/∂θ̂ back to ε
+    d_alpha, d_beta = torch.autograd.grad(meta_loss / world_size(), (eps_alpha, eps_beta))
     return -d_alpha, -d_beta
 
 
 def _meta_gradient(model: nn.Module, params: dict[str, torch.Tensor], meta_x: torch.Tensor,
                    meta_y: torch.Tensor) -> dict[str, torch.Tensor]:
-    """v = ∇_θ L_meta(θ) (Eq. 3 at ε = 0), eval mode, without touching ``.grad``."""
+    """v = ∇_θ L_meta(θ) (Eq. 3 at ε = 0), eval mode, without touching ``.grad``; averaged over ranks."""
     model.eval()
     meta_loss = F.cross_entropy(_at_least_float32(model(meta_x)), meta_y)
-    return {name: g.detach() for name, g in _grads_or_zeros(meta_loss, params, create_graph=False).items()}
+    grads = _grads_or_zeros(meta_loss, params, create_graph=False)
+    return global_mean_of_grads({name: g.detach() for name, g in grads.items()})
 
 
 def _grads_or_zeros(loss: torch.Tensor, params: dict[str, torch.Tensor],

@@ -2,6 +2,12 @@
 
 Baselines: generalized cross-entropy (Zhang & Sabuncu, NeurIPS 2018) and the small-loss sample
 exchange of co-teaching (Han et al., NeurIPS 2018).
+
+Data-parallel (`hrp_ood.distributed`, identities in one process): every rank holds an equal share of
+the batch, so a per-sample mean over the local rows is already W × the rank's share of the global mean
+and DDP's gradient mean gives the one-process gradient (Eq. 14, GCE, plain CE). Means over a
+data-dependent set (S of Eq. 13) divide by the global |S| / W instead, mean_S T is global, and the
+batch-mean prediction of the prior penalty is averaged over ranks.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from hrp_ood.distributed import global_sum, per_rank_count, world_size
 from hrp_ood.errors import UserError
 
 
@@ -55,15 +62,16 @@ def reweighted_ce(logits: torch.Tensor, targets: torch.Tensor, T: torch.Tensor, 
         L_CE = (1/|S|) Σ_{i∈S} [1 + γ (T_i / mean_S T − 1)] H(y*_i, p_θ(x^weak_i))
 
     The weights are detached (they have mean 1 over S, so γ only redistributes mass). Returns a
-    zero that still depends on ``logits`` when S is empty.
+    zero that still depends on ``logits`` when S is empty. Data-parallel: S, |S| and mean_S T are
+    global, and the local sum is divided by |S| / W (see `hrp_ood.distributed`).
     """
     ce = soft_cross_entropy(logits, targets)
     mask = high_conf.to(ce.dtype)
     count = mask.sum()
     T = T.detach().to(ce.dtype)
-    mean_T = (T * mask).sum() / count.clamp_min(1)
+    mean_T = global_sum((T * mask).sum()) / global_sum(count).clamp_min(1)
     weights = 1 + gamma * (T / mean_T.clamp_min(torch.finfo(ce.dtype).tiny) - 1)
-    return (weights * ce * mask).sum() / count.clamp_min(1)
+    return (weights * ce * mask).sum() / per_rank_count(count)
 
 
 def consistency_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor) -> torch.Tensor:
@@ -82,7 +90,9 @@ def prior_penalty(logits: torch.Tensor) -> torch.Tensor:
     warm-up, chance two epochs later) and onto four classes on the digits demo (39%); with it the demo
     reached 95% against 77% (and 92% for plain CE).
     """
-    mean_probs = logits.softmax(dim=1).mean(dim=0)
+    # p̄ over the global batch: the mean of the ranks' means (equal local batches); each rank's loss is the
+    # global value = W × its share, the convention of `hrp_ood.distributed`
+    mean_probs = global_sum(logits.softmax(dim=1).mean(dim=0)) / world_size()
     prior = torch.full_like(mean_probs, 1.0 / mean_probs.numel())
     return (prior * (prior.log() - mean_probs.log())).sum()
 
