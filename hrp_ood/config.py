@@ -115,10 +115,14 @@ class TrainConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
-        if self.meta_method not in ("jvp", "double_backward"):
-            raise UserError(f"meta_method must be 'jvp' or 'double_backward', got {self.meta_method!r}")
-        if self.strong_policy not in ("randaugment", "autoaugment", "none"):
-            raise UserError(f"strong_policy must be randaugment, autoaugment or none, got {self.strong_policy!r}")
+        from hrp_ood.data.augment import STRONG_POLICIES
+        from hrp_ood.method.reliability import METHODS as META_METHODS
+
+        if self.meta_method not in META_METHODS:
+            raise UserError(f"meta_method must be {' or '.join(map(repr, META_METHODS))}, got {self.meta_method!r}")
+        if self.strong_policy not in STRONG_POLICIES:
+            raise UserError(f"strong_policy must be {', '.join(STRONG_POLICIES[:-1])} or {STRONG_POLICIES[-1]}, "
+                            f"got {self.strong_policy!r}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise UserError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         for name in ("epochs", "batch_size", "meta_batch_size", "meta_size", "eval_batch_size"):
