@@ -31,7 +31,8 @@ METHODS = ("hrp", "hrp_no_meta", "coteach", "ce")
 def make_step(model: str, method: str, batch: int, device: torch.device, num_classes: int = 10):
     """A closure running one training iteration of `method` on a fixed random batch."""
     cfg = build_config(overrides={"model": model, "method": method, "batch_size": batch, "meta_batch_size": batch,
-                                  "warmup_epochs": 0, "ramp_epochs": 0, "device": str(device)})
+                                  "warmup_epochs": 0, "ramp_epochs": 0, "device": str(device),
+                                  "on_nonfinite": "skip"})
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, generator=generator).to(device)
     labels = torch.randint(0, num_classes, (batch,), generator=generator).to(device)

@@ -97,8 +97,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                             "when launching with torchrun yourself")
     result = train(cfg, resume=args.resume, overwrite=args.overwrite, explicit=explicit, progress=args.progress)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"done: {result['epochs']} epochs, best ensemble test accuracy {result['best_acc']:.2f}% "
-              f"-> {result['run_dir']}")
+        print(f"done: {result['epochs']} epochs, ensemble test accuracy {result['last_test_acc']:.2f}% (last), "
+              f"{result['best_test_acc']:.2f}% (best.pt, selected on the clean meta set) -> {result['run_dir']}")
     return 0
 
 
@@ -126,6 +126,14 @@ def cmd_report(args: argparse.Namespace) -> int:
                          metrics=tuple(m.strip() for m in args.metrics.split(",")), plots=not args.no_plots)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from hrp_ood.plot import plot_run
+
+    for name, path in plot_run(Path(args.run), Path(args.out) if args.out else None).items():
+        print(f"{name}: {path}")
     return 0
 
 
@@ -172,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="report")
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("plot", help="figures of a run's reliability diagnostics (the paper's Figs. 2 and 3)")
+    p.add_argument("run", help="a run folder written by `hrp-ood train` (holds metrics.csv and signals/)")
+    p.add_argument("--out", default=None, help="output folder (default RUN/plots)")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("export", help="write a plain state dict of one network (OpenOOD-loadable for resnet18_32x32)")
     p.add_argument("--ckpt", required=True)

@@ -43,8 +43,15 @@ METHODS: dict[str, MethodSpec] = {
     "hrp_no_cdcl": MethodSpec(cdcl=False),
     "hrp_no_grg": MethodSpec(grg=False),
     "hrp_sym_ram": MethodSpec(symmetric_ram=True),
-    # α = β = 1 everywhere: HRP's losses without the meta step (the speed baseline of benchmarks/train_step.py).
+    # α = β = 1 everywhere: HRP's losses without the meta step (the speed baseline of benchmarks/train_step.py);
+    # T ≡ 2 (RAM's Beta law symmetric, gate 2, CE weights 1) and β̂ ≡ 1 (CDCL ungated)
     "hrp_no_meta": MethodSpec(meta=False),
+    # Table 4's "independent module verification" rows: Base = two networks exchanging refined targets, the
+    # reliability-reweighted CE (weights 1 without meta) and the consistency loss; then one module added
+    "base": MethodSpec(meta=False, ram=False, cdcl=False),
+    "base_coupled_meta": MethodSpec(normalization="coupled", ram=False, cdcl=False),
+    "base_cdcl": MethodSpec(meta=False, ram=False),
+    "base_ram_grg": MethodSpec(meta=False, cdcl=False),
 }
 
 
@@ -79,6 +86,10 @@ class TrainConfig:
     ramp_epochs: int = 16
     # HRP hyper-parameters (SPEC §3.4.1)
     meta_method: str = "jvp"  # jvp | double_backward
+    # per-sample EMA of the meta-gradients across visits (0 = one batch decides, SPEC Eqs. 4-5 as written);
+    # method/reliability.py:ReliabilityMemory
+    reliability_momentum: float = 0.0
+    independent_views: bool = False  # each network draws its own weak/strong augmentation of the batch
     kappa: float = 4.0
     t_min: float = 0.1
     t_max: float = 3.0
@@ -107,6 +118,7 @@ class TrainConfig:
     out_dir: str = "runs"
     name: str | None = None
     eval_batch_size: int = 512
+    signals_every: int = 10  # write signals/epoch_NNNN.npz (per-sample α, β, T, loss) every N epochs, and the last
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -125,13 +137,15 @@ class TrainConfig:
                             f"got {self.strong_policy!r}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise UserError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
-        for name in ("epochs", "batch_size", "meta_batch_size", "meta_size", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "meta_batch_size", "meta_size", "eval_batch_size", "signals_every"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
         if not self.noisy_labels:
             from hrp_ood.data.noise import check_noise_for_dataset, parse_noise
 
             check_noise_for_dataset(parse_noise(self.noise), self.dataset)
+        if not 0 <= self.reliability_momentum < 1:
+            raise UserError(f"reliability_momentum must be in [0, 1), got {self.reliability_momentum}")
         if not self.t_min <= self.t_max:
             raise UserError(f"t_min ({self.t_min}) must not exceed t_max ({self.t_max})")
 

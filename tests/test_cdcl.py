@@ -113,4 +113,5 @@ def test_no_anchor_gives_a_differentiable_zero():
 
 def test_normalize_beta_min_max():
     torch.testing.assert_close(normalize_beta(torch.tensor([1.0, 3.0, 2.0]), delta=0.0), torch.tensor([0.0, 1.0, 0.5]))
-    assert torch.equal(normalize_beta(torch.full((4,), 0.7)), torch.zeros(4))
+    assert torch.equal(normalize_beta(torch.full((4,), 0.7)), torch.ones(4))  # constant β: no gating
+    assert torch.equal(normalize_beta(torch.zeros(4)), torch.zeros(4))  # no pseudo-label helps

@@ -20,6 +20,7 @@ from hrp_ood.config import build_config
 from hrp_ood.data.augment import BatchAugment
 from hrp_ood.eval.network import load_network
 from hrp_ood.method import reliability_mixup
+from hrp_ood.train.signals import EpochSignals
 from hrp_ood.train.steps import StepContext, StepInputs, hrp_step
 from hrp_ood.train.trainer import build_members, wrap_data_parallel
 
@@ -97,8 +98,7 @@ def run_step(meta_method, ranks_slice, perms, lams):
     wrap_data_parallel(members, cfg, torch.device("cpu"))
     augment = FixedViews((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 32, strong_policy="none")
     ctx = StepContext(cfg, augment, meta_images, meta_labels, autocast_device=None)
-    ctx.alpha_seen = torch.full((len(labels),), float("nan"), dtype=torch.float64)
-    ctx.total_seen = torch.full((len(labels),), float("nan"), dtype=torch.float64)
+    ctx.signals = EpochSignals(len(labels), CLASSES, dtype=torch.float64)
     draws = []
 
     def replayed_mixup(inputs, targets, T, kappa, **kw):
@@ -116,7 +116,7 @@ def run_step(meta_method, ranks_slice, perms, lams):
     params = [(f"{k}.{name}", p) for k, m in enumerate(members)
               for name, p in [*m.net.named_parameters(), *m.head.named_parameters()]]
     return {"grads": {name: p.grad.clone() for name, p in params}, "params": {name: p.detach().clone() for name, p in params},
-            "logs": {k: v.item() for k, v in logs.items()}, "alpha": ctx.alpha_seen[index], "T": ctx.total_seen[index],
+            "logs": {k: v.item() for k, v in logs.items()}, "alpha": ctx.signals.values["alpha"][index], "T": ctx.signals.values["T"][index],
             "draws": draws,
             "buffers": {f"{k}.{name}": b.clone() for k, m in enumerate(members) for name, b in m.net.named_buffers()}}
 
@@ -194,7 +194,8 @@ def test_two_process_training_resumes_and_loads_into_one_process(tmp_path, capsy
     assert main(args) == 0
     run = tmp_path / "runs" / "run"
     assert sorted(p.name for p in run.iterdir()) == sorted(
-        ["config.yaml", "noise.npz", "meta_indices.npz", "metrics.csv", "train.log", "last.pt", "best.pt"])
+        ["config.yaml", "noise.npz", "meta_indices.npz", "metrics.csv", "train.log", "last.pt", "best.pt", "signals"])
+    assert [p.name for p in (run / "signals").iterdir()] == ["epoch_0002.npz"]  # written once, by rank 0
     assert [r["epoch"] for r in read_metrics(run)] == ["1", "2"]  # one writer: no duplicated rows
     assert (run / "train.log").read_text().count("epoch 2/2") == 1
 

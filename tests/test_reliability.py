@@ -133,7 +133,7 @@ def test_normalized_outputs_follow_eq5():
     coupled = meta_reliabilities(model, x, noisy, pseudo, meta_x, meta_y, 0.05, normalization="coupled")
     torch.testing.assert_close(coupled.alpha_raw, rel.alpha_raw)
     joint = rel.alpha_raw.sum() + rel.beta_raw.sum()
-    torch.testing.assert_close((coupled.alpha + coupled.beta).sum(), n * joint / (joint + 1e-8))
+    torch.testing.assert_close((coupled.alpha + coupled.beta).sum(), 2 * n * joint / (joint + 1e-8))
     for t in (rel.alpha, rel.beta, rel.alpha_raw, rel.beta_raw):
         assert not t.requires_grad and (t >= 0).all()
 
@@ -153,8 +153,10 @@ def test_coupled_normalization_is_zero_sum():
     alpha_raw = torch.tensor([1.0, 0.0, 3.0])
     beta_raw = torch.tensor([0.0, 2.0, 0.0])
     alpha, beta = normalize_reliabilities(alpha_raw, beta_raw, "coupled")
-    torch.testing.assert_close(alpha, torch.tensor([0.5, 0.0, 1.5]))
-    torch.testing.assert_close(beta, torch.tensor([0.0, 1.0, 0.0]))
+    torch.testing.assert_close(alpha, torch.tensor([1.0, 0.0, 3.0]))
+    torch.testing.assert_close(beta, torch.tensor([0.0, 2.0, 0.0]))
+    sep_alpha, sep_beta = normalize_reliabilities(alpha_raw, beta_raw, "separate")
+    assert (alpha + beta).sum().item() == pytest.approx((sep_alpha + sep_beta).sum().item())  # same total mass
     # Raising one sample's β̃ lowers every α (the coupling); separate normalisation leaves α alone.
     more_beta = beta_raw + torch.tensor([0.0, 0.0, 4.0])
     alpha_more, _ = normalize_reliabilities(alpha_raw, more_beta, "coupled")

@@ -57,6 +57,31 @@ def test_train_two_epochs_on_cifar_pickles_then_resume(cifar_root, tmp_path, cap
     assert "done: 3 epochs" in capsys.readouterr().out
 
 
+def test_diagnostics_columns_signals_file_and_meta_selected_best(cifar_root, tmp_path):
+    args = ["train", "--data-root", str(cifar_root), "--noise", "sym50", "--epochs", "3", "--out-dir", str(tmp_path),
+            "--name", "diag", "--set", "signals_every=2", "--set", "reliability_momentum=0.5", *TINY]
+    assert main(args) == 0
+    run = tmp_path / "diag"
+    warmup, hrp = read_metrics(run)[0], read_metrics(run)[1]
+    # warm-up (CE): the loss signal applies, the reliabilities do not and are left empty (never "nan")
+    assert warmup["loss_auroc"] != "" and warmup["alpha_auroc"] == "" and warmup["beta_pseudo_auroc"] == ""
+    for column in ("alpha_auroc", "T_auroc", "loss_auroc", "beta_pseudo_auroc", "pseudo_acc", "targets_S_class_max",
+                   "ram_lambda_clean_noisy", "cdcl_purity", "meta_acc", "test_pred_class_max"):
+        assert hrp[column] != "", column
+    assert "nan" not in (run / "metrics.csv").read_text()
+    assert sorted(p.name for p in (run / "signals").iterdir()) == ["epoch_0002.npz", "epoch_0003.npz"]
+    rows = read_metrics(run)
+    best_epoch = max(range(len(rows)), key=lambda i: (float(rows[i]["meta_acc"]), -i)) + 1  # first best on meta
+    assert load_checkpoint(run / "best.pt")["epoch"] == best_epoch
+    memory = load_checkpoint(run / "last.pt")["reliability_memories"]
+    assert len(memory) == 2 and (~torch.isnan(memory[0]["alpha"])).sum() > 0
+
+    assert main(["plot", str(run)]) == 0
+    names = {"reliability_auroc", "reliability_hist", "cdcl_purity", "ram_lambda", "gate", "class_hist"}
+    assert {p.stem for p in (run / "plots").iterdir()} == names
+    assert all((run / "plots" / f"{n}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
+
+
 def test_train_on_an_image_folder(tmp_path):
     root = tmp_path / "folder"
     write_image_folder(root, classes=("a", "b", "c"), n_per_class=30, size=32)

@@ -26,6 +26,7 @@ from hrp_ood.config import TrainConfig
 from hrp_ood.data.augment import BatchAugment
 from hrp_ood.distributed import broadcast_from_main, global_sum, rank, world_size
 from hrp_ood.method import (
+    ReliabilityMemory,
     consistency_loss,
     cdcl_loss,
     coteaching_forget_rate,
@@ -41,6 +42,8 @@ from hrp_ood.method import (
     reweighted_ce,
     total_reliability,
 )
+from hrp_ood.method.reliability import Reliabilities
+from hrp_ood.train.signals import EpochSignals
 
 
 @dataclass
@@ -72,8 +75,9 @@ class Member:
 class StepInputs:
     images: torch.Tensor  # uint8 (n, 3, H, W) on the device
     noisy_labels: torch.Tensor
-    index: torch.Tensor  # positions in the training set (for per-sample logging)
+    index: torch.Tensor  # positions in the training set (per-sample reliability memory and logging)
     epoch: float  # fractional epoch, drives warm-up / ramp schedules
+    clean_labels: torch.Tensor | None = None  # for the logged diagnostics only: no training computation reads them
 
 
 @dataclass
@@ -85,9 +89,9 @@ class StepContext:
     autocast_device: str | None  # "cuda" when AMP is on, else None
     forget_rate: float = 0.0
     skipped_steps: int = 0  # non-finite steps skipped under on_nonfinite="skip"
-    # per-sample reliabilities seen this epoch (for the clean-vs-corrupted AUROC in metrics.csv)
-    alpha_seen: torch.Tensor | None = field(default=None)
-    total_seen: torch.Tensor | None = field(default=None)
+    signals: EpochSignals | None = None  # this epoch's per-sample diagnostics (train/signals.py), if recorded
+    # one per network: the per-sample averages of its meta-gradients (reliability_momentum > 0)
+    memories: list[ReliabilityMemory] = field(default_factory=list)
 
     def autocast(self):
         if self.autocast_device is None:
@@ -135,8 +139,9 @@ def ce_step(ctx: StepContext, members: list[Member], batch: StepInputs) -> dict[
     """Plain cross-entropy on the noisy labels, every network (also HRP's warm-up)."""
     x = ctx.augment.weak(batch.images)
     with ctx.autocast():
-        losses = [F.cross_entropy(m.forward(x).float(), batch.noisy_labels) for m in members]
-    loss = torch.stack(losses).sum()
+        per_sample = [F.cross_entropy(m.forward(x).float(), batch.noisy_labels, reduction="none") for m in members]
+    _record_loss(ctx, batch, per_sample)
+    loss = torch.stack([ps.mean() for ps in per_sample]).sum()
     _update(ctx, members, loss, {"loss_ce": loss})
     return {"loss": loss.detach(), "loss_ce": loss.detach() / len(members)}
 
@@ -144,7 +149,9 @@ def ce_step(ctx: StepContext, members: list[Member], batch: StepInputs) -> dict[
 def gce_step(ctx: StepContext, members: list[Member], batch: StepInputs) -> dict[str, torch.Tensor]:
     x = ctx.augment.weak(batch.images)
     with ctx.autocast():
-        loss = torch.stack([gce_loss(m.forward(x).float(), batch.noisy_labels, q=ctx.cfg.gce_q) for m in members]).sum()
+        logits = [m.forward(x).float() for m in members]
+    _record_loss(ctx, batch, [F.cross_entropy(z.detach(), batch.noisy_labels, reduction="none") for z in logits])
+    loss = torch.stack([gce_loss(z, batch.noisy_labels, q=ctx.cfg.gce_q) for z in logits]).sum()
     _update(ctx, members, loss, {"loss_gce": loss})
     return {"loss": loss.detach(), "loss_gce": loss.detach() / len(members)}
 
@@ -154,6 +161,7 @@ def coteach_step(ctx: StepContext, members: list[Member], batch: StepInputs) -> 
     x = ctx.augment.weak(batch.images)
     with ctx.autocast():
         per_sample = [F.cross_entropy(m.forward(x).float(), batch.noisy_labels, reduction="none") for m in members]
+    _record_loss(ctx, batch, per_sample)
     rate = coteaching_forget_rate(batch.epoch, ctx.forget_rate, ctx.cfg.coteach_ramp_epochs)
     keep_a, keep_b = coteaching_select(per_sample[0].detach(), per_sample[1].detach(), rate)
     loss = per_sample[0][keep_a].mean() + per_sample[1][keep_b].mean()
@@ -162,23 +170,40 @@ def coteach_step(ctx: StepContext, members: list[Member], batch: StepInputs) -> 
             "forget_rate": torch.tensor(rate, device=loss.device)}
 
 
-def _reliabilities(ctx: StepContext, member: Member, x_weak: torch.Tensor, noisy: torch.Tensor,
+def _record_loss(ctx: StepContext, batch: StepInputs, per_sample: list[torch.Tensor]) -> None:
+    """The small-loss signal (CE on the noisy label, mean over the networks) for the epoch's diagnostics."""
+    if ctx.signals is not None:
+        ctx.signals.record("loss", batch.index, torch.stack(per_sample).detach().mean(dim=0))
+
+
+def _reliabilities(ctx: StepContext, k: int, member: Member, x_weak: torch.Tensor, batch: StepInputs,
                    pseudo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """α, β of SPEC §3.1 computed on this member's parameters (or ones for the no-meta variants)."""
+    """α, β of SPEC §3.1 computed on network k's parameters (ones for the no-meta variants), averaged per
+    sample across visits when the run keeps a reliability memory."""
+    noisy = batch.noisy_labels
     if not ctx.cfg.spec.meta:
         ones = torch.ones(len(noisy), device=noisy.device)
         return ones, ones
+    cfg = ctx.cfg
     meta_x, meta_y = ctx.sample_meta_batch()
-    rel = meta_reliabilities(member.net, x_weak, noisy, pseudo, meta_x, meta_y, member.lr,
-                             normalization=ctx.cfg.spec.normalization, method=ctx.cfg.meta_method,
-                             delta=ctx.cfg.delta)
+    rel: Reliabilities = meta_reliabilities(member.net, x_weak, noisy, pseudo, meta_x, meta_y, member.lr,
+                                            normalization=cfg.spec.normalization, method=cfg.meta_method,
+                                            delta=cfg.delta)
+    if ctx.memories:
+        rel = ctx.memories[k].update(batch.index, rel, pseudo, cfg.spec.normalization, cfg.delta)
     return rel.alpha, rel.beta
 
 
 def _hrp_member_loss(ctx: StepContext, member: Member, own: dict[str, torch.Tensor], peer: dict[str, torch.Tensor],
-                     x_weak: torch.Tensor, noisy: torch.Tensor, weight: float) -> dict[str, torch.Tensor]:
-    """Eq. 15 for one network, trained with the targets, pseudo-labels, α and β its peer computed."""
+                     x_weak: torch.Tensor, batch: StepInputs, weight: float,
+                     diagnose: bool) -> dict[str, torch.Tensor]:
+    """Eq. 15 for one network, trained with the targets, pseudo-labels, α and β its peer computed.
+
+    `diagnose` (net 1 only) adds the measurements of train/signals.py: S's class histogram, RAM's λ by pair
+    type and CDCL's positive-pair purity with and without the β̂ gate (these read the clean labels).
+    """
     cfg, spec = ctx.cfg, ctx.cfg.spec
+    noisy = batch.noisy_labels
     targets, high_conf = refine_targets(peer["probs"], noisy, cfg.tau_match, cfg.tau_conf, cfg.sharpen_temperature)
     T = total_reliability(peer["alpha"], peer["beta"], cfg.t_min, cfg.t_max)
     terms = {
@@ -187,6 +212,8 @@ def _hrp_member_loss(ctx: StepContext, member: Member, own: dict[str, torch.Tens
         "high_conf": high_conf.float().mean(),
         "T": T.mean(),
     }
+    if diagnose and ctx.signals is not None:
+        ctx.signals.count_classes("targets_S", targets.argmax(dim=1)[high_conf])
     loss = terms["loss_ce"] + cfg.lambda_cons * terms["loss_cons"]
     if cfg.lambda_prior > 0:
         terms["loss_prior"] = prior_penalty(own["logits_weak"])
@@ -200,14 +227,54 @@ def _hrp_member_loss(ctx: StepContext, member: Member, own: dict[str, torch.Tens
         terms["gate"] = mixed.gate.mean()
         terms["lambda"] = mixed.lam.mean()
         loss = loss + weight * terms["loss_ram"]
+        if diagnose and batch.clean_labels is not None:
+            terms.update(_ram_diagnostics(ctx, mixed.lam, mixed.perm, batch))
     if weight > 0 and spec.cdcl:
         z = member.head_forward(_loss_precision(own["features"]))
         confident = peer["probs"].max(dim=1).values >= cfg.tau_conf
-        terms["loss_cdcl"] = cdcl_loss(z, peer["pseudo"], normalize_beta(peer["beta"], cfg.delta), confident,
-                                       cfg.cdcl_temperature)
+        beta_hat = normalize_beta(peer["beta"], cfg.delta)
+        terms["loss_cdcl"] = cdcl_loss(z, peer["pseudo"], beta_hat, confident, cfg.cdcl_temperature)
         loss = loss + weight * cfg.lambda_c * terms["loss_cdcl"]
+        if diagnose and batch.clean_labels is not None:
+            terms.update(_cdcl_purity(peer["pseudo"], beta_hat, confident, batch.clean_labels))
     terms["loss"] = loss
     return terms
+
+
+def _ram_diagnostics(ctx: StepContext, lam: torch.Tensor, perm: torch.Tensor,
+                     batch: StepInputs) -> dict[str, torch.Tensor]:
+    """Fig. 2c: λ by pair type. ram_lambda_clean_noisy = mean weight RAM gives the clean sample of a
+    clean–noisy pair (0.5: no arbitration); ram_lambda_clean_clean = mean |2λ − 1| of clean–clean pairs
+    (how far from an even mix). NaN when the batch has no such pair (the epoch mean skips it)."""
+    clean = batch.noisy_labels == batch.clean_labels
+    first, second = clean, clean[perm]
+    if ctx.signals is not None:
+        ctx.signals.add_lambdas(lam, first, second)
+    mixed_pair = first != second
+    toward_clean = torch.where(first, lam, 1 - lam)
+    nan = torch.tensor(float("nan"), device=lam.device)
+    both = first & second
+    return {
+        "ram_lambda_clean_noisy": toward_clean[mixed_pair].mean() if mixed_pair.any() else nan,
+        "ram_lambda_clean_clean": (2 * lam[both] - 1).abs().mean() if both.any() else nan,
+    }
+
+
+def _cdcl_purity(pseudo: torch.Tensor, beta_hat: torch.Tensor, confident: torch.Tensor,
+                 clean_labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Fig. 2b: the share of CDCL's positive pairs (same pseudo-label, both confident, both views) whose true
+    classes agree, counted plainly and weighted by the β̂ gate w = β̂_a β̂_b. NaN without positive pairs."""
+    labels, true, weights, conf = (t.repeat(2) for t in (pseudo, clean_labels, beta_hat.float(), confident))
+    positive = (labels[:, None] == labels[None, :]) & conf[:, None] & conf[None, :]
+    positive.fill_diagonal_(False)
+    pure = (true[:, None] == true[None, :]) & positive
+    gate = weights[:, None] * weights[None, :]
+    nan = torch.tensor(float("nan"), device=pseudo.device)
+    count, gated = positive.sum(), (gate * positive).sum()
+    return {
+        "cdcl_purity": pure.sum() / count if count > 0 else nan,
+        "cdcl_purity_gated": (gate * pure).sum() / gated if gated > 0 else nan,
+    }
 
 
 def hrp_step(ctx: StepContext, members: list[Member], batch: StepInputs) -> dict[str, torch.Tensor]:
@@ -216,36 +283,56 @@ def hrp_step(ctx: StepContext, members: list[Member], batch: StepInputs) -> dict
     if batch.epoch < cfg.warmup_epochs:
         return ce_step(ctx, members, batch)
     n = len(batch.noisy_labels)
-    x_weak, x_strong = ctx.augment.weak(batch.images), ctx.augment.strong(batch.images)
+    views = _views(ctx, batch.images, len(members))
     outputs = []
-    for m in members:
+    for m, (x_weak, x_strong) in zip(members, views):
         with ctx.autocast():
             logits, features = m.forward(torch.cat([x_weak, x_strong]), return_feature=True)
         logits = _loss_precision(logits)
         probs = logits[:n].detach().softmax(dim=1)
         outputs.append({"logits_weak": logits[:n], "logits_strong": logits[n:], "features": features,
                         "probs": probs, "pseudo": probs.argmax(dim=1)})
-    for m, out in zip(members, outputs):
-        out["alpha"], out["beta"] = _reliabilities(ctx, m, x_weak, batch.noisy_labels, out["pseudo"])
+    for k, (m, out) in enumerate(zip(members, outputs)):
+        out["alpha"], out["beta"] = _reliabilities(ctx, k, m, views[k][0], batch, out["pseudo"])
 
     weight = ramp_weight(batch.epoch, cfg.warmup_epochs, cfg.ramp_epochs)
     per_member = [
-        _hrp_member_loss(ctx, m, outputs[k], outputs[1 - k], x_weak, batch.noisy_labels, weight)
+        _hrp_member_loss(ctx, m, outputs[k], outputs[1 - k], views[k][0], batch, weight, diagnose=k == 0)
         for k, m in enumerate(members)
     ]
     loss = torch.stack([t["loss"] for t in per_member]).sum()
-    _update(ctx, members, loss, {k: torch.stack([t[k] for t in per_member]) for k in per_member[0]})
+    shared = [key for key in per_member[0] if all(key in t for t in per_member)]  # net 1 also logs diagnostics
+    _update(ctx, members, loss, {k: torch.stack([t[k] for t in per_member]) for k in shared})
 
     alpha = torch.stack([o["alpha"] for o in outputs]).mean(dim=0)
     beta = torch.stack([o["beta"] for o in outputs]).mean(dim=0)
-    if ctx.alpha_seen is not None:
-        ctx.alpha_seen[batch.index] = alpha
-        ctx.total_seen[batch.index] = total_reliability(alpha, beta, cfg.t_min, cfg.t_max)
-    logs = {key: torch.stack([t[key].detach() for t in per_member]).mean()
-            for key in per_member[0] if key != "loss"}
+    if ctx.signals is not None:
+        _record_hrp_signals(ctx, batch, outputs, alpha, beta)
+    logs = {key: torch.stack([t[key].detach() for t in per_member]).mean() for key in shared if key != "loss"}
+    logs.update({key: value.detach() for key, value in per_member[0].items() if key not in shared and key != "loss"})
     logs.update(loss=loss.detach(), alpha=alpha.mean(), beta=beta.mean(),
                 ramp=torch.tensor(weight, device=loss.device))
     return logs
+
+
+def _views(ctx: StepContext, images: torch.Tensor, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(weak, strong) views for each network: one shared draw, or (independent_views) a draw per network,
+    so the two networks' errors and the targets they exchange are less correlated."""
+    draws = count if ctx.cfg.independent_views else 1
+    views = [(ctx.augment.weak(images), ctx.augment.strong(images)) for _ in range(draws)]
+    return views * (count // draws)
+
+
+def _record_hrp_signals(ctx: StepContext, batch: StepInputs, outputs: list[dict[str, torch.Tensor]],
+                        alpha: torch.Tensor, beta: torch.Tensor) -> None:
+    cfg, signals, index = ctx.cfg, ctx.signals, batch.index
+    signals.record("alpha", index, alpha)
+    signals.record("T", index, total_reliability(alpha, beta, cfg.t_min, cfg.t_max))
+    signals.record("beta", index, outputs[0]["beta"])
+    _record_loss(ctx, batch, [F.cross_entropy(o["logits_weak"].detach(), batch.noisy_labels, reduction="none")
+                              for o in outputs])
+    if batch.clean_labels is not None:
+        signals.record("pseudo_correct", index, (outputs[0]["pseudo"] == batch.clean_labels).float())
 
 
 STEPS = {"ce": ce_step, "gce": gce_step, "coteach": coteach_step, "hrp": hrp_step}

@@ -1,7 +1,8 @@
 """The training loop: run folder, epochs, evaluation, metrics.csv, checkpoints and resume.
 
 A run folder `runs/<name>/` holds config.yaml, noise.npz, meta_indices.npz, metrics.csv, train.log,
-last.pt (everything needed to resume) and best.pt (best ensemble test accuracy).
+signals/epoch_NNNN.npz (per-sample diagnostics, train/signals.py), last.pt (everything needed to resume) and
+best.pt: the epoch whose ensemble is most accurate on the clean meta set (never chosen on the test set).
 
 Data-parallel under torchrun (`hrp-ood train --nproc N`): `batch_size` and `meta_batch_size` stay the
 GLOBAL batch sizes, split evenly over the ranks, so N ranks compute the same maths as one process. Rank 0
@@ -30,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 from hrp_ood import distributed
@@ -39,8 +39,10 @@ from hrp_ood.config import TrainConfig, save_config
 from hrp_ood.data.augment import BatchAugment
 from hrp_ood.errors import Interrupted, UserError
 from hrp_ood.io import atomic_write_text
+from hrp_ood.method import ReliabilityMemory
 from hrp_ood.models import ProjectionHead, create_model
 from hrp_ood.train.data import TrainingData, prepare_training_data
+from hrp_ood.train.signals import EpochSignals, class_share_max
 from hrp_ood.train.steps import STEPS, Member, NonFiniteLoss, StepContext, StepInputs
 
 log = logging.getLogger(__name__)
@@ -110,34 +112,37 @@ def wrap_data_parallel(members: list[Member], cfg: TrainConfig, device: torch.de
 
 
 @torch.no_grad()
-def test_accuracies(members: list[Member], data: TrainingData, augment: BatchAugment,
-                    batch_size: int) -> dict[str, float]:
-    """Test accuracy (%) of each network and, for two, of their ensemble (averaged logits)."""
+def ensemble_predictions(members: list[Member], images: torch.Tensor, augment: BatchAugment,
+                         batch_size: int) -> torch.Tensor:
+    """Predicted classes of each network and of the ensemble (averaged logits): (nets + 1, N), this rank's
+    batches only (every W-th; the others stay -1)."""
     nets = [m.net for m in members]
     for net in nets:
         net.eval()
-    correct = torch.zeros(len(nets) + 1, device=data.test_labels.device)
+    predictions = torch.full((len(nets) + 1, len(images)), -1, dtype=torch.long, device=images.device)
     ranks, first = distributed.world_size(), distributed.rank() * batch_size  # each rank scores every W-th batch
-    for start in range(first, len(data.test_labels), ranks * batch_size):
-        x = augment.normalize(data.test_images[start:start + batch_size])
-        y = data.test_labels[start:start + batch_size]
+    for start in range(first, len(images), ranks * batch_size):
+        x = augment.normalize(images[start:start + batch_size])
         logits = [net(x).float() for net in nets]
         logits.append(torch.stack(logits).mean(dim=0))
-        correct += torch.stack([(out.argmax(dim=1) == y).sum() for out in logits])
+        predictions[:, start:start + batch_size] = torch.stack([out.argmax(dim=1) for out in logits])
     for net in nets:
         net.train()
-    correct = distributed.global_sum(correct)
-    acc = (100.0 * correct / len(data.test_labels)).tolist()
-    names = [f"acc_net{k + 1}" for k in range(len(nets))] + ["acc_ensemble"]
+    return predictions
+
+
+def accuracies(predictions: torch.Tensor, labels: torch.Tensor, prefix: str = "acc") -> dict[str, float]:
+    """Accuracy (%) of each row of `ensemble_predictions`: {prefix}_net1, ..., {prefix}_ensemble."""
+    correct = distributed.global_sum((predictions == labels[None, :]).sum(dim=1).double())
+    acc = (100.0 * correct / len(labels)).tolist()
+    names = [f"{prefix}_net{k + 1}" for k in range(len(predictions) - 1)] + [f"{prefix}_ensemble"]
     return dict(zip(names, acc))
 
 
-def _auroc(scores: torch.Tensor, is_clean: torch.Tensor) -> float:
-    seen = ~torch.isnan(scores)
-    clean = is_clean[seen].cpu().numpy()
-    if seen.sum() == 0 or clean.all() or not clean.any():
-        return float("nan")
-    return 100.0 * roc_auc_score(clean, scores[seen].cpu().numpy())
+def test_accuracies(members: list[Member], data: TrainingData, augment: BatchAugment,
+                    batch_size: int) -> dict[str, float]:
+    """Test accuracy (%) of each network and, for two, of their ensemble (averaged logits)."""
+    return accuracies(ensemble_predictions(members, data.test_images, augment, batch_size), data.test_labels)
 
 
 class MetricsLog:
@@ -163,7 +168,15 @@ class MetricsLog:
 
 
 def _format(value: float) -> str:
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
+    """metrics.csv cell: a column that does not apply this epoch (NaN) is left empty."""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
+
+
+def _shown(value: float) -> str:
+    """An epoch-line number; '–' where it does not apply."""
+    return "–" if value is None or math.isnan(value) else f"{value:.1f}"
 
 
 class Trainer:
@@ -184,12 +197,17 @@ class Trainer:
                                autocast_device="cuda" if amp else None,
                                forget_rate=cfg.forget_rate if cfg.forget_rate is not None else self.data.noise_rate)
         self.step_fn = STEPS[cfg.spec.loss]
+        if cfg.spec.meta and cfg.reliability_momentum > 0:
+            self.ctx.memories = [ReliabilityMemory(len(self.data.noisy_labels), cfg.reliability_momentum, self.device)
+                                 for _ in self.members]
         self.metrics = MetricsLog(run_dir / "metrics.csv")
         self.epoch = 0  # epochs completed
         self.step = 0  # steps completed in the current epoch
         self.order = torch.empty(0, dtype=torch.long)
         self.sums: dict[str, torch.Tensor] = {}
-        self.best_acc = -math.inf
+        self.counts: dict[str, torch.Tensor] = {}  # steps whose value of each log was finite
+        self.best_acc = -math.inf  # meta-set accuracy of best.pt
+        self.best_test_acc = math.nan  # its test accuracy (reported, never used to choose)
         self.stop_requested = False  # set by SIGINT/SIGTERM: checkpoint after the current step and stop
 
     # ---- checkpoints -------------------------------------------------------------------------------
@@ -200,6 +218,7 @@ class Trainer:
             "step": self.step,  # > 0 only in a checkpoint written mid-epoch (interrupt)
             "epoch_state": self._epoch_state() if self.step else {},
             "best_acc": self.best_acc,
+            "best_test_acc": self.best_test_acc,
             "dataset": {"name": self.data.dataset, "classes": self.data.classes, "mean": list(self.data.mean),
                         "std": list(self.data.std), "image_size": self.data.image_size,
                         "noise_rate": self.data.noise_rate},
@@ -208,6 +227,7 @@ class Trainer:
             "heads": [m.head.state_dict() if m.head is not None else {} for m in self.members],
             "optimizers": [m.optimizer.state_dict() for m in self.members],
             "schedulers": [m.scheduler.state_dict() for m in self.members],
+            "reliability_memories": [memory.state_dict() for memory in self.ctx.memories],
             "rng": rng_state(),  # rank 0's (what a one-process resume uses)
             "rank_rng": distributed.all_gather_objects(rng_state()) if self.ranks > 1 else [],
         }
@@ -220,18 +240,21 @@ class Trainer:
                 m.head.load_state_dict(head)
             m.optimizer.load_state_dict(opt)
             m.scheduler.load_state_dict(sched)
+        for memory, saved in zip(self.ctx.memories, state.get("reliability_memories", [])):
+            memory.load_state_dict(saved)
         self.epoch = state["epoch"]
         self.step = state["step"]
         self.best_acc = state["best_acc"]
+        self.best_test_acc = state.get("best_test_acc", math.nan)
         if self.step:
             epoch_state = state["epoch_state"]
             self.order = epoch_state["order"]
             # the saved partial sums are over every rank: rank 0 carries them, the others restart from 0
             keep = distributed.is_main()
             self.sums = {k: v.to(self.device) * keep for k, v in epoch_state["sums"].items()}
-            seen = (epoch_state["alpha_seen"], epoch_state["total_seen"])
-            self.ctx.alpha_seen, self.ctx.total_seen = (
-                t.to(self.device) if keep else torch.full_like(t, float("nan"), device=self.device) for t in seen)
+            self.counts = {k: v.to(self.device) * keep for k, v in epoch_state["counts"].items()}
+            self.ctx.signals = self._new_signals()
+            self.ctx.signals.load_state_dict(epoch_state["signals"], keep=keep)
             self.ctx.skipped_steps = epoch_state["skipped_steps"]
         self._restore_rng(state)
 
@@ -250,7 +273,8 @@ class Trainer:
         """The epoch in flight, merged over ranks (partial sums added, per-sample reliabilities combined)."""
         return {"order": self.order,
                 "sums": {k: distributed.global_sum(torch.as_tensor(v)).cpu() for k, v in self.sums.items()},
-                "alpha_seen": _merge_seen(self.ctx.alpha_seen).cpu(), "total_seen": _merge_seen(self.ctx.total_seen).cpu(),
+                "counts": {k: distributed.global_sum(torch.as_tensor(v)).cpu() for k, v in self.counts.items()},
+                "signals": self.ctx.signals.state_dict(),
                 "skipped_steps": self.ctx.skipped_steps}
 
     # ---- the loop ----------------------------------------------------------------------------------
@@ -258,10 +282,12 @@ class Trainer:
         n = len(self.data.noisy_labels)
         # CPU generator: the same order on every device; rank 0's, so every rank slices the same order
         self.order = distributed.broadcast_from_main(torch.randperm(n).to(self.device)).cpu()
-        self.sums = {}
-        self.ctx.alpha_seen = torch.full((n,), float("nan"), device=self.device)
-        self.ctx.total_seen = torch.full((n,), float("nan"), device=self.device)
+        self.sums, self.counts = {}, {}
+        self.ctx.signals = self._new_signals()
         self.ctx.skipped_steps = 0
+
+    def _new_signals(self) -> EpochSignals:
+        return EpochSignals(len(self.data.noisy_labels), self.data.num_classes, self.device)
 
     def train_epoch(self) -> dict[str, float]:
         """Run (the rest of) the current epoch; returns the epoch's mean logs. Resumes mid-epoch if needed."""
@@ -282,7 +308,7 @@ class Trainer:
             start = step * batch_size + first
             index = self.order[start:start + local_size].to(self.device)
             batch = StepInputs(self.data.images[index], self.data.noisy_labels[index], index,
-                               epoch=self.epoch + step / steps)
+                               epoch=self.epoch + step / steps, clean_labels=self.data.clean_labels[index])
             try:
                 logs = self.step_fn(self.ctx, self.members, batch)
             except NonFiniteLoss as err:
@@ -290,13 +316,16 @@ class Trainer:
                                 f"the last good checkpoint is {self.run_dir / 'last.pt'}; lower --lr, or "
                                 "--set on_nonfinite=skip to skip such steps") from None
             for key, value in logs.items():
-                self.sums[key] = self.sums.get(key, 0) + value
+                finite = torch.isfinite(value)
+                self.sums[key] = self.sums.get(key, 0) + torch.where(finite, value, torch.zeros_like(value))
+                self.counts[key] = self.counts.get(key, 0) + finite.to(value.dtype)
             self.step = step + 1
         self.step = 0
         # rank-local logs → their mean over ranks (equal local batches: the global batch's values)
-        row = {key: (distributed.global_sum(value) / self.ranks / steps).item() for key, value in self.sums.items()}
-        row["alpha_auroc"] = _auroc(_merge_seen(self.ctx.alpha_seen), self.data.is_clean)
-        row["T_auroc"] = _auroc(_merge_seen(self.ctx.total_seen), self.data.is_clean)
+        # the mean over the steps (and ranks) where the value was finite: NaN marks "no such pair in this batch"
+        row = {key: (distributed.global_sum(value) / distributed.global_sum(torch.as_tensor(self.counts[key]))).item()
+               for key, value in self.sums.items()}
+        row.update(self.ctx.signals.merged().summary(self.data.is_clean))
         row["skipped_steps"] = self.ctx.skipped_steps
         return row
 
@@ -335,29 +364,48 @@ class Trainer:
                 m.scheduler.step()
             self.epoch += 1
             self._check_weights()
-            row.update(test_accuracies(self.members, self.data, self.augment, cfg.eval_batch_size))
+            row.update(self._evaluate())
             row = {"epoch": self.epoch, "lr": lr, **row, "epoch_time_s": time.perf_counter() - started}
             if distributed.is_main():
                 self.metrics.append({k: _format(v) for k, v in row.items()})
-            is_best = row["acc_ensemble"] > self.best_acc
-            self.best_acc = max(self.best_acc, row["acc_ensemble"])
+            # best.pt: selected on the clean meta set (held out from the noisy training data), never on the test set
+            is_best = row["meta_acc"] > self.best_acc
+            if is_best:
+                self.best_acc, self.best_test_acc = row["meta_acc"], row["acc_ensemble"]
             self.save()
             if is_best and distributed.is_main():
                 shutil.copyfile(self.run_dir / "last.pt", self.run_dir / ".best.pt.tmp")
                 (self.run_dir / ".best.pt.tmp").replace(self.run_dir / "best.pt")
-            log.info("epoch %d/%d  loss %.4f  acc %.2f (net1 %.2f)  alpha-AUROC %.1f  %.1fs", self.epoch, cfg.epochs,
-                     row["loss"], row["acc_ensemble"], row["acc_net1"], row["alpha_auroc"], row["epoch_time_s"])
-        return {"epochs": self.epoch, "best_acc": self.best_acc, "run_dir": str(self.run_dir)}
+            log.info("epoch %d/%d  loss %.4f  acc %.2f (net1 %.2f, meta %.1f)  AUROC alpha %s T %s loss %s  %.1fs",
+                     self.epoch, cfg.epochs, row["loss"], row["acc_ensemble"], row["acc_net1"], row["meta_acc"],
+                     _shown(row["alpha_auroc"]), _shown(row["T_auroc"]), _shown(row["loss_auroc"]),
+                     row["epoch_time_s"])
+        return {"epochs": self.epoch, "best_meta_acc": self.best_acc, "best_test_acc": self.best_test_acc,
+                "last_test_acc": self._last_test_acc(), "run_dir": str(self.run_dir)}
 
+    def _evaluate(self) -> dict[str, float]:
+        """Test accuracies, the ensemble's accuracy on the clean meta set (model selection), the share of the
+        most predicted test class, and (every signals_every epochs, and the last) the signals file."""
+        cfg, data = self.cfg, self.data
+        predictions = ensemble_predictions(self.members, data.test_images, self.augment, cfg.eval_batch_size)
+        row = accuracies(predictions, data.test_labels)
+        if len(data.meta_labels):
+            meta_predictions = ensemble_predictions(self.members, data.meta_images, self.augment, cfg.eval_batch_size)
+            row["meta_acc"] = accuracies(meta_predictions, data.meta_labels, "meta")["meta_ensemble"]
+        else:
+            row["meta_acc"] = row["acc_ensemble"]
+        ensemble = predictions[-1]
+        counts = distributed.global_sum(torch.bincount(ensemble[ensemble >= 0], minlength=data.num_classes).double())
+        row["test_pred_class_max"] = class_share_max(counts)
+        if self.epoch % cfg.signals_every == 0 or self.epoch == cfg.epochs:
+            signals = self.ctx.signals.merged()
+            if distributed.is_main():
+                signals.save(self.run_dir / "signals" / f"epoch_{self.epoch:04d}.npz", data.is_clean, counts)
+        return row
 
-def _merge_seen(values: torch.Tensor) -> torch.Tensor:
-    """Per-sample values each rank filled for its own samples (NaN elsewhere), combined over ranks."""
-    if distributed.world_size() == 1:
-        return values
-    seen = ~torch.isnan(values)
-    total = distributed.global_sum(torch.where(seen, values, torch.zeros_like(values)))
-    count = distributed.global_sum(seen.to(values.dtype))
-    return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(values, float("nan")))
+    def _last_test_acc(self) -> float:
+        rows = self.metrics.rows
+        return float(rows[-1]["acc_ensemble"]) if rows else math.nan
 
 
 def _check_divisible(cfg: TrainConfig, ranks: int) -> None:

@@ -2,7 +2,13 @@
 
 from hrp_ood.method.cdcl import cdcl_loss, normalize_beta
 from hrp_ood.method.ram import MixedBatch, ram_beta_params, ram_loss, reliability_mixup, total_reliability
-from hrp_ood.method.reliability import Reliabilities, meta_reliabilities, normalize_reliabilities
+from hrp_ood.method.reliability import (
+    Reliabilities,
+    ReliabilityMemory,
+    meta_reliabilities,
+    normalize_reliabilities,
+    reliabilities_from_signed,
+)
 from hrp_ood.method.schedule import coteaching_forget_rate, ramp_weight
 from hrp_ood.method.targets import (
     coteaching_select,
@@ -18,6 +24,7 @@ from hrp_ood.method.targets import (
 __all__ = [
     "MixedBatch",
     "Reliabilities",
+    "ReliabilityMemory",
     "cdcl_loss",
     "consistency_loss",
     "coteaching_forget_rate",
@@ -31,6 +38,7 @@ __all__ = [
     "ramp_weight",
     "prior_penalty",
     "refine_targets",
+    "reliabilities_from_signed",
     "reliability_mixup",
     "reweighted_ce",
     "sharpen",

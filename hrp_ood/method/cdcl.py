@@ -22,10 +22,15 @@ from hrp_ood.distributed import all_gather, all_gather_with_grad, global_max, gl
 
 
 def normalize_beta(beta: torch.Tensor, delta: float = 1e-8) -> torch.Tensor:
-    """Min-max normalise β over the (global) batch to [0, 1] (Eq. 10)."""
+    """Min-max normalise β over the (global) batch to [0, 1] (Eq. 10).
+
+    A batch whose β are all equal carries no ranking: β̂ = 1 where β > 0 (no gating: the no-meta variants,
+    β ≡ 1, keep CDCL on) and 0 where β = 0 (no pseudo-label helps), instead of Eq. 10's 0/δ = 0 for every row.
+    """
     beta = beta.detach()
     low, high = global_min(beta.min()), global_max(beta.max())
-    return (beta - low) / (high - low + delta)
+    spread = (beta - low) / (high - low + delta)
+    return torch.where(high > low, spread, (beta > 0).to(beta.dtype))
 
 
 def cdcl_loss(z: torch.Tensor, pseudo_labels: torch.Tensor, beta_hat: torch.Tensor, confident: torch.Tensor,

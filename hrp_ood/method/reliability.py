@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from hrp_ood.distributed import global_count, global_mean_of_grads, global_sum, world_size
+from hrp_ood.distributed import all_gather, global_count, global_mean_of_grads, global_sum, rank, world_size
 from hrp_ood.errors import UserError
 
 NORMALIZATIONS = ("separate", "coupled")
@@ -51,13 +51,16 @@ METHODS = ("jvp", "double_backward")
 class Reliabilities:
     """Per-sample reliabilities of one batch, all (n,) detached tensors.
 
-    alpha / beta: normalised α, β (Eq. 5); alpha_raw / beta_raw: clamped meta-gradients α̃, β̃ (Eq. 4).
+    alpha / beta: normalised α, β (Eq. 5); alpha_raw / beta_raw: clamped meta-gradients α̃, β̃ (Eq. 4);
+    alpha_signed / beta_signed: −∂L_meta/∂ε before the clamp (what `ReliabilityMemory` accumulates).
     """
 
     alpha: torch.Tensor
     beta: torch.Tensor
     alpha_raw: torch.Tensor
     beta_raw: torch.Tensor
+    alpha_signed: torch.Tensor
+    beta_signed: torch.Tensor
 
 
 def normalize_reliabilities(alpha_raw: torch.Tensor, beta_raw: torch.Tensor, normalization: str = "separate",
@@ -69,8 +72,11 @@ def normalize_reliabilities(alpha_raw: torch.Tensor, beta_raw: torch.Tensor, nor
     (over every rank's samples) in a data-parallel run.
 
     ``"coupled"`` (the L2B-like "Coupled Meta" ablation): one joint normaliser,
-    α = n α̃ / (Σ α̃ + Σ β̃ + δ), β = n β̃ / (Σ α̃ + Σ β̃ + δ), so Σ(α + β) = n: mass given to the
-    noisy label is taken from the pseudo-label and vice versa (the zero-sum coupling).
+    α = 2n α̃ / (Σ α̃ + Σ β̃ + δ), β = 2n β̃ / (Σ α̃ + Σ β̃ + δ), so Σ(α + β) = 2n: mass given to the
+    noisy label is taken from the pseudo-label and vice versa (the zero-sum coupling). The factor 2 gives
+    the same total mass as "separate" (mean α + mean β = 2), so T = α + β, RAM's gate and the CE weights
+    keep their scale and the ablation changes only the coupling (with n, mean T would halve and GRG would
+    halve RAM's weight: a confound).
     """
     n = global_count(alpha_raw.shape[0])
     alpha_sum, beta_sum = global_sum(alpha_raw.sum()), global_sum(beta_raw.sum())
@@ -78,7 +84,7 @@ def normalize_reliabilities(alpha_raw: torch.Tensor, beta_raw: torch.Tensor, nor
         return n * alpha_raw / (alpha_sum + delta), n * beta_raw / (beta_sum + delta)
     if normalization == "coupled":
         joint = alpha_sum + beta_sum + delta
-        return n * alpha_raw / joint, n * beta_raw / joint
+        return 2 * n * alpha_raw / joint, 2 * n * beta_raw / joint
     raise UserError(f"unknown reliability normalization {normalization!r}; use one of {', '.join(NORMALIZATIONS)}")
 
 
@@ -96,10 +102,71 @@ def meta_reliabilities(model: nn.Module, x: torch.Tensor, noisy_labels: torch.Te
         raise UserError(f"unknown reliability normalization {normalization!r}; use one of {', '.join(NORMALIZATIONS)}")
     raw = _raw_reliabilities_jvp if method == "jvp" else _raw_reliabilities_double_backward
     with _preserved_modes(model), torch.enable_grad():
-        alpha_raw, beta_raw = raw(model, x, noisy_labels, pseudo_labels, meta_x, meta_y, lr)
-    alpha_raw, beta_raw = alpha_raw.detach().clamp_min(0), beta_raw.detach().clamp_min(0)
+        alpha_signed, beta_signed = raw(model, x, noisy_labels, pseudo_labels, meta_x, meta_y, lr)
+    return reliabilities_from_signed(alpha_signed.detach(), beta_signed.detach(), normalization, delta)
+
+
+def reliabilities_from_signed(alpha_signed: torch.Tensor, beta_signed: torch.Tensor, normalization: str = "separate",
+                              delta: float = 1e-8) -> Reliabilities:
+    """Eqs. 4–5 from the signed meta-gradients −∂L_meta/∂ε: clamp at 0, then batch-normalise."""
+    alpha_raw, beta_raw = alpha_signed.clamp_min(0), beta_signed.clamp_min(0)
     alpha, beta = normalize_reliabilities(alpha_raw, beta_raw, normalization, delta)
-    return Reliabilities(alpha=alpha, beta=beta, alpha_raw=alpha_raw, beta_raw=beta_raw)
+    return Reliabilities(alpha=alpha, beta=beta, alpha_raw=alpha_raw, beta_raw=beta_raw,
+                         alpha_signed=alpha_signed, beta_signed=beta_signed)
+
+
+class ReliabilityMemory:
+    """Per-sample exponential moving average of the meta-gradients across visits (``reliability_momentum``).
+
+    Not in SPEC's equations (a measured config choice, SPEC §3.1's last note): one meta batch per iteration
+    gives a noisy per-sample signal, and a sample is visited once per epoch at other parameters, so the
+    visits are close to independent estimates of the same influence (TracIn's sum over checkpoints).
+    What is averaged is scale-free — each batch's signed −∂L_meta/∂ε divided by the batch's mean absolute
+    value — because the raw scale follows the learning rate and the gradient norms, which change over
+    training. Eq. 4's clamp and Eq. 5's batch normalisation then act on the averages. A sample whose
+    pseudo-label changed since its last visit restarts its β average (β is the reliability of *that* label).
+    momentum 0 keeps no memory: exactly Eqs. 4–5 of one batch.
+    """
+
+    def __init__(self, num_samples: int, momentum: float, device: torch.device | str = "cpu"):
+        self.momentum = momentum
+        self.alpha = torch.full((num_samples,), float("nan"), device=device)
+        self.beta = torch.full((num_samples,), float("nan"), device=device)
+        self.pseudo = torch.full((num_samples,), -1, dtype=torch.long, device=device)
+
+    def update(self, index: torch.Tensor, rel: Reliabilities, pseudo_labels: torch.Tensor, normalization: str,
+               delta: float) -> Reliabilities:
+        """The batch's reliabilities from the averages after this visit. Data-parallel: every rank stores every
+        rank's rows (a sample meets other ranks in other epochs), and returns its own."""
+        if self.momentum == 0:
+            return rel
+        index_all, pseudo_all = all_gather(index), all_gather(pseudo_labels)
+        alpha = self._average(self.alpha, index_all, all_gather(_scale_free(rel.alpha_signed, delta)), fresh=None)
+        beta = self._average(self.beta, index_all, all_gather(_scale_free(rel.beta_signed, delta)),
+                             fresh=self.pseudo[index_all] != pseudo_all)
+        self.pseudo[index_all] = pseudo_all
+        own = slice(rank() * len(index), (rank() + 1) * len(index))
+        return reliabilities_from_signed(alpha[own], beta[own], normalization, delta)
+
+    def _average(self, store: torch.Tensor, index: torch.Tensor, value: torch.Tensor,
+                 fresh: torch.Tensor | None) -> torch.Tensor:
+        previous = store[index]
+        restart = torch.isnan(previous) if fresh is None else torch.isnan(previous) | fresh
+        updated = torch.where(restart, value, self.momentum * previous + (1 - self.momentum) * value.to(previous.dtype))
+        store[index] = updated.to(store.dtype)
+        return updated
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"alpha": self.alpha.cpu(), "beta": self.beta.cpu(), "pseudo": self.pseudo.cpu()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name in ("alpha", "beta", "pseudo"):
+            getattr(self, name).copy_(state[name])
+
+
+def _scale_free(signed: torch.Tensor, delta: float) -> torch.Tensor:
+    """signed / mean |signed| over the (global) batch: sign and relative size kept, lr and gradient scale removed."""
+    return signed / (global_sum(signed.abs().sum()) / global_count(signed.shape[0]) + delta)
 
 
 def _raw_reliabilities_jvp(model: nn.Module, x: torch.Tensor, noisy_labels: torch.Tensor,

@@ -93,8 +93,12 @@ def prior_penalty(logits: torch.Tensor) -> torch.Tensor:
     # p̄ over the global batch: the mean of the ranks' means (equal local batches); each rank's loss is the
     # global value = W × its share, the convention of `hrp_ood.distributed`
     mean_probs = global_sum(logits.softmax(dim=1).mean(dim=0)) / world_size()
+    # log p̄ through logsumexp: a class no sample gives any probability (softmax underflow) stays finite
+    log_mean = torch.logsumexp(logits.log_softmax(dim=1), dim=0) - math.log(logits.shape[0])
+    if world_size() > 1:
+        log_mean = mean_probs.log()  # the global mean (the local log-sum-exp would be rank-local)
     prior = torch.full_like(mean_probs, 1.0 / mean_probs.numel())
-    return (prior * (prior.log() - mean_probs.log())).sum()
+    return (prior * (prior.log() - log_mean)).sum()
 
 
 def gce_loss(logits: torch.Tensor, labels: torch.Tensor, q: float = 0.7) -> torch.Tensor:

@@ -1,0 +1,152 @@
+"""The HRP step layer against independent computations: the co-training exchange (each network trains with what
+its *peer* computed), the ablation switches (each changes exactly its term), and per-network augmentation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hrp_ood.train.steps as steps_module
+from hrp_ood.config import build_config
+from hrp_ood.data.augment import BatchAugment
+from hrp_ood.method import refine_targets, reweighted_ce, total_reliability
+from hrp_ood.train.steps import StepContext, StepInputs, hrp_step
+from hrp_ood.train.trainer import build_members
+
+N, META, CLASSES = 8, 8, 4
+
+
+def make_step(method="hrp", **overrides):
+    cfg = build_config(overrides={"model": "small_cnn", "method": method, "batch_size": N, "meta_batch_size": META,
+                                  "warmup_epochs": 0, "ramp_epochs": 0, "proj_hidden_dim": 16, "proj_dim": 8,
+                                  "strong_policy": "none", "device": "cpu", "tau_conf": 0.3, **overrides})
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (N, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, CLASSES, (N,), generator=g)
+    meta_images = torch.randint(0, 256, (META, 3, 32, 32), dtype=torch.uint8, generator=g)
+    meta_labels = torch.randint(0, CLASSES, (META,), generator=g)
+    torch.manual_seed(1)
+    members = build_members(cfg, CLASSES, torch.device("cpu"))
+    augment = BatchAugment((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 32, strong_policy="none")
+    ctx = StepContext(cfg, augment, meta_images, meta_labels, autocast_device=None)
+    batch = StepInputs(images, labels, torch.arange(N), epoch=1.0, clean_labels=labels)
+    return ctx, members, batch
+
+
+class Recorder:
+    """Wraps a function of steps.py, recording every call's arguments."""
+
+    def __init__(self, monkeypatch, name):
+        self.calls = []
+        original = getattr(steps_module, name)
+
+        def wrapper(*args, **kwargs):
+            self.calls.append((args, kwargs))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(steps_module, name, wrapper)
+
+
+def record_forwards(members):
+    """Each network's first training pass (weak and strong views stacked): inputs and detached logits."""
+    seen = [[] for _ in members]
+    for k, m in enumerate(members):
+        def forward(x, return_feature=False, net=m.net, k=k):
+            out = net(x, return_feature=return_feature)
+            seen[k].append((x.detach().clone(), (out[0] if return_feature else out).detach().clone()))
+            return out
+        m.forward = forward
+    return seen
+
+
+def test_each_network_trains_with_its_peers_targets_and_reliabilities(monkeypatch):
+    ctx, members, batch = make_step()
+    forwards = record_forwards(members)
+    reliabilities = {0: (torch.full((N,), 0.25), torch.full((N,), 0.5)), 1: (torch.full((N,), 2.0), torch.full((N,), 0.75))}
+    monkeypatch.setattr(steps_module, "_reliabilities", lambda ctx, k, *a: reliabilities[k])
+    targets = Recorder(monkeypatch, "refine_targets")
+    totals = Recorder(monkeypatch, "total_reliability")
+    hrp_step(ctx, members, batch)
+    probs = [F.softmax(forwards[k][0][1][:N], dim=1) for k in range(2)]  # each network's weak-view prediction
+    for k in range(2):
+        peer = 1 - k
+        torch.testing.assert_close(targets.calls[k][0][0], probs[peer])
+        alpha, beta = totals.calls[k][0][:2]
+        assert torch.equal(alpha, reliabilities[peer][0]) and torch.equal(beta, reliabilities[peer][1])
+
+
+def test_reweighted_ce_of_the_step_equals_a_hand_computation(monkeypatch):
+    """loss_ce of network 1 = Eq. 13 on its own weak logits with the peer's refined targets and T."""
+    ctx, members, batch = make_step(method="base")  # no RAM / CDCL: only L_CE, L_cons, prior are logged
+    forwards = record_forwards(members)
+    logs = {}
+    member_loss = steps_module._hrp_member_loss
+
+    def keep(ctx_, member, own, peer, *args, **kwargs):
+        terms = member_loss(ctx_, member, own, peer, *args, **kwargs)
+        logs.setdefault("loss_ce", []).append(terms["loss_ce"].detach())
+        return terms
+
+    monkeypatch.setattr(steps_module, "_hrp_member_loss", keep)
+    hrp_step(ctx, members, batch)
+    cfg = ctx.cfg
+    logits = [forwards[k][0][1][:N] for k in range(2)]
+    for k in range(2):
+        peer_probs = logits[1 - k].softmax(dim=1)
+        targets, high_conf = refine_targets(peer_probs, batch.noisy_labels, cfg.tau_match, cfg.tau_conf,
+                                            cfg.sharpen_temperature)
+        T = total_reliability(torch.ones(N), torch.ones(N), cfg.t_min, cfg.t_max)  # no meta: α = β = 1
+        expected = reweighted_ce(logits[k], targets, T, high_conf, cfg.gamma)
+        torch.testing.assert_close(logs["loss_ce"][k], expected)
+
+
+@pytest.mark.parametrize("method, present, absent", [
+    ("hrp", {"loss_ram", "loss_cdcl", "gate"}, set()),
+    ("hrp_no_ram", {"loss_cdcl"}, {"loss_ram", "gate"}),
+    ("hrp_no_cdcl", {"loss_ram", "gate"}, {"loss_cdcl"}),
+    ("base", set(), {"loss_ram", "loss_cdcl", "gate"}),
+    ("base_cdcl", {"loss_cdcl"}, {"loss_ram"}),
+    ("base_ram_grg", {"loss_ram", "gate"}, {"loss_cdcl"}),
+])
+def test_ablation_switches_remove_exactly_their_terms(method, present, absent):
+    ctx, members, batch = make_step(method)
+    logs = hrp_step(ctx, members, batch)
+    assert present <= set(logs) and not absent & set(logs)
+    assert {"loss_ce", "loss_cons"} <= set(logs)
+
+
+def test_grg_and_symmetric_ram_switches(monkeypatch):
+    calls = {}
+    for method in ("hrp", "hrp_no_grg", "hrp_sym_ram"):
+        ctx, members, batch = make_step(method)
+        mixups = Recorder(monkeypatch, "reliability_mixup")
+        logs = hrp_step(ctx, members, batch)
+        calls[method] = (mixups.calls[0][1], logs["gate"].item())
+    assert calls["hrp"][0]["gated"] and not calls["hrp"][0]["symmetric"]
+    assert not calls["hrp_no_grg"][0]["gated"] and calls["hrp_no_grg"][1] == 1.0
+    assert calls["hrp_sym_ram"][0]["symmetric"] and calls["hrp_sym_ram"][0]["gated"]
+
+
+def test_coupled_meta_keeps_the_total_reliability_mass():
+    """Coupled normalisation gives Σ(α + β) = 2n, the mass of the separate one when both signals are positive
+    (so mean T and RAM's gate keep their scale in the ablation)."""
+    ctx, members, batch = make_step("coupled_meta")
+    logs = hrp_step(ctx, members, batch)
+    assert logs["alpha"].item() + logs["beta"].item() == pytest.approx(2.0, rel=1e-4)
+
+
+def test_no_meta_variant_keeps_cdcl_on():
+    ctx, members, batch = make_step("hrp_no_meta", tau_conf=0.0)  # every row confident: positives exist
+    logs = hrp_step(ctx, members, batch)
+    assert logs["loss_cdcl"].item() > 0  # β ≡ 1 → β̂ ≡ 1: ungated, not switched off
+
+
+@pytest.mark.parametrize("independent", [False, True])
+def test_independent_views_per_network(independent):
+    ctx, members, batch = make_step(independent_views=independent)
+    torch.manual_seed(3)
+    forwards = record_forwards(members)
+    hrp_step(ctx, members, batch)
+    same = torch.equal(forwards[0][0][0], forwards[1][0][0])
+    assert same is not independent
