@@ -58,7 +58,7 @@ class TrainConfig:
     noise: str = "sym50"
     noisy_labels: str | None = None  # file of real noisy labels (.npy or CIFAR-N .pt)
     noisy_labels_key: str | None = None  # key inside a CIFAR-N .pt file, e.g. worse_label
-    meta_size: int = 1000
+    meta_size: int = 1000  # 0: train on the whole training split (only methods without a meta step)
     meta_balanced: bool = True
     strong_policy: str = "randaugment"  # randaugment | autoaugment | none
     # model and method
@@ -125,15 +125,23 @@ class TrainConfig:
                             f"got {self.strong_policy!r}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise UserError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
-        for name in ("epochs", "batch_size", "meta_batch_size", "meta_size", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "meta_batch_size", "eval_batch_size"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        self._validate_meta_size()
         if not self.noisy_labels:
             from hrp_ood.data.noise import check_noise_for_dataset, parse_noise
 
             check_noise_for_dataset(parse_noise(self.noise), self.dataset)
         if not self.t_min <= self.t_max:
             raise UserError(f"t_min ({self.t_min}) must not exceed t_max ({self.t_max})")
+
+    def _validate_meta_size(self) -> None:
+        """0 (train on the whole training split) only for methods without a meta step."""
+        if self.meta_size < 0 or (self.meta_size == 0 and self.spec.meta):
+            without_meta = ", ".join(name for name, spec in METHODS.items() if not spec.meta)
+            raise UserError(f"meta_size must be positive for {self.method} (its meta step needs a clean meta set), "
+                            f"got {self.meta_size}; meta_size 0 is for methods without one: {without_meta}")
 
     @property
     def spec(self) -> MethodSpec:

@@ -87,3 +87,15 @@ def test_saved_config_reloads_identically(tmp_path):
     cfg = build_config(overrides={"noise": "asym40", "lr_milestones": [3, 4], "forget_rate": 0.3})
     save_config(cfg, tmp_path / "config.yaml")
     assert build_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("method", [name for name, spec in METHODS.items() if not spec.meta])
+def test_methods_without_a_meta_step_may_use_the_whole_training_split(method):
+    assert build_config(overrides={"method": method, "meta_size": 0}).meta_size == 0
+
+
+@pytest.mark.parametrize("method, meta_size", [("hrp", 0), ("coupled_meta", 0), ("ce", -1)])
+def test_meta_methods_need_a_meta_set_and_sizes_are_never_negative(method, meta_size):
+    with pytest.raises(UserError, match=f"meta_size must be positive for {method}.*ce, gce, coteach") as info:
+        build_config(overrides={"method": method, "meta_size": meta_size})
+    assert "\n" not in str(info.value)
