@@ -110,12 +110,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from hrp_ood.eval.cli import evaluate_from_args
+    from hrp_ood.eval.cli import evaluate_from_args, tuning_note
     from hrp_ood.eval.evaluate import format_markdown_table
 
     report = evaluate_from_args(args)
     print(f"ID accuracy {report['id_accuracy']:.2f}%  ({report['net']} of {report['checkpoint']})")
     print(format_markdown_table(report["results"]))
+    note = tuning_note(report)
+    if note:
+        print(note)
     return 0
 
 
