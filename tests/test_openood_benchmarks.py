@@ -68,6 +68,8 @@ def test_benchmark_sets_come_from_its_lists_only(tmp_path):
         load_ood_images("lsun", tmp_path, id_dataset="folder", benchmark=cifar10)
     with pytest.raises(UserError, match="is the ID dataset itself"):
         load_ood_images("cifar10", tmp_path, id_dataset="folder", benchmark=cifar10)
+    with pytest.raises(UserError, match="benchmark_imglist/folder/test_svhn.txt.*give --benchmark NAME"):
+        load_ood_images("svhn", tmp_path, id_dataset="folder")  # a folder checkpoint on an OpenOOD root
     mine = tmp_path / "mine"
     write_ood_folder(mine, random_images(2, seed=5))
     assert len(load_ood_images("lsun", tmp_path, id_dataset="folder", benchmark=cifar10, ood_dirs={"lsun": mine})) == 2

@@ -87,8 +87,11 @@ def load_ood_images(name: str, data_root: str | Path, *, id_dataset: str, image_
             log.info("OOD set %s: %d images from %s", name, len(images), path)
             return images
     looked = ", ".join(str(path) for path, _ in candidates)
+    openood_root = benchmark is None and (data_root / "benchmark_imglist").is_dir()
     raise UserError(f"OOD set {name!r} not found; looked for: {looked}; download it there, give "
-                    f"--ood-dir {name}=PATH, or pass --skip-missing")
+                    f"--ood-dir {name}=PATH, or pass --skip-missing"
+                    + ("; to read this OpenOOD root as one of its benchmarks, give --benchmark NAME"
+                       if openood_root else ""))
 
 
 def _candidates(name: str, data_root: Path, id_dataset: str, size: int, ood_dirs: dict[str, Path],
