@@ -38,7 +38,7 @@ from hrp_ood.errors import UserError
 from hrp_ood.eval.features import batches, cached_features, channel_stats, normalise_batch
 from hrp_ood.eval.featureset import FeatureSet
 from hrp_ood.eval.metrics import accuracy, ood_metrics
-from hrp_ood.eval.tuning import SELECTION_RULE, search_openood
+from hrp_ood.eval.tuning import SELECTION_RULE, SearchResult, search_openood
 from hrp_ood.eval.validation import ValidationImages, require_both_parts
 from hrp_ood.io import atomic_write, atomic_write_text
 from hrp_ood.postprocessors import Postprocessor, create_postprocessor
@@ -89,15 +89,11 @@ def run_evaluation(net: nn.Module, id_bundle: DataBundle, ood_images: dict[str, 
     extract = dict(cache_dir=cache_dir, batch_size=batch_size, device=device, amp=amp, progress=progress)
     mean, std = id_bundle.mean, id_bundle.std
     prefix = f"{cache_key}-{id_bundle.name}-{_transform_tag(id_bundle)}"
-
-    def score_set(method: Postprocessor, images: torch.Tensor, features: FeatureSet) -> np.ndarray:
-        if method.needs_network:
-            return network_scores(method, net, images, mean, std, device=device, batch_size=batch_size)
-        return np.asarray(method.score(features), dtype=np.float64)
+    score = SetScorer(net, mean, std, device, batch_size)
 
     val = _validation_features(net, validation, mean, std, prefix, extract)
     fit_sets = {"id_val": val["id"][1]} if "id" in val else {}
-    if any(m.requires_fit and _fit_on(m, fit_sets) == "id_train" for m in defaults):
+    if any(_fit_on(m, fit_sets) == "id_train" for m in defaults):
         fit_sets["id_train"] = _fit_features(net, id_bundle, fit_labels, noisy_train_labels, fit_subset, prefix,
                                              extract)
     fc = net.get_fc() if any(m.requires_fit for m in defaults) else None
@@ -106,25 +102,15 @@ def run_evaluation(net: nn.Module, id_bundle: DataBundle, ood_images: dict[str, 
     methods = []
     for default in defaults:
         fit_on = _fit_on(default, fit_sets)
-
-        def fitted(params: dict[str, Any], name: str = default.name, fit_on: str | None = fit_on) -> Postprocessor:
-            method = _for_dataset(create_postprocessor(name, **params), id_bundle)
-            return method.fit(fit_sets[fit_on], fc) if method.requires_fit else method
-
+        fit_set = fit_sets.get(fit_on) if fit_on else None
         if tune and default.openood_sweep:
-            def val_scores(params: dict[str, Any], fitted=fitted) -> tuple[np.ndarray, np.ndarray]:
-                method = fitted(params)
-                return score_set(method, *val["id"]), score_set(method, *val["ood"])
-
-            search = search_openood(default.name, default.openood_sweep, val_scores)
-            settings["tuning"].setdefault("searched", {})[default.name] = search.as_json()
-            log.info("%s: OpenOOD's search chose %s on the validation split", default.name, search.chosen)
-            method = fitted(search.chosen)
+            method, search = _searched(default.name, default.openood_sweep, id_bundle, fit_set, fc, val, score)
+            settings["tuning"].setdefault("searched", {})[method.name] = search.as_json()
         else:
-            method = default.fit(fit_sets[fit_on], fc) if default.requires_fit else default
-        if method.requires_fit:
+            method = default.fit(fit_set, fc) if default.requires_fit else default
+        if fit_on:
             settings["fit_on"][method.name] = fit_on
-            log.info("%s fitted on %s (%d samples)", method.name, fit_on, len(fit_sets[fit_on]))
+            log.info("%s fitted on %s (%d samples)", method.name, fit_on, len(fit_set))
         settings["hyperparameters"][method.name] = method.hyperparameters()
         methods.append(method)
     settings["tuning"]["rule" if tune else "openood_would_tune"] = (
@@ -135,11 +121,48 @@ def run_evaluation(net: nn.Module, id_bundle: DataBundle, ood_images: dict[str, 
     ood = {name: cached_features(net, images, mean, std, key=f"{prefix}-ood-{name}", **extract)
            for name, images in ood_images.items()}
     datasets = {"id": (id_bundle.test_images, id_test), **{n: (ood_images[n], ood[n]) for n in ood_images}}
-    scores = {f"{method.name}/{set_name}": score_set(method, images, features)
+    scores = {f"{method.name}/{set_name}": score(method, images, features)
               for method in methods for set_name, (images, features) in datasets.items()}
     rows = [row for method in methods for row in _metric_rows(method.name, scores, list(ood_images))]
     return EvalResult(rows=rows, id_accuracy=accuracy(id_test.logits, id_test.labels), scores=scores,
                       settings=settings)
+
+
+@dataclass
+class SetScorer:
+    """(N,) scores of a postprocessor on one image set: from its cached features, or, for methods that
+    need the network (`needs_network`), from their own batched pass over the images."""
+
+    net: nn.Module
+    mean: Sequence[float]
+    std: Sequence[float]
+    device: torch.device
+    batch_size: int
+
+    def __call__(self, method: Postprocessor, images: torch.Tensor, features: FeatureSet) -> np.ndarray:
+        if method.needs_network:
+            return network_scores(method, self.net, images, self.mean, self.std, device=self.device,
+                                  batch_size=self.batch_size)
+        return np.asarray(method.score(features), dtype=np.float64)
+
+
+def _fitted(name: str, params: dict[str, Any], bundle: DataBundle, fit_set: FeatureSet | None,
+            fc: Any) -> Postprocessor:
+    """Postprocessor `name` with `params`, given the ID normalisation and fitted on `fit_set` when it needs it."""
+    method = _for_dataset(create_postprocessor(name, **params), bundle)
+    return method.fit(fit_set, fc) if method.requires_fit else method
+
+
+def _searched(name: str, sweep: dict[str, Any], bundle: DataBundle, fit_set: FeatureSet | None, fc: Any,
+              val: dict[str, tuple[torch.Tensor, FeatureSet]], score: SetScorer) -> tuple[Postprocessor, SearchResult]:
+    """OpenOOD's search for `name` on the validation split, and the postprocessor with the chosen values."""
+    def val_scores(params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        method = _fitted(name, params, bundle, fit_set, fc)
+        return score(method, *val["id"]), score(method, *val["ood"])
+
+    search = search_openood(name, sweep, val_scores)
+    log.info("%s: OpenOOD's search chose %s on the validation split", name, search.chosen)
+    return _fitted(name, search.chosen, bundle, fit_set, fc), search
 
 
 def _validation_features(net: nn.Module, validation: ValidationImages | None, mean: Sequence[float],
