@@ -43,7 +43,10 @@ def openood_candidates(sweep: Mapping[str, Sequence[Any]]) -> list[dict[str, Any
 
 
 def openood_choice(aurocs: Sequence[float]) -> int:
-    """Index OpenOOD keeps: the first strictly better AUROC, from 0 up (ties keep the earliest)."""
+    """Index OpenOOD keeps: the first strictly better AUROC, from 0 up (ties keep the earliest).
+
+    Were every AUROC 0, OpenOOD's loop would keep none and fail; the first is kept here.
+    """
     best_index, best = 0, 0.0
     for index, auroc in enumerate(aurocs):
         if auroc > best:
