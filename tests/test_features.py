@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 
@@ -12,6 +13,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import nn
 
 from fakes import CountingNet
+from hrp_ood.errors import UserError
 from hrp_ood.eval import features as features_module
 from hrp_ood.eval.features import cached_features, extract_features, file_sha256
 
@@ -90,10 +92,10 @@ def test_unreadable_cache_is_recomputed_with_a_warning(tmp_path, caplog):
 
 def test_a_failed_write_leaves_no_cache_file(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(features_module.np, "savez", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UserError, match=r"cannot write .*k\.npz: No space left on device \(ENOSPC\)"):
         cached_features(CountingNet(), _images(4), MEAN, STD, cache_dir=tmp_path, key="k")
     assert list(tmp_path.iterdir()) == []
 
