@@ -13,15 +13,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from hrp_ood.checkpoint import read_checkpoint
 from hrp_ood.config import TrainConfig
 from hrp_ood.data import load_dataset
 from hrp_ood.data.bundle import DataBundle
 from hrp_ood.data.noise import load_noise
 from hrp_ood.errors import UserError
 from hrp_ood.eval.evaluate import run_evaluation, write_eval_outputs
-from hrp_ood.eval.features import file_sha256
-from hrp_ood.eval.network import NET_CHOICES, checkpoint_config, load_network
+from hrp_ood.eval.network import NET_CHOICES, checkpoint_config, network_from_state
 from hrp_ood.eval.ood_data import FAR_OOD_SETS, NEAR_OOD_SETS, load_ood_images
+from hrp_ood.io import check_output_folder
 from hrp_ood.postprocessors import list_postprocessors
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def load_ood_sets(names: list[str], data_root: Path, *, id_dataset: str, image_s
             sets[name] = load_ood_images(name, data_root, id_dataset=id_dataset, image_size=image_size,
                                          ood_dirs=ood_dirs, skip_corrupt=skip_corrupt)
         except UserError as err:
-            if not skip_missing:
+            if not skip_missing or name in ood_dirs:  # a folder given with --ood-dir is never skipped
                 raise
             log.warning("skipping OOD set %s: %s", name, err)
     if not sets:
@@ -119,6 +120,7 @@ class LoadedCheckpoint:
     path: Path
     model: torch.nn.Module
     state: dict[str, Any]
+    sha256: str  # of the bytes `state` was loaded from
     cfg: TrainConfig
     bundle: DataBundle
     device: torch.device
@@ -150,10 +152,11 @@ def load_checkpoint_for_evaluation(ckpt: Path, net: str = "ensemble", device: st
     from hrp_ood.train.trainer import resolve_device
 
     torch_device = resolve_device(device)
-    model, state = load_network(ckpt, net, torch_device)
+    state, sha256 = read_checkpoint(ckpt)  # one read: the hash names exactly the weights loaded
+    model = network_from_state(state, ckpt, net, torch_device)
     cfg = checkpoint_config(state, ckpt)
     bundle = _load_id_dataset(state, cfg, ckpt, id_data_root)
-    return LoadedCheckpoint(ckpt, model, state, cfg, bundle, torch_device)
+    return LoadedCheckpoint(ckpt, model, state, sha256, cfg, bundle, torch_device)
 
 
 def evaluate_loaded(loaded: LoadedCheckpoint, ood_images: dict[str, torch.Tensor], postprocessors: list[str], *,
@@ -161,8 +164,7 @@ def evaluate_loaded(loaded: LoadedCheckpoint, ood_images: dict[str, torch.Tensor
                     fit_labels: str = "clean", batch_size: int = 256, progress: bool = False,
                     backend: str = "ours") -> dict[str, Any]:
     """Score a loaded checkpoint against already-loaded OOD images; write and return eval.json's content."""
-    ckpt, cfg, device = loaded.path, loaded.cfg, loaded.device
-    sha = file_sha256(ckpt)
+    ckpt, cfg, device, sha = loaded.path, loaded.cfg, loaded.device, loaded.sha256
     if backend == "openood":
         from hrp_ood.eval.openood_backend import evaluate_with_openood
 
@@ -198,13 +200,26 @@ def evaluate_checkpoint(ckpt: Path, ood_images: dict[str, torch.Tensor], postpro
                            fit_labels=fit_labels, batch_size=batch_size, progress=progress)
 
 
+def _ood_set_names(ood: str, ood_dirs: dict[str, Path]) -> list[str]:
+    """The sets --ood names, then every set given with --ood-dir that --ood does not list: a set the user named
+    is scored, never dropped."""
+    names = _split_names(ood, [*FAR_OOD_SETS, *NEAR_OOD_SETS, *ood_dirs], "OOD set", FAR_OOD_SETS,
+                         hint="or give an image folder as --ood-dir NAME=PATH")
+    added = [name for name in ood_dirs if name not in names]
+    if added:
+        log.info("scoring %s too: given with --ood-dir", ", ".join(added))
+    return names + added
+
+
 def evaluate_from_args(args: argparse.Namespace) -> dict[str, Any]:
     postprocessors = _split_names(args.postprocessor, list_postprocessors(), "postprocessor",
                                   tuple(list_postprocessors()))
     ood_dirs = _parse_ood_dirs(args.ood_dir)
-    names = _split_names(args.ood, [*FAR_OOD_SETS, *NEAR_OOD_SETS, *ood_dirs], "OOD set",
-                         FAR_OOD_SETS + tuple(n for n in ood_dirs if n not in FAR_OOD_SETS),
-                         hint="or give an image folder as --ood-dir NAME=PATH")
+    names = _ood_set_names(args.ood, ood_dirs)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_output_folder(args.out or args.ckpt.parent / f"eval_{args.net}", "--out")
+    check_output_folder(args.cache_dir or args.ckpt.parent / "cache", "--cache-dir")
     # a bad checkpoint or missing ID data fails before any (slow) OOD data is read
     loaded = load_checkpoint_for_evaluation(args.ckpt, args.net, args.device, args.id_data_root)
     ood = load_ood_sets(names, args.data_root, id_dataset=loaded.cfg.dataset,

@@ -9,8 +9,9 @@ A set name is resolved, first match wins, as
    `MNIST/raw/` layout, the CIFAR pickles (near-OOD), or an image folder (`dtd/images/`, `LSUN/`, …).
 
 Every image goes through OpenOOD's test transform without its normalisation: RGB (grey → 3 channels,
-alpha dropped), resize the shorter side to `image_size` (bilinear, antialiased), centre-crop
-`image_size`. The ID mean/std is applied later, on the batch, on the device (`features.py`).
+alpha dropped, 16-bit and float images scaled to 8 bits: `hrp_ood.data.image_modes`), resize the shorter
+side to `image_size` (bilinear, antialiased), centre-crop `image_size`. The ID mean/std is applied later,
+on the batch, on the device (`features.py`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from hrp_ood.errors import UserError
+from hrp_ood.data.image_modes import rgb_image
+from hrp_ood.errors import UserError, shown
+from hrp_ood.io import read_text_file
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +74,11 @@ def load_ood_images(name: str, data_root: str | Path, *, id_dataset: str, image_
         if path.exists():
             images = loader()
             if len(images) == 0:
-                raise UserError(f"OOD set {name!r} at {path} holds no images; point --data-root/--ood-dir at the "
-                                f"images or drop {name} from --ood")
+                raise UserError(f"OOD set {name!r} at {shown(path)} holds no images; point --data-root/--ood-dir "
+                                f"at the images or drop {name} from --ood")
             log.info("OOD set %s: %d images from %s", name, len(images), path)
             return images
-    looked = ", ".join(str(path) for path, _ in candidates)
+    looked = ", ".join(shown(path) for path, _ in candidates)
     raise UserError(f"OOD set {name!r} not found; looked for: {looked}; download it there, give "
                     f"--ood-dir {name}=PATH, or pass --skip-missing")
 
@@ -89,7 +92,9 @@ def _candidates(name: str, data_root: Path, id_dataset: str, size: int, ood_dirs
     if name in ood_dirs:  # given explicitly: the only place to look
         path = Path(ood_dirs[name])
         if path.exists() and not path.is_dir():
-            raise UserError(f"--ood-dir {name}={path} is not a folder; give a folder of images")
+            raise UserError(f"--ood-dir {name}={shown(path)} is not a folder; give a folder of images")
+        if not path.exists():  # named by the user: an error even with --skip-missing, never a skipped set
+            raise UserError(f"--ood-dir {name}={shown(path)}: no such folder; give the folder of the {name} images")
         return [folder(path)]
     stem = OPENOOD_LIST_STEMS.get(name, name)
     image_list = data_root / "benchmark_imglist" / id_dataset / f"test_{stem}.txt"
@@ -153,7 +158,7 @@ def _cifar_test_images(name: str, data_root: Path, size: int) -> torch.Tensor:
 
 def load_image_list(list_file: Path, images_root: Path, size: int, *, skip_corrupt: bool = False) -> torch.Tensor:
     """OpenOOD image list: the first token of every non-empty line is a path relative to `images_root`."""
-    lines = list_file.read_text(encoding="utf-8").splitlines()
+    lines = read_text_file(list_file, "image list").splitlines()
     relative = [line.split(maxsplit=1)[0] for line in lines if line.strip()]
     paths = [_inside(images_root, rel, list_file) for rel in relative]
     missing = [p for p in paths if not p.is_file()]
@@ -205,7 +210,7 @@ def decode_images(paths: Sequence[Path], size: int, *, skip_corrupt: bool = Fals
 def _decode_one(path: Path, size: int) -> torch.Tensor | None:
     try:
         with Image.open(path) as img:
-            rgb = img.convert("RGB")
+            rgb = rgb_image(img)
     except _UNREADABLE:
         return None
     return TF.pil_to_tensor(TF.center_crop(TF.resize(rgb, size), size))
