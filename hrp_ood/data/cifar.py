@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from hrp_ood.data.bundle import DataBundle, check_native_size
-from hrp_ood.errors import UserError
+from hrp_ood.errors import UserError, shown
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,8 @@ def _labels(batch: dict[str, Any], key: str, path: Path) -> np.ndarray:
 def _require_files(folder: Path, files: tuple[str, ...], name: str, url: str) -> None:
     missing = [f for f in files if not (folder / f).is_file()]
     if missing:
-        raise UserError(f"{name} not found: expected {folder}/{{{', '.join(files)}}} (missing: {', '.join(missing)}); "
+        raise UserError(f"{name} not found: expected {shown(folder)}/{{{', '.join(files)}}} "
+                        f"(missing: {', '.join(missing)}); "
                         f"extract {url} into {folder.parent}, or let `hrp-ood train --download` fetch it")
 
 
