@@ -25,13 +25,13 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
-from tqdm.auto import tqdm
 
 from hrp_ood import distributed
 from hrp_ood.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -40,6 +40,7 @@ from hrp_ood.data.augment import BatchAugment
 from hrp_ood.errors import Interrupted, UserError
 from hrp_ood.io import atomic_write_text
 from hrp_ood.models import ProjectionHead, create_model
+from hrp_ood.progress import progress_steps
 from hrp_ood.run_dir import RunFolder
 from hrp_ood.train.data import TrainingData, prepare_training_data
 from hrp_ood.train.steps import STEPS, Member, NonFiniteLoss, StepContext, StepInputs
@@ -294,8 +295,9 @@ class Trainer:
             self._begin_epoch()
         for m in self.members:
             m.net.train()
-        bar = tqdm(range(self.step, steps), desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
-                   disable=not self.progress, leave=False, dynamic_ncols=True, initial=self.step, total=steps)
+        bar = progress_steps(range(self.step, steps), bar=self.progress, total=steps, initial=self.step,
+                             desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
+                             steps_after=(self.cfg.epochs - self.epoch - 1) * steps)
         for step in bar:
             if self._stop_agreed():
                 raise TrainingInterrupted(self.epoch, step)
@@ -464,10 +466,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, ex
     """
     owns_group = distributed.init_from_env(device_type(cfg.device))
     try:
-        return _train(cfg, resume=resume, overwrite=overwrite, explicit=explicit, progress=progress)
+        with _without_torch_jit_deprecation():
+            return _train(cfg, resume=resume, overwrite=overwrite, explicit=explicit, progress=progress)
     finally:
         if owns_group:
             distributed.shutdown()
+
+
+@contextlib.contextmanager
+def _without_torch_jit_deprecation():
+    """torch's forward-mode AD (the meta step) scripts its own decompositions with torch.jit.script on first use,
+    and torch.jit.script warns that it is deprecated: a FutureWarning about torch's code, nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        yield
 
 
 def _prepare_run_dir(cfg: TrainConfig, run: RunFolder, resume: bool, overwrite: bool,

@@ -103,10 +103,13 @@ def _require_files(folder: Path, files: tuple[str, ...], name: str, url: str) ->
 def _download(name: str, root: Path) -> None:
     import torchvision
 
+    from hrp_ood.progress import no_download_bar_off_terminal
+
     dataset_class = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
     log.info("downloading %s into %s", name, root)
     try:
-        dataset_class(root=str(root), train=True, download=True)
+        with no_download_bar_off_terminal():
+            dataset_class(root=str(root), train=True, download=True)
     except (OSError, RuntimeError) as err:  # URLError is an OSError; a bad checksum is a RuntimeError
         raise UserError(f"downloading {name} into {root} failed ({err}); check the network or fetch the archive "
                         "by hand") from err
