@@ -105,16 +105,7 @@ def read_text_file(path: str | Path, what: str) -> str:
 def check_output_folder(path: str | Path, option: str) -> None:
     """Fail before any work when `path` cannot become the folder an output goes to: a file on the way, or
     no permission to write in the nearest folder that exists. Creates nothing."""
-    path = Path(path)
-    existing = next(p for p in (path, *path.parents) if os.path.lexists(p))
-    if not existing.is_dir():
-        raise UserError(f"{option} {shown(path)}: {shown(existing)} is a file, not a folder; choose another {option}")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as err:
-        raise UserError(f"{option} {shown(path)}: cannot write in {shown(existing)} ({os_error_text(err)}); "
-                        f"choose a writable folder for {option}") from None
+    _check_writable(Path(path), option, Path(path))
 
 
 def check_output_file(path: str | Path, option: str) -> None:
@@ -122,4 +113,16 @@ def check_output_file(path: str | Path, option: str) -> None:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{option} {shown(path)} is a folder; give the path of a file to write")
-    check_output_folder(path.parent, option)
+    _check_writable(path.parent, option, path)
+
+
+def _check_writable(folder: Path, option: str, given: Path) -> None:
+    existing = next(p for p in (folder, *folder.parents) if os.path.lexists(p))
+    if not existing.is_dir():
+        raise UserError(f"{option} {shown(given)}: {shown(existing)} is a file, not a folder; choose another {option}")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise UserError(f"{option} {shown(given)}: cannot write in {shown(existing)} ({os_error_text(err)}); "
+                        f"choose a writable folder for {option}") from None

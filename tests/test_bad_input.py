@@ -345,7 +345,7 @@ ROWS = [
      ["--out", "configs is a folder; give the path of a file"]),
     ("export-out-below-a-file", "export",
      lambda ws: ["export", "--ckpt", str(ws.path("runs/existing/last.pt")), "--out", str(ws.path("afile/net.pt"))],
-     ["--out", "afile is a file"]),
+     ["--out", "afile/net.pt: ", "afile is a file, not a folder"]),
     # ---- issue 11: paths in messages show what is really in them
     ("ckpt-path-with-a-bom", "evaluate", lambda ws: ws.evaluate("ckpts/\ufeffnope.pt"),
      ["checkpoint '", "ckpts/\\ufeffnope.pt' not found"]),
