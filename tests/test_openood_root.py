@@ -50,7 +50,8 @@ def root(tmp_path_factory) -> Root:
         write_class_folders(base / "folder" / split, *written[split])
     assert main(["train", "--dataset", "folder", "--data-root", str(base / "folder"), "--method", "ce",
                  "--meta-size", "0", "--noise", "none", "--model", "small_cnn", "--epochs", "2", "--batch-size", "64",
-                 "--out-dir", str(base / "runs"), "--name", "ce", "--no-progress"]) == 0
+                 "--out-dir", str(base / "runs"), "--name", "ce", "--set", "lr_milestones=[]",
+                 "--no-progress"]) == 0
     return Root(base / "data", written, base / "runs" / "ce" / "last.pt")
 
 

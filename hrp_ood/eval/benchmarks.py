@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from hrp_ood.data import DataBundle
-from hrp_ood.errors import UserError
+from hrp_ood.errors import UserError, shown
 
 CLASSIC, LARGESCALE = "images_classic", "images_largescale"
 IMAGENET_NORMALISATION = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -118,12 +118,12 @@ def load_benchmark_id_data(benchmark: Benchmark, data_root: Path, classes: list[
     for split in ("train", "test"):
         list_file, images_root = benchmark.id_list(split, data_root)
         if not list_file.is_file():
-            raise UserError(f"OpenOOD's {benchmark.name} {split} list {list_file} not found; point --data-root at "
-                            "an OpenOOD data root (benchmark_imglist/, images_classic/, …)")
+            raise UserError(f"OpenOOD's {benchmark.name} {split} list {shown(list_file)} not found; point "
+                            "--data-root at an OpenOOD data root (benchmark_imglist/, images_classic/, …)")
         splits[split] = load_labelled_image_list(list_file, images_root, benchmark.img_size, benchmark.num_classes,
                                                  pre_size=benchmark.pre_size, skip_corrupt=skip_corrupt)
         if len(splits[split][1]) == 0:
-            raise UserError(f"{list_file} holds no readable image; point --data-root at a complete OpenOOD root")
+            raise UserError(f"{shown(list_file)} holds no readable image; point --data-root at a complete OpenOOD root")
     (train_images, train_labels), (test_images, test_labels) = splits["train"], splits["test"]
     return DataBundle(name=f"openood-{benchmark.name}", classes=list(classes), image_size=benchmark.img_size,
                       train_images=train_images, train_labels=np.asarray(train_labels),

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hrp_ood.checkpoint import read_checkpoint
 from hrp_ood.config import TrainConfig
 from hrp_ood.data import load_dataset
 from hrp_ood.data.bundle import DataBundle
@@ -20,10 +21,10 @@ from hrp_ood.data.noise import load_noise
 from hrp_ood.errors import UserError
 from hrp_ood.eval.benchmarks import BENCHMARKS, Benchmark, check_checkpoint_fits, get_benchmark, load_benchmark_id_data
 from hrp_ood.eval.evaluate import run_evaluation, write_eval_outputs
-from hrp_ood.eval.features import file_sha256
-from hrp_ood.eval.network import NET_CHOICES, checkpoint_config, load_network
+from hrp_ood.eval.network import NET_CHOICES, checkpoint_config, network_from_state
 from hrp_ood.eval.ood_data import FAR_OOD_SETS, NEAR_OOD_SETS, load_ood_images
 from hrp_ood.eval.validation import ValidationImages, find_validation, load_validation, require_tuning_split
+from hrp_ood.io import check_output_folder
 from hrp_ood.postprocessors import create_postprocessor, list_postprocessors
 from hrp_ood.postprocessors.openood_adapter import OPENOOD_BACKEND_HELP, check_openood_backend
 
@@ -96,11 +97,16 @@ def _parse_ood_dirs(items: list[str]) -> dict[str, Path]:
 
 
 def _ood_names(value: str, ood_dirs: dict[str, Path], benchmark: Benchmark | None) -> list[str]:
-    """--ood as a list of set names; 'all' = the far-OOD sets (the benchmark's own with --benchmark)."""
+    """--ood as a list of set names ('all' = the far-OOD sets, the benchmark's own with --benchmark), then every
+    set given with --ood-dir that --ood does not list: a set the user named is scored, never dropped."""
     far = tuple(benchmark.far) if benchmark else FAR_OOD_SETS
     valid = [*far, *(benchmark.near if benchmark else NEAR_OOD_SETS)]
-    return _split_names(value, [*valid, *ood_dirs], "OOD set", far + tuple(n for n in ood_dirs if n not in far),
-                        hint="or give an image folder as --ood-dir NAME=PATH")
+    names = _split_names(value, [*valid, *ood_dirs], "OOD set", far,
+                         hint="or give an image folder as --ood-dir NAME=PATH")
+    added = [name for name in ood_dirs if name not in names]
+    if added:
+        log.info("scoring %s too: given with --ood-dir", ", ".join(added))
+    return names + added
 
 
 def load_ood_sets(names: list[str], data_root: Path, *, id_dataset: str, image_size: int, ood_dirs: dict[str, Path],
@@ -111,7 +117,7 @@ def load_ood_sets(names: list[str], data_root: Path, *, id_dataset: str, image_s
             sets[name] = load_ood_images(name, data_root, id_dataset=id_dataset, image_size=image_size,
                                          ood_dirs=ood_dirs, skip_corrupt=skip_corrupt, benchmark=benchmark)
         except UserError as err:
-            if not skip_missing:
+            if not skip_missing or name in ood_dirs:  # a folder given with --ood-dir is never skipped
                 raise
             log.warning("skipping OOD set %s: %s", name, err)
     if not sets:
@@ -142,6 +148,7 @@ class LoadedCheckpoint:
     path: Path
     model: torch.nn.Module
     state: dict[str, Any]
+    sha256: str  # of the bytes `state` was loaded from
     cfg: TrainConfig
     bundle: DataBundle
     device: torch.device
@@ -176,12 +183,15 @@ def _load_id_dataset(state: dict[str, Any], cfg: TrainConfig, ckpt: Path, id_dat
     return dataclasses.replace(bundle, mean=tuple(saved["mean"]), std=tuple(saved["std"]))
 
 
-def _load_model(ckpt: Path, net: str, device: str) -> tuple[torch.nn.Module, dict[str, Any], TrainConfig, torch.device]:
+def _load_model(ckpt: Path, net: str,
+                device: str) -> tuple[torch.nn.Module, dict[str, Any], str, TrainConfig, torch.device]:
+    """(network on the device, saved state, sha256 of the bytes read, its config, the device)."""
     from hrp_ood.train.trainer import resolve_device
 
     torch_device = resolve_device(device)
-    model, state = load_network(ckpt, net, torch_device)
-    return model, state, checkpoint_config(state, ckpt), torch_device
+    state, sha256 = read_checkpoint(ckpt)  # one read: the hash names exactly the weights loaded
+    model = network_from_state(state, ckpt, net, torch_device)
+    return model, state, sha256, checkpoint_config(state, ckpt), torch_device
 
 
 def _id_data(ckpt: Path, state: dict[str, Any], cfg: TrainConfig, id_data_root: Path | None,
@@ -210,9 +220,9 @@ def load_checkpoint_for_evaluation(ckpt: Path, net: str = "ensemble", device: st
                                    data_root: Path = Path("./data"), skip_corrupt: bool = False) -> LoadedCheckpoint:
     """Checkpoint → network on the device + its ID data (the checkpoint's dataset, or `benchmark`'s lists under
     `data_root`); every failure is a UserError."""
-    model, state, cfg, torch_device = _load_model(ckpt, net, device)
+    model, state, sha256, cfg, torch_device = _load_model(ckpt, net, device)
     bundle = _id_data(ckpt, state, cfg, id_data_root, benchmark, data_root, skip_corrupt)
-    return LoadedCheckpoint(ckpt, model, state, cfg, bundle, torch_device, benchmark)
+    return LoadedCheckpoint(ckpt, model, state, sha256, cfg, bundle, torch_device, benchmark)
 
 
 def evaluate_loaded(loaded: LoadedCheckpoint, ood_images: dict[str, torch.Tensor], postprocessors: list[str], *,
@@ -221,8 +231,7 @@ def evaluate_loaded(loaded: LoadedCheckpoint, ood_images: dict[str, torch.Tensor
                     backend: str = "ours", validation: ValidationImages | None = None,
                     tune: bool = False) -> dict[str, Any]:
     """Score a loaded checkpoint against already-loaded OOD images; write and return eval.json's content."""
-    ckpt, cfg, device = loaded.path, loaded.cfg, loaded.device
-    sha = file_sha256(ckpt)
+    ckpt, cfg, device, sha = loaded.path, loaded.cfg, loaded.device, loaded.sha256
     if backend == "openood":
         from hrp_ood.eval.openood_backend import evaluate_with_openood
 
@@ -285,11 +294,15 @@ def evaluate_from_args(args: argparse.Namespace) -> dict[str, Any]:
     ood_dirs = _parse_ood_dirs(args.ood_dir)
     benchmark = get_benchmark(args.benchmark) if args.benchmark else None
     names = _ood_names(args.ood, ood_dirs, benchmark)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_output_folder(args.out or args.ckpt.parent / f"eval_{args.net}", "--out")
+    check_output_folder(args.cache_dir or args.ckpt.parent / "cache", "--cache-dir")
     if args.backend == "openood":  # refused before anything is loaded
         check_openood_backend(postprocessors, _device_type(args.device),
                               dataset=benchmark.name if benchmark else None)
     # a bad checkpoint, a missing validation split or missing ID data fails before any (slow) OOD data is read
-    model, state, cfg, device = _load_model(args.ckpt, args.net, args.device)
+    model, state, sha256, cfg, device = _load_model(args.ckpt, args.net, args.device)
     list_benchmark = benchmark or BENCHMARKS.get(cfg.dataset)
     found = find_validation(args.data_root, list_benchmark, args.val_id_dir, args.val_ood_dir)
     if args.tune:
@@ -297,7 +310,7 @@ def evaluate_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.backend == "openood" and benchmark is None:
         check_openood_backend(postprocessors, device.type, dataset=cfg.dataset)
     bundle = _id_data(args.ckpt, state, cfg, args.id_data_root, benchmark, args.data_root, args.skip_corrupt)
-    loaded = LoadedCheckpoint(args.ckpt, model, state, cfg, bundle, device, benchmark)
+    loaded = LoadedCheckpoint(args.ckpt, model, state, sha256, cfg, bundle, device, benchmark)
     pre_size = benchmark.pre_size if benchmark else None
     ood = load_ood_sets(names, args.data_root, id_dataset=cfg.dataset, image_size=bundle.image_size,
                         ood_dirs=ood_dirs, skip_missing=args.skip_missing, skip_corrupt=args.skip_corrupt,

@@ -258,18 +258,27 @@ def _metric_rows(method: str, scores: dict[str, np.ndarray], ood_sets: list[str]
 # ---------------------------------------------------------------------------------------------- outputs
 
 
+EVAL_FILES = ("scores.npz", "eval.csv", "eval.md")  # written before eval.json, which records their sha256
+
+
 def write_eval_outputs(result: EvalResult, out_dir: str | Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """Write eval.json ({**meta, id_accuracy, results: rows}), eval.csv, eval.md and scores.npz, each atomically.
+    """Write scores.npz, eval.csv, eval.md and, last, eval.json ({**meta, id_accuracy, results: rows, files}),
+    each atomically. One unit: eval.json's "files" holds the sha256 of the other three, so an evaluation that
+    fails part-way leaves the previous eval.json with hashes that no longer match, which `report` refuses.
 
     Returns the eval.json content.
     """
     out_dir = Path(out_dir)
-    report = {**meta, "id_accuracy": float(result.id_accuracy), "results": result.rows}
+    scores = io.BytesIO()
+    np.savez(scores, **result.scores)
+    parts = {"scores.npz": scores.getvalue(), "eval.csv": rows_to_csv(result.rows).encode("utf-8"),
+             "eval.md": (f"ID accuracy: {result.id_accuracy:.2f}%\n\n"
+                         f"{format_markdown_table(result.rows)}\n").encode("utf-8")}
+    for name in EVAL_FILES:
+        atomic_write(out_dir / name, lambda f, data=parts[name]: f.write(data))
+    report = {**meta, "id_accuracy": float(result.id_accuracy), "results": result.rows,
+              "files": {name: hashlib.sha256(parts[name]).hexdigest() for name in EVAL_FILES}}
     atomic_write_text(out_dir / "eval.json", json.dumps(report, indent=2, default=_json_default) + "\n")
-    atomic_write_text(out_dir / "eval.csv", rows_to_csv(result.rows))
-    atomic_write_text(out_dir / "eval.md", f"ID accuracy: {result.id_accuracy:.2f}%\n\n"
-                                           f"{format_markdown_table(result.rows)}\n")
-    atomic_write(out_dir / "scores.npz", lambda f: np.savez(f, **result.scores))
     return report
 
 

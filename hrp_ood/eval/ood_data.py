@@ -12,8 +12,9 @@ With an OpenOOD benchmark (`--benchmark`, `hrp_ood.eval.benchmarks`) a set is th
 (step 2 with its list name and image folder) unless `ood_dirs` names it; nothing else is looked at.
 
 Every image goes through OpenOOD's test transform without its normalisation: RGB (grey → 3 channels,
-alpha dropped), resize the shorter side to `pre_size` (default `image_size`; bilinear, antialiased),
-centre-crop `image_size`. The ID mean/std is applied later, on the batch, on the device (`features.py`).
+alpha dropped, 16-bit and float images scaled to 8 bits: `hrp_ood.data.image_modes`), resize the shorter
+side to `pre_size` (default `image_size`; bilinear, antialiased), centre-crop `image_size`. The ID mean/std
+is applied later, on the batch, on the device (`features.py`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from hrp_ood.errors import UserError
+from hrp_ood.data.image_modes import rgb_image
+from hrp_ood.errors import UserError, shown
+from hrp_ood.io import read_text_file
 
 if TYPE_CHECKING:
     from hrp_ood.eval.benchmarks import Benchmark
@@ -82,11 +85,11 @@ def load_ood_images(name: str, data_root: str | Path, *, id_dataset: str, image_
         if path.exists():
             images = loader()
             if len(images) == 0:
-                raise UserError(f"OOD set {name!r} at {path} holds no images; point --data-root/--ood-dir at the "
-                                f"images or drop {name} from --ood")
+                raise UserError(f"OOD set {name!r} at {shown(path)} holds no images; point --data-root/--ood-dir "
+                                f"at the images or drop {name} from --ood")
             log.info("OOD set %s: %d images from %s", name, len(images), path)
             return images
-    looked = ", ".join(str(path) for path, _ in candidates)
+    looked = ", ".join(shown(path) for path, _ in candidates)
     openood_root = benchmark is None and (data_root / "benchmark_imglist").is_dir()
     raise UserError(f"OOD set {name!r} not found; looked for: {looked}; download it there, give "
                     f"--ood-dir {name}=PATH, or pass --skip-missing"
@@ -103,7 +106,9 @@ def _candidates(name: str, data_root: Path, id_dataset: str, size: int, ood_dirs
     if name in ood_dirs:  # given explicitly: the only place to look
         path = Path(ood_dirs[name])
         if path.exists() and not path.is_dir():
-            raise UserError(f"--ood-dir {name}={path} is not a folder; give a folder of images")
+            raise UserError(f"--ood-dir {name}={shown(path)} is not a folder; give a folder of images")
+        if not path.exists():  # named by the user: an error even with --skip-missing, never a skipped set
+            raise UserError(f"--ood-dir {name}={shown(path)}: no such folder; give the folder of the {name} images")
         return [folder(path)]
     stem = OPENOOD_LIST_STEMS.get(name, name)
     image_list = data_root / "benchmark_imglist" / id_dataset / f"test_{stem}.txt"
@@ -192,7 +197,7 @@ def load_labelled_image_list(list_file: Path, images_root: Path, size: int, num_
 
 def _list_entries(list_file: Path, images_root: Path) -> list[tuple[Path, str]]:
     """(image path, label token or "") per non-empty line of an OpenOOD list; every image must exist."""
-    lines = [line.split(maxsplit=1) for line in list_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line.split(maxsplit=1) for line in read_text_file(list_file, "image list").splitlines() if line.strip()]
     entries = [(_inside(images_root, parts[0], list_file), parts[1].strip() if len(parts) > 1 else "")
                for parts in lines]
     missing = [path for path, _ in entries if not path.is_file()]
@@ -260,7 +265,7 @@ def _decode_one(path: Path, size: int, pre_size: int) -> torch.Tensor | None:
     """OpenOOD's test transform up to ToTensor: RGB, Resize(pre_size) (bilinear), CenterCrop(size)."""
     try:
         with Image.open(path) as img:
-            rgb = img.convert("RGB")
+            rgb = rgb_image(img)
     except _UNREADABLE:
         return None
     return TF.pil_to_tensor(TF.center_crop(TF.resize(rgb, pre_size), size))

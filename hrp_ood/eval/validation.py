@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from hrp_ood.errors import UserError
+from hrp_ood.errors import UserError, shown
 from hrp_ood.eval.benchmarks import Benchmark
 from hrp_ood.eval.ood_data import load_image_folder, load_image_list
 
@@ -61,7 +61,7 @@ def find_validation(data_root: Path, benchmark: Benchmark | None, id_dir: Path |
     for part, folder, flag in (("id", id_dir, "--val-id-dir"), ("ood", ood_dir, "--val-ood-dir")):
         if folder is not None:
             if not Path(folder).is_dir():
-                raise UserError(f"{flag} {folder} is not a folder; give a folder of images")
+                raise UserError(f"{flag} {shown(folder)} is not a folder; give a folder of images")
             found[part] = ValidationSource(Path(folder))
     return found
 
