@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import pickle
 import random
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hrp_ood.errors import UserError
+from hrp_ood.errors import UserError, os_error_text, shown
 from hrp_ood.io import atomic_write
 
 FORMAT = "hrp-ood/1"
@@ -25,26 +26,32 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load an hrp-ood checkpoint safely; every failure is a one-line UserError."""
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], str]:
+    """(state, sha256 of the bytes it was loaded from): the file is read once, so the hash names exactly the
+    content loaded, even while `hrp-ood train` replaces the file. Every failure is a one-line UserError."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint {path} not found; runs keep theirs in runs/<name>/last.pt and best.pt")
+        raise UserError(f"checkpoint {shown(path)} not found; runs keep theirs in runs/<name>/last.pt and best.pt")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read checkpoint {shown(path)}: {os_error_text(err)}") from None
     try:
         with warnings.catch_warnings():  # torch warns about foreign files (pickle protocol); errors are reported below
             warnings.simplefilter("ignore")
-            state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise _unpickling_error(path, str(err)) from None
+            state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - a torn/foreign file fails anywhere inside the unpickler
-        text = str(err).strip()
-        detail = text.split(". ")[0].splitlines()[0][:120] if text else type(err).__name__
-        raise UserError(f"checkpoint {path} is truncated or not a torch checkpoint ({detail}); "
-                        "use the previous last.pt/best.pt or retrain") from None
+        raise torch_load_error(path, err, "checkpoint", "use the previous last.pt/best.pt or retrain",
+                               "load only last.pt/best.pt written by `hrp-ood train`") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise UserError(f"{path} is not an hrp-ood checkpoint (no '{FORMAT}' format marker); "
+        raise UserError(f"{shown(path)} is not an hrp-ood checkpoint (no '{FORMAT}' format marker); "
                         "`hrp-ood evaluate` expects last.pt/best.pt written by `hrp-ood train`")
-    return state
+    return state, hashlib.sha256(data).hexdigest()
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load an hrp-ood checkpoint safely; every failure is a one-line UserError."""
+    return read_checkpoint(path, map_location)[0]
 
 
 # torch's weights-only unpickler names what it refused as "... GLOBAL module.name ..."
@@ -52,17 +59,24 @@ _REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 _TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
 
 
-def _unpickling_error(path: Path, message: str) -> UserError:
-    """A refused import is a file that could run code; anything else the safe unpickler rejects is not a checkpoint."""
-    refused = _REFUSED_GLOBAL.search(message)
+def torch_load_error(path: Path, err: Exception, what: str, fix: str, safe_source: str) -> UserError:
+    """The one-line error for a file torch.load(weights_only=True) refused: a refused import means the file could
+    run code; anything else means it is torn or not a torch file. torch's own advice (load with weights_only=False,
+    allow-list the class) is never repeated: following it would run the code the safe loader just refused."""
+    message = str(err)
+    refused = _REFUSED_GLOBAL.search(message) if isinstance(err, pickle.UnpicklingError) else None
     if refused:
-        return UserError(f"refusing to load {path}: unpickling it would call {refused[1]}, so it could run code; "
-                         "load only last.pt/best.pt written by `hrp-ood train`")
-    details = [line.strip() for line in message.splitlines()
-               if line.strip() and not line.strip().startswith(_TORCH_BOILERPLATE)]
-    detail = details[0][:120] if details else "unreadable pickle data"
-    return UserError(f"checkpoint {path} is truncated or not a torch checkpoint ({detail}); "
-                     "use the previous last.pt/best.pt or retrain")
+        return UserError(f"refusing to load {shown(path)}: unpickling it would call {refused[1]}, so it could run "
+                         f"code; {safe_source}")
+    return UserError(f"{what} {shown(path)} is truncated or not a torch {what} ({torch_error_detail(err)}); {fix}")
+
+
+def torch_error_detail(err: Exception) -> str:
+    """The first line of torch's message that says what failed, without its boilerplate and advice."""
+    lines = [line.strip() for line in str(err).splitlines()]
+    useful = [line for line in lines if line and "weights_only" not in line and "safe_globals" not in line
+              and not line.startswith(_TORCH_BOILERPLATE)]
+    return useful[0].split(". ")[0][:120] if useful else type(err).__name__
 
 
 def rng_state() -> dict[str, Any]:

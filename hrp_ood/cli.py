@@ -10,7 +10,8 @@ from pathlib import Path
 
 from hrp_ood import __version__
 from hrp_ood.config import METHODS, build_config, parse_set_option
-from hrp_ood.errors import Interrupted, UserError
+from hrp_ood.errors import Interrupted, UserError, one_line, os_error_text, shown
+from hrp_ood.io import check_output_file, check_output_folder
 
 log = logging.getLogger("hrp_ood")
 
@@ -110,18 +111,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from hrp_ood.eval.cli import evaluate_from_args
+    from hrp_ood.eval.cli import evaluate_from_args, tuning_note
     from hrp_ood.eval.evaluate import format_markdown_table
 
     report = evaluate_from_args(args)
     print(f"ID accuracy {report['id_accuracy']:.2f}%  ({report['net']} of {report['checkpoint']})")
     print(format_markdown_table(report["results"]))
+    note = tuning_note(report)
+    if note:
+        print(note)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from hrp_ood.eval.report import write_report
 
+    check_output_folder(args.out, "--out")
     paths = write_report([Path(p) for p in args.evals], Path(args.out), by=args.by, ood=args.ood,
                          metrics=tuple(m.strip() for m in args.metrics.split(",")), plots=not args.no_plots)
     for kind, path in paths.items():
@@ -140,9 +145,20 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from hrp_ood.eval.network import export_checkpoint
 
-    out = export_checkpoint(Path(args.ckpt), Path(args.out), net=args.net)
-    print(f"wrote {out}")
+    check_output_file(args.out, "--out")
+    export = export_checkpoint(Path(args.ckpt), Path(args.out), net=args.net)
+    print(f"wrote {export.weights} and its normalisation {export.normalization}")
+    values = f"mean {_rounded(export.mean)}, std {_rounded(export.std)}"
+    if export.matches_openood:
+        print(f"normalisation: {values}, OpenOOD's {export.openood_benchmark} constants")
+    else:
+        print(f"normalisation: {values}; this differs from OpenOOD's {export.openood_benchmark} constants, which "
+              "OpenOOD would feed the network: give OpenOOD's preprocessor these values (see the .json)")
     return 0
+
+
+def _rounded(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:.4f}" for v in values) + ")"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,7 +235,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         if args.debug:
             raise
-        print(f"hrp-ood {args.command}: error: {err}", file=sys.stderr)
+        print(f"hrp-ood {args.command}: error: {one_line(str(err))}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the environment (disk, permissions) where no check turned it into a UserError
+        if args.debug:
+            raise
+        where = f"{one_line(shown(err.filename))}: " if err.filename is not None else ""
+        print(f"hrp-ood {args.command}: error: {where}{os_error_text(err)}; check the path, its permissions and "
+              "the free space", file=sys.stderr)
         return 2
     except Interrupted as err:
         print(f"hrp-ood {args.command}: {err}", file=sys.stderr)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from hrp_ood.errors import UserError
+from hrp_ood.errors import UserError, shown
+from hrp_ood.io import atomic_write_text, read_text_file
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ class TrainConfig:
     noise: str = "sym50"
     noisy_labels: str | None = None  # file of real noisy labels (.npy or CIFAR-N .pt)
     noisy_labels_key: str | None = None  # key inside a CIFAR-N .pt file, e.g. worse_label
-    meta_size: int = 1000
+    meta_size: int = 1000  # 0: train on the whole training split (only methods without a meta step)
     meta_balanced: bool = True
     strong_policy: str = "randaugment"  # randaugment | autoaugment | none
     # model and method
@@ -137,17 +140,39 @@ class TrainConfig:
                             f"got {self.strong_policy!r}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise UserError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
-        for name in ("epochs", "batch_size", "meta_batch_size", "meta_size", "eval_batch_size", "signals_every"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        for key, bounds in VALUE_RANGES.items():
+            _check_range(key, getattr(self, key), *bounds)
+        self._validate_meta_size()
+        check_device_name(self.device)
+        if self.name is not None:
+            from hrp_ood.run_dir import check_run_name
+
+            check_run_name(self.name)
+        if self.noisy_labels_key is not None and not self.noisy_labels:
+            raise UserError(f"noisy_labels_key {self.noisy_labels_key!r} is set but noisy_labels is not; give the "
+                            "label file with --noisy-labels FILE or drop the key")
         if not self.noisy_labels:
             from hrp_ood.data.noise import check_noise_for_dataset, parse_noise
 
             check_noise_for_dataset(parse_noise(self.noise), self.dataset)
-        if not 0 <= self.reliability_momentum < 1:
-            raise UserError(f"reliability_momentum must be in [0, 1), got {self.reliability_momentum}")
         if not self.t_min <= self.t_max:
             raise UserError(f"t_min ({self.t_min}) must not exceed t_max ({self.t_max})")
+
+    def _validate_meta_size(self) -> None:
+        """0 (train on the whole training split) only for methods without a meta step."""
+        if self.meta_size < 0 or (self.meta_size == 0 and self.spec.meta):
+            without_meta = ", ".join(name for name, spec in METHODS.items() if not spec.meta)
+            raise UserError(f"meta_size must be positive for {self.method} (its meta step needs a clean meta set), "
+                            f"got {self.meta_size}; meta_size 0 is for methods without one: {without_meta}")
+
+    def check_schedule(self) -> None:
+        """The learning-rate milestones fall within the run (checked for the config a run trains with; a
+        `--resume` command line carries only the keys it changes, so this is not part of `validate`)."""
+        outside = [m for m in self.lr_milestones if not 0 <= m <= self.epochs]
+        if outside:
+            raise UserError(f"lr_milestones {self.lr_milestones} lie outside [0, {self.epochs}] (epochs): the learning "
+                            f"rate would never decay at {', '.join(map(str, outside))}; give milestones within the "
+                            "run, e.g. --set lr_milestones=[...], or [] for a constant rate")
 
     @property
     def spec(self) -> MethodSpec:
@@ -160,6 +185,50 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+MAX_EPOCHS = 100_000
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
+DEVICE_NAME = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+INF = math.inf
+
+# key → (lowest, highest, bounds): "[]" both included, "(]" lowest excluded, "[)" highest excluded.
+# A None value (optional keys) is not checked; every other value must also be finite.
+VALUE_RANGES: dict[str, tuple[float, float, str]] = {
+    "image_size": (1, 4096, "[]"), "meta_size": (0, INF, "[)"), "proj_hidden_dim": (1, INF, "[)"),
+    "proj_dim": (1, INF, "[)"), "epochs": (1, MAX_EPOCHS, "[]"), "batch_size": (1, INF, "[)"),
+    "meta_batch_size": (1, INF, "[)"), "eval_batch_size": (1, INF, "[)"), "signals_every": (1, INF, "[)"),
+    "reliability_momentum": (0, 1, "[)"), "seed": (0, MAX_SEED, "[]"),
+    "warmup_epochs": (0, INF, "[)"), "ramp_epochs": (0, INF, "[)"), "coteach_ramp_epochs": (0, INF, "[)"),
+    "lr": (0, INF, "()"), "momentum": (0, 1, "[)"), "weight_decay": (0, INF, "[)"), "lr_gamma": (0, INF, "()"),
+    "kappa": (0, INF, "()"), "t_min": (0, INF, "()"), "t_max": (0, INF, "()"), "delta": (0, INF, "()"),
+    "cdcl_temperature": (0, INF, "()"), "tau_conf": (0, 1, "[]"), "tau_match": (0, 1, "[]"),
+    "sharpen_temperature": (0, INF, "()"), "gamma": (0, 1, "[]"), "lambda_cons": (0, INF, "[)"),
+    "lambda_c": (0, INF, "[)"), "lambda_prior": (0, INF, "[)"), "gce_q": (0, 1, "(]"), "forget_rate": (0, 1, "[)"),
+}
+
+
+def check_device_name(name: str) -> None:
+    if not DEVICE_NAME.fullmatch(name):
+        raise UserError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
+
+
+def _range_text(low: float, high: float, bounds: str) -> str:
+    if high == INF:
+        return f"{'>=' if bounds[0] == '[' else '>'} {low}"
+    return f"in {bounds[0]}{low}, {high}{bounds[1]}"
+
+
+def _check_range(key: str, value: float | None, low: float, high: float, bounds: str) -> None:
+    if value is None:
+        return
+    finite = isinstance(value, int) or math.isfinite(value)  # a huge int does not convert to float
+    inside = (finite and (low <= value if bounds[0] == "[" else low < value)
+              and (value <= high if bounds[1] == "]" else value < high))
+    if not inside:
+        kind = "an integer" if isinstance(value, int) else "a finite number"
+        raise UserError(f"{key} must be {kind} {_range_text(low, high, bounds)}, got {value!r}; "
+                        f"fix it in the config or with --set {key}=...")
 
 
 def field_names() -> list[str]:
@@ -203,17 +272,17 @@ def _check_types(cfg: TrainConfig) -> None:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"config file {path} not found; the shipped configs are in configs/ of the repository")
+        raise UserError(f"config file {shown(path)} not found; the shipped configs are in configs/ of the repository")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_text_file(path, "config file"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"config file {path} is not valid YAML{where}: fix the syntax") from None
+        raise UserError(f"config file {shown(path)} is not valid YAML{where}: fix the syntax") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"config file {path} must be a flat mapping of key: value, got {type(data).__name__}")
+        raise UserError(f"config file {shown(path)} must be a flat mapping of key: value, got {type(data).__name__}")
     return data
 
 
@@ -250,6 +319,4 @@ def build_config(
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:
-    from hrp_ood.io import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -8,6 +8,7 @@ scikit-learn's sample photographs, and uniform-noise images.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +66,11 @@ def run_demo(out_dir: Path, *, epochs: int | None = None, overwrite: bool = True
     from hrp_ood.eval.evaluate import format_markdown_table
     from hrp_ood.train.trainer import train
 
-    out_dir = Path(out_dir)
+    out_dir = Path(os.path.abspath(out_dir))  # the run folder itself: "." or "x/.." must name a folder
+    # a shorter demo keeps the milestones that fall within it
+    milestones = [m for m in DEMO_CONFIG["lr_milestones"] if epochs is None or m <= epochs]
     cfg = build_config(base=DEMO_CONFIG, overrides={"out_dir": str(out_dir.parent), "name": out_dir.name,
-                                                    "epochs": epochs})
+                                                    "epochs": epochs, "lr_milestones": milestones})
     result = train(cfg, overwrite=overwrite, progress=progress)
     run_dir = Path(result["run_dir"])
     report = evaluate_checkpoint(run_dir / "last.pt", demo_ood_sets(), DEMO_POSTPROCESSORS, net="ensemble")

@@ -1,4 +1,9 @@
-"""The one exception type the CLI turns into a one-line message (exit code 2)."""
+"""The one exception type the CLI turns into a one-line message (exit code 2), and how messages show paths."""
+
+from __future__ import annotations
+
+import errno
+import os
 
 
 class UserError(Exception):
@@ -14,3 +19,23 @@ class Interrupted(Exception):
     def __init__(self, message: str, exit_code: int = 130):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def shown(path: str | os.PathLike) -> str:
+    """A path as a message should print it: as is when every character is visible and nothing surrounds it,
+    else quoted with escapes, so a space, a BOM or a zero-width character cannot hide in the message."""
+    text = os.fspath(path)
+    if text and text.isprintable() and " " not in text:
+        return text
+    return repr(text)
+
+
+def one_line(message: str) -> str:
+    """The message with every invisible or line-breaking character escaped, so it prints as one readable line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in message)
+
+
+def os_error_text(err: OSError) -> str:
+    """'No space left on device (ENOSPC)': the reason an operating-system call failed, with its errno name."""
+    name = errno.errorcode.get(err.errno, str(err.errno)) if err.errno is not None else type(err).__name__
+    return f"{err.strerror or err} ({name})"

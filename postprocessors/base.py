@@ -14,7 +14,7 @@ import abc
 import inspect
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -40,12 +40,20 @@ class Postprocessor(abc.ABC):
         needs_network: the score needs the network itself (input gradients), not cached outputs.
         uses_features: the score reads penultimate features (else logits only), so the OpenOOD
             path calls ``net(x, return_feature=True)``.
+        fit_split: the ID split OpenOOD fits the method on: "train" (``id_loader_dict['train']``) or
+            "val" (``id_loader_dict['val']``, ReAct); the evaluation falls back to train without a val split.
+        openood_sweep: OpenOOD v1.5's automatic parameter search for the method, constructor argument →
+            candidate values in the order of ``postprocessor_sweep`` in OpenOOD's
+            ``configs/postprocessors/<name>.yml`` (searched when that file sets ``APS_mode: True``). Empty
+            when OpenOOD's search does not change the method's scores; each file says why.
     """
 
     name: str = ""
     requires_fit: bool = False
     needs_network: bool = False
     uses_features: bool = False
+    fit_split: ClassVar[str] = "train"
+    openood_sweep: ClassVar[dict[str, tuple[Any, ...]]] = {}
 
     def __init__(self) -> None:
         self.is_fitted = False
@@ -139,9 +147,12 @@ class Postprocessor(abc.ABC):
             setattr(self, attribute, value)
         return value
 
+    def hyperparameters(self) -> dict[str, Any]:
+        """The constructor arguments and their current values (after fit: e.g. ViM's resolved ``dim``)."""
+        return {k: getattr(self, k) for k in inspect.signature(type(self)).parameters if hasattr(self, k)}
+
     def __repr__(self) -> str:
-        params = ", ".join(f"{k}={getattr(self, k)!r}" for k in inspect.signature(type(self)).parameters
-                           if hasattr(self, k))
+        params = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
         return f"{type(self).__name__}({params})"
 
 

@@ -17,6 +17,10 @@ class EnergyBased(Postprocessor):
     https://arxiv.org/abs/2010.03759 (OpenOOD: ``ebo``).
     """
 
+    # OpenOOD v1.5 configs/postprocessors/ebo.yml lists temperature_list [1, 10, 100, 1000] but sets
+    # APS_mode False: OpenOOD scores T = 1 without a search.
+    openood_sweep = {}
+
     def __init__(self, temperature: float = 1.0) -> None:
         super().__init__()
         if not temperature > 0:

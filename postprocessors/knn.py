@@ -28,6 +28,9 @@ class KNN(Postprocessor):
 
     requires_fit = True
     uses_features = True
+    # OpenOOD v1.5 configs/postprocessors/knn.yml (APS_mode True): K_list [50, 100, 200, 500, 1000]
+    # (set_hyperparam sets the K of the faiss search). pytorch-ood's KNN.hyperparameter_space is the same grid.
+    openood_sweep = {"K": (50, 100, 200, 500, 1000)}
 
     def __init__(self, K: int = 50, chunk_size: int | None = None) -> None:  # noqa: N803 (OpenOOD's name)
         super().__init__()

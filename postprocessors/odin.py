@@ -32,6 +32,10 @@ class ODIN(Postprocessor):
     (``needs_network`` is False); with ε > 0 it needs the network (``score_batch``).
     """
 
+    # OpenOOD v1.5 configs/postprocessors/odin.yml (APS_mode True): sweep keys `temperature` [1, 10, 100, 1000]
+    # and `noise` [0.0014, 0.0028], in that order (set_hyperparam takes [temperature, noise]).
+    openood_sweep = {"temperature": (1, 10, 100, 1000), "noise": (0.0014, 0.0028)}
+
     def __init__(self, temperature: float = 1000.0, noise: float = 0.0014,
                  input_std: Sequence[float] = DEFAULT_INPUT_STD) -> None:
         super().__init__()

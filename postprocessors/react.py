@@ -20,13 +20,18 @@ class ReAct(Postprocessor):
     https://arxiv.org/abs/2111.12797 (OpenOOD: ``react``, percentile 90, energy with T = 1; the
     clipping is the network's ``forward_threshold``, i.e. ``fc(feature.clip(max=c))``).
 
-    OpenOOD v1.5 takes the percentile over its ID *validation* features; here it is taken over
-    whatever ``fit`` receives (ID-train features in hrp-ood). The reported prediction is the
-    argmax of the clipped logits, as in OpenOOD.
+    OpenOOD v1.5 takes the percentile over its ID *validation* features (``ReactPostprocessor.setup``
+    reads ``id_loader_dict['val']``), hence ``fit_split = "val"``: the evaluation fits on ID-val when
+    it has a validation split and on ID-train otherwise; ``fit`` uses whatever it receives. The
+    reported prediction is the argmax of the clipped logits, as in OpenOOD.
     """
 
     requires_fit = True
     uses_features = True
+    fit_split = "val"
+    # OpenOOD v1.5 configs/postprocessors/react.yml (APS_mode True): percentile_list [85, 90, 95, 99];
+    # its set_hyperparam recomputes the threshold on the ID-val activations for each candidate.
+    openood_sweep = {"percentile": (85, 90, 95, 99)}
 
     def __init__(self, percentile: float = 90.0) -> None:
         super().__init__()

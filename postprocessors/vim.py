@@ -45,6 +45,11 @@ class ViM(Postprocessor):
 
     requires_fit = True
     uses_features = True
+    # OpenOOD v1.5 configs/postprocessors/vim.yml sets APS_mode True with dim_list [256, 1000], but
+    # VIMPostprocessor.set_hyperparam only stores `dim`: the residual space was built by setup() with the
+    # yml's dim 256 before the search starts, so every candidate scores alike and the first (256) is kept.
+    # OpenOOD's searched ViM is its default ViM; there is nothing to search here.
+    openood_sweep = {}
 
     def __init__(self, dim: int | None = None) -> None:
         super().__init__()

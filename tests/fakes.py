@@ -44,8 +44,10 @@ def cycling_labels(n: int, num_classes: int, rng: np.random.Generator) -> np.nda
     return rng.permutation(np.arange(n) % num_classes).astype(np.int64)
 
 
-def class_coloured_images(labels: np.ndarray, num_classes: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    colours = rng.integers(40, 216, (num_classes, 3, 1, 1))
+def class_coloured_images(labels: np.ndarray, num_classes: int, size: int, rng: np.random.Generator,
+                          colours: np.ndarray | None = None) -> np.ndarray:
+    """Per-class base colour (drawn here unless `colours` (C, 3, 1, 1) are given) plus uniform noise."""
+    colours = rng.integers(40, 216, (num_classes, 3, 1, 1)) if colours is None else colours
     noise = rng.integers(-40, 41, (len(labels), 3, size, size))
     return np.clip(colours[labels] + noise, 0, 255).astype(np.uint8)
 
@@ -147,17 +149,18 @@ def random_images(n: int, size: int = 32, seed: int = 0, channels: int = 3) -> n
 
 
 def write_openood_imglist(root: str | Path, id_dataset: str, name: str, images: np.ndarray,
-                          list_name: str | None = None) -> Path:
-    """OpenOOD's layout: `benchmark_imglist/<id_dataset>/test_<stem>.txt` with one "relative/path -1" line per
-    image, and the PNGs under `images_classic/<name>/test/`. images: uint8 (N, 3, H, W), written in list order.
-    list_name overrides the list's file name (default OpenOOD's `test_<stem>.txt`). Returns the list file."""
+                          list_name: str | None = None, labels: np.ndarray | None = None, split: str = "test") -> Path:
+    """OpenOOD's layout: `benchmark_imglist/<id_dataset>/test_<stem>.txt` with one "relative/path label" line per
+    image (label -1 unless `labels` are given), and the PNGs under `images_classic/<name>/<split>/`. images: uint8
+    (N, 3, H, W), written in list order. list_name overrides the list's file name (default OpenOOD's
+    `test_<stem>.txt`). Returns the list file."""
     root = Path(root)
     lines = []
     for k, image in enumerate(images):
-        relative = f"{name}/test/{k:03d}.png"
+        relative = f"{name}/{split}/{k:04d}.png"
         (root / "images_classic" / relative).parent.mkdir(parents=True, exist_ok=True)
         save_image(root / "images_classic" / relative, image)
-        lines.append(f"{relative} -1")
+        lines.append(f"{relative} {-1 if labels is None else int(labels[k])}")
     list_name = list_name or f"test_{OPENOOD_LIST_STEMS.get(name, name)}.txt"
     list_file = root / "benchmark_imglist" / id_dataset / list_name
     list_file.parent.mkdir(parents=True, exist_ok=True)
@@ -223,6 +226,28 @@ def write_far_ood_sets(root: str | Path, n: int = 40, id_dataset: str = "cifar10
     write_openood_imglist(root, id_dataset, "places365", written["places365"])
     write_ood_folder(root / "dtd" / "images", written["textures"], subfolders=DTD_CATEGORIES)
     written["mnist"] = write_mnist_idx(root, n, compress=True, seed=seed + 4)
+    return written
+
+
+def write_openood_cifar10_root(root: str | Path, n_train: int = 1000, n_val: int = 60, n_test: int = 50,
+                               n_ood: int = 40, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """An OpenOOD data root for the cifar10 benchmark, as OpenOOD's download script lays it out:
+    `benchmark_imglist/cifar10/{train,val,test}_cifar10.txt` (class-coloured images, one palette, labels 0-9),
+    `val_tin.txt` (OOD-val: class-coloured images in another palette, near-OOD-like) and the far-OOD test lists
+    (mnist, svhn, texture, places365 — the last 48x48, so the loader resizes), PNGs under `images_classic/`.
+    Returns {part: (images in list order, labels or None)}."""
+    rng = np.random.default_rng(seed)
+    palette, other_palette = rng.integers(40, 216, (2, 10, 3, 1, 1))
+    written: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        labels = cycling_labels(n, 10, rng)
+        written[split] = (class_coloured_images(labels, 10, 32, rng, palette), labels)
+        write_openood_imglist(root, "cifar10", "cifar10", written[split][0], f"{split}_cifar10.txt", labels, split)
+    written["val_tin"] = (class_coloured_images(cycling_labels(n_ood, 10, rng), 10, 32, rng, other_palette), None)
+    write_openood_imglist(root, "cifar10", "tin", written["val_tin"][0], "val_tin.txt", split="val")
+    for k, name in enumerate(("mnist", "svhn", "textures", "places365")):
+        written[name] = (random_images(n_ood, size=48 if name == "places365" else 32, seed=seed + 11 + k), None)
+        write_openood_imglist(root, "cifar10", name, written[name][0])
     return written
 
 

@@ -9,6 +9,7 @@ generated data in the real formats and checks the contract of a rejected command
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import pickle
@@ -27,7 +28,7 @@ from hrp_ood.errors import UserError
 from hrp_ood.models import create_model
 
 TINY = ["--model", "small_cnn", "--epochs", "1", "--batch-size", "32", "--meta-size", "20", "--set",
-        "meta_batch_size=16", "--no-progress"]
+        "meta_batch_size=16", "--set", "lr_milestones=[]", "--no-progress"]
 CIFAR10_TRAIN = 100
 
 
@@ -65,6 +66,7 @@ def _write_label_files(ws: Workspace) -> None:
     np.save(folder / "out_of_range.npy", np.full(CIFAR10_TRAIN, 12, dtype=np.int64))
     np.save(folder / "floats.npy", np.zeros(CIFAR10_TRAIN, dtype=np.float32))
     torch.save({"worse_label": np.zeros(CIFAR10_TRAIN, dtype=np.int64)}, folder / "cifar10n.pt")
+    (folder / "random.pt").write_bytes(np.random.default_rng(2).bytes(4096))
 
 
 def _write_configs(ws: Workspace) -> None:
@@ -73,6 +75,21 @@ def _write_configs(ws: Workspace) -> None:
     (folder / "unknown_key.yaml").write_text("kapa: 2.0\n")
     (folder / "wrong_type.yaml").write_text("kappa: high\n")
     (folder / "invalid.yaml").write_text("lr: 0.1\nlr_milestones: [1, 2\n")
+    (folder / "binary.yaml").write_bytes(np.random.default_rng(1).bytes(256) + b"\x00")
+    (folder / "latin1.yaml").write_bytes("# caf\u00e9\nlr: 0.1\n".encode("latin-1"))
+
+
+def _write_output_obstacles(ws: Workspace) -> None:
+    """A file where a folder is expected, a folder of the user's beside the runs, a run folder holding other files."""
+    ws.path("afile").write_text("not a folder")
+    ws.path("outside").mkdir()
+    ws.path("outside/thesis.tex").write_text("years of work")
+    ws.path("runs/foreign").mkdir()
+    ws.path("runs/foreign/notes.txt").write_text("my notes")
+    latin1_list = ws.path("openood_latin1/benchmark_imglist/cifar10/test_svhn.txt")
+    latin1_list.parent.mkdir(parents=True)
+    ws.path("openood_latin1/images_classic").mkdir()
+    latin1_list.write_bytes("svhn/caf\u00e9.png 0\n".encode("latin-1"))
 
 
 def _write_data(ws: Workspace) -> None:
@@ -124,18 +141,25 @@ def ws(tmp_path_factory) -> Workspace:
     assert main(["train", "--data-root", str(ws.path("cifar10")), "--out-dir", runs, "--name", "existing",
                  "--noise", "sym50", *TINY]) == 0
     assert main(["train", "--dataset", "cifar100", "--data-root", str(ws.path("cifar100")), "--out-dir", runs,
-                 "--name", "c100", "--method", "ce", "--noise", "sym20", *TINY]) == 0
+                 "--name", "c100", "--method", "ce", "--noise", "sym20", *TINY, "--meta-size", "100"]) == 0
     _write_label_files(ws)
     _write_configs(ws)
     _write_checkpoints(ws)
+    _write_output_obstacles(ws)
     return ws
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
-    """Every path under root: folders by name; files by size and mtime, plus a hash inside the run folders."""
+    """Every path under root: folders by name; files by size and mtime, plus a hash inside the run folders.
+
+    A run folder's lock file is left out: it records which process holds the folder, so every command that
+    takes the lock rewrites it (with the same pid, in-process).
+    """
     state = {}
     for path in sorted(root.rglob("*")):
         relative = path.relative_to(root).as_posix()
+        if path.name == ".lock":
+            continue
         if path.is_dir():
             state[relative] = ("dir",)
             continue
@@ -228,6 +252,113 @@ ROWS = [
     ("export-missing-checkpoint", "export",
      lambda ws: ["export", "--ckpt", str(ws.path("ckpts/nope.pt")), "--out", str(ws.path("exported.pt"))],
      ["nope.pt", "not found"]),
+    # ---- issue 11: the run folder never reaches outside --out-dir, and --overwrite removes only a run of ours
+    ("run-name-climbs-out-of-out-dir", "train", lambda ws: ws.train("--name", "../outside", "--overwrite"),
+     ["run name ../outside must be one folder name", "--out-dir"]),
+    ("run-name-is-an-absolute-path", "train", lambda ws: ws.train("--name", str(ws.path("outside")), "--overwrite"),
+     ["run name /", "outside must be one folder name"]),
+    ("overwrite-folder-holding-other-files", "train", lambda ws: ws.train("--name", "foreign", "--overwrite"),
+     ["runs/foreign holds files that are not part of an hrp-ood run (notes.txt)", "another --name"]),
+    ("start-in-folder-holding-other-files", "train", lambda ws: ws.train("--name", "foreign"),
+     ["runs/foreign holds files that are not part of an hrp-ood run (notes.txt)"]),
+    ("overwrite-with-missing-data-keeps-the-old-run", "train",
+     lambda ws: ws.train("--name", "existing", "--overwrite", data="empty_root"), ["cifar10 not found"]),
+    # ---- issue 11: every config value checked before anything is written
+    ("lr-not-a-number", "train", lambda ws: ws.train("--lr", "nan"), ["lr must be a finite number > 0, got nan"]),
+    ("lr-negative", "train", lambda ws: ws.train("--lr", "-0.1"), ["lr must be a finite number > 0, got -0.1",
+                                                                   "--set lr="]),
+    ("momentum-above-1", "train", lambda ws: ws.train("--set", "momentum=1.5"),
+     ["momentum must be a finite number in [0, 1), got 1.5"]),
+    ("weight-decay-negative", "train", lambda ws: ws.train("--set", "weight_decay=-0.0001"),
+     ["weight_decay must be a finite number >= 0, got -0.0001"]),
+    ("weight-decay-infinite", "train", lambda ws: ws.train("--set", "weight_decay=.inf"),
+     ["weight_decay must be a finite number >= 0, got inf"]),
+    ("kappa-negative", "train", lambda ws: ws.train("--set", "kappa=-4"), ["kappa must be a finite number > 0"]),
+    ("t-min-zero", "train", lambda ws: ws.train("--set", "t_min=0"), ["t_min must be a finite number > 0"]),
+    ("t-min-above-t-max", "train", lambda ws: ws.train("--set", "t_min=5"),
+     ["t_min (5.0) must not exceed t_max (3.0)"]),
+    ("tau-conf-above-1", "train", lambda ws: ws.train("--set", "tau_conf=1.5"),
+     ["tau_conf must be a finite number in [0, 1], got 1.5"]),
+    ("gamma-negative", "train", lambda ws: ws.train("--set", "gamma=-0.5"),
+     ["gamma must be a finite number in [0, 1]"]),
+    ("gce-q-zero", "train", lambda ws: ws.train("--set", "gce_q=0"), ["gce_q must be a finite number in (0, 1]"]),
+    ("forget-rate-one", "train", lambda ws: ws.train("--set", "forget_rate=1"),
+     ["forget_rate must be a finite number in [0, 1)"]),
+    ("batch-size-zero", "train", lambda ws: ws.train("--batch-size", "0"),
+     ["batch_size must be an integer >= 1, got 0"]),
+    ("proj-dim-zero", "train", lambda ws: ws.train("--set", "proj_dim=0"), ["proj_dim must be an integer >= 1"]),
+    ("warmup-negative", "train", lambda ws: ws.train("--set", "warmup_epochs=-1"),
+     ["warmup_epochs must be an integer >= 0"]),
+    ("image-size-zero", "train", lambda ws: ws.train("--set", "image_size=0"),
+     ["image_size must be an integer in [1, 4096], got 0"]),
+    ("seed-negative", "train", lambda ws: ws.train("--seed", "-1"),
+     ["seed must be an integer in [0, 4294967295], got -1"]),
+    ("seed-beyond-numpy", "train", lambda ws: ws.train("--seed", str(2**32)), ["seed must be", "got 4294967296"]),
+    ("epochs-absurd", "train", lambda ws: ws.train("--epochs", "1000000000"),
+     ["epochs must be an integer in [1, 100000], got 1000000000"]),
+    ("milestones-beyond-epochs", "train", lambda ws: ws.train("--epochs", "2", "--set", "lr_milestones=[1, 5]"),
+     ["lr_milestones [1, 5] lie outside [0, 2]", "never decay at 5", "or [] for a constant rate"]),
+    ("milestone-negative", "train", lambda ws: ws.train("--set", "lr_milestones=[-1]"),
+     ["lr_milestones [-1] lie outside [0, 1]"]),
+    ("device-unknown", "train", lambda ws: ws.train("--device", "gpu"),
+     ["device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"]),
+    ("labels-key-without-label-file", "train", lambda ws: ws.train("--noisy-labels-key", "worse_label"),
+     ["noisy_labels_key 'worse_label' is set but noisy_labels is not", "--noisy-labels FILE"]),
+    ("meta-set-smaller-than-class-count", "train", lambda ws: ws.train("--meta-size", "5"),
+     ["meta_size 5 is smaller than the 10 classes of cifar10", "--meta-size 10"]),
+    ("meta-set-smaller-than-class-count-no-meta-step", "train",
+     lambda ws: ws.train("--method", "ce", "--meta-size", "5"),
+     ["meta_size 5 is smaller than the 10 classes of cifar10", "--meta-size 10 or more, or --meta-size 0"]),
+    ("meta-size-zero-with-a-meta-step", "train", lambda ws: ws.train("--method", "hrp", "--meta-size", "0"),
+     ["meta_size must be positive for hrp", "meta_size 0 is for methods without one: ce, gce, coteach"]),
+    ("batch-larger-than-training-set", "train", lambda ws: ws.train("--batch-size", "500"),
+     ["batch_size 500 exceeds the 80 training images left after the 20-image meta set", "--batch-size"]),
+    # ---- issue 11: text files in other encodings or binary, torch's advice never repeated
+    ("config-binary", "train", lambda ws: ws.train("--config", str(ws.path("configs/binary.yaml"))),
+     ["config file", "binary.yaml is a binary file", "UTF-8"]),
+    ("config-latin1", "train", lambda ws: ws.train("--config", str(ws.path("configs/latin1.yaml"))),
+     ["config file", "latin1.yaml is not UTF-8 text (byte 0xe9 at offset 5)", "save it as UTF-8"]),
+    ("image-list-latin1", "evaluate",
+     lambda ws: ["evaluate", "--ckpt", str(ws.path("runs/existing/last.pt")), "--postprocessor", "msp",
+                 "--data-root", str(ws.path("openood_latin1")), "--ood", "svhn", "--out", str(ws.path("eval_out")),
+                 "--cache-dir", str(ws.path("cache"))],
+     ["image list", "test_svhn.txt is not UTF-8 text", "save it as UTF-8"]),
+    ("labels-pt-random-bytes", "train", lambda ws: ws.train("--noisy-labels", str(ws.path("labels/random.pt"))),
+     ["label file", "random.pt is truncated or not a torch label file"]),
+    # ---- issue 11: output paths that cannot be written are refused before any work
+    ("train-out-dir-is-a-file", "train", lambda ws: ws.train("--out-dir", str(ws.path("afile"))),
+     ["--out-dir", "afile is a file, not a folder"]),
+    ("train-out-dir-below-a-file", "train", lambda ws: ws.train("--out-dir", str(ws.path("afile/runs"))),
+     ["--out-dir", "afile/runs:", "afile is a file, not a folder"]),
+    ("evaluate-out-is-a-file", "evaluate", lambda ws: [*ws.evaluate("runs/existing/last.pt"), "--out",
+                                                      str(ws.path("afile"))], ["--out", "afile is a file"]),
+    ("evaluate-cache-dir-is-a-file", "evaluate",
+     lambda ws: [*ws.evaluate("runs/existing/last.pt"), "--cache-dir", str(ws.path("afile/cache"))],
+     ["--cache-dir", "afile is a file"]),
+    ("ood-dir-missing-with-skip-missing", "evaluate",
+     lambda ws: [*ws.evaluate("runs/existing/last.pt", ood="no_such_folder"), "--skip-missing"],
+     ["--ood-dir mine=", "no_such_folder: no such folder", "mine images"]),
+    ("evaluate-batch-size-zero", "evaluate", lambda ws: [*ws.evaluate("runs/existing/last.pt"), "--batch-size", "0"],
+     ["--batch-size must be at least 1, got 0"]),
+    ("evaluate-device-unknown", "evaluate", lambda ws: [*ws.evaluate("runs/existing/last.pt"), "--device", "gpu"],
+     ["device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"]),
+    ("report-out-is-a-file", "report",
+     lambda ws: ["report", str(ws.path("corrupt_eval.json")), "--out", str(ws.path("afile"))],
+     ["--out", "afile is a file"]),
+    ("export-out-is-a-folder", "export",
+     lambda ws: ["export", "--ckpt", str(ws.path("runs/existing/last.pt")), "--out", str(ws.path("configs"))],
+     ["--out", "configs is a folder; give the path of a file"]),
+    ("export-out-below-a-file", "export",
+     lambda ws: ["export", "--ckpt", str(ws.path("runs/existing/last.pt")), "--out", str(ws.path("afile/net.pt"))],
+     ["--out", "afile/net.pt: ", "afile is a file, not a folder"]),
+    # ---- issue 11: paths in messages show what is really in them
+    ("ckpt-path-with-a-bom", "evaluate", lambda ws: ws.evaluate("ckpts/\ufeffnope.pt"),
+     ["checkpoint '", "ckpts/\\ufeffnope.pt' not found"]),
+    ("ckpt-path-with-a-trailing-space", "evaluate", lambda ws: ws.evaluate("ckpts/nope.pt "),
+     ["checkpoint '", "ckpts/nope.pt ' not found"]),
+    ("config-path-with-a-zero-width-space", "train",
+     lambda ws: ws.train("--config", str(ws.path("configs/\u200bmissing.yaml"))),
+     ["config file '", "configs/\\u200bmissing.yaml' not found"]),
 ]
 PARAMS = [pytest.param(*row, id=row[0]) for row in ROWS]
 
@@ -246,6 +377,7 @@ def test_bad_input_is_one_clear_line_and_damages_nothing(case, command, argv, wo
     for word in words:
         assert word in lines[0], f"{case}: {word!r} missing from: {lines[0]}"
     assert "Traceback" not in out + err
+    assert "weights_only" not in err and "can still be loaded" not in err, "torch's unsafe advice is never repeated"
     assert snapshot(ws.root) == before, f"{case}: the rejected command changed files on disk"
     assert not ws.path("PWNED").exists(), "a crafted pickle ran code"
 
@@ -267,3 +399,78 @@ def test_debug_reraises_the_error_with_its_traceback(ws, capsys):
     with pytest.raises(UserError, match="nope.pt not found"):
         main(["--debug", *ws.evaluate("ckpts/nope.pt")])
     assert capsys.readouterr().err == "", "with --debug the error propagates instead of being printed"
+
+
+def read_only(monkeypatch, folder: Path) -> None:
+    """Make `folder` read-only for this process, as the kernel would: creating or writing anything under it fails
+    with EACCES (the tests may run as root, whom chmod does not stop)."""
+    real_open, real_mkdir = os.open, os.mkdir
+    inside = str(folder)
+
+    def refuse(path) -> bool:
+        return os.fspath(path) == inside or os.fspath(path).startswith(inside + os.sep)
+
+    def guarded_open(path, flags, *args, **kwargs):
+        if refuse(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def guarded_mkdir(path, *args, **kwargs):
+        if refuse(path):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", guarded_open)
+    monkeypatch.setattr(os, "mkdir", guarded_mkdir)
+
+
+@pytest.mark.parametrize("command, argv", [
+    ("train", lambda ws, ro: ws.train("--out-dir", str(ro / "runs"))),
+    ("evaluate", lambda ws, ro: [*ws.evaluate("runs/existing/last.pt"), "--out", str(ro / "eval")]),
+    ("evaluate", lambda ws, ro: [*ws.evaluate("runs/existing/last.pt"), "--cache-dir", str(ro / "cache")]),
+    ("report", lambda ws, ro: ["report", str(ws.path("corrupt_eval.json")), "--out", str(ro / "report")]),
+    ("export", lambda ws, ro: ["export", "--ckpt", str(ws.path("runs/existing/last.pt")), "--out", str(ro / "n.pt")]),
+], ids=["train-out-dir", "evaluate-out", "evaluate-cache-dir", "report-out", "export-out"])
+def test_a_read_only_output_folder_is_one_line_naming_it_before_any_work(command, argv, ws, tmp_path, monkeypatch,
+                                                                          capsys):
+    read_only_folder = tmp_path / "read_only"
+    read_only_folder.mkdir()
+    args = argv(ws, read_only_folder)
+    before = snapshot(ws.root)
+    read_only(monkeypatch, read_only_folder)
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"hrp-ood {command}: error: "), err
+    assert f"cannot write in {read_only_folder} (Permission denied (EACCES))" in err
+    monkeypatch.undo()
+    assert list(read_only_folder.iterdir()) == [] and snapshot(ws.root) == before
+
+
+def test_a_full_disk_while_training_is_one_line_and_keeps_the_last_checkpoint(ws, tmp_path, monkeypatch, capsys):
+    shutil.copytree(ws.path("runs/existing"), tmp_path / "existing")
+    run = tmp_path / "existing"
+    before = {p.name: p.read_bytes() for p in run.iterdir()
+              if p.is_file() and p.name not in (".lock", "train.log", "config.yaml")}
+    signals_before = sorted(p.name for p in (run / "signals").iterdir())
+
+    fsync = os.fsync
+
+    def full_disk_for_checkpoints(fd):  # the disk fills up while epoch 2's checkpoint is written
+        if ".last.pt." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk_for_checkpoints)
+    capsys.readouterr()
+    assert main(["train", "--out-dir", str(tmp_path), "--name", "existing", "--resume", "--epochs", "2",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == (f"hrp-ood train: error: cannot write {run / 'last.pt'}: No space left on device "
+                                    "(ENOSPC); free some space or choose another output folder")
+    monkeypatch.undo()
+    after = {p.name: p.read_bytes() for p in run.iterdir()
+             if p.is_file() and p.name not in (".lock", "train.log", "config.yaml")}
+    assert after == before, "the last checkpoint and metrics are kept, and no temporary file is left"
+    assert sorted(p.name for p in (run / "signals").iterdir()) == signals_before  # nor signals of the lost epoch

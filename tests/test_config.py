@@ -1,8 +1,19 @@
+import math
+import re
+import typing
 from pathlib import Path
 
 import pytest
 
-from hrp_ood.config import METHODS, TrainConfig, build_config, parse_set_option, read_yaml, save_config
+from hrp_ood.config import (
+    METHODS,
+    VALUE_RANGES,
+    TrainConfig,
+    build_config,
+    parse_set_option,
+    read_yaml,
+    save_config,
+)
 from hrp_ood.errors import UserError
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
@@ -48,7 +59,7 @@ def test_unknown_key_names_it_and_suggests_the_closest(tmp_path):
     ({"download": 1}, "'download' must be bool"),
     ({"lr_milestones": [10, "x"]}, "list of int"),
     ({"method": "hrp2"}, "unknown method 'hrp2'"),
-    ({"batch_size": 0}, "batch_size must be positive"),
+    ({"batch_size": 0}, "batch_size must be an integer >= 1"),
     ({"t_min": 4.0}, "t_min"),
 ])
 def test_wrong_values_are_one_line_errors(values, words):
@@ -87,3 +98,61 @@ def test_saved_config_reloads_identically(tmp_path):
     cfg = build_config(overrides={"noise": "asym40", "lr_milestones": [3, 4], "forget_rate": 0.3})
     save_config(cfg, tmp_path / "config.yaml")
     assert build_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("method", [name for name, spec in METHODS.items() if not spec.meta])
+def test_methods_without_a_meta_step_may_use_the_whole_training_split(method):
+    assert build_config(overrides={"method": method, "meta_size": 0}).meta_size == 0
+
+
+@pytest.mark.parametrize("method", ["hrp", "coupled_meta"])
+def test_meta_methods_need_a_meta_set(method):
+    with pytest.raises(UserError, match=f"meta_size must be positive for {method}.*ce, gce, coteach") as info:
+        build_config(overrides={"method": method, "meta_size": 0})
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("method", ["ce", "hrp"])
+def test_meta_sizes_are_never_negative(method):
+    # a negative size is out of VALUE_RANGES (lower bound 0, for the methods without a meta step): the range error
+    with pytest.raises(UserError, match=r"^meta_size must be an integer >= 0, got -1; fix it") as info:
+        build_config(overrides={"method": method, "meta_size": -1})
+    assert "\n" not in str(info.value)
+
+
+def _outside(key: str) -> list:
+    """Values just outside the range VALUE_RANGES gives `key` (plus nan and inf for float keys)."""
+    low, high, bounds = VALUE_RANGES[key]
+    hint = typing.get_type_hints(TrainConfig)[key]
+    kind = float if float in (typing.get_args(hint) or (hint,)) else int
+    step = kind(1e-9 if kind is float else 1)
+    values = [kind(low - step if bounds[0] == "[" else low)]
+    if math.isfinite(high):
+        values.append(kind(high + step if bounds[1] == "]" else high))
+    return values + ([math.nan, math.inf] if kind is float else [])
+
+
+@pytest.mark.parametrize("key", sorted(VALUE_RANGES))
+def test_every_numeric_key_is_range_checked_with_a_one_line_error(key):
+    for value in _outside(key):
+        with pytest.raises(UserError, match=rf"^{key} must be .*, got {re.escape(repr(value))}; fix it in the config "
+                                            rf"or with --set {key}=\.\.\.$"):
+            build_config(overrides={key: value})
+
+
+def test_lr_milestones_must_fall_within_the_run():
+    with pytest.raises(UserError, match=r"lr_milestones \[3, 12\] lie outside \[0, 10\].*never decay at 12"):
+        build_config(overrides={"epochs": 10, "lr_milestones": [3, 12]}).check_schedule()
+    build_config(overrides={"epochs": 10, "lr_milestones": [0, 10]}).check_schedule()
+
+
+@pytest.mark.parametrize("name", ["../x", "/abs/x", "a/b", ".", "..", ""])
+def test_a_run_name_must_be_one_folder_name(name):
+    with pytest.raises(UserError, match="must be one folder name"):
+        build_config(overrides={"name": name})
+
+
+def test_a_config_file_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes("lr: 0.2\nepochs: 7\n".encode("utf-16"))
+    assert (build_config(path).lr, build_config(path).epochs) == (0.2, 7)

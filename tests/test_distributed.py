@@ -194,7 +194,8 @@ def test_two_process_training_resumes_and_loads_into_one_process(tmp_path, capsy
     assert main(args) == 0
     run = tmp_path / "runs" / "run"
     assert sorted(p.name for p in run.iterdir()) == sorted(
-        ["config.yaml", "noise.npz", "meta_indices.npz", "metrics.csv", "train.log", "last.pt", "best.pt", "signals"])
+        [".lock", "config.yaml", "noise.npz", "meta_indices.npz", "metrics.csv", "train.log", "last.pt", "best.pt",
+         "signals"])
     assert [p.name for p in (run / "signals").iterdir()] == ["epoch_0002.npz"]  # written once, by rank 0
     assert [r["epoch"] for r in read_metrics(run)] == ["1", "2"]  # one writer: no duplicated rows
     assert (run / "train.log").read_text().count("epoch 2/2") == 1

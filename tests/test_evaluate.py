@@ -111,7 +111,16 @@ def test_second_evaluation_makes_no_forward_pass(tmp_path):
     assert net.calls > 0  # another cache key is another checkpoint: computed afresh
 
 
-class RecordingFit:
+class StandIn:
+    """What the evaluation reads of a postprocessor besides fit/score: no OpenOOD search, fitted on ID-train."""
+
+    fit_split, openood_sweep = "train", {}
+
+    def hyperparameters(self) -> dict:
+        return {}
+
+
+class RecordingFit(StandIn):
     """Stand-in postprocessor: records what it was fitted on; scores by the first feature."""
 
     name, requires_fit, needs_network = "recorder", True, False
@@ -124,7 +133,7 @@ class RecordingFit:
         return data.features[:, 0]
 
 
-class InputMean:
+class InputMean(StandIn):
     """Stand-in `needs_network` postprocessor: the mean of the normalised input batch it is given."""
 
     name, requires_fit, needs_network = "inputmean", False, True

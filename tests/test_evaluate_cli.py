@@ -32,7 +32,7 @@ OOD_SETS = ("svhn", "lsun", "places365", "textures", "mnist")
 METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out", "fpr95_tpr_id")
 N_TRAIN, N_TEST, N_OOD = 200, 60, 40
 TINY_TRAIN = ["--model", "small_cnn", "--epochs", "2", "--batch-size", "32", "--meta-size", "20",
-              "--set", "meta_batch_size=16", "--set", "warmup_epochs=1", "--no-progress"]
+              "--set", "meta_batch_size=16", "--set", "warmup_epochs=1", "--set", "lr_milestones=[1]", "--no-progress"]
 # run name → (method, noise, seed): two noise levels, a second seed for the mean over seeds, a baseline
 RUNS = {"hrp_sym20_s0": ("hrp", "sym20", 0), "hrp_sym20_s1": ("hrp", "sym20", 1),
         "hrp_sym50_s0": ("hrp", "sym50", 0), "ce_sym20_s0": ("ce", "sym20", 0)}
@@ -316,7 +316,7 @@ def test_export_of_resnet18_32x32_loads_strictly_into_openood_layout(tmp_path):
     write_cifar10(tmp_path / "cifar", n_train=30, n_test=10, seed=2)
     assert main(["train", "--data-root", str(tmp_path / "cifar"), "--method", "ce", "--model", "resnet18_32x32",
                  "--epochs", "1", "--batch-size", "16", "--meta-size", "10", "--out-dir", str(tmp_path / "runs"),
-                 "--name", "r18", "--no-progress"]) == 0
+                 "--name", "r18", "--set", "lr_milestones=[]", "--no-progress"]) == 0
     ckpt, exported = tmp_path / "runs" / "r18" / "last.pt", tmp_path / "r18_openood.ckpt"
     assert main(["export", "--ckpt", str(ckpt), "--out", str(exported)]) == 0
 

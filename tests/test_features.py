@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
+import errno
 import logging
 
 import numpy as np
@@ -12,8 +12,9 @@ import torchvision.transforms.v2.functional as TF
 from torch import nn
 
 from fakes import CountingNet
+from hrp_ood.errors import UserError
 from hrp_ood.eval import features as features_module
-from hrp_ood.eval.features import cached_features, extract_features, file_sha256
+from hrp_ood.eval.features import cached_features, extract_features
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -79,6 +80,20 @@ def test_other_images_under_the_same_key_are_recomputed(tmp_path):
     np.testing.assert_allclose(out.logits, _reference(net, _images(12, seed=1))[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("changed", [1, 150], ids=["second-image", "last-image"])
+def test_one_changed_image_of_a_large_set_is_recomputed(tmp_path, changed):
+    """Every image counts: the cache once fingerprinted 64 evenly spaced images, so in a set of 151 a replaced
+    second image kept the stale features."""
+    net = CountingNet()
+    images = _images(151)
+    cached_features(net, images, MEAN, STD, cache_dir=tmp_path, key="k")
+    images[changed] = 255 - images[changed]
+    calls = net.calls
+    out = cached_features(net, images, MEAN, STD, cache_dir=tmp_path, key="k")
+    assert net.calls > calls, "a changed image must not be served from the cache"
+    np.testing.assert_allclose(out.logits, _reference(net, images)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_unreadable_cache_is_recomputed_with_a_warning(tmp_path, caplog):
     net, images = CountingNet(), _images(4)
     (tmp_path / "k.npz").write_bytes(b"PK\x03\x04 torn")
@@ -90,10 +105,10 @@ def test_unreadable_cache_is_recomputed_with_a_warning(tmp_path, caplog):
 
 def test_a_failed_write_leaves_no_cache_file(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(features_module.np, "savez", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UserError, match=r"cannot write .*k\.npz: No space left on device \(ENOSPC\)"):
         cached_features(CountingNet(), _images(4), MEAN, STD, cache_dir=tmp_path, key="k")
     assert list(tmp_path.iterdir()) == []
 
@@ -103,11 +118,3 @@ def test_keys_with_path_characters_stay_inside_the_cache_dir(tmp_path):
     files = list((tmp_path / "cache").iterdir())
     assert len(files) == 1 and "/" not in files[0].name and files[0].name != "me.npz"
     assert not (tmp_path / "escape").exists()
-
-
-def test_file_sha256_matches_hashlib_across_chunks(tmp_path):
-    data = np.random.default_rng(0).integers(0, 256, size=10_000, dtype=np.uint8).tobytes()
-    path = tmp_path / "ckpt.pt"
-    path.write_bytes(data)
-    assert file_sha256(path, chunk_size=999) == hashlib.sha256(data).hexdigest()
-    assert file_sha256(path) == hashlib.sha256(data).hexdigest()

@@ -59,7 +59,8 @@ def assert_identical(nets_a, nets_b):
 def test_interrupt_then_resume_is_bit_identical(how, data_root, reference_weights, tmp_path):
     process = subprocess.Popen(train_command(data_root, tmp_path), env=ENV, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-    wait_for(tmp_path / "run" / "last.pt", process)  # epoch 1 is done; kill inside a later epoch
+    # epoch 1 is done (metrics.csv is written after last.pt); kill inside a later epoch
+    wait_for(tmp_path / "run" / "metrics.csv", process)
     process.send_signal(how)
     _, err = process.communicate(timeout=120)
     state = load_checkpoint(tmp_path / "run" / "last.pt")

@@ -187,3 +187,17 @@ def test_compile_and_channels_last_are_opt_in(cifar_root, tmp_path, monkeypatch)
     state = load_checkpoint(tmp_path / "c" / "last.pt")
     assert state["config"]["compile"] and state["config"]["channels_last"]
     assert not any(k.startswith("_orig_mod") for k in state["nets"][0]), "checkpoints hold the plain network"
+
+
+def test_single_network_baseline_trains_on_the_whole_training_split(cifar_root, tmp_path, capsys):
+    from hrp_ood.data.meta_set import load_indices
+
+    args = ["train", "--data-root", str(cifar_root), "--epochs", "1", "--out-dir", str(tmp_path), *TINY]
+    assert main([*args, "--name", "ce0", "--method", "ce", "--meta-size", "0"]) == 0
+    split = load_indices(tmp_path / "ce0" / "meta_indices.npz")
+    assert split["meta_indices"].size == 0 and split["train_indices"].tolist() == list(range(200))
+    capsys.readouterr()
+    assert main([*args, "--name", "hrp0", "--method", "hrp", "--meta-size", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "meta_size must be positive for hrp" in err
+    assert not (tmp_path / "hrp0").exists()

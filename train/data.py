@@ -62,12 +62,30 @@ def _noisy_labels(cfg: TrainConfig, clean: np.ndarray, num_classes: int, coarse:
                              dataset=cfg.dataset, coarse_labels=coarse)
 
 
+def check_sizes(cfg: TrainConfig, num_classes: int, num_train: int) -> None:
+    """The meta set holds every class (or, for a method without a meta step, is empty: meta_size 0), and a
+    training batch fits in what the meta set leaves."""
+    if cfg.meta_size < num_classes and (cfg.meta_size > 0 or cfg.spec.meta):
+        zero = "" if cfg.spec.meta else f", or --meta-size 0 to train {cfg.method} on the whole training split"
+        raise UserError(f"meta_size {cfg.meta_size} is smaller than the {num_classes} classes of {cfg.dataset}: the "
+                        f"clean meta set needs every class; use --meta-size {num_classes} or more{zero}")
+    left = num_train - cfg.meta_size
+    if left <= 0:
+        raise UserError(f"meta_size {cfg.meta_size} leaves none of the {num_train} images of {cfg.dataset} to train "
+                        "on; lower --meta-size")
+    if cfg.batch_size > left:
+        raise UserError(f"batch_size {cfg.batch_size} exceeds the {left} training images left after the "
+                        f"{cfg.meta_size}-image meta set ({num_train} in {cfg.dataset}); lower --batch-size "
+                        "or --meta-size")
+
+
 def prepare_training_data(cfg: TrainConfig, run_dir: Path, device: torch.device) -> TrainingData:
     """Load the dataset; create (or reload, on resume) the noise file and the meta-set indices."""
     if not cfg.noisy_labels:
         parse_noise(cfg.noise)  # a bad spec fails before a slow dataset load
     bundle = load_dataset(cfg.dataset, cfg.data_root, download=cfg.download, image_size=cfg.image_size)
     clean = np.asarray(bundle.train_labels, dtype=np.int64)
+    check_sizes(cfg, bundle.num_classes, len(clean))
 
     noise_path = run_dir / NOISE_FILE
     if noise_path.exists():

@@ -26,21 +26,23 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from hrp_ood import distributed
 from hrp_ood.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from hrp_ood.config import TrainConfig, save_config
+from hrp_ood.config import TrainConfig, check_device_name, read_yaml, save_config
 from hrp_ood.data.augment import BatchAugment
 from hrp_ood.errors import Interrupted, UserError
 from hrp_ood.io import atomic_write_text
 from hrp_ood.method import ReliabilityMemory
 from hrp_ood.models import ProjectionHead, create_model
+from hrp_ood.progress import progress_steps
+from hrp_ood.run_dir import RunFolder
 from hrp_ood.train.data import TrainingData, prepare_training_data
 from hrp_ood.train.signals import EpochSignals, class_share_max
 from hrp_ood.train.steps import STEPS, Member, NonFiniteLoss, StepContext, StepInputs
@@ -50,6 +52,7 @@ log = logging.getLogger(__name__)
 
 def resolve_device(name: str) -> torch.device:
     """The training device; in a data-parallel run on CUDA, this rank's GPU (torchrun's LOCAL_RANK)."""
+    check_device_name(name)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -157,6 +160,19 @@ class MetricsLog:
 
     def append(self, row: dict[str, Any]) -> None:
         self.rows = [r for r in self.rows if int(r["epoch"]) < int(row["epoch"])] + [row]
+        self._write()
+
+    def catch_up(self, epoch: int, row: dict[str, Any]) -> None:
+        """Agree with a checkpoint after `epoch` epochs whose own row is `row`: rows of later epochs go (left by
+        versions that wrote metrics.csv before last.pt), and `row` comes back if a crash between the two lost it."""
+        kept = [r for r in self.rows if int(r["epoch"]) <= epoch]
+        if row and int(row["epoch"]) == epoch and not any(int(r["epoch"]) == epoch for r in kept):
+            kept.append(row)
+        if kept != self.rows:
+            self.rows = kept
+            self._write()
+
+    def _write(self) -> None:
         columns: list[str] = []
         for r in self.rows:
             columns += [c for c in r if c not in columns]
@@ -208,6 +224,7 @@ class Trainer:
         self.counts: dict[str, torch.Tensor] = {}  # steps whose value of each log was finite
         self.best_acc = -math.inf  # meta-set accuracy of best.pt
         self.best_test_acc = math.nan  # its test accuracy (reported, never used to choose)
+        self.metrics_row: dict[str, str] = {}  # the last finished epoch's metrics.csv row, also kept in last.pt
         self.stop_requested = False  # set by SIGINT/SIGTERM: checkpoint after the current step and stop
 
     # ---- checkpoints -------------------------------------------------------------------------------
@@ -219,6 +236,7 @@ class Trainer:
             "epoch_state": self._epoch_state() if self.step else {},
             "best_acc": self.best_acc,
             "best_test_acc": self.best_test_acc,
+            "metrics_row": self.metrics_row,
             "dataset": {"name": self.data.dataset, "classes": self.data.classes, "mean": list(self.data.mean),
                         "std": list(self.data.std), "image_size": self.data.image_size,
                         "noise_rate": self.data.noise_rate},
@@ -246,6 +264,9 @@ class Trainer:
         self.step = state["step"]
         self.best_acc = state["best_acc"]
         self.best_test_acc = state.get("best_test_acc", math.nan)
+        self.metrics_row = state.get("metrics_row") or {}
+        if distributed.is_main():
+            self.metrics.catch_up(self.epoch, self.metrics_row)
         if self.step:
             epoch_state = state["epoch_state"]
             self.order = epoch_state["order"]
@@ -300,8 +321,9 @@ class Trainer:
             self._begin_epoch()
         for m in self.members:
             m.net.train()
-        bar = tqdm(range(self.step, steps), desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
-                   disable=not self.progress, leave=False, dynamic_ncols=True, initial=self.step, total=steps)
+        bar = progress_steps(range(self.step, steps), bar=self.progress, total=steps, initial=self.step,
+                             desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
+                             steps_after=(self.cfg.epochs - self.epoch - 1) * steps)
         for step in bar:
             if self._stop_agreed():
                 raise TrainingInterrupted(self.epoch, step)
@@ -366,13 +388,15 @@ class Trainer:
             self._check_weights()
             row.update(self._evaluate())
             row = {"epoch": self.epoch, "lr": lr, **row, "epoch_time_s": time.perf_counter() - started}
-            if distributed.is_main():
-                self.metrics.append({k: _format(v) for k, v in row.items()})
+            self.metrics_row = {k: _format(v) for k, v in row.items()}
             # best.pt: selected on the clean meta set (held out from the noisy training data), never on the test set
             is_best = row["meta_acc"] > self.best_acc
             if is_best:
                 self.best_acc, self.best_test_acc = row["meta_acc"], row["acc_ensemble"]
             self.save()
+            if distributed.is_main():  # after last.pt (which holds the row): metrics.csv is never ahead of it
+                self.metrics.append(self.metrics_row)
+            self._save_signals()
             if is_best and distributed.is_main():
                 shutil.copyfile(self.run_dir / "last.pt", self.run_dir / ".best.pt.tmp")
                 (self.run_dir / ".best.pt.tmp").replace(self.run_dir / "best.pt")
@@ -384,8 +408,8 @@ class Trainer:
                 "last_test_acc": self._last_test_acc(), "run_dir": str(self.run_dir)}
 
     def _evaluate(self) -> dict[str, float]:
-        """Test accuracies, the ensemble's accuracy on the clean meta set (model selection), the share of the
-        most predicted test class, and (every signals_every epochs, and the last) the signals file."""
+        """Test accuracies, the ensemble's accuracy on the clean meta set (model selection) and the share of the
+        most predicted test class."""
         cfg, data = self.cfg, self.data
         predictions = ensemble_predictions(self.members, data.test_images, self.augment, cfg.eval_batch_size)
         row = accuracies(predictions, data.test_labels)
@@ -397,11 +421,17 @@ class Trainer:
         ensemble = predictions[-1]
         counts = distributed.global_sum(torch.bincount(ensemble[ensemble >= 0], minlength=data.num_classes).double())
         row["test_pred_class_max"] = class_share_max(counts)
-        if self.epoch % cfg.signals_every == 0 or self.epoch == cfg.epochs:
-            signals = self.ctx.signals.merged()
-            if distributed.is_main():
-                signals.save(self.run_dir / "signals" / f"epoch_{self.epoch:04d}.npz", data.is_clean, counts)
+        self.test_prediction_counts = counts
         return row
+
+    def _save_signals(self) -> None:
+        """signals/epoch_NNNN.npz every signals_every epochs and at the last; after last.pt, like metrics.csv."""
+        if self.epoch % self.cfg.signals_every and self.epoch != self.cfg.epochs:
+            return
+        signals = self.ctx.signals.merged()  # every rank takes part
+        if distributed.is_main():
+            signals.save(self.run_dir / "signals" / f"epoch_{self.epoch:04d}.npz", self.data.is_clean,
+                         self.test_prediction_counts)
 
     def _last_test_acc(self) -> float:
         rows = self.metrics.rows
@@ -429,25 +459,18 @@ def _setup_logging(run_dir: Path) -> logging.Handler:
     return handler
 
 
-def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    if resume:
-        if not (run_dir / "last.pt").exists():
-            raise UserError(f"--resume: no checkpoint {run_dir / 'last.pt'} to resume from; drop --resume to start")
-        return
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise UserError(f"run folder {run_dir} already holds a run; pass --resume to continue it or "
-                            "--overwrite to replace it")
-        shutil.rmtree(run_dir)
-
-
 RESUMABLE = ("epochs", "device", "on_nonfinite", "eval_batch_size")
 
 
 def resume_config(run_dir: Path, requested: TrainConfig, explicit: set[str]) -> TrainConfig:
-    """The saved config of the run; only the run-time policies in RESUMABLE may change on resume."""
-    state = load_checkpoint(run_dir / "last.pt")
-    saved = state["config"]
+    """The saved config of the run (last.pt's, or config.yaml's for a run stopped before its first checkpoint);
+    only the run-time policies in RESUMABLE may change on resume."""
+    if (run_dir / "last.pt").exists():
+        saved = load_checkpoint(run_dir / "last.pt")["config"]
+    elif (run_dir / "config.yaml").exists():
+        saved = read_yaml(run_dir / "config.yaml")
+    else:
+        raise UserError(f"--resume: {run_dir} holds neither last.pt nor config.yaml; drop --resume to start the run")
     changed = sorted(k for k in explicit - {*RESUMABLE, "name", "out_dir"}
                      if getattr(requested, k) != saved.get(k))
     if changed:
@@ -498,43 +521,61 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, ex
     """
     owns_group = distributed.init_from_env(device_type(cfg.device))
     try:
-        return _train(cfg, resume=resume, overwrite=overwrite, explicit=explicit, progress=progress)
+        with _without_torch_jit_deprecation():
+            return _train(cfg, resume=resume, overwrite=overwrite, explicit=explicit, progress=progress)
     finally:
         if owns_group:
             distributed.shutdown()
 
 
-def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool, overwrite: bool,
+@contextlib.contextmanager
+def _without_torch_jit_deprecation():
+    """torch's forward-mode AD (the meta step) scripts its own decompositions with torch.jit.script on first use,
+    and torch.jit.script warns that it is deprecated: a FutureWarning about torch's code, nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        yield
+
+
+def _prepare_run_dir(cfg: TrainConfig, run: RunFolder, resume: bool, overwrite: bool,
                      explicit: set[str]) -> tuple[TrainConfig, bool]:
-    """Check / create the run folder and write config.yaml; returns (the run's config, whether it was created)."""
-    _check_run_dir(run_dir, resume, overwrite)
+    """Claim the run folder (hrp_ood.run_dir) and write config.yaml; returns (the run's config, whether it
+    continues from last.pt)."""
+    if not resume:
+        cfg.check_schedule()  # a new run's config is complete: checked before the folder is touched
+    from_checkpoint = run.claim(resume=resume, overwrite=overwrite)
     if resume:
-        cfg = resume_config(run_dir, cfg, set(explicit))
-    created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    return cfg, created
+        cfg = resume_config(run.path, cfg, set(explicit))
+        cfg.check_schedule()
+    if not from_checkpoint:
+        run.start_afresh()
+    save_config(cfg, run.path / "config.yaml")
+    return cfg, from_checkpoint
 
 
 def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool, explicit: set[str],
            progress: bool | None) -> dict[str, Any]:
     run_dir = Path(cfg.out_dir) / cfg.run_name
+    run = RunFolder(run_dir)  # rank 0 alone claims and touches the folder; the others get its config (or its error)
     main = distributed.is_main()
-    # rank 0 alone touches the folder; the others get its config (or its error)
-    cfg, created = distributed.on_main(lambda: _prepare_run_dir(cfg, run_dir, resume, overwrite, explicit))
+    try:
+        cfg, resume = distributed.on_main(lambda: _prepare_run_dir(cfg, run, resume, overwrite, explicit))
+    except BaseException:
+        run.abandon()
+        raise
     package_log = logging.getLogger("hrp_ood")
     previous_level = package_log.level
     handler = _setup_logging(run_dir) if main else None
     if not main:
         package_log.setLevel(logging.WARNING)  # one console log, rank 0's
     try:
-        seed_everything(distributed.rank_seed(cfg.seed, distributed.rank()), cfg.deterministic)
         try:
+            seed_everything(distributed.rank_seed(cfg.seed, distributed.rank()), cfg.deterministic)
             trainer = Trainer(cfg, run_dir, progress=progress)
         except BaseException:
-            if created and main:  # a run that never started leaves no folder behind to block the corrected retry
-                shutil.rmtree(run_dir, ignore_errors=True)
+            run.abandon()  # a run that never started leaves nothing behind to block the corrected retry
             raise
+        run.keep()
         if resume:
             trainer.load_state_dict(load_checkpoint(run_dir / "last.pt", map_location=trainer.device))
             log.info("resumed %s at epoch %d, step %d on %d process(es)", run_dir, trainer.epoch, trainer.step,
@@ -555,3 +596,4 @@ def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool, explicit: set[str
         if handler is not None:
             package_log.removeHandler(handler)
             handler.close()
+        run.release()

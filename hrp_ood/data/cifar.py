@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from hrp_ood.data.bundle import DataBundle, check_native_size
-from hrp_ood.errors import UserError
+from hrp_ood.errors import UserError, shown
 
 log = logging.getLogger(__name__)
 
@@ -95,17 +95,21 @@ def _labels(batch: dict[str, Any], key: str, path: Path) -> np.ndarray:
 def _require_files(folder: Path, files: tuple[str, ...], name: str, url: str) -> None:
     missing = [f for f in files if not (folder / f).is_file()]
     if missing:
-        raise UserError(f"{name} not found: expected {folder}/{{{', '.join(files)}}} (missing: {', '.join(missing)}); "
+        raise UserError(f"{name} not found: expected {shown(folder)}/{{{', '.join(files)}}} "
+                        f"(missing: {', '.join(missing)}); "
                         f"extract {url} into {folder.parent}, or let `hrp-ood train --download` fetch it")
 
 
 def _download(name: str, root: Path) -> None:
     import torchvision
 
+    from hrp_ood.progress import no_download_bar_off_terminal
+
     dataset_class = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
     log.info("downloading %s into %s", name, root)
     try:
-        dataset_class(root=str(root), train=True, download=True)
+        with no_download_bar_off_terminal():
+            dataset_class(root=str(root), train=True, download=True)
     except (OSError, RuntimeError) as err:  # URLError is an OSError; a bad checksum is a RuntimeError
         raise UserError(f"downloading {name} into {root} failed ({err}); check the network or fetch the archive "
                         "by hand") from err

@@ -26,7 +26,8 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import functional as TF
 
 from hrp_ood.data.bundle import DataBundle, channel_stats, reject_download
-from hrp_ood.errors import UserError
+from hrp_ood.data.image_modes import rgb_image
+from hrp_ood.errors import UserError, shown
 
 log = logging.getLogger(__name__)
 
@@ -49,20 +50,22 @@ def _decode_with_pillow(path: Path) -> torch.Tensor:
 
     try:
         with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"))
+            array = np.asarray(rgb_image(image))
     except (OSError, UnidentifiedImageError) as err:
         raise UserError(f"cannot decode image {path} ({err}); delete or replace the file") from err
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
 def decode_rgb(path: Path) -> torch.Tensor:
-    """One image file as a uint8 (3, H, W) RGB tensor (grey and RGBA images are converted)."""
+    """One image file as a uint8 (3, H, W) RGB tensor (grey, RGBA and 16-bit images are converted)."""
     if path.suffix.lower() in (".bmp", ".tif", ".tiff"):
         return _decode_with_pillow(path)
     try:
-        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
     except RuntimeError:  # a mislabelled extension, a variant libjpeg refuses, or no image ops: Pillow's turn
         return _decode_with_pillow(path)
+    # a 16-bit PNG decodes to uint16: Pillow's path scales it (image_modes), one rule for every loader
+    return image if image.dtype == torch.uint8 else _decode_with_pillow(path)
 
 
 @contextmanager
@@ -98,7 +101,7 @@ def _first_image_size(path: Path) -> int:
 
 def _require_dir(path: Path, what: str) -> None:
     if not path.is_dir():
-        raise UserError(f"{what} not found: expected the folder {path}; point --data-root at the folder that "
+        raise UserError(f"{what} not found: expected the folder {shown(path)}; point --data-root at the folder that "
                         "holds train/<class>/ and test/<class>/")
 
 
@@ -147,7 +150,7 @@ def _pick_dir(root: Path, names: tuple[str, ...], what: str) -> Path:
     for name in names:
         if (root / name).is_dir():
             return root / name
-    raise UserError(f"Animal-10N {what} split not found: expected {' or '.join(str(root / n) for n in names)} "
+    raise UserError(f"Animal-10N {what} split not found: expected {' or '.join(shown(root / n) for n in names)} "
                     f"holding <label>_<id>.jpg files; point --data-root at the extracted Animal-10N release "
                     f"({ANIMAL10N_URL})")
 

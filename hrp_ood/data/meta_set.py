@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from hrp_ood.errors import UserError
+from hrp_ood.io import atomic_write
 
 
 def class_quotas(num_classes: int, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -57,12 +57,8 @@ def split_meta_set(clean_labels: np.ndarray, num_classes: int, size: int = 1000,
 
 
 def save_indices(path: str | Path, **arrays: np.ndarray) -> None:
-    """Write named integer arrays to an .npz, atomically (tmp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        np.savez(f, **{name: np.asarray(a, dtype=np.int64) for name, a in arrays.items()})
-    os.replace(tmp, path)
+    """Write named integer arrays to an .npz, atomically."""
+    atomic_write(path, lambda f: np.savez(f, **{name: np.asarray(a, dtype=np.int64) for name, a in arrays.items()}))
 
 
 def load_indices(path: str | Path) -> dict[str, np.ndarray]:

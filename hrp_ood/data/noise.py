@@ -15,7 +15,6 @@ Spec strings (R = rate in percent, 0–100, decimals allowed):
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 import zipfile
@@ -26,7 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from hrp_ood.errors import UserError
+from hrp_ood.checkpoint import torch_load_error
+from hrp_ood.errors import UserError, shown
+from hrp_ood.io import atomic_write
 
 MODES = ("none", "sym", "symflip", "asym", "file")
 VALID_FORMS = "none, symR, symflipR, asymR (R = percent 0-100, e.g. sym80, symflip40, asym40, sym12.5) or file"
@@ -183,8 +184,8 @@ def _load_pt_dict(path: Path) -> Any:
         with torch.serialization.safe_globals(_NUMPY_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-        raise UserError(f"cannot load label file {path} safely ({str(err).splitlines()[0]}); expected a "
-                        "CIFAR-10N/100N .pt dict of label arrays") from err
+        raise torch_load_error(path, err, "label file", "expected a CIFAR-10N/100N .pt dict of label arrays",
+                               "give a CIFAR-N .pt file of label arrays or a .npy array") from None
 
 
 def _select_key(content: Any, path: Path, key: str | None) -> Any:
@@ -218,7 +219,7 @@ def load_label_file(path: str | Path, num_classes: int, expected_len: int, key: 
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise UserError(f"label file {path} does not exist; give a .npy array or a CIFAR-N .pt file")
+        raise UserError(f"label file {shown(path)} does not exist; give a .npy array or a CIFAR-N .pt file")
     if path.suffix == ".npy":
         try:
             content: Any = np.load(path, allow_pickle=False)
@@ -239,15 +240,13 @@ def load_label_file(path: str | Path, num_classes: int, expected_len: int, key: 
 # --- the run's noise file ------------------------------------------------------------------------------------
 
 def save_noise(path: str | Path, noisy: np.ndarray, clean: np.ndarray, *, spec: str, seed: int) -> None:
-    """Write noisy_labels, clean_labels, spec and seed to an .npz, atomically (tmp file + rename)."""
+    """Write noisy_labels, clean_labels, spec and seed to an .npz, atomically."""
     path = Path(path)
     noisy, clean = np.asarray(noisy, dtype=np.int64), np.asarray(clean, dtype=np.int64)
     if noisy.shape != clean.shape:
         raise ValueError(f"noisy and clean labels differ in shape: {noisy.shape} vs {clean.shape}")
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        np.savez(f, noisy_labels=noisy, clean_labels=clean, spec=np.array(str(spec)), seed=np.array(int(seed)))
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.savez(f, noisy_labels=noisy, clean_labels=clean, spec=np.array(str(spec)),
+                                          seed=np.array(int(seed))))
 
 
 def load_noise(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:

@@ -13,16 +13,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from hrp_ood.checkpoint import read_checkpoint
 from hrp_ood.config import TrainConfig
 from hrp_ood.data import load_dataset
 from hrp_ood.data.bundle import DataBundle
 from hrp_ood.data.noise import load_noise
 from hrp_ood.errors import UserError
+from hrp_ood.eval.benchmarks import BENCHMARKS, Benchmark, check_checkpoint_fits, get_benchmark, load_benchmark_id_data
 from hrp_ood.eval.evaluate import run_evaluation, write_eval_outputs
-from hrp_ood.eval.features import file_sha256
-from hrp_ood.eval.network import NET_CHOICES, checkpoint_config, load_network
+from hrp_ood.eval.network import NET_CHOICES, checkpoint_config, network_from_state
 from hrp_ood.eval.ood_data import FAR_OOD_SETS, NEAR_OOD_SETS, load_ood_images
-from hrp_ood.postprocessors import list_postprocessors
+from hrp_ood.eval.validation import ValidationImages, find_validation, load_validation, require_tuning_split
+from hrp_ood.io import check_output_folder
+from hrp_ood.postprocessors import create_postprocessor, list_postprocessors
+from hrp_ood.postprocessors.openood_adapter import OPENOOD_BACKEND_HELP, check_openood_backend
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,18 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
                    help="an image folder to use as OOD set NAME (repeatable)")
     p.add_argument("--data-root", type=Path, default=Path("./data"),
                    help="root of the OOD data (OpenOOD layout or plain formats)")
+    p.add_argument("--benchmark", choices=list(BENCHMARKS), default=None,
+                   help="read --data-root as OpenOOD's benchmark NAME, whatever the checkpoint was trained on: its ID "
+                        "train/test lists, its OOD lists (--ood all = its far-OOD sets), its val lists, and "
+                        "OpenOOD's preprocessing for it (resize, crop, mean/std)")
+    p.add_argument("--tune", action="store_true",
+                   help="OpenOOD v1.5's automatic parameter search before scoring (react percentile, knn K, odin "
+                        "temperature/noise; OpenOOD's grids and rule: best AUROC of ID-val vs OOD-val); the "
+                        "chosen values go to eval.json. Default: fixed defaults")
+    p.add_argument("--val-id-dir", type=Path, default=None,
+                   help="image folder used as ID-val (default: OpenOOD's val_<id>.txt under --data-root)")
+    p.add_argument("--val-ood-dir", type=Path, default=None,
+                   help="image folder used as OOD-val (default: OpenOOD's val_tin.txt / val_openimage_o.txt)")
     p.add_argument("--id-data-root", type=Path, default=None,
                    help="root of the ID dataset (default: the data_root the checkpoint was trained with)")
     p.add_argument("--postprocessor", default=",".join(DEFAULT_POSTPROCESSORS),
@@ -51,8 +67,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-missing", action="store_true", help="skip OOD sets that are not on disk (with a warning)")
     p.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images (counted) instead of failing")
     p.add_argument("--backend", default="ours", choices=["ours", "openood"],
-                   help="ours: one cached pass for every postprocessor; openood: OpenOOD's own postprocessors "
-                        "(needs the openood package and, for several methods, a GPU)")
+                   help=f"ours: one cached pass for every postprocessor, CPU or GPU; {OPENOOD_BACKEND_HELP}")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -81,15 +96,28 @@ def _parse_ood_dirs(items: list[str]) -> dict[str, Path]:
     return dirs
 
 
+def _ood_names(value: str, ood_dirs: dict[str, Path], benchmark: Benchmark | None) -> list[str]:
+    """--ood as a list of set names ('all' = the far-OOD sets, the benchmark's own with --benchmark), then every
+    set given with --ood-dir that --ood does not list: a set the user named is scored, never dropped."""
+    far = tuple(benchmark.far) if benchmark else FAR_OOD_SETS
+    valid = [*far, *(benchmark.near if benchmark else NEAR_OOD_SETS)]
+    names = _split_names(value, [*valid, *ood_dirs], "OOD set", far,
+                         hint="or give an image folder as --ood-dir NAME=PATH")
+    added = [name for name in ood_dirs if name not in names]
+    if added:
+        log.info("scoring %s too: given with --ood-dir", ", ".join(added))
+    return names + added
+
+
 def load_ood_sets(names: list[str], data_root: Path, *, id_dataset: str, image_size: int, ood_dirs: dict[str, Path],
-                  skip_missing: bool, skip_corrupt: bool) -> dict[str, torch.Tensor]:
+                  skip_missing: bool, skip_corrupt: bool, benchmark: Benchmark | None = None) -> dict[str, torch.Tensor]:
     sets = {}
     for name in names:
         try:
             sets[name] = load_ood_images(name, data_root, id_dataset=id_dataset, image_size=image_size,
-                                         ood_dirs=ood_dirs, skip_corrupt=skip_corrupt)
+                                         ood_dirs=ood_dirs, skip_corrupt=skip_corrupt, benchmark=benchmark)
         except UserError as err:
-            if not skip_missing:
+            if not skip_missing or name in ood_dirs:  # a folder given with --ood-dir is never skipped
                 raise
             log.warning("skipping OOD set %s: %s", name, err)
     if not sets:
@@ -114,14 +142,25 @@ def _noisy_train_labels(ckpt: Path) -> np.ndarray:
 
 @dataclasses.dataclass
 class LoadedCheckpoint:
-    """What an evaluation needs from a checkpoint: the network, its saved state and config, the ID data."""
+    """What an evaluation needs from a checkpoint: the network, its saved state and config, the ID data
+    (the checkpoint's own dataset, or an OpenOOD benchmark's lists with its preprocessing)."""
 
     path: Path
     model: torch.nn.Module
     state: dict[str, Any]
+    sha256: str  # of the bytes `state` was loaded from
     cfg: TrainConfig
     bundle: DataBundle
     device: torch.device
+    benchmark: Benchmark | None = None
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        if self.benchmark is not None:
+            return self.benchmark.preprocessing
+        size = self.bundle.image_size
+        return {"source": "checkpoint", "resize": size, "crop": size, "mean": list(self.bundle.mean),
+                "std": list(self.bundle.std)}
 
 
 def _load_id_dataset(state: dict[str, Any], cfg: TrainConfig, ckpt: Path, id_data_root: Path | None) -> DataBundle:
@@ -144,25 +183,55 @@ def _load_id_dataset(state: dict[str, Any], cfg: TrainConfig, ckpt: Path, id_dat
     return dataclasses.replace(bundle, mean=tuple(saved["mean"]), std=tuple(saved["std"]))
 
 
-def load_checkpoint_for_evaluation(ckpt: Path, net: str = "ensemble", device: str = "auto",
-                                   id_data_root: Path | None = None) -> LoadedCheckpoint:
-    """Checkpoint → network on the device + the ID dataset it was trained on; every failure is a UserError."""
+def _load_model(ckpt: Path, net: str,
+                device: str) -> tuple[torch.nn.Module, dict[str, Any], str, TrainConfig, torch.device]:
+    """(network on the device, saved state, sha256 of the bytes read, its config, the device)."""
     from hrp_ood.train.trainer import resolve_device
 
     torch_device = resolve_device(device)
-    model, state = load_network(ckpt, net, torch_device)
-    cfg = checkpoint_config(state, ckpt)
-    bundle = _load_id_dataset(state, cfg, ckpt, id_data_root)
-    return LoadedCheckpoint(ckpt, model, state, cfg, bundle, torch_device)
+    state, sha256 = read_checkpoint(ckpt)  # one read: the hash names exactly the weights loaded
+    model = network_from_state(state, ckpt, net, torch_device)
+    return model, state, sha256, checkpoint_config(state, ckpt), torch_device
+
+
+def _id_data(ckpt: Path, state: dict[str, Any], cfg: TrainConfig, id_data_root: Path | None,
+             benchmark: Benchmark | None, data_root: Path, skip_corrupt: bool) -> DataBundle:
+    if benchmark is None:
+        return _load_id_dataset(state, cfg, ckpt, id_data_root)
+    check_checkpoint_fits(benchmark, state["dataset"]["classes"], state["dataset"]["image_size"], ckpt)
+    _warn_other_normalisation(benchmark, state["dataset"])
+    return load_benchmark_id_data(benchmark, data_root, state["dataset"]["classes"], skip_corrupt=skip_corrupt)
+
+
+def _warn_other_normalisation(benchmark: Benchmark, saved: dict[str, Any]) -> None:
+    trained = tuple(saved["mean"]) + tuple(saved["std"])
+    if max(abs(a - b) for a, b in zip(trained, benchmark.mean + benchmark.std)) > 1e-3:
+        log.warning("the network was trained with mean %s / std %s; OpenOOD's %s preprocessing normalises with "
+                    "%s / %s, as OpenOOD's own evaluation would", _rounded(saved["mean"]), _rounded(saved["std"]),
+                    benchmark.name, list(benchmark.mean), list(benchmark.std))
+
+
+def _rounded(values: Any) -> list[float]:
+    return [round(float(v), 4) for v in values]
+
+
+def load_checkpoint_for_evaluation(ckpt: Path, net: str = "ensemble", device: str = "auto",
+                                   id_data_root: Path | None = None, *, benchmark: Benchmark | None = None,
+                                   data_root: Path = Path("./data"), skip_corrupt: bool = False) -> LoadedCheckpoint:
+    """Checkpoint → network on the device + its ID data (the checkpoint's dataset, or `benchmark`'s lists under
+    `data_root`); every failure is a UserError."""
+    model, state, sha256, cfg, torch_device = _load_model(ckpt, net, device)
+    bundle = _id_data(ckpt, state, cfg, id_data_root, benchmark, data_root, skip_corrupt)
+    return LoadedCheckpoint(ckpt, model, state, sha256, cfg, bundle, torch_device, benchmark)
 
 
 def evaluate_loaded(loaded: LoadedCheckpoint, ood_images: dict[str, torch.Tensor], postprocessors: list[str], *,
                     net: str = "ensemble", out_dir: Path | None = None, cache_dir: Path | None = None,
                     fit_labels: str = "clean", batch_size: int = 256, progress: bool = False,
-                    backend: str = "ours") -> dict[str, Any]:
+                    backend: str = "ours", validation: ValidationImages | None = None,
+                    tune: bool = False) -> dict[str, Any]:
     """Score a loaded checkpoint against already-loaded OOD images; write and return eval.json's content."""
-    ckpt, cfg, device = loaded.path, loaded.cfg, loaded.device
-    sha = file_sha256(ckpt)
+    ckpt, cfg, device, sha = loaded.path, loaded.cfg, loaded.device, loaded.sha256
     if backend == "openood":
         from hrp_ood.eval.openood_backend import evaluate_with_openood
 
@@ -170,22 +239,43 @@ def evaluate_loaded(loaded: LoadedCheckpoint, ood_images: dict[str, torch.Tensor
             raise UserError("--backend openood fits on the clean ID labels only (OpenOOD's convention); "
                             "drop --fit-labels")
         result = evaluate_with_openood(loaded.model, loaded.bundle, ood_images, postprocessors, device=device,
-                                       batch_size=batch_size)
+                                       batch_size=batch_size, validation=validation, tune=tune,
+                                       dataset=loaded.benchmark.name if loaded.benchmark else cfg.dataset)
     else:
         result = run_evaluation(
             loaded.model, loaded.bundle, ood_images, postprocessors, cache_dir=cache_dir or ckpt.parent / "cache",
             cache_key=f"{sha[:16]}-net{net}", fit_labels=fit_labels,
             noisy_train_labels=_noisy_train_labels(ckpt) if fit_labels == "noisy" else None,
             device=device, batch_size=batch_size, amp=device.type == "cuda", progress=progress,
+            validation=validation, tune=tune,
         )
     meta = {"checkpoint": str(ckpt), "checkpoint_sha256": sha, "method": cfg.method, "dataset": cfg.dataset,
             "noise": "file" if cfg.noisy_labels else cfg.noise, "seed": cfg.seed, "net": net, "model": cfg.model,
             "epoch": loaded.state["epoch"], "fit_labels": fit_labels, "versions": _versions(),
-            "postprocessors": postprocessors, "ood_sets": list(ood_images), "backend": backend}
+            "postprocessors": postprocessors, "ood_sets": list(ood_images), "backend": backend,
+            "benchmark": loaded.benchmark.name if loaded.benchmark else None,
+            "preprocessing": loaded.preprocessing, **result.settings}
     out_dir = out_dir or ckpt.parent / f"eval_{net}"
     report = write_eval_outputs(result, out_dir, meta)
     log.info("wrote %s", out_dir / "eval.json")
     return report
+
+
+def tuning_note(report: dict[str, Any]) -> str | None:
+    """One line on OpenOOD's parameter search: what it chose, or which rows would differ without it."""
+    tuning = report.get("tuning") or {}
+    if tuning.get("searched"):
+        chosen = "; ".join(f"{name} {_params(search['chosen'])}" for name, search in tuning["searched"].items())
+        return f"OpenOOD's parameter search chose: {chosen}"
+    if tuning.get("openood_would_tune"):
+        names = ", ".join(tuning["openood_would_tune"])
+        return (f"note: OpenOOD would tune {names} on its validation split before scoring; these rows use fixed "
+                "defaults (add --tune for OpenOOD's search)")
+    return None
+
+
+def _params(params: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={value}" for key, value in params.items())
 
 
 def evaluate_checkpoint(ckpt: Path, ood_images: dict[str, torch.Tensor], postprocessors: list[str], *,
@@ -202,14 +292,40 @@ def evaluate_from_args(args: argparse.Namespace) -> dict[str, Any]:
     postprocessors = _split_names(args.postprocessor, list_postprocessors(), "postprocessor",
                                   tuple(list_postprocessors()))
     ood_dirs = _parse_ood_dirs(args.ood_dir)
-    names = _split_names(args.ood, [*FAR_OOD_SETS, *NEAR_OOD_SETS, *ood_dirs], "OOD set",
-                         FAR_OOD_SETS + tuple(n for n in ood_dirs if n not in FAR_OOD_SETS),
-                         hint="or give an image folder as --ood-dir NAME=PATH")
-    # a bad checkpoint or missing ID data fails before any (slow) OOD data is read
-    loaded = load_checkpoint_for_evaluation(args.ckpt, args.net, args.device, args.id_data_root)
-    ood = load_ood_sets(names, args.data_root, id_dataset=loaded.cfg.dataset,
-                        image_size=loaded.state["dataset"]["image_size"], ood_dirs=ood_dirs,
-                        skip_missing=args.skip_missing, skip_corrupt=args.skip_corrupt)
+    benchmark = get_benchmark(args.benchmark) if args.benchmark else None
+    names = _ood_names(args.ood, ood_dirs, benchmark)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_output_folder(args.out or args.ckpt.parent / f"eval_{args.net}", "--out")
+    check_output_folder(args.cache_dir or args.ckpt.parent / "cache", "--cache-dir")
+    if args.backend == "openood":  # refused before anything is loaded
+        check_openood_backend(postprocessors, _device_type(args.device),
+                              dataset=benchmark.name if benchmark else None)
+    # a bad checkpoint, a missing validation split or missing ID data fails before any (slow) OOD data is read
+    model, state, sha256, cfg, device = _load_model(args.ckpt, args.net, args.device)
+    list_benchmark = benchmark or BENCHMARKS.get(cfg.dataset)
+    found = find_validation(args.data_root, list_benchmark, args.val_id_dir, args.val_ood_dir)
+    if args.tune:
+        require_tuning_split(found, args.data_root, list_benchmark)
+    if args.backend == "openood" and benchmark is None:
+        check_openood_backend(postprocessors, device.type, dataset=cfg.dataset)
+    bundle = _id_data(args.ckpt, state, cfg, args.id_data_root, benchmark, args.data_root, args.skip_corrupt)
+    loaded = LoadedCheckpoint(args.ckpt, model, state, sha256, cfg, bundle, device, benchmark)
+    pre_size = benchmark.pre_size if benchmark else None
+    ood = load_ood_sets(names, args.data_root, id_dataset=cfg.dataset, image_size=bundle.image_size,
+                        ood_dirs=ood_dirs, skip_missing=args.skip_missing, skip_corrupt=args.skip_corrupt,
+                        benchmark=benchmark)
+    needs_validation = args.tune or any(create_postprocessor(name).fit_split == "val" for name in postprocessors)
+    validation = (load_validation(found, bundle.image_size, pre_size, skip_corrupt=args.skip_corrupt)
+                  if needs_validation else None)
     return evaluate_loaded(loaded, ood, postprocessors, net=args.net, out_dir=args.out, cache_dir=args.cache_dir,
                            fit_labels=args.fit_labels, batch_size=args.batch_size, backend=args.backend,
-                           progress=sys.stderr.isatty() if args.progress is None else args.progress)
+                           progress=sys.stderr.isatty() if args.progress is None else args.progress,
+                           validation=validation, tune=args.tune)
+
+
+def _device_type(device: str) -> str:
+    """'cuda' or 'cpu' for --device, without touching the checkpoint."""
+    from hrp_ood.train.trainer import device_type
+
+    return device_type(device)

@@ -8,6 +8,11 @@ checkpoint reads the cache and runs no forward pass. Postprocessors that need th
 (`needs_network`, e.g. ODIN with input perturbation) cannot work from cached outputs: they get their
 own, uncached, pass over ID test and every OOD set through `score_batch(net, x)`.
 
+With a validation split (ID-val, OOD-val; `hrp_ood.eval.validation`), methods OpenOOD fits on ID-val
+(ReAct's percentile, `fit_split = "val"`) fit there, and `tune=True` runs OpenOOD's parameter search
+(`hrp_ood.eval.tuning`) for every method that has one before scoring. What each method used is returned in
+`EvalResult.settings` (eval.json).
+
 Metrics follow `hrp_ood.eval.metrics` (OOD positive, ×100); the "mean" row of a postprocessor is the
 mean over OOD sets of each metric, as OpenOOD reports it.
 """
@@ -33,6 +38,8 @@ from hrp_ood.errors import UserError
 from hrp_ood.eval.features import batches, cached_features, channel_stats, normalise_batch
 from hrp_ood.eval.featureset import FeatureSet
 from hrp_ood.eval.metrics import accuracy, ood_metrics
+from hrp_ood.eval.tuning import SELECTION_RULE, SearchResult, search_openood
+from hrp_ood.eval.validation import ValidationImages, require_both_parts
 from hrp_ood.io import atomic_write, atomic_write_text
 from hrp_ood.postprocessors import Postprocessor, create_postprocessor
 
@@ -48,56 +55,134 @@ FIT_SUBSET_SEED = 0
 @dataclass
 class EvalResult:
     """rows: one per (postprocessor, OOD set) plus one "mean" row per postprocessor (keys ROW_KEYS);
-    id_accuracy: top-1 accuracy ×100 on ID test; scores: "<postprocessor>/id" and "<postprocessor>/<ood set>"."""
+    id_accuracy: top-1 accuracy ×100 on ID test; scores: "<postprocessor>/id" and "<postprocessor>/<ood set>";
+    settings: what the postprocessors used (hyper-parameters, the split each was fitted on, the search)."""
 
     rows: list[dict[str, Any]]
     id_accuracy: float
     scores: dict[str, np.ndarray] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 def run_evaluation(net: nn.Module, id_bundle: DataBundle, ood_images: dict[str, torch.Tensor],
                    postprocessors: list[str], *, cache_dir: str | Path, cache_key: str, fit_labels: str = "clean",
                    noisy_train_labels: np.ndarray | None = None, device: str | torch.device = "cpu",
                    batch_size: int = 256, amp: bool = False, progress: bool = False,
-                   fit_subset: int | None = None) -> EvalResult:
+                   fit_subset: int | None = None, validation: ValidationImages | None = None,
+                   tune: bool = False) -> EvalResult:
     """Score ID test and every OOD set with every postprocessor (module docstring for the passes).
 
     fit_labels: the labels fitted postprocessors (MDS, …) see with the ID-train features — "clean" (the
     dataset's labels, OpenOOD's convention), "noisy" (`noisy_train_labels`, what the practitioner has) or
     "pred" (the network's own argmax). fit_subset: fit on that many training images, drawn without
     replacement with a fixed seed (cached under its own key). cache_key must identify the checkpoint and
-    the net choice; dataset, split, image size and normalisation are appended here.
+    the net choice; dataset, split, image size and normalisation are appended here. validation: ID-val /
+    OOD-val images; tune: run OpenOOD's parameter search on them (both needed).
     """
     if not ood_images:
         raise UserError("no OOD set to evaluate; give at least one with --ood / --ood-dir")
-    methods = [_for_dataset(create_postprocessor(name), id_bundle) for name in postprocessors]
+    defaults = [_for_dataset(create_postprocessor(name), id_bundle) for name in postprocessors]
+    if tune:
+        require_both_parts(validation)
     device = torch.device(device)
     net = net.to(device).eval()
     extract = dict(cache_dir=cache_dir, batch_size=batch_size, device=device, amp=amp, progress=progress)
     mean, std = id_bundle.mean, id_bundle.std
     prefix = f"{cache_key}-{id_bundle.name}-{_transform_tag(id_bundle)}"
+    score = SetScorer(net, mean, std, device, batch_size)
 
-    if any(m.requires_fit for m in methods):
-        train = _fit_features(net, id_bundle, fit_labels, noisy_train_labels, fit_subset, prefix, extract)
-        fc = net.get_fc()
-        for method in methods:
-            if method.requires_fit:
-                method.fit(train, fc)
-                log.info("%s fitted on %d ID-train samples (%s labels)", method.name, len(train), fit_labels)
+    val = _validation_features(net, validation, mean, std, prefix, extract)
+    fit_sets = {"id_val": val["id"][1]} if "id" in val else {}
+    if any(_fit_on(m, fit_sets) == "id_train" for m in defaults):
+        fit_sets["id_train"] = _fit_features(net, id_bundle, fit_labels, noisy_train_labels, fit_subset, prefix,
+                                             extract)
+    fc = net.get_fc() if any(m.requires_fit for m in defaults) else None
+    settings: dict[str, Any] = {"hyperparameters": {}, "fit_on": {}, "validation": _describe(validation),
+                                "tuning": {"enabled": tune}}
+    methods = []
+    for default in defaults:
+        fit_on = _fit_on(default, fit_sets)
+        fit_set = fit_sets.get(fit_on) if fit_on else None
+        if tune and default.openood_sweep:
+            method, search = _searched(default.name, default.openood_sweep, id_bundle, fit_set, fc, val, score)
+            settings["tuning"].setdefault("searched", {})[method.name] = search.as_json()
+        else:
+            method = default.fit(fit_set, fc) if default.requires_fit else default
+        if fit_on:
+            settings["fit_on"][method.name] = fit_on
+            log.info("%s fitted on %s (%d samples)", method.name, fit_on, len(fit_set))
+        settings["hyperparameters"][method.name] = method.hyperparameters()
+        methods.append(method)
+    settings["tuning"]["rule" if tune else "openood_would_tune"] = (
+        SELECTION_RULE if tune else [m.name for m in defaults if m.openood_sweep])
+
     id_test = cached_features(net, id_bundle.test_images, mean, std, key=f"{prefix}-test",
                               labels=id_bundle.test_labels, **extract)
     ood = {name: cached_features(net, images, mean, std, key=f"{prefix}-ood-{name}", **extract)
            for name, images in ood_images.items()}
-
     datasets = {"id": (id_bundle.test_images, id_test), **{n: (ood_images[n], ood[n]) for n in ood_images}}
-    scores = {}
-    for method in methods:
-        for set_name, (images, features) in datasets.items():
-            scores[f"{method.name}/{set_name}"] = (
-                network_scores(method, net, images, mean, std, device=device, batch_size=batch_size)
-                if method.needs_network else np.asarray(method.score(features), dtype=np.float64))
+    scores = {f"{method.name}/{set_name}": score(method, images, features)
+              for method in methods for set_name, (images, features) in datasets.items()}
     rows = [row for method in methods for row in _metric_rows(method.name, scores, list(ood_images))]
-    return EvalResult(rows=rows, id_accuracy=accuracy(id_test.logits, id_test.labels), scores=scores)
+    return EvalResult(rows=rows, id_accuracy=accuracy(id_test.logits, id_test.labels), scores=scores,
+                      settings=settings)
+
+
+@dataclass
+class SetScorer:
+    """(N,) scores of a postprocessor on one image set: from its cached features, or, for methods that
+    need the network (`needs_network`), from their own batched pass over the images."""
+
+    net: nn.Module
+    mean: Sequence[float]
+    std: Sequence[float]
+    device: torch.device
+    batch_size: int
+
+    def __call__(self, method: Postprocessor, images: torch.Tensor, features: FeatureSet) -> np.ndarray:
+        if method.needs_network:
+            return network_scores(method, self.net, images, self.mean, self.std, device=self.device,
+                                  batch_size=self.batch_size)
+        return np.asarray(method.score(features), dtype=np.float64)
+
+
+def _fitted(name: str, params: dict[str, Any], bundle: DataBundle, fit_set: FeatureSet | None,
+            fc: Any) -> Postprocessor:
+    """Postprocessor `name` with `params`, given the ID normalisation and fitted on `fit_set` when it needs it."""
+    method = _for_dataset(create_postprocessor(name, **params), bundle)
+    return method.fit(fit_set, fc) if method.requires_fit else method
+
+
+def _searched(name: str, sweep: dict[str, Any], bundle: DataBundle, fit_set: FeatureSet | None, fc: Any,
+              val: dict[str, tuple[torch.Tensor, FeatureSet]], score: SetScorer) -> tuple[Postprocessor, SearchResult]:
+    """OpenOOD's search for `name` on the validation split, and the postprocessor with the chosen values."""
+    def val_scores(params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        method = _fitted(name, params, bundle, fit_set, fc)
+        return score(method, *val["id"]), score(method, *val["ood"])
+
+    search = search_openood(name, sweep, val_scores)
+    log.info("%s: OpenOOD's search chose %s on the validation split", name, search.chosen)
+    return _fitted(name, search.chosen, bundle, fit_set, fc), search
+
+
+def _validation_features(net: nn.Module, validation: ValidationImages | None, mean: Sequence[float],
+                         std: Sequence[float], prefix: str,
+                         extract: dict[str, Any]) -> dict[str, tuple[torch.Tensor, FeatureSet]]:
+    """{"id": (images, cached features), "ood": (…)} for the validation images there are."""
+    parts = {} if validation is None else {"id": validation.id_images, "ood": validation.ood_images}
+    return {part: (images, cached_features(net, images, mean, std, key=f"{prefix}-val-{part}", **extract))
+            for part, images in parts.items() if images is not None}
+
+
+def _fit_on(method: Postprocessor, fit_sets: dict[str, FeatureSet]) -> str | None:
+    """Which ID split `method` is fitted on: its `fit_split` when there is one, else ID-train (None: no fit)."""
+    if not method.requires_fit:
+        return None
+    return "id_val" if method.fit_split == "val" and "id_val" in fit_sets else "id_train"
+
+
+def _describe(validation: ValidationImages | None) -> dict[str, Any] | None:
+    return None if validation is None else validation.describe()
 
 
 def _for_dataset(method: Postprocessor, bundle: DataBundle) -> Postprocessor:
@@ -173,18 +258,27 @@ def _metric_rows(method: str, scores: dict[str, np.ndarray], ood_sets: list[str]
 # ---------------------------------------------------------------------------------------------- outputs
 
 
+EVAL_FILES = ("scores.npz", "eval.csv", "eval.md")  # written before eval.json, which records their sha256
+
+
 def write_eval_outputs(result: EvalResult, out_dir: str | Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """Write eval.json ({**meta, id_accuracy, results: rows}), eval.csv, eval.md and scores.npz, each atomically.
+    """Write scores.npz, eval.csv, eval.md and, last, eval.json ({**meta, id_accuracy, results: rows, files}),
+    each atomically. One unit: eval.json's "files" holds the sha256 of the other three, so an evaluation that
+    fails part-way leaves the previous eval.json with hashes that no longer match, which `report` refuses.
 
     Returns the eval.json content.
     """
     out_dir = Path(out_dir)
-    report = {**meta, "id_accuracy": float(result.id_accuracy), "results": result.rows}
+    scores = io.BytesIO()
+    np.savez(scores, **result.scores)
+    parts = {"scores.npz": scores.getvalue(), "eval.csv": rows_to_csv(result.rows).encode("utf-8"),
+             "eval.md": (f"ID accuracy: {result.id_accuracy:.2f}%\n\n"
+                         f"{format_markdown_table(result.rows)}\n").encode("utf-8")}
+    for name in EVAL_FILES:
+        atomic_write(out_dir / name, lambda f, data=parts[name]: f.write(data))
+    report = {**meta, "id_accuracy": float(result.id_accuracy), "results": result.rows,
+              "files": {name: hashlib.sha256(parts[name]).hexdigest() for name in EVAL_FILES}}
     atomic_write_text(out_dir / "eval.json", json.dumps(report, indent=2, default=_json_default) + "\n")
-    atomic_write_text(out_dir / "eval.csv", rows_to_csv(result.rows))
-    atomic_write_text(out_dir / "eval.md", f"ID accuracy: {result.id_accuracy:.2f}%\n\n"
-                                           f"{format_markdown_table(result.rows)}\n")
-    atomic_write(out_dir / "scores.npz", lambda f: np.savez(f, **result.scores))
     return report
 
 

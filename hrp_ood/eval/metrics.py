@@ -83,7 +83,7 @@ def ood_metrics(id_scores: Any, ood_scores: Any) -> dict[str, float]:
     # sklearn finds distinct thresholds with np.diff: near ±1.8e308 a difference overflows to ±inf,
     # which still reads as "distinct", so the warning is noise.
     with np.errstate(over="ignore"):
-        fpr_list, tpr_list, _ = skm.roc_curve(ood_indicator, -conf)
+        fpr_list, tpr_list = _ood_positive_roc(id_conf, ood_conf)
         precision_in, recall_in, _ = skm.precision_recall_curve(1 - ood_indicator, conf)
         precision_out, recall_out, _ = skm.precision_recall_curve(ood_indicator, -conf)
         # ID positive: OOD scores are the negatives, ID scores the positives, score as is.
@@ -97,6 +97,24 @@ def ood_metrics(id_scores: Any, ood_scores: Any) -> dict[str, float]:
         "fpr95_tpr_id": fpr95_tpr_id,
     }
     return {name: 100.0 * float(value) for name, value in results.items()}
+
+
+def auroc_fraction(id_scores: Any, ood_scores: Any) -> float:
+    """AUROC in [0, 1], OOD positive: the number OpenOOD's parameter search compares (``compute_all_metrics()[1]``).
+
+    Unscaled, so two settings are compared on exactly the value OpenOOD compares.
+    """
+    id_conf = _as_scores(id_scores, "id_scores")
+    ood_conf = _as_scores(ood_scores, "ood_scores")
+    with np.errstate(over="ignore"):  # see ood_metrics
+        return float(skm.auc(*_ood_positive_roc(id_conf, ood_conf)))
+
+
+def _ood_positive_roc(id_conf: np.ndarray, ood_conf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) of OpenOOD's ``roc_curve(ood_indicator, -conf)`` over ID scores then OOD scores."""
+    ood_indicator = np.r_[np.zeros(id_conf.size), np.ones(ood_conf.size)]
+    fpr, tpr, _ = skm.roc_curve(ood_indicator, -np.r_[id_conf, ood_conf])
+    return fpr, tpr
 
 
 def accuracy(logits_or_preds: Any, labels: Any) -> float:

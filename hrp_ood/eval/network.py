@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import io
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from hrp_ood.checkpoint import load_checkpoint
+from hrp_ood.checkpoint import load_checkpoint, read_checkpoint
 from hrp_ood.config import TrainConfig
+from hrp_ood.data.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 from hrp_ood.errors import UserError
-from hrp_ood.io import atomic_write
+from hrp_ood.io import atomic_write, atomic_write_text
 from hrp_ood.models import EnsembleNet, create_model, export_state_dict
 
 NET_CHOICES = ("1", "2", "ensemble")
@@ -83,19 +86,62 @@ def select_network(nets: list[nn.Module], which: str, path: Path) -> nn.Module:
     return nets[k - 1]
 
 
+def network_from_state(state: dict[str, Any], path: Path, which: str = "ensemble",
+                       device: str | torch.device = "cpu") -> nn.Module:
+    """The network `which` of a loaded checkpoint (read from `path`), in eval mode on `device`."""
+    net = select_network(networks_from_checkpoint(state, path), which, path)
+    return net.to(device).eval()
+
+
 def load_network(path: str | Path, which: str = "ensemble",
                  device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """(network in eval mode on `device`, checkpoint state) for `hrp-ood evaluate`."""
     path = Path(path)
     state = load_checkpoint(path)
-    net = select_network(networks_from_checkpoint(state, path), which, path)
-    return net.to(device).eval(), state
+    return network_from_state(state, path, which, device), state
 
 
-def export_checkpoint(path: Path, out: Path, net: str = "1") -> Path:
-    """A plain state dict of one network; for resnet18_32x32 OpenOOD's `ResNet18_32x32` loads it as is."""
-    model, _ = load_network(path, net)
+# The normalisation OpenOOD's preprocessors apply for a 32x32 benchmark (openood/preprocessors/transform.py):
+# CIFAR-100's for cifar100, CIFAR-10's for every other ID set of this size.
+OPENOOD_NORMALIZATION = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "cifar100": (CIFAR100_MEAN, CIFAR100_STD)}
+NORMALIZATION_TOLERANCE = 5e-4  # OpenOOD's constants have four decimals
+
+
+@dataclass
+class Export:
+    """What `export_checkpoint` wrote: the state dict, its normalisation file, and how that compares to OpenOOD's."""
+
+    weights: Path
+    normalization: Path
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    openood_benchmark: str
+    matches_openood: bool
+
+
+def normalization_path(out: Path) -> Path:
+    """Where the normalisation of an exported state dict is written: `<out>.normalization.json`."""
+    return out.with_name(out.name + ".normalization.json")
+
+
+def export_checkpoint(path: Path, out: Path, net: str = "1") -> Export:
+    """A plain state dict of one network (for resnet18_32x32 OpenOOD's `ResNet18_32x32` loads it as is), and beside
+    it the normalisation the network was trained with: OpenOOD must feed it images normalised the same way."""
+    path = Path(path)
+    state, sha256 = read_checkpoint(path)
+    model = network_from_state(state, path, net)
+    saved = state["dataset"]
+    mean, std = tuple(saved["mean"]), tuple(saved["std"])
+    benchmark = "cifar100" if saved["name"] == "cifar100" else "cifar10"
+    openood_mean, openood_std = OPENOOD_NORMALIZATION[benchmark]
+    matches = all(abs(a - b) <= NORMALIZATION_TOLERANCE for a, b in zip((*mean, *std), (*openood_mean, *openood_std)))
     buffer = io.BytesIO()
     torch.save(export_state_dict(model), buffer)
     atomic_write(out, lambda f: f.write(buffer.getbuffer()))
-    return out
+    info = {"checkpoint": str(path), "checkpoint_sha256": sha256, "net": net, "model": state["config"]["model"],
+            "dataset": saved["name"], "classes": saved["classes"], "image_size": saved["image_size"],
+            "input": "x = (pixel / 255 - mean) / std, per RGB channel", "mean": list(mean), "std": list(std),
+            "openood_benchmark": benchmark, "openood_mean": list(openood_mean), "openood_std": list(openood_std),
+            "matches_openood": matches}
+    atomic_write_text(normalization_path(out), json.dumps(info, indent=2) + "\n")
+    return Export(out, normalization_path(out), mean, std, benchmark, matches)

@@ -8,9 +8,13 @@ A set name is resolved, first match wins, as
 3. plain formats under `data_root` — SVHN's `svhn/test_32x32.mat`, MNIST's idx files in torchvision's
    `MNIST/raw/` layout, the CIFAR pickles (near-OOD), or an image folder (`dtd/images/`, `LSUN/`, …).
 
+With an OpenOOD benchmark (`--benchmark`, `hrp_ood.eval.benchmarks`) a set is that benchmark's own list
+(step 2 with its list name and image folder) unless `ood_dirs` names it; nothing else is looked at.
+
 Every image goes through OpenOOD's test transform without its normalisation: RGB (grey → 3 channels,
-alpha dropped), resize the shorter side to `image_size` (bilinear, antialiased), centre-crop
-`image_size`. The ID mean/std is applied later, on the batch, on the device (`features.py`).
+alpha dropped, 16-bit and float images scaled to 8 bits: `hrp_ood.data.image_modes`), resize the shorter
+side to `pre_size` (default `image_size`; bilinear, antialiased), centre-crop `image_size`. The ID mean/std
+is applied later, on the batch, on the device (`features.py`).
 """
 
 from __future__ import annotations
@@ -21,13 +25,19 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from hrp_ood.errors import UserError
+from hrp_ood.data.image_modes import rgb_image
+from hrp_ood.errors import UserError, shown
+from hrp_ood.io import read_text_file
+
+if TYPE_CHECKING:
+    from hrp_ood.eval.benchmarks import Benchmark
 
 log = logging.getLogger(__name__)
 
@@ -61,23 +71,30 @@ Loader = Callable[[], torch.Tensor]
 
 
 def load_ood_images(name: str, data_root: str | Path, *, id_dataset: str, image_size: int = 32,
-                    ood_dirs: dict[str, Path] | None = None, skip_corrupt: bool = False) -> torch.Tensor:
+                    ood_dirs: dict[str, Path] | None = None, skip_corrupt: bool = False,
+                    benchmark: Benchmark | None = None) -> torch.Tensor:
     """The OOD set `name` as uint8 images (N, 3, image_size, image_size), eval-transformed (module docstring)."""
-    if name == id_dataset:
+    if name == (benchmark.name if benchmark else id_dataset):
         raise UserError(f"OOD set {name!r} is the ID dataset itself; choose another set in --ood")
     data_root = Path(data_root)
-    candidates = _candidates(name, data_root, id_dataset, image_size, ood_dirs or {}, skip_corrupt)
+    if benchmark is not None and name not in (ood_dirs or {}):
+        candidates = [_benchmark_candidate(benchmark, name, data_root, skip_corrupt)]
+    else:
+        candidates = _candidates(name, data_root, id_dataset, image_size, ood_dirs or {}, skip_corrupt)
     for path, loader in candidates:
         if path.exists():
             images = loader()
             if len(images) == 0:
-                raise UserError(f"OOD set {name!r} at {path} holds no images; point --data-root/--ood-dir at the "
-                                f"images or drop {name} from --ood")
+                raise UserError(f"OOD set {name!r} at {shown(path)} holds no images; point --data-root/--ood-dir "
+                                f"at the images or drop {name} from --ood")
             log.info("OOD set %s: %d images from %s", name, len(images), path)
             return images
-    looked = ", ".join(str(path) for path, _ in candidates)
+    looked = ", ".join(shown(path) for path, _ in candidates)
+    openood_root = benchmark is None and (data_root / "benchmark_imglist").is_dir()
     raise UserError(f"OOD set {name!r} not found; looked for: {looked}; download it there, give "
-                    f"--ood-dir {name}=PATH, or pass --skip-missing")
+                    f"--ood-dir {name}=PATH, or pass --skip-missing"
+                    + ("; to read this OpenOOD root as one of its benchmarks, give --benchmark NAME"
+                       if openood_root else ""))
 
 
 def _candidates(name: str, data_root: Path, id_dataset: str, size: int, ood_dirs: dict[str, Path],
@@ -89,7 +106,9 @@ def _candidates(name: str, data_root: Path, id_dataset: str, size: int, ood_dirs
     if name in ood_dirs:  # given explicitly: the only place to look
         path = Path(ood_dirs[name])
         if path.exists() and not path.is_dir():
-            raise UserError(f"--ood-dir {name}={path} is not a folder; give a folder of images")
+            raise UserError(f"--ood-dir {name}={shown(path)} is not a folder; give a folder of images")
+        if not path.exists():  # named by the user: an error even with --skip-missing, never a skipped set
+            raise UserError(f"--ood-dir {name}={shown(path)}: no such folder; give the folder of the {name} images")
         return [folder(path)]
     stem = OPENOOD_LIST_STEMS.get(name, name)
     image_list = data_root / "benchmark_imglist" / id_dataset / f"test_{stem}.txt"
@@ -108,6 +127,13 @@ def _candidates(name: str, data_root: Path, id_dataset: str, size: int, ood_dirs
         found.append((data_root / CIFAR_FOLDERS[name], lambda: _cifar_test_images(name, data_root, size)))
     found += [folder(data_root / sub) for sub in (name, *FOLDER_ALIASES.get(name, ()))]
     return found
+
+
+def _benchmark_candidate(benchmark: Benchmark, name: str, data_root: Path, skip_corrupt: bool) -> tuple[Path, Loader]:
+    """(list file, loader) of OOD set `name` of an OpenOOD benchmark, with the benchmark's preprocessing."""
+    list_file, images_root = benchmark.ood_list(name, data_root)
+    return list_file, lambda: load_image_list(list_file, images_root, benchmark.img_size, pre_size=benchmark.pre_size,
+                                              skip_corrupt=skip_corrupt)
 
 
 # ---------------------------------------------------------------------------------------------- formats
@@ -151,16 +177,41 @@ def _cifar_test_images(name: str, data_root: Path, size: int) -> torch.Tensor:
     return eval_transform_batch(load_dataset(name, data_root).test_images, size)
 
 
-def load_image_list(list_file: Path, images_root: Path, size: int, *, skip_corrupt: bool = False) -> torch.Tensor:
+def load_image_list(list_file: Path, images_root: Path, size: int, *, pre_size: int | None = None,
+                    skip_corrupt: bool = False) -> torch.Tensor:
     """OpenOOD image list: the first token of every non-empty line is a path relative to `images_root`."""
-    lines = list_file.read_text(encoding="utf-8").splitlines()
-    relative = [line.split(maxsplit=1)[0] for line in lines if line.strip()]
-    paths = [_inside(images_root, rel, list_file) for rel in relative]
-    missing = [p for p in paths if not p.is_file()]
+    paths = [path for path, _ in _list_entries(list_file, images_root)]
+    return decode_images(paths, size, pre_size=pre_size, skip_corrupt=skip_corrupt)
+
+
+def load_labelled_image_list(list_file: Path, images_root: Path, size: int, num_classes: int, *,
+                             pre_size: int | None = None, skip_corrupt: bool = False) -> tuple[torch.Tensor, np.ndarray]:
+    """(images, int64 labels) of an OpenOOD ID list: "relative/path label" per line, label in [0, num_classes)."""
+    entries = _list_entries(list_file, images_root)
+    labels = [_class_label(label, num_classes, list_file, k) for k, (_, label) in enumerate(entries, start=1)]
+    decoded = _decode_paths([path for path, _ in entries], size, pre_size, skip_corrupt)
+    kept = [k for k, image in enumerate(decoded) if image is not None]
+    images = torch.stack([decoded[k] for k in kept]) if kept else torch.empty(0, 3, size, size, dtype=torch.uint8)
+    return images, np.asarray([labels[k] for k in kept], dtype=np.int64)
+
+
+def _list_entries(list_file: Path, images_root: Path) -> list[tuple[Path, str]]:
+    """(image path, label token or "") per non-empty line of an OpenOOD list; every image must exist."""
+    lines = [line.split(maxsplit=1) for line in read_text_file(list_file, "image list").splitlines() if line.strip()]
+    entries = [(_inside(images_root, parts[0], list_file), parts[1].strip() if len(parts) > 1 else "")
+               for parts in lines]
+    missing = [path for path, _ in entries if not path.is_file()]
     if missing:
         raise UserError(f"{list_file} lists {len(missing)} image(s) missing under {images_root}, first: "
-                        f"{missing[0]}; download the images (OpenOOD's images_classic) or fix --data-root")
-    return decode_images(paths, size, skip_corrupt=skip_corrupt)
+                        f"{missing[0]}; download the images (OpenOOD's {images_root.name}) or fix --data-root")
+    return entries
+
+
+def _class_label(token: str, num_classes: int, list_file: Path, line: int) -> int:
+    if not token.isdigit() or int(token) >= num_classes:
+        raise UserError(f"{list_file} line {line}: label {token!r} is not a class index 0-{num_classes - 1}; "
+                        "use the benchmark's own ID lists")
+    return int(token)
 
 
 def _inside(root: Path, relative: str, list_file: Path) -> Path:
@@ -177,38 +228,47 @@ def _inside(root: Path, relative: str, list_file: Path) -> Path:
     return Path(joined)
 
 
-def load_image_folder(folder: Path, size: int, *, skip_corrupt: bool = False) -> torch.Tensor:
+def load_image_folder(folder: Path, size: int, *, pre_size: int | None = None,
+                      skip_corrupt: bool = False) -> torch.Tensor:
     """Every image file under `folder` (recursive, sorted by path), eval-transformed."""
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    return decode_images(paths, size, skip_corrupt=skip_corrupt)
+    return decode_images(paths, size, pre_size=pre_size, skip_corrupt=skip_corrupt)
 
 
 # ---------------------------------------------------------------------------------------------- transform
 
 
-def decode_images(paths: Sequence[Path], size: int, *, skip_corrupt: bool = False) -> torch.Tensor:
+def decode_images(paths: Sequence[Path], size: int, *, pre_size: int | None = None,
+                  skip_corrupt: bool = False) -> torch.Tensor:
     """Decode + eval-transform `paths` on a thread pool → uint8 (N, 3, size, size), in the order given."""
+    images = [img for img in _decode_paths(paths, size, pre_size, skip_corrupt) if img is not None]
+    if not images:
+        return torch.empty(0, 3, size, size, dtype=torch.uint8)
+    return torch.stack(images)
+
+
+def _decode_paths(paths: Sequence[Path], size: int, pre_size: int | None,
+                  skip_corrupt: bool) -> list[torch.Tensor | None]:
+    """Each path decoded and eval-transformed, None where unreadable (an error unless `skip_corrupt`)."""
     with ThreadPoolExecutor(DECODE_THREADS) as pool:
-        decoded = list(pool.map(lambda p: _decode_one(p, size), paths))
+        decoded = list(pool.map(lambda p: _decode_one(p, size, pre_size or size), paths))
     unreadable = [p for p, img in zip(paths, decoded) if img is None]
     if unreadable and not skip_corrupt:
         raise UserError(f"cannot decode image {unreadable[0]} ({len(unreadable)} unreadable in all); "
                         "replace it or pass --skip-corrupt")
     if unreadable:
         log.warning("skipped %d unreadable image(s), first: %s", len(unreadable), unreadable[0])
-    images = [img for img in decoded if img is not None]
-    if not images:
-        return torch.empty(0, 3, size, size, dtype=torch.uint8)
-    return torch.stack(images)
+    return decoded
 
 
-def _decode_one(path: Path, size: int) -> torch.Tensor | None:
+def _decode_one(path: Path, size: int, pre_size: int) -> torch.Tensor | None:
+    """OpenOOD's test transform up to ToTensor: RGB, Resize(pre_size) (bilinear), CenterCrop(size)."""
     try:
         with Image.open(path) as img:
-            rgb = img.convert("RGB")
+            rgb = rgb_image(img)
     except _UNREADABLE:
         return None
-    return TF.pil_to_tensor(TF.center_crop(TF.resize(rgb, size), size))
+    return TF.pil_to_tensor(TF.center_crop(TF.resize(rgb, pre_size), size))
 
 
 def eval_transform_batch(images: torch.Tensor, size: int) -> torch.Tensor:

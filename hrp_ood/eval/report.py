@@ -16,6 +16,8 @@ in-distribution" and OOD is the positive class, so ROC curves are built from ``-
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import math
@@ -29,7 +31,7 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
-from hrp_ood.errors import UserError
+from hrp_ood.errors import UserError, shown
 from hrp_ood.io import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,8 @@ def load_evaluations(paths: Sequence[Path | str]) -> pd.DataFrame:
     """Read eval.json files into one long table: a row per (file, postprocessor, OOD set).
 
     Columns: ``path, checkpoint, checkpoint_sha256, method, dataset, noise, seed, net,
-    id_accuracy, versions`` (JSON text), ``postprocessor, ood`` and the metrics of
+    id_accuracy, versions`` (JSON text), ``scores_sha256`` (of the scores.npz written with the
+    file; empty for older files), ``postprocessor, ood`` and the metrics of
     :data:`METRICS` (×100; an optional metric absent from a file is NaN). The ``"mean"``
     OOD rows of each file are kept as they are. Raises :class:`UserError` naming the file
     when one is missing, unreadable or malformed, and when two files describe the same
@@ -77,7 +80,7 @@ def load_evaluations(paths: Sequence[Path | str]) -> pd.DataFrame:
 
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise UserError(f"{path}: no such file; pass eval.json files written by `hrp-ood evaluate`")
+        raise UserError(f"{shown(path)}: no such file; pass eval.json files written by `hrp-ood evaluate`")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -114,6 +117,9 @@ def _evaluation_meta(path: Path, data: dict[str, Any]) -> dict[str, Any]:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise _bad_field(path, "seed", "an integer")
     versions = data.get("versions") or {}
+    files = data.get("files") or {}  # absent from eval.json files written before the outputs were one unit
+    if not isinstance(files, dict):
+        raise _bad_field(path, "files", "an object")
     return {
         "path": str(path),
         "checkpoint": _text(data, "checkpoint", path, required=False),
@@ -125,6 +131,7 @@ def _evaluation_meta(path: Path, data: dict[str, Any]) -> dict[str, Any]:
         "net": _text(data, "net", path),
         "id_accuracy": _number(data.get("id_accuracy"), "id_accuracy", path, required=True),
         "versions": json.dumps(versions, sort_keys=True),
+        "scores_sha256": _text(files, SCORES_FILE, path, required=False),
     }
 
 
@@ -453,28 +460,40 @@ def _scores_path(eval_path: str) -> Path:
 
 
 def check_score_files(df: pd.DataFrame) -> None:
-    """Fail before anything is written if a scores.npz the plots need is missing, corrupt or incomplete."""
+    """Fail before anything is written if a scores.npz the plots need is missing, corrupt, incomplete or not
+    the one its eval.json was written with."""
     for eval_path, run in df.groupby("path", sort=False):
-        with _open_scores(_scores_path(eval_path)) as scores:
+        with _open_scores(eval_path, run["scores_sha256"].iloc[0]) as scores:
             missing = [k for k in _score_keys(run) if k not in scores.files]
         if missing:
             raise UserError(f"{_scores_path(eval_path)} lacks the score arrays {', '.join(missing)}; "
                             "re-run `hrp-ood evaluate`, or pass --no-plots")
 
 
-def _open_scores(path: Path) -> Any:
+def _open_scores(eval_path: str, expected_sha256: str) -> Any:
+    """The scores.npz beside `eval_path`, read once and checked against the sha256 its eval.json records."""
+    path = _scores_path(eval_path)
     if not path.is_file():
         raise UserError(f"{path}: no such file (the plots need the scores beside eval.json); "
                         "re-run `hrp-ood evaluate`, or pass --no-plots")
     try:
-        return np.load(path, allow_pickle=False)
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"{path}: cannot be read ({err}); re-run `hrp-ood evaluate`, or pass --no-plots") from None
+    if expected_sha256 and hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise UserError(f"{path} is not the scores.npz its {Path(eval_path).name} was written with (sha256 differs): "
+                        "an evaluation into that folder failed or was interrupted part-way; re-run "
+                        "`hrp-ood evaluate`, or pass --no-plots")
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as err:
         raise UserError(f"{path}: not a readable .npz file ({err}); re-run `hrp-ood evaluate`, "
                         "or pass --no-plots") from err
 
 
-def _load_scores(path: Path, keys: list[str]) -> dict[str, np.ndarray]:
-    with _open_scores(path) as scores:
+def _load_scores(eval_path: str, expected_sha256: str, keys: list[str]) -> dict[str, np.ndarray]:
+    path = _scores_path(eval_path)
+    with _open_scores(eval_path, expected_sha256) as scores:
         try:
             loaded = {key: np.asarray(scores[key], dtype=np.float64).ravel() for key in keys}
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
@@ -550,7 +569,7 @@ def plot_evaluations(df: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
     for eval_path, run in df.groupby("path", sort=False):
         postprocessors = ordered_values(run["postprocessor"], "postprocessor")
         ood_sets = [o for o in ordered_values(run["ood"], "ood") if o != MEAN_OOD]
-        scores = _load_scores(_scores_path(eval_path), _score_keys(run))
+        scores = _load_scores(eval_path, run["scores_sha256"].iloc[0], _score_keys(run))
         stem = _plot_stem(run)
         title = stem.replace("_", " ")
         written[f"hist:{stem}"] = _save_png(_histogram_figure(scores, postprocessors, ood_sets, title),
