@@ -153,3 +153,16 @@ def test_prior_penalty_is_kl_from_uniform_to_the_mean_prediction():
     logits.requires_grad_(True)
     prior_penalty(logits).backward()
     assert torch.isfinite(logits.grad).all()
+
+
+def test_prior_penalty_stays_finite_when_a_class_underflows():
+    from hrp_ood.method import prior_penalty
+
+    """A class every sample gives probability exp(-200) (0 in float32) has a finite, large penalty: log p̄ is taken
+    through logsumexp, not log(mean softmax) (which went non-finite in bf16 runs on a GPU)."""
+    logits = torch.tensor([[0.0, 0.0, -200.0], [0.0, 1.0, -200.0]])
+    penalty = prior_penalty(logits)
+    assert torch.isfinite(penalty) and penalty.item() > 60
+    expected = (torch.full((3,), 1 / 3, dtype=torch.float64) * (torch.log(torch.tensor(1 / 3, dtype=torch.float64))
+                - torch.logsumexp(logits.double().log_softmax(1), 0) + math.log(2))).sum()
+    assert penalty.item() == pytest.approx(expected.item(), rel=1e-5)

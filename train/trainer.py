@@ -142,12 +142,6 @@ def accuracies(predictions: torch.Tensor, labels: torch.Tensor, prefix: str = "a
     return dict(zip(names, acc))
 
 
-def test_accuracies(members: list[Member], data: TrainingData, augment: BatchAugment,
-                    batch_size: int) -> dict[str, float]:
-    """Test accuracy (%) of each network and, for two, of their ensemble (averaged logits)."""
-    return accuracies(ensemble_predictions(members, data.test_images, augment, batch_size), data.test_labels)
-
-
 class MetricsLog:
     """metrics.csv, one row per epoch; the header grows if a later epoch logs a new column."""
 
