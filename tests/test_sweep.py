@@ -1,0 +1,122 @@
+"""`hrp-ood sweep`: a digits grid end to end (local worker processes and submitit's LocalExecutor), idempotent
+re-runs, a failing run that does not stop the others, and experiment files refused before anything starts."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hrp_ood.cli import main
+from hrp_ood.sweep import load_experiment, run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = {"dataset": "digits", "model": "small_cnn", "device": "cpu", "meta_size": 50, "epochs": 1,
+               "batch_size": 64, "meta_batch_size": 50, "lr_milestones": [], "warmup_epochs": 1, "ramp_epochs": 0,
+               "proj_hidden_dim": 32, "proj_dim": 16, "strong_policy": "none"}
+RUNS = ["noise-sym20__method-ce__seed-0", "noise-sym20__method-hrp__seed-0",
+        "noise-sym50__method-ce__seed-0", "noise-sym50__method-hrp__seed-0"]
+
+
+def write_experiment(folder: Path, **changes) -> Path:
+    experiment = {"config": TINY_CONFIG, "grid": {"noise": ["sym20", "sym50"], "method": ["ce", "hrp"], "seed": [0]},
+                  "out": str(folder / "out"), "retries": 0,
+                  "evaluation": {"ood": ["uniform_noise"], "postprocessors": ["msp", "ebo"]},
+                  "report": {"by": "noise", "metrics": ["auroc", "fpr95"]}, **changes}
+    path = folder / "experiment.yaml"
+    path.write_text(yaml.safe_dump(experiment, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """The tiny grid swept once with two local worker processes."""
+    folder = tmp_path_factory.mktemp("sweep")
+    path = write_experiment(folder)
+    assert main(["sweep", str(path), "--jobs", "2"]) == 0
+    return path, folder / "out"
+
+
+def test_sweep_trains_evaluates_and_reports_every_grid_point(swept):
+    _, out = swept
+    assert sorted(p.name for p in (out / "runs").iterdir()) == RUNS
+    for name in RUNS:
+        assert (out / "runs" / name / "last.pt").is_file()
+        assert (out / "runs" / name / "eval_ensemble" / "eval.json").is_file()
+    report = (out / "report" / "report.md").read_text()
+    assert "sym20" in report and "sym50" in report and "hrp" in report
+
+
+def test_rerun_trains_nothing_and_a_missing_eval_is_redone_alone(swept, capsys):
+    path, out = swept
+    checkpoints = {name: (out / "runs" / name / "last.pt").stat().st_mtime_ns for name in RUNS}
+    capsys.readouterr()
+    assert main(["sweep", str(path)]) == 0
+    assert "4 runs, 4 done before" in capsys.readouterr().out
+    (out / "runs" / RUNS[1] / "eval_ensemble" / "eval.json").unlink()
+    assert main(["sweep", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "4 runs, 3 done before" in printed and f"{RUNS[1]}: evaluated" in printed
+    assert checkpoints == {name: (out / "runs" / name / "last.pt").stat().st_mtime_ns for name in RUNS}
+
+
+def test_status_table(swept, capsys):
+    path, _ = swept
+    assert main(["sweep", str(path), "--status"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split()[:4] == ["run", "state", "epoch", "test"]
+    assert all(" done " in line and "1/1" in line for line in lines[1:5])
+    assert lines[-1] == "4 done, 0 running, 0 pending, 0 failed"
+
+
+def test_a_failing_run_does_not_stop_the_others(tmp_path, capsys):
+    path = write_experiment(tmp_path, grid={"noise": ["sym20", "sym50"], "method": ["ce"], "seed": [0]})
+    blocked = tmp_path / "out" / "runs" / "noise-sym20__method-ce__seed-0"
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("a file where the run folder goes")
+    assert main(["sweep", str(path)]) == 1
+    assert (tmp_path / "out" / "runs" / "noise-sym50__method-ce__seed-0" / "eval_ensemble" / "eval.json").is_file()
+    capsys.readouterr()
+    assert main(["sweep", str(path), "--status"]) == 0
+    failed = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(blocked.name))
+    assert " failed " in failed and "is a file" in failed
+
+
+def test_the_slurm_path_through_submitits_local_executor(tmp_path):
+    path = write_experiment(tmp_path, grid={"noise": ["sym50"], "method": ["ce", "hrp"], "seed": [0]})
+    experiment = load_experiment(path)
+    assert run_sweep(experiment, executor="slurm", submitit_cluster="local") == {}
+    for name in ("noise-sym50__method-ce__seed-0", "noise-sym50__method-hrp__seed-0"):
+        assert experiment.eval_json(name).is_file()
+    assert (tmp_path / "out" / "report" / "report.md").is_file()
+    assert any((tmp_path / "out" / "sweep" / "submitit").iterdir())
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"grids": {}}, "unknown top-level key 'grids'"),
+    ({"grid": {"noise": ["sym20", "sym999"]}}, "run noise-sym999"),
+    ({"grid": {"methd": ["ce"]}}, "grid key 'methd'"),
+    ({"grid": {"name": ["a"]}}, "grid key 'name'"),
+    ({"grid": {"seed": []}}, "non-empty list"),
+    ({"grid": {"method": ["ce", "nope"]}}, "unknown method 'nope'"),
+    ({"config": {"epochs": 0}}, "epochs must be"),
+    ({"evaluation": {"ood": ["nowhere"]}}, "unknown evaluation ood set 'nowhere'"),
+    ({"evaluation": {"postprocessors": ["msp", "magic"]}}, "postprocessor 'magic'"),
+    ({"evaluation": {"ood_dirs": {"mine": "/no/such/folder"}}}, "not found"),
+    ({"report": {"by": "colour"}}, "report.by"),
+    ({"report": {"metrics": ["auroc", "speed"]}}, "report metric 'speed'"),
+    ({"slurm": {"partitions": "gpu"}}, "unknown slurm key"),
+    ({"retries": -1}, "retries"),
+    ({"base": "missing.yaml"}, "not found"),
+])
+def test_bad_experiment_files_are_one_line_errors_and_start_nothing(changes, words, tmp_path, capsys):
+    path = write_experiment(tmp_path, **changes)
+    assert main(["sweep", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_shipped_experiment_files_are_valid():
+    for path in sorted((ROOT / "configs" / "experiments").glob("*.yaml")):
+        experiment = load_experiment(path)
+        assert experiment.runs, path
