@@ -456,15 +456,22 @@ def run_sweep(experiment: Experiment, *, executor: str = "local", jobs: int = 1,
 
 
 def write_sweep_report(experiment: Experiment) -> dict[str, Path]:
+    """`hrp-ood report`'s OOD tables of the evaluated runs, the accuracy table of the trained ones and, when the grid
+    varies the noise, the noise curves: all in `<out>/report/`."""
     from hrp_ood.eval.report import write_report
+    from hrp_ood.sweep_report import accuracy_frame, has_noise_curves, noise_curve_figures, write_accuracy_table
 
+    out_dir, report = experiment.out / "report", experiment.report
     evals = [experiment.eval_json(name) for name in experiment.runs if experiment.eval_json(name).exists()]
-    if not evals:
-        log.warning("no run is evaluated yet: no report")
+    accuracy = accuracy_frame(experiment.runs, {name: last_metrics(experiment.run_dir(name)) for name in experiment.runs})
+    if not evals or accuracy.empty:
+        log.warning("no run is trained and evaluated yet: no report")
         return {}
-    report = experiment.report
-    paths = write_report(evals, experiment.out / "report", by=report.by, ood=report.ood, metrics=report.metrics,
-                         plots=report.plots)
-    for kind, path in paths.items():
-        print(f"{kind}: {path}")
+    paths = write_report(evals, out_dir, by=report.by, ood=report.ood, metrics=report.metrics, plots=report.plots)
+    paths.update(write_accuracy_table(accuracy, report.by, out_dir))
+    if report.plots and has_noise_curves(accuracy):
+        paths.update(noise_curve_figures(evals, accuracy, report.metrics, report.ood, out_dir))
+    for kind in ("markdown", "accuracy_markdown", "noise_curves", "accuracy_vs_noise"):
+        if kind in paths:
+            print(f"{kind}: {paths[kind]}")
     return paths

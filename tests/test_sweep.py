@@ -3,11 +3,13 @@ re-runs, a failing run that does not stop the others, and experiment files refus
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
 from hrp_ood.cli import main
 from hrp_ood.sweep import load_experiment, run_sweep
+from hrp_ood.sweep_report import accuracy_table
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = {"dataset": "digits", "model": "small_cnn", "device": "cpu", "meta_size": 50, "epochs": 1,
@@ -44,6 +46,19 @@ def test_sweep_trains_evaluates_and_reports_every_grid_point(swept):
         assert (out / "runs" / name / "eval_ensemble" / "eval.json").is_file()
     report = (out / "report" / "report.md").read_text()
     assert "sym20" in report and "sym50" in report and "hrp" in report
+    accuracy = (out / "report" / "accuracy.md").read_text().splitlines()
+    assert accuracy[2] == "| method | sym20 | sym50 |" and accuracy[4].startswith("| ce | ")
+    for figure in ("noise_curves.png", "accuracy_vs_noise.png"):
+        assert (out / "report" / "plots" / figure).stat().st_size > 10_000
+
+
+def test_accuracy_table_is_mean_and_std_over_seeds():
+    frame = pd.DataFrame({"noise": ["sym20", "sym20", "sym80", "sym20"], "method": ["ce", "ce", "ce", "hrp"],
+                          "seed": ["0", "1", "0", "0"], "test_acc": [90.0, 92.0, 40.0, 95.0]})
+    table = accuracy_table(frame, by="noise")["cell"]
+    assert list(table.columns) == ["sym20", "sym80"]
+    assert table.loc[("ce",)].tolist() == ["91.00 ± 1.41", "40.00"]
+    assert table.loc[("hrp",)].tolist() == ["95.00", "–"]
 
 
 def test_rerun_trains_nothing_and_a_missing_eval_is_redone_alone(swept, capsys):
