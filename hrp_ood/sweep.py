@@ -289,6 +289,19 @@ def _ood_images(evaluation: Evaluation, loaded: Any) -> dict[str, Any]:
     return images
 
 
+def _validation(evaluation: Evaluation, loaded: Any) -> Any:
+    """The ID/OOD validation split under data_root (OpenOOD's lists of the run's dataset) when a postprocessor fits
+    on it, as `hrp-ood evaluate` finds it; None otherwise."""
+    from hrp_ood.eval.benchmarks import BENCHMARKS
+    from hrp_ood.eval.validation import find_validation, load_validation
+    from hrp_ood.postprocessors import create_postprocessor
+
+    if not any(create_postprocessor(name).fit_split == "val" for name in evaluation.postprocessors):
+        return None
+    found = find_validation(Path(evaluation.data_root), BENCHMARKS.get(loaded.cfg.dataset))
+    return load_validation(found, loaded.bundle.image_size)
+
+
 def evaluate_run(experiment: Experiment, name: str) -> None:
     from hrp_ood.eval.cli import evaluate_loaded, load_checkpoint_for_evaluation
 
@@ -296,7 +309,8 @@ def evaluate_run(experiment: Experiment, name: str) -> None:
     ckpt = experiment.run_dir(name) / "last.pt"
     loaded = load_checkpoint_for_evaluation(ckpt, evaluation.net, experiment.run_config(name).device)
     evaluate_loaded(loaded, _ood_images(evaluation, loaded), list(evaluation.postprocessors), net=evaluation.net,
-                    fit_labels=evaluation.fit_labels, batch_size=evaluation.batch_size)
+                    fit_labels=evaluation.fit_labels, batch_size=evaluation.batch_size,
+                    validation=_validation(evaluation, loaded))
 
 
 def train_and_evaluate(experiment: Experiment, name: str) -> str:

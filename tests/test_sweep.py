@@ -33,7 +33,7 @@ def write_experiment(folder: Path, **changes) -> Path:
 def swept(tmp_path_factory):
     """The tiny grid swept once with two local worker processes."""
     folder = tmp_path_factory.mktemp("sweep")
-    path = write_experiment(folder)
+    path = write_experiment(folder, evaluation={"ood": ["uniform_noise"], "postprocessors": ["msp", "ebo", "react"]})
     assert main(["sweep", str(path), "--jobs", "2"]) == 0
     return path, folder / "out"
 
@@ -104,6 +104,33 @@ def test_the_slurm_path_through_submitits_local_executor(tmp_path):
         assert experiment.eval_json(name).is_file()
     assert (tmp_path / "out" / "report" / "report.md").is_file()
     assert any((tmp_path / "out" / "sweep" / "submitit").iterdir())
+
+
+def test_a_local_worker_takes_one_gpu_and_its_share_of_the_threads(monkeypatch):
+    import os
+    import queue
+
+    import torch
+
+    from hrp_ood.sweep import _init_worker
+
+    slots = queue.Queue()
+    slots.put(3)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    threads = torch.get_num_threads()
+    try:
+        _init_worker(1, slots)
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "3" and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_slurm_job_stopped_by_its_time_limit_is_requeued_with_the_same_run():
+    from hrp_ood.sweep import SweepJob
+
+    job = SweepJob()
+    again = job.checkpoint("experiment.yaml", "out", "noise-sym50__method-hrp__seed-0")
+    assert again.function is job and again.args == ("experiment.yaml", "out", "noise-sym50__method-hrp__seed-0")
 
 
 @pytest.mark.parametrize("changes, words", [
