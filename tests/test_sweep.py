@@ -83,6 +83,19 @@ def test_status_table(swept, capsys):
     assert lines[-1] == "4 done, 0 running, 0 pending, 0 failed"
 
 
+def test_an_unfinished_run_resumes_from_its_checkpoint_and_is_evaluated_again(tmp_path, capsys):
+    grid = {"noise": ["sym50"], "method": ["ce"], "seed": [0]}
+    assert main(["sweep", str(write_experiment(tmp_path, grid=grid))]) == 0
+    run = tmp_path / "out" / "runs" / "noise-sym50__method-ce__seed-0"
+    first_eval = (run / "eval_ensemble" / "eval.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["sweep", str(write_experiment(tmp_path, grid=grid, config={**TINY_CONFIG, "epochs": 2}))]) == 0
+    assert f"{run.name}: trained and evaluated" in capsys.readouterr().out
+    assert "resumed" in (tmp_path / "out" / "sweep" / f"{run.name}.log").read_text()
+    assert (run / "metrics.csv").read_text().count("\n") == 3  # header and epochs 1, 2
+    assert (run / "eval_ensemble" / "eval.json").stat().st_mtime_ns > first_eval
+
+
 def test_a_failing_run_does_not_stop_the_others(tmp_path, capsys):
     path = write_experiment(tmp_path, grid={"noise": ["sym20", "sym50"], "method": ["ce"], "seed": [0]})
     blocked = tmp_path / "out" / "runs" / "noise-sym20__method-ce__seed-0"
