@@ -164,7 +164,8 @@ def _evaluation(data: dict[str, Any], path: Path) -> Evaluation:
     for what, (given, valid) in choices.items():
         bad = [name for name in given if name not in valid]
         if bad:
-            raise UserError(f"experiment {shown(path)}: unknown evaluation {what} {bad[0]!r}; valid: {', '.join(valid)}")
+            raise UserError(f"experiment {shown(path)}: unknown evaluation {what} {bad[0]!r}; "
+                            f"valid: {', '.join(valid)}")
     if not isinstance(evaluation.batch_size, int) or evaluation.batch_size < 1:
         raise UserError(f"experiment {shown(path)}: evaluation.batch_size must be a positive integer, "
                         f"got {evaluation.batch_size!r}")
@@ -178,7 +179,8 @@ def _report(data: dict[str, Any], path: Path) -> Report:
     report = Report(**data)
     metrics = _names(report.metrics, "report.metrics", path)
     if report.by not in BY_CHOICES:
-        raise UserError(f"experiment {shown(path)}: report.by must be one of {', '.join(BY_CHOICES)}, got {report.by!r}")
+        raise UserError(f"experiment {shown(path)}: report.by must be one of {', '.join(BY_CHOICES)}, "
+                        f"got {report.by!r}")
     bad = [m for m in metrics if m not in METRICS]
     if bad:
         raise UserError(f"experiment {shown(path)}: unknown report metric {bad[0]!r}; valid: {', '.join(METRICS)}")
@@ -281,7 +283,8 @@ def _ood_images(evaluation: Evaluation, loaded: Any) -> dict[str, Any]:
     images = {}
     if named:
         images = load_ood_sets(named, Path(evaluation.data_root), id_dataset=loaded.cfg.dataset, image_size=size,
-                               ood_dirs={k: Path(v) for k, v in evaluation.ood_dirs}, skip_missing=evaluation.skip_missing,
+                               ood_dirs={k: Path(v) for k, v in evaluation.ood_dirs},
+                               skip_missing=evaluation.skip_missing,
                                skip_corrupt=False)
     if len(named) < len(evaluation.ood):
         generated = demo_ood_sets(size=size)
@@ -470,14 +473,17 @@ def run_sweep(experiment: Experiment, *, executor: str = "local", jobs: int = 1,
 
 
 def write_sweep_report(experiment: Experiment) -> dict[str, Path]:
-    """`hrp-ood report`'s OOD tables of the evaluated runs, the accuracy table of the trained ones and, when the grid
-    varies the noise, the noise curves: all in `<out>/report/`."""
+    """`hrp-ood report`'s OOD tables of the evaluated runs, the accuracy table of the fully trained ones and, when
+    the grid varies the noise, the noise curves: all in `<out>/report/`."""
     from hrp_ood.eval.report import write_report
     from hrp_ood.sweep_report import accuracy_frame, has_noise_curves, noise_curve_figures, write_accuracy_table
 
     out_dir, report = experiment.out / "report", experiment.report
     evals = [experiment.eval_json(name) for name in experiment.runs if experiment.eval_json(name).exists()]
-    accuracy = accuracy_frame(experiment.runs, {name: last_metrics(experiment.run_dir(name)) for name in experiment.runs})
+    last_rows = {name: last_metrics(experiment.run_dir(name)) for name in experiment.runs}
+    finished = {name: row for name, row in last_rows.items()  # an unfinished run's accuracy is not the table's
+                if int(row.get("epoch") or 0) >= experiment.run_config(name).epochs}
+    accuracy = accuracy_frame(experiment.runs, finished)
     if not evals or accuracy.empty:
         log.warning("no run is trained and evaluated yet: no report")
         return {}

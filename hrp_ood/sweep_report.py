@@ -21,7 +21,8 @@ ACCURACY = "test_acc"
 
 
 def accuracy_frame(runs: dict[str, dict[str, Any]], last_rows: dict[str, dict[str, str]]) -> pd.DataFrame:
-    """A row per run that trained at least one epoch: its grid values (as text) and final ensemble test accuracy."""
+    """A row per run of `last_rows` (run → metrics.csv's last row): its grid values (as text) and ensemble test
+    accuracy."""
     rows = [{**{key: str(value) for key, value in runs[name].items()}, ACCURACY: float(row["acc_ensemble"])}
             for name, row in last_rows.items() if row.get("acc_ensemble")]
     return pd.DataFrame(rows)
