@@ -134,6 +134,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from hrp_ood.sweep import load_experiment, run_sweep, status_table
+
+    experiment = load_experiment(args.experiment, args.out)  # the whole file is checked before anything starts
+    if args.status:
+        print(status_table(experiment))
+        return 0
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {args.jobs}")
+    check_output_folder(experiment.out, "the experiment's out")
+    failed = run_sweep(experiment, executor=args.executor, jobs=args.jobs)
+    if failed:
+        print(f"{len(failed)} run(s) failed; see `hrp-ood sweep {args.experiment} --status` and "
+              f"{experiment.out / 'sweep'}/<run>.log", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from hrp_ood.plot import plot_run
 
@@ -196,6 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="report")
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("sweep", help="train, evaluate and report a grid of runs from an experiment file "
+                       "(configs/experiments/), locally or on Slurm")
+    p.add_argument("experiment", help="experiment YAML: base config, grid, evaluation, report (see README, Sweeps)")
+    p.add_argument("--executor", default="local", choices=["local", "slurm"],
+                   help="local: worker processes on this machine; slurm: a job array through submitit")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="local runs in parallel (CPU threads are split between them; at most one per GPU)")
+    p.add_argument("--out", default=None, help="output folder (default: the experiment's out)")
+    p.add_argument("--status", action="store_true", help="print every run's state and exit")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("plot", help="figures of a run's reliability diagnostics (the paper's Figs. 2 and 3)")
     p.add_argument("run", help="a run folder written by `hrp-ood train` (holds metrics.csv and signals/)")

@@ -1,0 +1,497 @@
+"""`hrp-ood sweep EXPERIMENT.yaml`: train, evaluate and report a grid of runs (one paper table per command).
+
+An experiment file names a base config, a grid over config keys, the evaluation and the report:
+
+    base: ../cifar10_hrp.yaml           # relative to the experiment file (optional)
+    config: {epochs: 200}               # overrides for every run (optional)
+    grid: {noise: [sym20, sym50], method: [ce, hrp], seed: [0, 1, 2]}
+    out: runs/sweeps/table5             # relative to the working directory (default runs/sweeps/<file stem>)
+    retries: 1                          # a failing run is tried 1 + retries times per sweep command
+    evaluation: {ood: [svhn, textures], postprocessors: [msp, ebo], net: ensemble, data_root: ./data}
+    report: {by: noise, metrics: [auroc, fpr95], ood: mean}
+    slurm: {partition: gpu, time_min: 2880, gpus_per_job: 1, array_parallelism: 16, cpus_per_task: 8}
+
+Every grid point is the run folder `<out>/runs/<key>-<value>__...`; the sweep's own files (a log, the last
+error and a lock per run) are in `<out>/sweep/`, the report in `<out>/report/`. A run is done when its
+metrics.csv reached the final epoch and its eval.json exists; a sweep command skips done runs, resumes
+interrupted ones from last.pt, re-evaluates a run whose eval.json is missing, and never lets one failing run
+stop the others.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import fcntl
+import itertools
+import logging
+import math
+import os
+import re
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+from hrp_ood.config import TrainConfig, build_config, field_names, read_yaml
+from hrp_ood.errors import UserError, one_line, shown
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT_KEYS = ("base", "config", "grid", "out", "retries", "evaluation", "report", "slurm")
+RESERVED_KEYS = ("name", "out_dir")  # the sweep names and places every run itself
+DEMO_OOD_SETS = ("photo_patches", "uniform_noise")  # hrp_ood.demo's generated sets, for the digits experiments
+SLURM_DEFAULTS = {"partition": None, "time_min": 60 * 24, "gpus_per_job": 1, "array_parallelism": 16,
+                  "cpus_per_task": 8, "mem_gb": 32}
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    ood: tuple[str, ...] = DEMO_OOD_SETS
+    postprocessors: tuple[str, ...] = ("msp", "ebo", "mds")
+    net: str = "ensemble"
+    data_root: str = "./data"
+    ood_dirs: tuple[tuple[str, str], ...] = ()
+    fit_labels: str = "clean"
+    batch_size: int = 256
+    skip_missing: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    by: str = "noise"
+    metrics: tuple[str, ...] = ("auroc", "fpr95")
+    ood: str = "mean"
+    plots: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    path: Path
+    out: Path
+    runs: dict[str, dict[str, Any]]  # run name → the config overrides of its grid point
+    base: Path | None
+    config: dict[str, Any]
+    retries: int
+    evaluation: Evaluation
+    report: Report
+    slurm: dict[str, Any]
+
+    def run_config(self, name: str) -> TrainConfig:
+        overrides = {**self.config, **self.runs[name], "out_dir": str(self.out / "runs"), "name": name}
+        return build_config(self.base, overrides)
+
+    def run_dir(self, name: str) -> Path:
+        return self.out / "runs" / name
+
+    def eval_json(self, name: str) -> Path:
+        return self.run_dir(name) / f"eval_{self.evaluation.net}" / "eval.json"
+
+    def sweep_file(self, name: str, suffix: str) -> Path:
+        return self.out / "sweep" / f"{name}{suffix}"
+
+
+# --------------------------------------------------------------------------- the experiment file
+
+
+def _mapping(value: Any, what: str, path: Path) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"experiment {shown(path)}: {what} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _names(value: Any, what: str, path: Path) -> tuple[str, ...]:
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n for n in names):
+        raise UserError(f"experiment {shown(path)}: {what} must be a non-empty list of names, got {value!r}")
+    return tuple(names)
+
+
+def _known_keys(data: dict[str, Any], valid: tuple[str, ...] | list[str], what: str, path: Path) -> None:
+    unknown = [key for key in data if key not in valid]
+    if unknown:
+        raise UserError(f"experiment {shown(path)}: unknown {what} key {unknown[0]!r}; valid keys: {', '.join(valid)}")
+
+
+def _value_text(value: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", str(value)).strip("_") or "_"
+
+
+def grid_runs(grid: dict[str, Any], path: Path) -> dict[str, dict[str, Any]]:
+    """Run name → overrides for every point of the grid, in the grid's order (the last key varies fastest)."""
+    if not grid:
+        raise UserError(f"experiment {shown(path)}: grid must name at least one config key with a list of values, "
+                        "e.g. grid: {noise: [sym20, sym50]}")
+    valid = field_names()
+    for key, values in grid.items():
+        if key not in valid or key in RESERVED_KEYS:
+            raise UserError(f"experiment {shown(path)}: grid key {key!r} is not a config key the sweep may vary; "
+                            f"valid keys: {', '.join(k for k in valid if k not in RESERVED_KEYS)}")
+        if not isinstance(values, list) or not values:
+            raise UserError(f"experiment {shown(path)}: grid key {key!r} needs a non-empty list of values, "
+                            f"got {values!r}")
+    runs: dict[str, dict[str, Any]] = {}
+    for point in itertools.product(*grid.values()):
+        overrides = dict(zip(grid, point))
+        name = "__".join(f"{key}-{_value_text(value)}" for key, value in overrides.items())
+        if name in runs:
+            raise UserError(f"experiment {shown(path)}: two grid points share the run name {name!r}; "
+                            "give every grid value a distinct name")
+        runs[name] = overrides
+    return runs
+
+
+def _evaluation(data: dict[str, Any], path: Path) -> Evaluation:
+    from hrp_ood.eval.cli import FIT_LABELS
+    from hrp_ood.eval.network import NET_CHOICES
+    from hrp_ood.eval.ood_data import FAR_OOD_SETS, NEAR_OOD_SETS
+    from hrp_ood.postprocessors import list_postprocessors
+
+    _known_keys(data, [f.name for f in dataclasses.fields(Evaluation)], "evaluation", path)
+    ood_dirs = _mapping(data.get("ood_dirs"), "evaluation.ood_dirs", path)
+    for name, folder in ood_dirs.items():
+        if not Path(str(folder)).is_dir():
+            raise UserError(f"experiment {shown(path)}: evaluation.ood_dirs {name}: folder {shown(str(folder))} "
+                            "not found")
+    evaluation = Evaluation(**{**data, "ood_dirs": tuple((str(k), str(v)) for k, v in ood_dirs.items())})
+    ood = _names(evaluation.ood, "evaluation.ood", path)
+    postprocessors = _names(evaluation.postprocessors, "evaluation.postprocessors", path)
+    choices = {"ood set": (ood, [*FAR_OOD_SETS, *NEAR_OOD_SETS, *DEMO_OOD_SETS, *ood_dirs]),
+               "postprocessor": (postprocessors, list_postprocessors()),
+               "net": ((evaluation.net,), NET_CHOICES), "fit_labels": ((evaluation.fit_labels,), FIT_LABELS)}
+    for what, (given, valid) in choices.items():
+        bad = [name for name in given if name not in valid]
+        if bad:
+            raise UserError(f"experiment {shown(path)}: unknown evaluation {what} {bad[0]!r}; "
+                            f"valid: {', '.join(valid)}")
+    if not isinstance(evaluation.batch_size, int) or evaluation.batch_size < 1:
+        raise UserError(f"experiment {shown(path)}: evaluation.batch_size must be a positive integer, "
+                        f"got {evaluation.batch_size!r}")
+    return dataclasses.replace(evaluation, ood=ood, postprocessors=postprocessors)
+
+
+def _report(data: dict[str, Any], path: Path) -> Report:
+    from hrp_ood.eval.report import BY_CHOICES, METRICS
+
+    _known_keys(data, [f.name for f in dataclasses.fields(Report)], "report", path)
+    report = Report(**data)
+    metrics = _names(report.metrics, "report.metrics", path)
+    if report.by not in BY_CHOICES:
+        raise UserError(f"experiment {shown(path)}: report.by must be one of {', '.join(BY_CHOICES)}, "
+                        f"got {report.by!r}")
+    bad = [m for m in metrics if m not in METRICS]
+    if bad:
+        raise UserError(f"experiment {shown(path)}: unknown report metric {bad[0]!r}; valid: {', '.join(METRICS)}")
+    return dataclasses.replace(report, metrics=metrics)
+
+
+def load_experiment(path: str | Path, out: str | Path | None = None) -> Experiment:
+    """Read and validate an experiment file completely, every grid point's config included (UserError on the first
+    problem, before anything is started)."""
+    path = Path(path)
+    data = read_yaml(path)
+    _known_keys(data, EXPERIMENT_KEYS, "top-level", path)
+    base = path.parent / data["base"] if data.get("base") is not None else None
+    retries = data.get("retries", 1)
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+        raise UserError(f"experiment {shown(path)}: retries must be a non-negative integer, got {retries!r}")
+    slurm = _mapping(data.get("slurm"), "slurm", path)
+    _known_keys(slurm, list(SLURM_DEFAULTS), "slurm", path)
+    experiment = Experiment(
+        path=path, out=Path(os.path.abspath(out or data.get("out") or Path("runs/sweeps") / path.stem)),
+        runs=grid_runs(_mapping(data.get("grid"), "grid", path), path), base=base,
+        config=_mapping(data.get("config"), "config", path), retries=retries,
+        evaluation=_evaluation(_mapping(data.get("evaluation"), "evaluation", path), path),
+        report=_report(_mapping(data.get("report"), "report", path), path), slurm={**SLURM_DEFAULTS, **slurm})
+    for name in experiment.runs:
+        try:
+            experiment.run_config(name).check_schedule()
+        except UserError as err:
+            raise UserError(f"experiment {shown(path)}, run {name}: {err}") from None
+    return experiment
+
+
+# --------------------------------------------------------------------------- the state of a run
+
+
+def last_metrics(run_dir: Path) -> dict[str, str]:
+    """metrics.csv's last row ({} before the first epoch)."""
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return {}
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    return rows[-1] if rows else {}
+
+
+def trained_epochs(run_dir: Path) -> int:
+    return int(last_metrics(run_dir).get("epoch") or 0)
+
+
+def _is_running(lock_path: Path) -> bool:
+    if not lock_path.exists():
+        return False
+    with lock_path.open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
+def run_state(experiment: Experiment, name: str) -> dict[str, Any]:
+    """One line of `--status`: state (pending/running/done/failed), epoch, test accuracy, last error."""
+    row = last_metrics(experiment.run_dir(name))
+    epochs = experiment.run_config(name).epochs
+    error_file = experiment.sweep_file(name, ".error")
+    error = error_file.read_text().strip() if error_file.exists() else ""
+    if _is_running(experiment.sweep_file(name, ".lock")):
+        state = "running"
+    elif int(row.get("epoch") or 0) >= epochs and experiment.eval_json(name).exists():
+        state = "done"
+    else:
+        state = "failed" if error else "pending"
+    accuracy = float(row["acc_ensemble"]) if row.get("acc_ensemble") else math.nan
+    return {"run": name, "state": state, "epoch": f"{row.get('epoch') or 0}/{epochs}", "test_acc": accuracy,
+            "error": error if state == "failed" else ""}
+
+
+def status_table(experiment: Experiment) -> str:
+    states = [run_state(experiment, name) for name in experiment.runs]
+    width = max(len(s["run"]) for s in states)
+    lines = [f"{'run':<{width}}  {'state':<7}  {'epoch':>9}  {'test acc':>8}  last error"]
+    for s in states:
+        acc = "–" if math.isnan(s["test_acc"]) else f"{s['test_acc']:.2f}"
+        lines.append(f"{s['run']:<{width}}  {s['state']:<7}  {s['epoch']:>9}  {acc:>8}  {s['error']}".rstrip())
+    counts = {state: sum(s["state"] == state for s in states) for state in ("done", "running", "pending", "failed")}
+    lines.append(", ".join(f"{n} {state}" for state, n in counts.items()))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- one job: train, then evaluate
+
+
+def _ood_images(evaluation: Evaluation, loaded: Any) -> dict[str, Any]:
+    from hrp_ood.demo import demo_ood_sets
+    from hrp_ood.eval.cli import load_ood_sets
+
+    size = loaded.bundle.image_size
+    named = [name for name in evaluation.ood if name not in DEMO_OOD_SETS]
+    images = {}
+    if named:
+        images = load_ood_sets(named, Path(evaluation.data_root), id_dataset=loaded.cfg.dataset, image_size=size,
+                               ood_dirs={k: Path(v) for k, v in evaluation.ood_dirs},
+                               skip_missing=evaluation.skip_missing,
+                               skip_corrupt=False)
+    if len(named) < len(evaluation.ood):
+        generated = demo_ood_sets(size=size)
+        images.update({name: generated[name] for name in evaluation.ood if name in DEMO_OOD_SETS})
+    return images
+
+
+def _validation(evaluation: Evaluation, loaded: Any) -> Any:
+    """The ID/OOD validation split under data_root (OpenOOD's lists of the run's dataset) when a postprocessor fits
+    on it, as `hrp-ood evaluate` finds it; None otherwise."""
+    from hrp_ood.eval.benchmarks import BENCHMARKS
+    from hrp_ood.eval.validation import find_validation, load_validation
+    from hrp_ood.postprocessors import create_postprocessor
+
+    if not any(create_postprocessor(name).fit_split == "val" for name in evaluation.postprocessors):
+        return None
+    found = find_validation(Path(evaluation.data_root), BENCHMARKS.get(loaded.cfg.dataset))
+    return load_validation(found, loaded.bundle.image_size)
+
+
+def evaluate_run(experiment: Experiment, name: str) -> None:
+    from hrp_ood.eval.cli import evaluate_loaded, load_checkpoint_for_evaluation
+
+    evaluation = experiment.evaluation
+    ckpt = experiment.run_dir(name) / "last.pt"
+    loaded = load_checkpoint_for_evaluation(ckpt, evaluation.net, experiment.run_config(name).device)
+    evaluate_loaded(loaded, _ood_images(evaluation, loaded), list(evaluation.postprocessors), net=evaluation.net,
+                    fit_labels=evaluation.fit_labels, batch_size=evaluation.batch_size,
+                    validation=_validation(evaluation, loaded))
+
+
+def train_and_evaluate(experiment: Experiment, name: str) -> str:
+    """Bring one run to done: train (or resume) to the final epoch, then evaluate unless eval.json is there.
+    Returns what it did."""
+    from hrp_ood.train.trainer import train
+
+    cfg = experiment.run_config(name)
+    run_dir = experiment.run_dir(name)
+    done_epochs = trained_epochs(run_dir)
+    trained = done_epochs < cfg.epochs
+    if trained:
+        resume = (run_dir / "last.pt").exists()
+        # a resumed run checks every key against its saved config: a changed experiment is an error, not a mix
+        train(cfg, resume=resume, explicit=set(field_names()) if resume else frozenset(), progress=False)
+    if trained or not experiment.eval_json(name).exists():
+        evaluate_run(experiment, name)
+        return "trained and evaluated" if trained else "evaluated"
+    return "done before"
+
+
+def run_job(experiment_path: str, out: str, name: str) -> tuple[str, str | None]:
+    """One grid point in a worker (a local process or a Slurm job): (what it did, None) or (name, error line).
+    It holds `<out>/sweep/<name>.lock` while it works and logs to `<out>/sweep/<name>.log`."""
+    experiment = load_experiment(experiment_path, out)
+    experiment.sweep_file(name, "").parent.mkdir(parents=True, exist_ok=True)
+    error_file = experiment.sweep_file(name, ".error")
+    package_log = logging.getLogger("hrp_ood")
+    handler = logging.FileHandler(experiment.sweep_file(name, ".log"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    package_log.addHandler(handler)
+    package_log.setLevel(logging.INFO)
+    with experiment.sweep_file(name, ".lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            did = train_and_evaluate(experiment, name)
+        except Exception as err:  # one failing run never stops the others: its error line is kept for --status
+            message = one_line(str(err)) if isinstance(err, UserError) else one_line(f"{type(err).__name__}: {err}")
+            package_log.error("%s failed:\n%s", name, traceback.format_exc())
+            error_file.write_text(message + "\n")
+            return name, message
+        finally:
+            package_log.removeHandler(handler)
+            handler.close()
+    error_file.unlink(missing_ok=True)
+    return f"{name}: {did}", None
+
+
+# --------------------------------------------------------------------------- executors
+
+
+def _init_worker(threads: int, gpu_slots: Any) -> None:
+    """A local worker process: its share of the CPU threads, and its own GPU when there are GPUs."""
+    import torch
+
+    if gpu_slots is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_slots.get())
+    torch.set_num_threads(threads)
+
+
+def run_local(experiment: Experiment, names: list[str], jobs: int) -> dict[str, str]:
+    """Run `names` in `jobs` worker processes (one per GPU when the runs train on CUDA); returns run → error."""
+    import multiprocessing
+
+    import torch
+
+    context = multiprocessing.get_context("spawn")
+    gpus = torch.cuda.device_count() if experiment.run_config(names[0]).device != "cpu" else 0
+    jobs = min(jobs, gpus) if gpus else jobs
+    gpu_slots = None
+    if gpus:
+        gpu_slots = context.Queue()
+        for index in range(jobs):
+            gpu_slots.put(index)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    errors = {}
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
+                             initargs=(threads, gpu_slots)) as pool:
+        futures = {pool.submit(run_job, str(experiment.path), str(experiment.out), name): name for name in names}
+        for future in as_completed(futures):
+            try:
+                line, error = future.result()
+            except Exception as err:  # the worker process died (killed, out of memory)
+                line, error = futures[future], one_line(f"worker process failed: {type(err).__name__}: {err}")
+            if error is None:
+                print(line, flush=True)
+            else:
+                print(f"{futures[future]}: FAILED: {error}", flush=True)
+                errors[futures[future]] = error
+    return errors
+
+
+def run_submitit(experiment: Experiment, names: list[str], cluster: str = "slurm") -> dict[str, str]:
+    """Submit `names` as one job array through submitit and wait for them (cluster "local" runs submitit's
+    LocalExecutor, the tests' stand-in for Slurm); returns run → error."""
+    import submitit
+
+    slurm = experiment.slurm
+    executor = submitit.AutoExecutor(folder=experiment.out / "sweep" / "submitit", cluster=cluster)
+    executor.update_parameters(timeout_min=slurm["time_min"], gpus_per_node=slurm["gpus_per_job"],
+                               cpus_per_task=slurm["cpus_per_task"], mem_gb=slurm["mem_gb"], tasks_per_node=1,
+                               slurm_array_parallelism=slurm["array_parallelism"],
+                               **({"slurm_partition": slurm["partition"]} if slurm["partition"] else {}))
+    job = SweepJob()
+    submitted = executor.map_array(job, [str(experiment.path)] * len(names), [str(experiment.out)] * len(names), names)
+    print(f"submitted {len(submitted)} jobs (array {submitted[0].job_id.split('_')[0]})", flush=True)
+    errors = {}
+    for name, sub in zip(names, submitted):
+        try:
+            line, error = sub.result()
+        except Exception as err:  # submitit's own failure (the job died, was cancelled)
+            line, error = name, one_line(f"job {sub.job_id} failed: {str(err).strip().splitlines()[-1]}")
+        print(line if error is None else f"{name}: FAILED: {error}", flush=True)
+        if error is not None:
+            errors[name] = error
+    return errors
+
+
+class SweepJob:
+    """The callable submitit runs for one grid point. On a time limit or pre-emption submitit calls `checkpoint`,
+    which requeues the same call: `run_job` then resumes the run from its last.pt."""
+
+    def __call__(self, experiment_path: str, out: str, name: str) -> tuple[str, str | None]:
+        return run_job(experiment_path, out, name)
+
+    def checkpoint(self, *args: Any) -> Any:
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, *args)
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def pending_runs(experiment: Experiment) -> list[str]:
+    return [name for name in experiment.runs if run_state(experiment, name)["state"] != "done"]
+
+
+def run_sweep(experiment: Experiment, *, executor: str = "local", jobs: int = 1,
+              submitit_cluster: str = "slurm") -> dict[str, str]:
+    """Bring every run to done (1 + retries attempts each), then write the report; returns run → error of the
+    runs that still fail."""
+    errors: dict[str, str] = {}
+    names = pending_runs(experiment)
+    print(f"{len(experiment.runs)} runs, {len(experiment.runs) - len(names)} done before -> {experiment.out}",
+          flush=True)
+    for _ in range(1 + experiment.retries):
+        if not names:
+            break
+        if executor == "local":
+            errors = run_local(experiment, names, jobs)
+        else:
+            errors = run_submitit(experiment, names, submitit_cluster)
+        names = list(errors)
+    write_sweep_report(experiment)
+    return errors
+
+
+def write_sweep_report(experiment: Experiment) -> dict[str, Path]:
+    """`hrp-ood report`'s OOD tables of the evaluated runs, the accuracy table of the fully trained ones and, when
+    the grid varies the noise, the noise curves: all in `<out>/report/`."""
+    from hrp_ood.eval.report import write_report
+    from hrp_ood.sweep_report import accuracy_frame, has_noise_curves, noise_curve_figures, write_accuracy_table
+
+    out_dir, report = experiment.out / "report", experiment.report
+    evals = [experiment.eval_json(name) for name in experiment.runs if experiment.eval_json(name).exists()]
+    last_rows = {name: last_metrics(experiment.run_dir(name)) for name in experiment.runs}
+    finished = {name: row for name, row in last_rows.items()  # an unfinished run's accuracy is not the table's
+                if int(row.get("epoch") or 0) >= experiment.run_config(name).epochs}
+    accuracy = accuracy_frame(experiment.runs, finished)
+    if not evals or accuracy.empty:
+        log.warning("no run is trained and evaluated yet: no report")
+        return {}
+    paths = write_report(evals, out_dir, by=report.by, ood=report.ood, metrics=report.metrics, plots=report.plots)
+    paths.update(write_accuracy_table(accuracy, report.by, out_dir))
+    if report.plots and has_noise_curves(accuracy):
+        paths.update(noise_curve_figures(evals, accuracy, report.metrics, report.ood, out_dir))
+    for kind in ("markdown", "accuracy_markdown", "noise_curves", "accuracy_vs_noise"):
+        if kind in paths:
+            print(f"{kind}: {paths[kind]}")
+    return paths
