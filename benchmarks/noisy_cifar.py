@@ -24,7 +24,6 @@ telling correct from wrong pseudo-labels.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import random
@@ -35,6 +34,8 @@ import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from hrp_ood.io import csv_number, read_csv_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -114,11 +115,7 @@ def run_name(method: str, noise: str, seed: int) -> str:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:
-    path = run_dir / "metrics.csv"
-    if not path.exists():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+    return read_csv_rows(run_dir / "metrics.csv")
 
 
 def finished(run_dir: Path, epochs: int) -> bool:
@@ -142,25 +139,18 @@ def run_one(args: argparse.Namespace, data_root: Path, method: str, noise: str, 
     return f"{run_dir.name}: {status} in {time.perf_counter() - started:.0f} s"
 
 
-def _number(row: dict[str, str], key: str) -> float:
-    try:
-        return float(row.get(key) or "nan")
-    except ValueError:
-        return math.nan
-
-
 def run_summary(run_dir: Path, warmup: int) -> dict[str, float]:
     """Final and meta-selected test accuracy, and the mean reliability AUROCs over the epochs after warm-up."""
     rows = read_metrics(run_dir)
     if not rows:
         return {}
     after = [r for r in rows if int(r["epoch"]) > warmup] or rows
-    summary = {"acc": _number(rows[-1], "acc_ensemble"), "best_warmup_acc": max(
-        (_number(r, "acc_ensemble") for r in rows if int(r["epoch"]) <= warmup), default=math.nan)}
-    selected = [r for r in rows if _number(r, "meta_acc") == max(_number(q, "meta_acc") for q in rows)]
-    summary["acc_meta_selected"] = _number(selected[-1], "acc_ensemble") if selected else math.nan
+    summary = {"acc": csv_number(rows[-1], "acc_ensemble"), "best_warmup_acc": max(
+        (csv_number(r, "acc_ensemble") for r in rows if int(r["epoch"]) <= warmup), default=math.nan)}
+    selected = [r for r in rows if csv_number(r, "meta_acc") == max(csv_number(q, "meta_acc") for q in rows)]
+    summary["acc_meta_selected"] = csv_number(selected[-1], "acc_ensemble") if selected else math.nan
     for name, column in SIGNALS.items():
-        values = [v for v in (_number(r, column) for r in after) if not math.isnan(v)]
+        values = [v for v in (csv_number(r, column) for r in after) if not math.isnan(v)]
         summary[name] = statistics.fmean(values) if values else math.nan
     return summary
 

@@ -8,7 +8,9 @@ a one-line UserError naming the path and the errno.
 from __future__ import annotations
 
 import codecs
+import csv
 import errno
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -126,3 +128,20 @@ def _check_writable(folder: Path, option: str, given: Path) -> None:
     except OSError as err:
         raise UserError(f"{option} {shown(given)}: cannot write in {shown(existing)} ({os_error_text(err)}); "
                         f"choose a writable folder for {option}") from None
+
+
+def read_csv_rows(path: str | Path) -> list[dict[str, str]]:
+    """A CSV file's rows as dicts keyed by its header ([] when the file does not exist), e.g. a run's metrics.csv."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def csv_number(row: dict[str, str], key: str) -> float:
+    """A numeric cell of `read_csv_rows`; NaN where the column is missing, empty (does not apply) or not a number."""
+    try:
+        return float(row.get(key) or "nan")
+    except ValueError:
+        return math.nan

@@ -13,13 +13,12 @@ From metrics.csv (one row per epoch) and signals/epoch_NNNN.npz (per-sample valu
 
 from __future__ import annotations
 
-import csv
-import math
 from pathlib import Path
 
 import numpy as np
 
 from hrp_ood.errors import UserError
+from hrp_ood.io import csv_number, read_csv_rows
 from hrp_ood.eval.report import _new_figure, _save_png
 from hrp_ood.train.signals import PAIR_TYPES
 
@@ -29,19 +28,11 @@ def read_metrics(run_dir: Path) -> dict[str, np.ndarray]:
     path = run_dir / "metrics.csv"
     if not path.is_file():
         raise UserError(f"{path} not found; `hrp-ood plot` takes a run folder written by `hrp-ood train`")
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_csv_rows(path)
     if not rows:
         raise UserError(f"{path} holds no epoch yet; plot after the first epoch")
     columns = {key for row in rows for key in row}
-    return {key: np.array([_number(row.get(key)) for row in rows]) for key in columns}
-
-
-def _number(text: str | None) -> float:
-    try:
-        return float(text) if text else math.nan
-    except ValueError:
-        return math.nan
+    return {key: np.array([csv_number(row, key) for row in rows]) for key in columns}
 
 
 def saved_epochs(run_dir: Path) -> list[tuple[int, Path]]:

@@ -20,7 +20,6 @@ stop the others.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import fcntl
 import itertools
@@ -35,6 +34,7 @@ from typing import Any
 
 from hrp_ood.config import TrainConfig, build_config, field_names, read_yaml
 from hrp_ood.errors import UserError, one_line, shown
+from hrp_ood.io import csv_number, read_csv_rows
 
 log = logging.getLogger(__name__)
 
@@ -218,11 +218,7 @@ def load_experiment(path: str | Path, out: str | Path | None = None) -> Experime
 
 def last_metrics(run_dir: Path) -> dict[str, str]:
     """metrics.csv's last row ({} before the first epoch)."""
-    path = run_dir / "metrics.csv"
-    if not path.is_file():
-        return {}
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_csv_rows(run_dir / "metrics.csv")
     return rows[-1] if rows else {}
 
 
@@ -254,7 +250,7 @@ def run_state(experiment: Experiment, name: str) -> dict[str, Any]:
         state = "done"
     else:
         state = "failed" if error else "pending"
-    accuracy = float(row["acc_ensemble"]) if row.get("acc_ensemble") else math.nan
+    accuracy = csv_number(row, "acc_ensemble")
     return {"run": name, "state": state, "epoch": f"{row.get('epoch') or 0}/{epochs}", "test_acc": accuracy,
             "error": error if state == "failed" else ""}
 

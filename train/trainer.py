@@ -38,12 +38,12 @@ from hrp_ood.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_
 from hrp_ood.config import TrainConfig, check_device_name, read_yaml, save_config
 from hrp_ood.data.augment import BatchAugment
 from hrp_ood.errors import Interrupted, UserError
-from hrp_ood.io import atomic_write_text
+from hrp_ood.io import atomic_write_text, read_csv_rows
 from hrp_ood.method import ReliabilityMemory
 from hrp_ood.models import ProjectionHead, create_model
 from hrp_ood.progress import progress_steps
 from hrp_ood.run_dir import RunFolder
-from hrp_ood.train.data import TrainingData, prepare_training_data
+from hrp_ood.train.data import prepare_training_data
 from hrp_ood.train.signals import EpochSignals, class_share_max
 from hrp_ood.train.steps import STEPS, Member, NonFiniteLoss, StepContext, StepInputs
 
@@ -147,10 +147,7 @@ class MetricsLog:
 
     def __init__(self, path: Path):
         self.path = path
-        self.rows: list[dict[str, Any]] = []
-        if path.exists():
-            with path.open(newline="") as f:
-                self.rows = list(csv.DictReader(f))
+        self.rows: list[dict[str, Any]] = read_csv_rows(path)
 
     def append(self, row: dict[str, Any]) -> None:
         self.rows = [r for r in self.rows if int(r["epoch"]) < int(row["epoch"])] + [row]
