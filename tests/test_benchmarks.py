@@ -1,5 +1,6 @@
 """Every benchmark's --quick mode runs, so the benchmarks cannot rot (timings are not asserted)."""
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +35,62 @@ def test_noisy_cifar_quick_mode_trains_and_tabulates(tmp_path):
     assert all(row.split("|")[3].strip() == "1" for row in rows)  # one seed finished for each
     again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert again.stdout.count("done before, skipped") == 2  # finished runs are not trained again
+
+
+def _load_benchmark(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_calibrated_meta_gradient_has_no_logit_scale_or_class_shift_component():
+    """At the meta set's (T*, b*) the meta gradient is orthogonal to rescaling the head (all logits ×(1+t)) and
+    has no head-bias component (class-marginal shift); the plain meta gradient has both."""
+    import torch
+
+    from hrp_ood.method.reliability import meta_gradient
+    from hrp_ood.models import create_model
+
+    probe = _load_benchmark("reliability_probe")
+    torch.manual_seed(0)
+    net = create_model("small_cnn", num_classes=4)
+    x = torch.randn(48, 3, 32, 32)
+    with torch.no_grad():
+        net.fc.weight.mul_(30)  # logits of a trained net's size (a fresh head's are ~0.1: T* would be in the 1000s)
+        y = net.eval()(x).argmax(dim=1)  # labels the logits carry information about (finite T*) ...
+    y[:12] = torch.arange(12) % 4  # ... but not all, and a class mix the plain gradient would shift
+    temperature, bias = probe.calibration(net, x, y, num_classes=4)
+    head = {name: p.detach() for name, p in net.named_parameters() if name.startswith("fc.")}
+
+    def head_components(direction):
+        scale = sum((direction[name] * p).sum() for name, p in head.items())
+        norm = math.sqrt(sum(direction[name].norm() ** 2 for name in head)) * math.sqrt(sum(p.norm() ** 2 for p in head.values()))
+        return abs(scale.item()) / norm, (direction["fc.bias"].norm() / direction["fc.weight"].norm()).item()
+
+    plain_scale, plain_bias = head_components(meta_gradient(net, x, y))
+    cal_scale, cal_bias = head_components(meta_gradient(net, x, y, lambda z: z / temperature + bias))
+    assert cal_scale < 1e-2 < plain_scale
+    assert cal_bias < 1e-2 < plain_bias
+
+
+def test_reliability_probe_tabulates_every_signal_of_a_trained_run(tmp_path):
+    from fakes import write_image_folder
+
+    write_image_folder(tmp_path / "images", classes=tuple("abcd"), n_per_class=16, ext=".jpg")
+    train = [sys.executable, "-m", "hrp_ood", "train", "--dataset", "folder", "--data-root", str(tmp_path / "images"),
+             "--model", "small_cnn", "--noise", "sym50", "--epochs", "2", "--batch-size", "16", "--meta-size", "8",
+             "--out-dir", str(tmp_path), "--name", "run", "--no-progress", "--set", "meta_batch_size=8",
+             "--set", "lr_milestones=[]", "--set", "warmup_epochs=1", "--set", "ramp_epochs=1"]
+    trained = subprocess.run(train, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reliability_probe.py"), str(tmp_path / "run"),
+                             "--limit", "32"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:5] for line in result.stdout.splitlines()
+            if line.startswith("| ") and "signal" not in line}
+    assert list(rows) == ["alpha_batch", "alpha_meta_set", "alpha_calibrated", "small_loss"]
+    assert all(0 <= float(cells[0]) <= 100 for cells in rows.values())
+    assert rows["small_loss"][1].strip() == "nan"  # the clamp applies to the meta-gradient signals only

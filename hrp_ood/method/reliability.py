@@ -31,7 +31,7 @@ every rank gets the α, β one process would compute for its samples. With synch
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -177,21 +177,32 @@ def _raw_reliabilities_jvp(model: nn.Module, x: torch.Tensor, noisy_labels: torc
     v = ∇_θ L_meta(θ); one JVP gives dz_i = (∂z_i/∂θ) v for the train-mode logits z_i, and
     ⟨v, ∇_θ ℓ(z_i, y)⟩ = (softmax(z_i) − onehot(y)) · dz_i for y = ỹ_i and y = ŷ_i alike.
     """
+    direction = meta_gradient(model, meta_x, meta_y)
+    logits, dlogits = logit_changes(model, x, direction)
+    scale = lr / global_count(x.shape[0])
+    return scale * signed_alignment(logits, dlogits, noisy_labels), scale * signed_alignment(logits, dlogits,
+                                                                                            pseudo_labels)
+
+
+def logit_changes(model: nn.Module, x: torch.Tensor, direction: dict[str, torch.Tensor],
+                  train_mode: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits z of ``x`` and their directional derivative dz = (∂z/∂θ) v along ``direction`` (one forward-mode
+    pass; train-mode BN on cloned buffers by default, so the model's running statistics never change)."""
     params = _trainable_parameters(model)
-    direction = _meta_gradient(model, params, meta_x, meta_y)
-    model.train()
+    model.train(train_mode)
     # torch.func.jvp refuses BN's in-place running-stat update of a captured buffer, so use the
     # forward-AD API directly; the buffers are clones, and no_grad keeps no reverse graph.
     with torch.no_grad(), fwAD.dual_level():
         duals = {name: fwAD.make_dual(p.detach(), direction[name]) for name, p in params.items()}
         out = functional_call(model, (duals, _cloned_buffers(model)), (x,))
         logits, dlogits = fwAD.unpack_dual(out)
-    logits, dlogits = _at_least_float32(logits), _at_least_float32(dlogits)
-    expected = (logits.softmax(dim=1) * dlogits).sum(dim=1)  # p_i · dz_i, shared by both labels
-    scale = lr / global_count(x.shape[0])
-    alpha_raw = scale * (expected - dlogits.gather(1, noisy_labels[:, None]).squeeze(1))
-    beta_raw = scale * (expected - dlogits.gather(1, pseudo_labels[:, None]).squeeze(1))
-    return alpha_raw, beta_raw
+    return _at_least_float32(logits), _at_least_float32(dlogits)
+
+
+def signed_alignment(logits: torch.Tensor, dlogits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """⟨v, ∇_θ ℓ(z_i, y_i)⟩ = (softmax(z_i) − onehot(y_i)) · dz_i for each row (the gradient-alignment identity)."""
+    expected = (logits.softmax(dim=1) * dlogits).sum(dim=1)
+    return expected - dlogits.gather(1, labels[:, None]).squeeze(1)
 
 
 def _raw_reliabilities_double_backward(model: nn.Module, x: torch.Tensor, noisy_labels: torch.Tensor,
@@ -217,11 +228,14 @@ def _raw_reliabilities_double_backward(model: nn.Module, x: torch.Tensor, noisy_
     return -d_alpha, -d_beta
 
 
-def _meta_gradient(model: nn.Module, params: dict[str, torch.Tensor], meta_x: torch.Tensor,
-                   meta_y: torch.Tensor) -> dict[str, torch.Tensor]:
-    """v = ∇_θ L_meta(θ) (Eq. 3 at ε = 0), eval mode, without touching ``.grad``; averaged over ranks."""
+def meta_gradient(model: nn.Module, meta_x: torch.Tensor, meta_y: torch.Tensor,
+                  logit_transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """v = ∇_θ L_meta(θ) (Eq. 3 at ε = 0), eval mode, without touching ``.grad``; averaged over ranks.
+    ``logit_transform`` (diagnostics only, e.g. temperature scaling) is applied to the meta logits first."""
+    params = _trainable_parameters(model)
     model.eval()
-    meta_loss = F.cross_entropy(_at_least_float32(model(meta_x)), meta_y)
+    logits = _at_least_float32(model(meta_x))
+    meta_loss = F.cross_entropy(logits if logit_transform is None else logit_transform(logits), meta_y)
     grads = _grads_or_zeros(meta_loss, params, create_graph=False)
     return global_mean_of_grads({name: g.detach() for name, g in grads.items()})
 
