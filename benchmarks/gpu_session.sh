@@ -52,5 +52,8 @@ for which in small full; do
   [ $which = small ] && extra="--methods $SMALL_VARIANTS --noise sym50 sym80 --seeds $SEEDS"
   $PY benchmarks/noisy_cifar.py --table-only --out $WORK/$which $extra | tee "$OUT/table_$which.md"
 done
+echo "== reliability probe of the full-protocol HRP checkpoint ($(left) s left)"
+[ -f $WORK/full/hrp_sym50_s0/last.pt ] && timeout 90 $PY benchmarks/reliability_probe.py $WORK/full/hrp_sym50_s0 \
+  --device cuda --limit 10000 | tee "$OUT/probe_full_hrp.md"
 tar -czf "$OUT/runs.tar.gz" -C $WORK --exclude='*.pt' --exclude='cifar10-jpeg' --exclude='subset_*' small full
 ls -la "$OUT"
