@@ -172,6 +172,8 @@ def test_a_slurm_job_stopped_by_its_time_limit_is_requeued_with_the_same_run():
     ({"report": {"metrics": ["auroc", "speed"]}}, "report metric 'speed'"),
     ({"slurm": {"partitions": "gpu"}}, "unknown slurm key"),
     ({"retries": -1}, "retries"),
+    ({"nproc": 0}, "nproc must be an integer of at least 1"),
+    ({"nproc": 2, "slurm": {"gpus_per_job": 1}}, "gpus_per_job is 1 but nproc is 2"),
     ({"base": "missing.yaml"}, "not found"),
 ])
 def test_bad_experiment_files_are_one_line_errors_and_start_nothing(changes, words, tmp_path, capsys):
@@ -234,3 +236,48 @@ def test_a_sweep_killed_mid_run_resumes_to_the_weights_of_an_uninterrupted_one(t
         for net_expected, net_got in zip(expected[name], got[name], strict=True):
             assert net_expected.keys() == net_got.keys()
             assert all(torch.equal(net_expected[key], net_got[key]) for key in net_expected), name
+
+
+def test_a_run_trains_data_parallel_in_nproc_processes_then_is_evaluated_once(tmp_path):
+    from hrp_ood.checkpoint import load_checkpoint
+    from hrp_ood.sweep import run_job
+
+    path = write_experiment(tmp_path, grid={"noise": ["sym50"], "method": ["ce"], "seed": [0]}, nproc=2)
+    assert run_job(str(path), str(tmp_path / "out"), "noise-sym50__method-ce__seed-0") == (
+        "noise-sym50__method-ce__seed-0: trained and evaluated", None)
+    run = tmp_path / "out" / "runs" / "noise-sym50__method-ce__seed-0"
+    assert load_checkpoint(run / "last.pt")["world_size"] == 2
+    assert (run / "metrics.csv").read_text().count("\n") == 2  # one writer: the header and epoch 1
+    assert (run / "eval_ensemble" / "eval.json").is_file()
+
+
+def test_a_slurm_job_of_a_data_parallel_run_has_one_task_per_process(tmp_path, monkeypatch):
+    import submitit
+
+    from hrp_ood.sweep import run_submitit
+
+    asked = {}
+
+    class Job:
+        job_id = "7_0"
+
+        def result(self):
+            return "done", None
+
+    class Executor:
+        def __init__(self, folder, cluster):
+            pass
+
+        def update_parameters(self, **parameters):
+            asked.update(parameters)
+
+        def map_array(self, function, *columns):
+            asked["columns"] = columns
+            return [Job() for _ in columns[0]]
+
+    monkeypatch.setattr(submitit, "AutoExecutor", Executor)
+    experiment = load_experiment(write_experiment(tmp_path, nproc=2, slurm={"gpus_per_job": 2}))
+    assert experiment.nproc == 2 and load_experiment(experiment.path, nproc=1).nproc == 1  # --nproc wins
+    assert run_submitit(experiment, list(experiment.runs)) == {}
+    assert asked["tasks_per_node"] == 2 and asked["gpus_per_node"] == 2
+    assert list(asked["columns"][2]) == RUNS and list(asked["columns"][3]) == [2] * len(RUNS)
