@@ -516,8 +516,26 @@ def run_sweep(experiment: Experiment, *, executor: str = "local", jobs: int = 1,
         else:
             errors = run_submitit(experiment, names, submitit_cluster)
         names = list(errors)
-    write_sweep_report(experiment)
+    if report_is_current(experiment):
+        print(f"report up to date: {experiment.out / 'report'}", flush=True)
+    else:
+        write_sweep_report(experiment)
     return errors
+
+
+REPORT_FILES = ("report.md", "report.tex", "accuracy.md", "accuracy.tex", "accuracy.csv")
+
+
+def report_is_current(experiment: Experiment) -> bool:
+    """Whether every report file is newer than the experiment file and every run's metrics.csv and eval.json
+    (a sweep command that changed nothing then rewrites nothing)."""
+    report = [experiment.out / "report" / name for name in REPORT_FILES]
+    inputs = [experiment.path, *(path for name in experiment.runs for path in
+                                 (experiment.run_dir(name) / "metrics.csv", experiment.eval_json(name)))]
+    if not all(path.is_file() for path in report):
+        return False
+    newest_input = max(path.stat().st_mtime_ns for path in inputs if path.is_file())
+    return min(path.stat().st_mtime_ns for path in report) > newest_input
 
 
 def write_sweep_report(experiment: Experiment) -> dict[str, Path]:

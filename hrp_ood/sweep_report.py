@@ -90,7 +90,7 @@ def noise_curve_figures(evals: list[Path], accuracy: pd.DataFrame, metrics: tupl
             axes[i, j].set_title(f"{pp} · {METRIC_LABELS[metric]} ({ood} over OOD sets)", fontsize=9)
     figure.suptitle("OOD detection against label noise (mean ± std over seeds)", fontsize=10)
     written = {"noise_curves": _save_png(figure, out_dir / "plots" / "noise_curves.png")}
-    figure, axes = _new_figure(1, 1, 4.0, 3.0)
+    figure, axes = _new_figure(1, 1, 4.8, 3.0)
     _curve(axes[0, 0], accuracy, ACCURACY)
     axes[0, 0].set_ylabel("ensemble test accuracy (%)", fontsize=8)
     figure.suptitle("Test accuracy against label noise (mean ± std over seeds)", fontsize=10)

@@ -76,13 +76,17 @@ def test_the_accuracy_table_is_written_as_latex_too(tmp_path):
 def test_rerun_trains_nothing_and_a_missing_eval_is_redone_alone(swept, capsys):
     path, out = swept
     checkpoints = {name: (out / "runs" / name / "last.pt").stat().st_mtime_ns for name in RUNS}
+    report = (out / "report" / "report.md").stat().st_mtime_ns
     capsys.readouterr()
     assert main(["sweep", str(path)]) == 0
-    assert "4 runs, 4 done before" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "4 runs, 4 done before" in printed and "report up to date" in printed
+    assert (out / "report" / "report.md").stat().st_mtime_ns == report
     (out / "runs" / RUNS[1] / "eval_ensemble" / "eval.json").unlink()
     assert main(["sweep", str(path)]) == 0
     printed = capsys.readouterr().out
     assert "4 runs, 3 done before" in printed and f"{RUNS[1]}: evaluated" in printed
+    assert "report up to date" not in printed and (out / "report" / "report.md").stat().st_mtime_ns > report
     assert checkpoints == {name: (out / "runs" / name / "last.pt").stat().st_mtime_ns for name in RUNS}
 
 
