@@ -137,7 +137,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from hrp_ood.sweep import load_experiment, run_sweep, status_table
 
-    experiment = load_experiment(args.experiment, args.out)  # the whole file is checked before anything starts
+    # the whole file is checked before anything starts
+    experiment = load_experiment(args.experiment, args.out, args.nproc)
     if args.status:
         print(status_table(experiment))
         return 0
@@ -223,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1,
                    help="local runs in parallel (CPU threads are split between them; at most one per GPU)")
     p.add_argument("--out", default=None, help="output folder (default: the experiment's out)")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="processes per run: data-parallel training as `hrp-ood train --nproc` (one GPU each on "
+                        "CUDA; a Slurm job gets N tasks); default: the experiment's nproc, else 1")
     p.add_argument("--status", action="store_true", help="print every run's state and exit")
     p.set_defaults(func=cmd_sweep)
 

@@ -50,6 +50,25 @@ def init_from_env(device_type: str | None = None) -> bool:
     return True
 
 
+def launch(nproc: int, function: Callable[..., Any], *args: Any) -> None:
+    """`function(*args)` in `nproc` new processes that join one process group, as `torchrun --standalone` starts
+    them (RANK, LOCAL_RANK, WORLD_SIZE and a rendezvous on this machine); a failing process is a UserError."""
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+    try:
+        elastic_launch(config, function)(*args)
+    except ChildFailedError as err:
+        failed_rank, failure = min(err.failures.items())
+        message = str(failure.message or "").strip().splitlines() or ["no message; see the log"]
+        raise UserError(f"process {failed_rank} of {nproc} failed (exit code {failure.exitcode}): "
+                        f"{message[-1]}") from None
+
+
 def shutdown() -> None:
     if is_initialized():
         dist.destroy_process_group()

@@ -7,6 +7,7 @@ An experiment file names a base config, a grid over config keys, the evaluation 
     grid: {noise: [sym20, sym50], method: [ce, hrp], seed: [0, 1, 2]}
     out: runs/sweeps/table5             # relative to the working directory (default runs/sweeps/<file stem>)
     retries: 1                          # a failing run is tried 1 + retries times per sweep command
+    nproc: 1                            # processes per run: data-parallel training (hrp-ood train --nproc)
     evaluation: {ood: [svhn, textures], postprocessors: [msp, ebo], net: ensemble, data_root: ./data}
     report: {by: noise, metrics: [auroc, fpr95], ood: mean}
     slurm: {partition: gpu, time_min: 2880, gpus_per_job: 1, array_parallelism: 16, cpus_per_task: 8}
@@ -38,7 +39,7 @@ from hrp_ood.io import csv_number, read_csv_rows
 
 log = logging.getLogger(__name__)
 
-EXPERIMENT_KEYS = ("base", "config", "grid", "out", "retries", "evaluation", "report", "slurm")
+EXPERIMENT_KEYS = ("base", "config", "grid", "out", "retries", "nproc", "evaluation", "report", "slurm")
 RESERVED_KEYS = ("name", "out_dir")  # the sweep names and places every run itself
 DEMO_OOD_SETS = ("photo_patches", "uniform_noise")  # hrp_ood.demo's generated sets, for the digits experiments
 SLURM_DEFAULTS = {"partition": None, "time_min": 60 * 24, "gpus_per_job": 1, "array_parallelism": 16,
@@ -73,6 +74,7 @@ class Experiment:
     base: Path | None
     config: dict[str, Any]
     retries: int
+    nproc: int  # processes per run (data-parallel training; one GPU each on CUDA)
     evaluation: Evaluation
     report: Report
     slurm: dict[str, Any]
@@ -187,22 +189,30 @@ def _report(data: dict[str, Any], path: Path) -> Report:
     return dataclasses.replace(report, metrics=metrics)
 
 
-def load_experiment(path: str | Path, out: str | Path | None = None) -> Experiment:
+def _count(value: Any, what: str, path: Path, least: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise UserError(f"experiment {shown(path)}: {what} must be an integer of at least {least}, got {value!r}")
+    return value
+
+
+def load_experiment(path: str | Path, out: str | Path | None = None, nproc: int | None = None) -> Experiment:
     """Read and validate an experiment file completely, every grid point's config included (UserError on the first
-    problem, before anything is started)."""
+    problem, before anything is started). `out` and `nproc` override the file's."""
     path = Path(path)
     data = read_yaml(path)
     _known_keys(data, EXPERIMENT_KEYS, "top-level", path)
     base = path.parent / data["base"] if data.get("base") is not None else None
-    retries = data.get("retries", 1)
-    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
-        raise UserError(f"experiment {shown(path)}: retries must be a non-negative integer, got {retries!r}")
+    retries = _count(data.get("retries", 1), "retries", path, 0)
+    nproc = _count(nproc if nproc is not None else data.get("nproc", 1), "nproc", path, 1)
     slurm = _mapping(data.get("slurm"), "slurm", path)
     _known_keys(slurm, list(SLURM_DEFAULTS), "slurm", path)
+    if 0 < slurm.get("gpus_per_job", 0) < nproc:
+        raise UserError(f"experiment {shown(path)}: slurm.gpus_per_job is {slurm['gpus_per_job']} but nproc is "
+                        f"{nproc}: every process of a run trains on a GPU of its own")
     experiment = Experiment(
         path=path, out=Path(os.path.abspath(out or data.get("out") or Path("runs/sweeps") / path.stem)),
         runs=grid_runs(_mapping(data.get("grid"), "grid", path), path), base=base,
-        config=_mapping(data.get("config"), "config", path), retries=retries,
+        config=_mapping(data.get("config"), "config", path), retries=retries, nproc=nproc,
         evaluation=_evaluation(_mapping(data.get("evaluation"), "evaluation", path), path),
         report=_report(_mapping(data.get("report"), "report", path), path), slurm={**SLURM_DEFAULTS, **slurm})
     for name in experiment.runs:
@@ -312,29 +322,52 @@ def evaluate_run(experiment: Experiment, name: str) -> None:
                     validation=_validation(evaluation, loaded))
 
 
-def train_and_evaluate(experiment: Experiment, name: str) -> str:
-    """Bring one run to done: train (or resume) to the final epoch, then evaluate unless eval.json is there.
-    Returns what it did."""
-    from hrp_ood.train.trainer import train
+def train_run(experiment: Experiment, name: str) -> bool:
+    """Train (or resume) one run to its final epoch, in `experiment.nproc` processes; False when it was there."""
+    from hrp_ood import distributed
 
     cfg = experiment.run_config(name)
     run_dir = experiment.run_dir(name)
-    done_epochs = trained_epochs(run_dir)
-    trained = done_epochs < cfg.epochs
-    if trained:
-        resume = (run_dir / "last.pt").exists()
-        # a resumed run checks every key against its saved config: a changed experiment is an error, not a mix
-        train(cfg, resume=resume, explicit=set(field_names()) if resume else frozenset(), progress=False)
+    if trained_epochs(run_dir) >= cfg.epochs:
+        return False
+    resume = (run_dir / "last.pt").exists()
+    # a resumed run checks every key against its saved config: a changed experiment is an error, not a mix
+    explicit = set(field_names()) if resume else set()
+    if experiment.nproc > 1 and "WORLD_SIZE" not in os.environ:  # (under Slurm, submitit started the processes)
+        import torch
+
+        threads = max(1, torch.get_num_threads() // experiment.nproc)  # this worker's share, split between them
+        distributed.launch(experiment.nproc, train_process, cfg, resume, explicit, threads)
+    else:
+        train_process(cfg, resume, explicit)
+    return True
+
+
+def train_process(cfg: TrainConfig, resume: bool, explicit: set[str], threads: int | None = None) -> None:
+    """One process of a run's training (every process of a data-parallel run calls it)."""
+    import torch
+
+    from hrp_ood.train.trainer import train
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    train(cfg, resume=resume, explicit=explicit, progress=False)
+
+
+def train_and_evaluate(experiment: Experiment, name: str) -> str:
+    """Bring one run to done: train (or resume) to the final epoch, then evaluate unless eval.json is there.
+    Returns what it did."""
+    trained = train_run(experiment, name)
     if trained or not experiment.eval_json(name).exists():
         evaluate_run(experiment, name)
         return "trained and evaluated" if trained else "evaluated"
     return "done before"
 
 
-def run_job(experiment_path: str, out: str, name: str) -> tuple[str, str | None]:
+def run_job(experiment_path: str, out: str, name: str, nproc: int | None = None) -> tuple[str, str | None]:
     """One grid point in a worker (a local process or a Slurm job): (what it did, None) or (name, error line).
     It holds `<out>/sweep/<name>.lock` while it works and logs to `<out>/sweep/<name>.log`."""
-    experiment = load_experiment(experiment_path, out)
+    experiment = load_experiment(experiment_path, out, nproc)
     experiment.sweep_file(name, "").parent.mkdir(parents=True, exist_ok=True)
     error_file = experiment.sweep_file(name, ".error")
     package_log = logging.getLogger("hrp_ood")
@@ -362,7 +395,8 @@ def run_job(experiment_path: str, out: str, name: str) -> tuple[str, str | None]
 
 
 def _init_worker(threads: int, gpu_slots: Any) -> None:
-    """A local worker process: its share of the CPU threads, and its own GPU when there are GPUs."""
+    """A local worker process: its share of the CPU threads, and its own GPUs (one per process of a run) when
+    there are GPUs."""
     import torch
 
     if gpu_slots is not None:
@@ -371,24 +405,29 @@ def _init_worker(threads: int, gpu_slots: Any) -> None:
 
 
 def run_local(experiment: Experiment, names: list[str], jobs: int) -> dict[str, str]:
-    """Run `names` in `jobs` worker processes (one per GPU when the runs train on CUDA); returns run → error."""
+    """Run `names` in `jobs` worker processes (at most one per `nproc` GPUs when the runs train on CUDA); returns
+    run → error."""
     import multiprocessing
 
     import torch
 
     context = multiprocessing.get_context("spawn")
     gpus = torch.cuda.device_count() if experiment.run_config(names[0]).device != "cpu" else 0
-    jobs = min(jobs, gpus) if gpus else jobs
+    nproc = experiment.nproc
+    if 0 < gpus < nproc:
+        raise UserError(f"nproc {nproc} trains every run on {nproc} GPUs; this machine has {gpus}")
+    jobs = min(jobs, gpus // nproc) if gpus else jobs
     gpu_slots = None
     if gpus:
         gpu_slots = context.Queue()
-        for index in range(jobs):
-            gpu_slots.put(index)
+        for job in range(jobs):
+            gpu_slots.put(",".join(str(job * nproc + k) for k in range(nproc)))
     threads = max(1, (os.cpu_count() or 1) // jobs)
     errors = {}
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
                              initargs=(threads, gpu_slots)) as pool:
-        futures = {pool.submit(run_job, str(experiment.path), str(experiment.out), name): name for name in names}
+        futures = {pool.submit(run_job, str(experiment.path), str(experiment.out), name, nproc): name
+                   for name in names}
         for future in as_completed(futures):
             try:
                 line, error = future.result()
@@ -410,11 +449,14 @@ def run_submitit(experiment: Experiment, names: list[str], cluster: str = "slurm
     slurm = experiment.slurm
     executor = submitit.AutoExecutor(folder=experiment.out / "sweep" / "submitit", cluster=cluster)
     executor.update_parameters(timeout_min=slurm["time_min"], gpus_per_node=slurm["gpus_per_job"],
-                               cpus_per_task=slurm["cpus_per_task"], mem_gb=slurm["mem_gb"], tasks_per_node=1,
+                               cpus_per_task=slurm["cpus_per_task"], mem_gb=slurm["mem_gb"],
+                               tasks_per_node=experiment.nproc,
                                slurm_array_parallelism=slurm["array_parallelism"],
                                **({"slurm_partition": slurm["partition"]} if slurm["partition"] else {}))
     job = SweepJob()
-    submitted = executor.map_array(job, [str(experiment.path)] * len(names), [str(experiment.out)] * len(names), names)
+    n = len(names)
+    submitted = executor.map_array(job, [str(experiment.path)] * n, [str(experiment.out)] * n, names,
+                                   [experiment.nproc] * n)
     print(f"submitted {len(submitted)} jobs (array {submitted[0].job_id.split('_')[0]})", flush=True)
     errors = {}
     for name, sub in zip(names, submitted):
@@ -429,11 +471,21 @@ def run_submitit(experiment: Experiment, names: list[str], cluster: str = "slurm
 
 
 class SweepJob:
-    """The callable submitit runs for one grid point. On a time limit or pre-emption submitit calls `checkpoint`,
-    which requeues the same call: `run_job` then resumes the run from its last.pt."""
+    """The callable submitit runs for one grid point, in each of the job's `nproc` tasks. On a time limit or
+    pre-emption submitit calls `checkpoint`, which requeues the same call: `run_job` then resumes the run from its
+    last.pt. In a data-parallel job every task joins the run's process group; task 0 alone keeps the sweep's files
+    and evaluates."""
 
-    def __call__(self, experiment_path: str, out: str, name: str) -> tuple[str, str | None]:
-        return run_job(experiment_path, out, name)
+    def __call__(self, experiment_path: str, out: str, name: str,
+                 nproc: int | None = None) -> tuple[str, str | None]:
+        experiment = load_experiment(experiment_path, out, nproc)
+        if experiment.nproc > 1:
+            import submitit
+
+            if submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False).rank > 0:
+                train_run(experiment, name)
+                return name, None
+        return run_job(experiment_path, out, name, experiment.nproc)
 
     def checkpoint(self, *args: Any) -> Any:
         import submitit
@@ -464,8 +516,26 @@ def run_sweep(experiment: Experiment, *, executor: str = "local", jobs: int = 1,
         else:
             errors = run_submitit(experiment, names, submitit_cluster)
         names = list(errors)
-    write_sweep_report(experiment)
+    if report_is_current(experiment):
+        print(f"report up to date: {experiment.out / 'report'}", flush=True)
+    else:
+        write_sweep_report(experiment)
     return errors
+
+
+REPORT_FILES = ("report.md", "report.tex", "accuracy.md", "accuracy.tex", "accuracy.csv")
+
+
+def report_is_current(experiment: Experiment) -> bool:
+    """Whether every report file is newer than the experiment file and every run's metrics.csv and eval.json
+    (a sweep command that changed nothing then rewrites nothing)."""
+    report = [experiment.out / "report" / name for name in REPORT_FILES]
+    inputs = [experiment.path, *(path for name in experiment.runs for path in
+                                 (experiment.run_dir(name) / "metrics.csv", experiment.eval_json(name)))]
+    if not all(path.is_file() for path in report):
+        return False
+    newest_input = max(path.stat().st_mtime_ns for path in inputs if path.is_file())
+    return min(path.stat().st_mtime_ns for path in report) > newest_input
 
 
 def write_sweep_report(experiment: Experiment) -> dict[str, Path]:

@@ -1,7 +1,8 @@
 """The grid-wide part of a sweep's report: test accuracy over seeds (from every run's metrics.csv) and the
 noise curves (OOD metrics and test accuracy against the noise rate, one line per method, ± std over seeds).
 
-Written beside `hrp-ood report`'s OOD tables in `<out>/report/`: accuracy.md and accuracy.csv (a row per run),
+Written beside `hrp-ood report`'s OOD tables in `<out>/report/`: accuracy.md, accuracy.tex (booktabs, as
+report.tex) and accuracy.csv (a row per run),
 and plots/noise_curves.png and plots/accuracy_vs_noise.png when the grid varies `noise`.
 """
 
@@ -14,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from hrp_ood.eval.report import (METRIC_LABELS, STD_DDOF, _new_figure, _save_png, format_mean_std,
-                                 load_evaluations, noise_sort_key, ordered_values, to_markdown)
+                                 load_evaluations, noise_sort_key, ordered_values, to_latex, to_markdown)
 from hrp_ood.io import atomic_write_text
 
 ACCURACY = "test_acc"
@@ -51,9 +52,11 @@ def accuracy_table(frame: pd.DataFrame, by: str) -> pd.DataFrame:
 def write_accuracy_table(frame: pd.DataFrame, by: str, out_dir: Path) -> dict[str, Path]:
     table = accuracy_table(frame, by)
     caption = "Ensemble test accuracy (%) at the last epoch, mean ± std over seeds"
-    written = {"accuracy_csv": out_dir / "accuracy.csv", "accuracy_markdown": out_dir / "accuracy.md"}
+    written = {"accuracy_csv": out_dir / "accuracy.csv", "accuracy_markdown": out_dir / "accuracy.md",
+               "accuracy_latex": out_dir / "accuracy.tex"}
     atomic_write_text(written["accuracy_csv"], frame.to_csv(index=False))
     atomic_write_text(written["accuracy_markdown"], to_markdown(table, caption))
+    atomic_write_text(written["accuracy_latex"], to_latex(table, caption))
     return written
 
 
@@ -87,7 +90,7 @@ def noise_curve_figures(evals: list[Path], accuracy: pd.DataFrame, metrics: tupl
             axes[i, j].set_title(f"{pp} · {METRIC_LABELS[metric]} ({ood} over OOD sets)", fontsize=9)
     figure.suptitle("OOD detection against label noise (mean ± std over seeds)", fontsize=10)
     written = {"noise_curves": _save_png(figure, out_dir / "plots" / "noise_curves.png")}
-    figure, axes = _new_figure(1, 1, 4.0, 3.0)
+    figure, axes = _new_figure(1, 1, 4.8, 3.0)
     _curve(axes[0, 0], accuracy, ACCURACY)
     axes[0, 0].set_ylabel("ensemble test accuracy (%)", fontsize=8)
     figure.suptitle("Test accuracy against label noise (mean ± std over seeds)", fontsize=10)

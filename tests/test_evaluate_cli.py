@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,11 +17,12 @@ import torch
 from scipy.special import logsumexp, softmax
 from sklearn.metrics import roc_auc_score
 
-from fakes import FakeSplit, write_cifar10, write_far_ood_sets
+from fakes import FakeSplit, save_image, write_cifar10, write_far_ood_sets
 from hrp_ood.checkpoint import load_checkpoint
 from hrp_ood.cli import main
 from hrp_ood.data.noise import load_noise
 from hrp_ood.eval import features as features_module
+from hrp_ood.eval import ood_data as ood_data_module
 from hrp_ood.eval.featureset import FeatureSet
 from hrp_ood.eval.metrics import ood_metrics
 from hrp_ood.models import create_model
@@ -196,6 +198,66 @@ def test_second_evaluation_reads_the_feature_cache_and_runs_no_forward_pass(worl
     assert all(row == first_rows[row["postprocessor"], row["ood"]] for row in second["results"])
     for key, values in second_scores.items():
         np.testing.assert_array_equal(values, first_scores[key])
+
+
+def refuse_decoding(monkeypatch, *, allow_ood: bool = False) -> None:
+    """Make every reader of image data fail: the CIFAR pickles (ID) and, unless `allow_ood`, every OOD format."""
+    from hrp_ood.data import cifar, folder
+    from hrp_ood.eval import ood_data
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an image was read although its features are cached")
+
+    readers = [(cifar, "read_pickle"), (folder, "decode_rgb")]
+    if not allow_ood:
+        readers += [(ood_data, "_decode_one"), (ood_data, "read_svhn_mat"), (ood_data, "read_mnist_idx")]
+    for module, name in readers:
+        monkeypatch.setattr(module, name, refuse)
+
+
+def warm_cache(world: World, tmp_path: Path) -> tuple[list[str], Path]:
+    """A copy of the OOD root and a cold evaluation of ce_sym20_s0 against it: (the evaluate arguments, its out)."""
+    import shutil
+
+    shutil.copytree(world.ood_root, tmp_path / "ood")
+    args = ["--ood", "all", "--postprocessor", REPORT_POSTPROCESSORS, "--data-root", str(tmp_path / "ood"),
+            "--cache-dir", str(tmp_path / "cache")]
+    assert evaluate(world, "ce_sym20_s0", *args, "--out", str(tmp_path / "cold")) == 0
+    return args, tmp_path / "cold"
+
+
+def test_a_warm_cache_evaluation_reads_no_image_and_gives_the_same_results(world, monkeypatch, tmp_path):
+    args, cold = warm_cache(world, tmp_path)
+    refuse_decoding(monkeypatch)
+    assert evaluate(world, "ce_sym20_s0", *args, "--out", str(tmp_path / "warm")) == 0
+    (first, first_scores), (second, second_scores) = read_eval(cold), read_eval(tmp_path / "warm")
+    assert second["results"] == first["results"] and second["id_accuracy"] == first["id_accuracy"]
+    assert second_scores.keys() == first_scores.keys()
+    for key, values in second_scores.items():
+        np.testing.assert_array_equal(values, first_scores[key])
+
+
+def test_a_changed_image_file_is_decoded_again_and_only_new_pixels_are_scored_again(world, monkeypatch, tmp_path):
+    args, cold = warm_cache(world, tmp_path)
+    textures = sorted((tmp_path / "ood" / "dtd" / "images").rglob("*.png"))
+    save_image(textures[0], 255 - world.ood_images["textures"][0])  # new pixels
+    lsun = tmp_path / "ood" / "images_classic" / "lsun" / "test" / "0000.png"
+    os.utime(lsun, ns=(lsun.stat().st_atime_ns, lsun.stat().st_mtime_ns + 10**9))  # a new time, the same pixels
+    refuse_decoding(monkeypatch, allow_ood=True)  # the ID data is unchanged: still read from the cache
+    decoded, passes = [], []
+    decode_one, extract = ood_data_module._decode_one, features_module.extract_features
+    monkeypatch.setattr(ood_data_module, "_decode_one", lambda path, *a: decoded.append(path) or decode_one(path, *a))
+    monkeypatch.setattr(features_module, "extract_features",
+                        lambda net, images, *a, **kw: passes.append(len(images)) or extract(net, images, *a, **kw))
+    assert evaluate(world, "ce_sym20_s0", *args, "--out", str(tmp_path / "changed")) == 0
+    assert sorted(decoded) == sorted([*textures, *sorted(lsun.parent.glob("*.png"))])
+    assert passes == [N_OOD]  # textures only: lsun's pixels are those its features were made from
+    first, second = read_eval(cold)[1], read_eval(tmp_path / "changed")[1]
+    assert not np.array_equal(second["msp/textures"], first["msp/textures"])
+    np.testing.assert_array_equal(second["msp/lsun"], first["msp/lsun"])
+    decoded.clear()
+    assert evaluate(world, "ce_sym20_s0", *args, "--out", str(tmp_path / "again")) == 0
+    assert decoded == [] and passes == [N_OOD]  # warm again: the cache recorded the new files
 
 
 def test_net_1_net_2_and_ensemble_of_a_two_network_checkpoint(world, main_eval):

@@ -5,11 +5,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from hrp_ood.cli import main
 from hrp_ood.sweep import load_experiment, run_sweep
-from hrp_ood.sweep_report import accuracy_table
+from hrp_ood.sweep_report import accuracy_table, write_accuracy_table
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = {"dataset": "digits", "model": "small_cnn", "device": "cpu", "meta_size": 50, "epochs": 1,
@@ -48,29 +49,44 @@ def test_sweep_trains_evaluates_and_reports_every_grid_point(swept):
     assert "sym20" in report and "sym50" in report and "hrp" in report
     accuracy = (out / "report" / "accuracy.md").read_text().splitlines()
     assert accuracy[2] == "| method | sym20 | sym50 |" and accuracy[4].startswith("| ce | ")
+    assert r"method & sym20 & sym50 \\" in (out / "report" / "accuracy.tex").read_text()
     for figure in ("noise_curves.png", "accuracy_vs_noise.png"):
         assert (out / "report" / "plots" / figure).stat().st_size > 10_000
 
 
+ACCURACY_FRAME = pd.DataFrame({"noise": ["sym20", "sym20", "sym80", "sym20"], "method": ["ce", "ce", "ce", "hrp"],
+                               "seed": ["0", "1", "0", "0"], "test_acc": [90.0, 92.0, 40.0, 95.0]})
+
+
 def test_accuracy_table_is_mean_and_std_over_seeds():
-    frame = pd.DataFrame({"noise": ["sym20", "sym20", "sym80", "sym20"], "method": ["ce", "ce", "ce", "hrp"],
-                          "seed": ["0", "1", "0", "0"], "test_acc": [90.0, 92.0, 40.0, 95.0]})
-    table = accuracy_table(frame, by="noise")["cell"]
+    table = accuracy_table(ACCURACY_FRAME, by="noise")["cell"]
     assert list(table.columns) == ["sym20", "sym80"]
     assert table.loc[("ce",)].tolist() == ["91.00 ± 1.41", "40.00"]
     assert table.loc[("hrp",)].tolist() == ["95.00", "–"]
 
 
+def test_the_accuracy_table_is_written_as_latex_too(tmp_path):
+    latex = write_accuracy_table(ACCURACY_FRAME, "noise", tmp_path)["accuracy_latex"].read_text().splitlines()
+    assert latex[0].startswith("% Ensemble test accuracy (\\%)")
+    assert latex[2:6] == [r"\begin{tabular}{lcc}", r"\toprule", r"method & sym20 & sym80 \\", r"\midrule"]
+    assert latex[6:] == [r"ce & 91.00 $\pm$ 1.41 & 40.00 \\", r"hrp & 95.00 & -- \\", r"\bottomrule",
+                         r"\end{tabular}"]
+
+
 def test_rerun_trains_nothing_and_a_missing_eval_is_redone_alone(swept, capsys):
     path, out = swept
     checkpoints = {name: (out / "runs" / name / "last.pt").stat().st_mtime_ns for name in RUNS}
+    report = (out / "report" / "report.md").stat().st_mtime_ns
     capsys.readouterr()
     assert main(["sweep", str(path)]) == 0
-    assert "4 runs, 4 done before" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "4 runs, 4 done before" in printed and "report up to date" in printed
+    assert (out / "report" / "report.md").stat().st_mtime_ns == report
     (out / "runs" / RUNS[1] / "eval_ensemble" / "eval.json").unlink()
     assert main(["sweep", str(path)]) == 0
     printed = capsys.readouterr().out
     assert "4 runs, 3 done before" in printed and f"{RUNS[1]}: evaluated" in printed
+    assert "report up to date" not in printed and (out / "report" / "report.md").stat().st_mtime_ns > report
     assert checkpoints == {name: (out / "runs" / name / "last.pt").stat().st_mtime_ns for name in RUNS}
 
 
@@ -160,6 +176,8 @@ def test_a_slurm_job_stopped_by_its_time_limit_is_requeued_with_the_same_run():
     ({"report": {"metrics": ["auroc", "speed"]}}, "report metric 'speed'"),
     ({"slurm": {"partitions": "gpu"}}, "unknown slurm key"),
     ({"retries": -1}, "retries"),
+    ({"nproc": 0}, "nproc must be an integer of at least 1"),
+    ({"nproc": 2, "slurm": {"gpus_per_job": 1}}, "gpus_per_job is 1 but nproc is 2"),
     ({"base": "missing.yaml"}, "not found"),
 ])
 def test_bad_experiment_files_are_one_line_errors_and_start_nothing(changes, words, tmp_path, capsys):
@@ -174,3 +192,96 @@ def test_shipped_experiment_files_are_valid():
     for path in sorted((ROOT / "configs" / "experiments").glob("*.yaml")):
         experiment = load_experiment(path)
         assert experiment.runs, path
+
+
+def final_weights(out: Path, names: list[str]) -> dict[str, list]:
+    from hrp_ood.checkpoint import load_checkpoint
+
+    return {name: load_checkpoint(out / "runs" / name / "last.pt")["nets"] for name in names}
+
+
+def test_a_sweep_killed_mid_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
+    """The whole sweep (its workers too) is killed with SIGKILL once a run has saved its first epoch; running the
+    command again gives every run the final weights of the same grid swept without a stop. (co-teaching: two
+    networks and its own sample selection, at a third of HRP's epoch time after the warm-up.)"""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    grid = {"noise": ["sym20", "sym50"], "method": ["ce", "coteach"], "seed": [0]}
+    names = list(load_experiment(write_experiment(tmp_path, grid=grid)).runs)
+    experiments = {}
+    for folder in ("reference", "killed"):
+        (tmp_path / folder).mkdir()
+        experiments[folder] = write_experiment(tmp_path / folder, grid=grid, config={**TINY_CONFIG, "epochs": 2},
+                                               report={"plots": False})
+    assert main(["sweep", str(experiments["reference"]), "--jobs", "2"]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    sweep = subprocess.Popen([sys.executable, "-m", "hrp_ood", "sweep", str(experiments["killed"]), "--jobs", "2"],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    metrics = [tmp_path / "killed" / "out" / "runs" / name / "metrics.csv" for name in names]
+    try:
+        deadline = time.monotonic() + 120
+        # the header and epoch 1 (written after its last.pt): that run is in its second epoch
+        while not any(path.is_file() and path.read_text().count("\n") == 2 for path in metrics):
+            assert sweep.poll() is None and time.monotonic() < deadline, "the sweep ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        os.killpg(sweep.pid, signal.SIGKILL)
+        sweep.wait()
+    assert main(["sweep", str(experiments["killed"]), "--jobs", "2"]) == 0
+    logs = [(tmp_path / "killed" / "out" / "sweep" / f"{name}.log").read_text() for name in names]
+    assert any("resumed" in log for log in logs)
+    expected = final_weights(tmp_path / "reference" / "out", names)
+    got = final_weights(tmp_path / "killed" / "out", names)
+    for name in names:
+        for net_expected, net_got in zip(expected[name], got[name], strict=True):
+            assert net_expected.keys() == net_got.keys()
+            assert all(torch.equal(net_expected[key], net_got[key]) for key in net_expected), name
+
+
+def test_a_run_trains_data_parallel_in_nproc_processes_then_is_evaluated_once(tmp_path):
+    from hrp_ood.checkpoint import load_checkpoint
+    from hrp_ood.sweep import run_job
+
+    path = write_experiment(tmp_path, grid={"noise": ["sym50"], "method": ["ce"], "seed": [0]}, nproc=2)
+    assert run_job(str(path), str(tmp_path / "out"), "noise-sym50__method-ce__seed-0") == (
+        "noise-sym50__method-ce__seed-0: trained and evaluated", None)
+    run = tmp_path / "out" / "runs" / "noise-sym50__method-ce__seed-0"
+    assert load_checkpoint(run / "last.pt")["world_size"] == 2
+    assert (run / "metrics.csv").read_text().count("\n") == 2  # one writer: the header and epoch 1
+    assert (run / "eval_ensemble" / "eval.json").is_file()
+
+
+def test_a_slurm_job_of_a_data_parallel_run_has_one_task_per_process(tmp_path, monkeypatch):
+    import submitit
+
+    from hrp_ood.sweep import run_submitit
+
+    asked = {}
+
+    class Job:
+        job_id = "7_0"
+
+        def result(self):
+            return "done", None
+
+    class Executor:
+        def __init__(self, folder, cluster):
+            pass
+
+        def update_parameters(self, **parameters):
+            asked.update(parameters)
+
+        def map_array(self, function, *columns):
+            asked["columns"] = columns
+            return [Job() for _ in columns[0]]
+
+    monkeypatch.setattr(submitit, "AutoExecutor", Executor)
+    experiment = load_experiment(write_experiment(tmp_path, nproc=2, slurm={"gpus_per_job": 2}))
+    assert experiment.nproc == 2 and load_experiment(experiment.path, nproc=1).nproc == 1  # --nproc wins
+    assert run_submitit(experiment, list(experiment.runs)) == {}
+    assert asked["tasks_per_node"] == 2 and asked["gpus_per_node"] == 2
+    assert list(asked["columns"][2]) == RUNS and list(asked["columns"][3]) == [2] * len(RUNS)

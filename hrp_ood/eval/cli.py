@@ -8,21 +8,22 @@ import logging
 import platform
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from hrp_ood.checkpoint import read_checkpoint
 from hrp_ood.config import TrainConfig
-from hrp_ood.data import load_dataset
+from hrp_ood.data.datasets import load_dataset_lazily
 from hrp_ood.data.bundle import DataBundle
 from hrp_ood.data.noise import load_noise
+from hrp_ood.data.sources import ImageSource
 from hrp_ood.errors import UserError
 from hrp_ood.eval.benchmarks import BENCHMARKS, Benchmark, check_checkpoint_fits, get_benchmark, load_benchmark_id_data
 from hrp_ood.eval.evaluate import run_evaluation, write_eval_outputs
 from hrp_ood.eval.network import NET_CHOICES, checkpoint_config, network_from_state
-from hrp_ood.eval.ood_data import FAR_OOD_SETS, NEAR_OOD_SETS, load_ood_images
+from hrp_ood.eval.ood_data import FAR_OOD_SETS, NEAR_OOD_SETS, ood_source
 from hrp_ood.eval.validation import ValidationImages, find_validation, load_validation, require_tuning_split
 from hrp_ood.io import check_output_folder
 from hrp_ood.postprocessors import create_postprocessor, list_postprocessors
@@ -110,11 +111,12 @@ def _ood_names(value: str, ood_dirs: dict[str, Path], benchmark: Benchmark | Non
 
 
 def load_ood_sets(names: list[str], data_root: Path, *, id_dataset: str, image_size: int, ood_dirs: dict[str, Path],
-                  skip_missing: bool, skip_corrupt: bool, benchmark: Benchmark | None = None) -> dict[str, torch.Tensor]:
+                  skip_missing: bool, skip_corrupt: bool, benchmark: Benchmark | None = None) -> dict[str, ImageSource]:
+    """The OOD sets found on disk, not decoded yet (a warm feature cache decodes none of them)."""
     sets = {}
     for name in names:
         try:
-            sets[name] = load_ood_images(name, data_root, id_dataset=id_dataset, image_size=image_size,
+            sets[name] = ood_source(name, data_root, id_dataset=id_dataset, image_size=image_size,
                                          ood_dirs=ood_dirs, skip_corrupt=skip_corrupt, benchmark=benchmark)
         except UserError as err:
             if not skip_missing or name in ood_dirs:  # a folder given with --ood-dir is never skipped
@@ -153,6 +155,7 @@ class LoadedCheckpoint:
     bundle: DataBundle
     device: torch.device
     benchmark: Benchmark | None = None
+    remember_id_data: Callable[[], None] = lambda: None  # keeps the ID dataset's labels once evaluated (_id_data)
 
     @property
     def preprocessing(self) -> dict[str, Any]:
@@ -163,8 +166,15 @@ class LoadedCheckpoint:
                 "std": list(self.bundle.std)}
 
 
-def _load_id_dataset(state: dict[str, Any], cfg: TrainConfig, ckpt: Path, id_data_root: Path | None) -> DataBundle:
-    """The ID dataset named in the checkpoint, at the checkpoint's image size and with its saved mean/std.
+def default_cache_dir(ckpt: Path) -> Path:
+    return ckpt.parent / "cache"
+
+
+def _load_id_dataset(state: dict[str, Any], cfg: TrainConfig, ckpt: Path, id_data_root: Path | None,
+                     cache_dir: Path) -> tuple[DataBundle, Callable[[], None]]:
+    """The ID dataset named in the checkpoint, at the checkpoint's image size and with its saved mean/std, and
+    the call that remembers it in `cache_dir` (`load_dataset_lazily`: with the memo and the features cached, a
+    later evaluation decodes none of its images).
 
     The flags choose only where the files are (`--id-data-root`); what they must be, and how they are
     normalised, is what the network was trained on.
@@ -172,7 +182,7 @@ def _load_id_dataset(state: dict[str, Any], cfg: TrainConfig, ckpt: Path, id_dat
     saved = state["dataset"]
     root = id_data_root or cfg.data_root
     try:
-        bundle = load_dataset(cfg.dataset, root, image_size=saved["image_size"])
+        bundle, remember = load_dataset_lazily(cfg.dataset, root, image_size=saved["image_size"], memo_dir=cache_dir)
     except UserError as err:
         raise UserError(f"cannot load the ID dataset of {ckpt}, which was trained on {cfg.dataset}: {err}; "
                         f"or point --id-data-root at the {cfg.dataset} files") from None
@@ -180,7 +190,7 @@ def _load_id_dataset(state: dict[str, Any], cfg: TrainConfig, ckpt: Path, id_dat
         raise UserError(f"{ckpt} was trained on {cfg.dataset} with {len(saved['classes'])} classes, but the "
                         f"{cfg.dataset} files at {root} hold {len(bundle.classes)} different ones; point "
                         "--id-data-root at the dataset the checkpoint was trained on")
-    return dataclasses.replace(bundle, mean=tuple(saved["mean"]), std=tuple(saved["std"]))
+    return dataclasses.replace(bundle, mean=tuple(saved["mean"]), std=tuple(saved["std"])), remember
 
 
 def _load_model(ckpt: Path, net: str,
@@ -195,12 +205,14 @@ def _load_model(ckpt: Path, net: str,
 
 
 def _id_data(ckpt: Path, state: dict[str, Any], cfg: TrainConfig, id_data_root: Path | None,
-             benchmark: Benchmark | None, data_root: Path, skip_corrupt: bool) -> DataBundle:
+             benchmark: Benchmark | None, data_root: Path, skip_corrupt: bool,
+             cache_dir: Path) -> tuple[DataBundle, Callable[[], None]]:
     if benchmark is None:
-        return _load_id_dataset(state, cfg, ckpt, id_data_root)
+        return _load_id_dataset(state, cfg, ckpt, id_data_root, cache_dir)
     check_checkpoint_fits(benchmark, state["dataset"]["classes"], state["dataset"]["image_size"], ckpt)
     _warn_other_normalisation(benchmark, state["dataset"])
-    return load_benchmark_id_data(benchmark, data_root, state["dataset"]["classes"], skip_corrupt=skip_corrupt)
+    bundle = load_benchmark_id_data(benchmark, data_root, state["dataset"]["classes"], skip_corrupt=skip_corrupt)
+    return bundle, lambda: None
 
 
 def _warn_other_normalisation(benchmark: Benchmark, saved: dict[str, Any]) -> None:
@@ -217,18 +229,20 @@ def _rounded(values: Any) -> list[float]:
 
 def load_checkpoint_for_evaluation(ckpt: Path, net: str = "ensemble", device: str = "auto",
                                    id_data_root: Path | None = None, *, benchmark: Benchmark | None = None,
-                                   data_root: Path = Path("./data"), skip_corrupt: bool = False) -> LoadedCheckpoint:
+                                   data_root: Path = Path("./data"), skip_corrupt: bool = False,
+                                   cache_dir: Path | None = None) -> LoadedCheckpoint:
     """Checkpoint → network on the device + its ID data (the checkpoint's dataset, or `benchmark`'s lists under
-    `data_root`); every failure is a UserError."""
+    `data_root`); every failure is a UserError. `cache_dir` is the feature cache (default beside `ckpt`)."""
     model, state, sha256, cfg, torch_device = _load_model(ckpt, net, device)
-    bundle = _id_data(ckpt, state, cfg, id_data_root, benchmark, data_root, skip_corrupt)
-    return LoadedCheckpoint(ckpt, model, state, sha256, cfg, bundle, torch_device, benchmark)
+    bundle, remember = _id_data(ckpt, state, cfg, id_data_root, benchmark, data_root, skip_corrupt,
+                                cache_dir or default_cache_dir(ckpt))
+    return LoadedCheckpoint(ckpt, model, state, sha256, cfg, bundle, torch_device, benchmark, remember)
 
 
-def evaluate_loaded(loaded: LoadedCheckpoint, ood_images: dict[str, torch.Tensor], postprocessors: list[str], *,
-                    net: str = "ensemble", out_dir: Path | None = None, cache_dir: Path | None = None,
-                    fit_labels: str = "clean", batch_size: int = 256, progress: bool = False,
-                    backend: str = "ours", validation: ValidationImages | None = None,
+def evaluate_loaded(loaded: LoadedCheckpoint, ood_images: dict[str, torch.Tensor | ImageSource],
+                    postprocessors: list[str], *, net: str = "ensemble", out_dir: Path | None = None,
+                    cache_dir: Path | None = None, fit_labels: str = "clean", batch_size: int = 256,
+                    progress: bool = False, backend: str = "ours", validation: ValidationImages | None = None,
                     tune: bool = False) -> dict[str, Any]:
     """Score a loaded checkpoint against already-loaded OOD images; write and return eval.json's content."""
     ckpt, cfg, device, sha = loaded.path, loaded.cfg, loaded.device, loaded.sha256
@@ -243,7 +257,7 @@ def evaluate_loaded(loaded: LoadedCheckpoint, ood_images: dict[str, torch.Tensor
                                        dataset=loaded.benchmark.name if loaded.benchmark else cfg.dataset)
     else:
         result = run_evaluation(
-            loaded.model, loaded.bundle, ood_images, postprocessors, cache_dir=cache_dir or ckpt.parent / "cache",
+            loaded.model, loaded.bundle, ood_images, postprocessors, cache_dir=cache_dir or default_cache_dir(ckpt),
             cache_key=f"{sha[:16]}-net{net}", fit_labels=fit_labels,
             noisy_train_labels=_noisy_train_labels(ckpt) if fit_labels == "noisy" else None,
             device=device, batch_size=batch_size, amp=device.type == "cuda", progress=progress,
@@ -257,6 +271,7 @@ def evaluate_loaded(loaded: LoadedCheckpoint, ood_images: dict[str, torch.Tensor
             "preprocessing": loaded.preprocessing, **result.settings}
     out_dir = out_dir or ckpt.parent / f"eval_{net}"
     report = write_eval_outputs(result, out_dir, meta)
+    loaded.remember_id_data()
     log.info("wrote %s", out_dir / "eval.json")
     return report
 
@@ -283,7 +298,7 @@ def evaluate_checkpoint(ckpt: Path, ood_images: dict[str, torch.Tensor], postpro
                         id_data_root: Path | None = None, fit_labels: str = "clean", device: str = "auto",
                         batch_size: int = 256, progress: bool = False) -> dict[str, Any]:
     """Evaluate one checkpoint against already-loaded OOD images; write and return eval.json's content."""
-    loaded = load_checkpoint_for_evaluation(ckpt, net, device, id_data_root)
+    loaded = load_checkpoint_for_evaluation(ckpt, net, device, id_data_root, cache_dir=cache_dir)
     return evaluate_loaded(loaded, ood_images, postprocessors, net=net, out_dir=out_dir, cache_dir=cache_dir,
                            fit_labels=fit_labels, batch_size=batch_size, progress=progress)
 
@@ -297,7 +312,8 @@ def evaluate_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     check_output_folder(args.out or args.ckpt.parent / f"eval_{args.net}", "--out")
-    check_output_folder(args.cache_dir or args.ckpt.parent / "cache", "--cache-dir")
+    cache_dir = args.cache_dir or default_cache_dir(args.ckpt)
+    check_output_folder(cache_dir, "--cache-dir")
     if args.backend == "openood":  # refused before anything is loaded
         check_openood_backend(postprocessors, _device_type(args.device),
                               dataset=benchmark.name if benchmark else None)
@@ -309,8 +325,9 @@ def evaluate_from_args(args: argparse.Namespace) -> dict[str, Any]:
         require_tuning_split(found, args.data_root, list_benchmark)
     if args.backend == "openood" and benchmark is None:
         check_openood_backend(postprocessors, device.type, dataset=cfg.dataset)
-    bundle = _id_data(args.ckpt, state, cfg, args.id_data_root, benchmark, args.data_root, args.skip_corrupt)
-    loaded = LoadedCheckpoint(args.ckpt, model, state, sha256, cfg, bundle, device, benchmark)
+    bundle, remember = _id_data(args.ckpt, state, cfg, args.id_data_root, benchmark, args.data_root,
+                                args.skip_corrupt, cache_dir)
+    loaded = LoadedCheckpoint(args.ckpt, model, state, sha256, cfg, bundle, device, benchmark, remember)
     pre_size = benchmark.pre_size if benchmark else None
     ood = load_ood_sets(names, args.data_root, id_dataset=cfg.dataset, image_size=bundle.image_size,
                         ood_dirs=ood_dirs, skip_missing=args.skip_missing, skip_corrupt=args.skip_corrupt,
@@ -318,7 +335,7 @@ def evaluate_from_args(args: argparse.Namespace) -> dict[str, Any]:
     needs_validation = args.tune or any(create_postprocessor(name).fit_split == "val" for name in postprocessors)
     validation = (load_validation(found, bundle.image_size, pre_size, skip_corrupt=args.skip_corrupt)
                   if needs_validation else None)
-    return evaluate_loaded(loaded, ood, postprocessors, net=args.net, out_dir=args.out, cache_dir=args.cache_dir,
+    return evaluate_loaded(loaded, ood, postprocessors, net=args.net, out_dir=args.out, cache_dir=cache_dir,
                            fit_labels=args.fit_labels, batch_size=args.batch_size, backend=args.backend,
                            progress=sys.stderr.isatty() if args.progress is None else args.progress,
                            validation=validation, tune=args.tune)

@@ -34,8 +34,9 @@ import torch
 from torch import nn
 
 from hrp_ood.data import DataBundle
+from hrp_ood.data.sources import ImageSource, pixels, select
 from hrp_ood.errors import UserError
-from hrp_ood.eval.features import batches, cached_features, channel_stats, normalise_batch
+from hrp_ood.eval.features import batches, cached_features, channel_stats, decode_unless_cached, normalise_batch
 from hrp_ood.eval.featureset import FeatureSet
 from hrp_ood.eval.metrics import accuracy, ood_metrics
 from hrp_ood.eval.tuning import SELECTION_RULE, SearchResult, search_openood
@@ -64,7 +65,7 @@ class EvalResult:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-def run_evaluation(net: nn.Module, id_bundle: DataBundle, ood_images: dict[str, torch.Tensor],
+def run_evaluation(net: nn.Module, id_bundle: DataBundle, ood_images: dict[str, torch.Tensor | ImageSource],
                    postprocessors: list[str], *, cache_dir: str | Path, cache_key: str, fit_labels: str = "clean",
                    noisy_train_labels: np.ndarray | None = None, device: str | torch.device = "cpu",
                    batch_size: int = 256, amp: bool = False, progress: bool = False,
@@ -90,6 +91,9 @@ def run_evaluation(net: nn.Module, id_bundle: DataBundle, ood_images: dict[str, 
     mean, std = id_bundle.mean, id_bundle.std
     prefix = f"{cache_key}-{id_bundle.name}-{_transform_tag(id_bundle)}"
     score = SetScorer(net, mean, std, device, batch_size)
+    ood_keys = {name: f"{prefix}-ood-{name}" for name in ood_images}
+    for name, images in ood_images.items():  # an unreadable OOD image fails before the first pass
+        decode_unless_cached(images, cache_dir=cache_dir, key=ood_keys[name])
 
     val = _validation_features(net, validation, mean, std, prefix, extract)
     fit_sets = {"id_val": val["id"][1]} if "id" in val else {}
@@ -118,7 +122,7 @@ def run_evaluation(net: nn.Module, id_bundle: DataBundle, ood_images: dict[str, 
 
     id_test = cached_features(net, id_bundle.test_images, mean, std, key=f"{prefix}-test",
                               labels=id_bundle.test_labels, **extract)
-    ood = {name: cached_features(net, images, mean, std, key=f"{prefix}-ood-{name}", **extract)
+    ood = {name: cached_features(net, images, mean, std, key=ood_keys[name], **extract)
            for name, images in ood_images.items()}
     datasets = {"id": (id_bundle.test_images, id_test), **{n: (ood_images[n], ood[n]) for n in ood_images}}
     scores = {f"{method.name}/{set_name}": score(method, images, features)
@@ -139,9 +143,9 @@ class SetScorer:
     device: torch.device
     batch_size: int
 
-    def __call__(self, method: Postprocessor, images: torch.Tensor, features: FeatureSet) -> np.ndarray:
+    def __call__(self, method: Postprocessor, images: torch.Tensor | ImageSource, features: FeatureSet) -> np.ndarray:
         if method.needs_network:
-            return network_scores(method, self.net, images, self.mean, self.std, device=self.device,
+            return network_scores(method, self.net, pixels(images), self.mean, self.std, device=self.device,
                                   batch_size=self.batch_size)
         return np.asarray(method.score(features), dtype=np.float64)
 
@@ -201,7 +205,7 @@ def _transform_tag(bundle: DataBundle) -> str:
 def _fit_features(net: nn.Module, bundle: DataBundle, fit_labels: str, noisy_train_labels: np.ndarray | None,
                   fit_subset: int | None, prefix: str, extract: dict[str, Any]) -> FeatureSet:
     """ID-train features with the labels chosen by `fit_labels`, on the optional fixed-seed subset."""
-    n_train = len(bundle.train_images)
+    n_train = len(bundle.train_labels)
     labels = _fit_label_source(fit_labels, noisy_train_labels, bundle.train_labels, n_train)
     images, key = bundle.train_images, f"{prefix}-train"
     if fit_subset is not None:
@@ -209,7 +213,8 @@ def _fit_features(net: nn.Module, bundle: DataBundle, fit_labels: str, noisy_tra
             raise UserError(f"fit_subset must be a positive number of images, got {fit_subset}")
         if fit_subset < n_train:
             picked = np.sort(np.random.default_rng(FIT_SUBSET_SEED).choice(n_train, fit_subset, replace=False))
-            images, key = images[torch.from_numpy(picked)], f"{key}-subset{fit_subset}"
+            key = f"{key}-subset{fit_subset}"
+            images = select(images, torch.from_numpy(picked), key)
             labels = labels[picked] if labels is not None else None
     train = cached_features(net, images, bundle.mean, bundle.std, key=key, **extract)
     train.labels = train.logits.argmax(axis=1).astype(np.int64) if labels is None else labels

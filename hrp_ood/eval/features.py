@@ -11,6 +11,7 @@ import logging
 import re
 import zipfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hrp_ood.data.sources import ImageSource, pixels
 from hrp_ood.errors import UserError
 from hrp_ood.eval.featureset import FeatureSet
 from hrp_ood.io import atomic_write
@@ -75,29 +77,58 @@ def extract_features(net: nn.Module, images_uint8: torch.Tensor, mean: Sequence[
     return FeatureSet(logits=torch.cat(logits).numpy(), features=torch.cat(features).numpy())
 
 
-def cached_features(net: nn.Module, images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float], *,
-                    cache_dir: str | Path, key: str, labels: np.ndarray | None = None, **kw) -> FeatureSet:
+def cached_features(net: nn.Module, images_uint8: torch.Tensor | ImageSource, mean: Sequence[float],
+                    std: Sequence[float], *, cache_dir: str | Path, key: str, labels: np.ndarray | None = None,
+                    **kw) -> FeatureSet:
     """`extract_features`, memoised in `<cache_dir>/<key>.npz`.
 
     `key` must identify everything the features depend on (checkpoint hash, net choice, dataset, transform);
-    the file also records a fingerprint of every image, and a mismatch (or an unreadable file) recomputes. The
-    file is written atomically and read with `allow_pickle=False`. `kw` go to `extract_features`; `labels` are
-    attached to the result, not cached.
+    the file also records a fingerprint of every image, and a mismatch (or an unreadable file) recomputes. An
+    `ImageSource` whose stamp the file recorded is not decoded at all (`hrp_ood.data.sources`); another stamp
+    is checked against the decoded pixels and then recorded. The file is written atomically and read with
+    `allow_pickle=False`. `kw` go to `extract_features`; `labels` are attached to the result, not cached.
     """
-    path = Path(cache_dir) / f"{_safe_key(key)}.npz"
-    fingerprint = images_fingerprint(images_uint8)
-    cached = _read_cache(path, fingerprint)
-    if cached is None:
-        cached = extract_features(net, images_uint8, mean, std, **kw)
-        _write_cache(path, cached, fingerprint)
-        log.info("cached features %s (%d samples)", path, len(cached))
+    path = _cache_path(cache_dir, key)
+    stamp = images_uint8.stamp if isinstance(images_uint8, ImageSource) else ""
+    cached = _read_cache(path)
+    if cached is not None and stamp and cached.stamp == stamp:
+        log.info("features from cache %s (files unchanged: nothing decoded)", path)
+        features = cached.features
     else:
-        log.info("features from cache %s", path)
+        features = _checked_features(net, pixels(images_uint8), mean, std, path, cached, stamp, **kw)
     if labels is not None:
         labels = np.asarray(labels, dtype=np.int64)
-        if len(labels) != len(cached):
-            raise ValueError(f"{len(labels)} labels for {len(cached)} images")
-    return FeatureSet(logits=cached.logits, features=cached.features, labels=labels)
+        if len(labels) != len(features):
+            raise ValueError(f"{len(labels)} labels for {len(features)} images")
+    return FeatureSet(logits=features.logits, features=features.features, labels=labels)
+
+
+def _checked_features(net: nn.Module, images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                      path: Path, cached: _CacheFile | None, stamp: str, **kw) -> FeatureSet:
+    """The cached features when they were made from these pixels, else a new pass; either way the file then
+    records the pixels' fingerprint and `stamp`."""
+    fingerprint = images_fingerprint(images_uint8)
+    if cached is not None and cached.fingerprint == fingerprint:
+        log.info("features from cache %s", path)
+        features = cached.features
+        if cached.stamp == stamp or not stamp:
+            return features
+    else:
+        if cached is not None:
+            log.warning("feature cache %s was made from other images; recomputing", path)
+        features = extract_features(net, images_uint8, mean, std, **kw)
+        log.info("cached features %s (%d samples)", path, len(features))
+    _write_cache(path, features, fingerprint, stamp)
+    return features
+
+
+def decode_unless_cached(images: torch.Tensor | ImageSource, *, cache_dir: str | Path, key: str) -> None:
+    """Decode a source now unless `cached_features(..., key=key)` will find it by its stamp: an unreadable
+    image then fails before the first pass and before anything is written."""
+    if isinstance(images, ImageSource):
+        cached = _read_cache(_cache_path(cache_dir, key))
+        if cached is None or cached.stamp != images.stamp:
+            images.images  # noqa: B018 (decodes)
 
 
 def images_fingerprint(images_uint8: torch.Tensor) -> str:
@@ -108,6 +139,10 @@ def images_fingerprint(images_uint8: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
+def _cache_path(cache_dir: str | Path, key: str) -> Path:
+    return Path(cache_dir) / f"{_safe_key(key)}.npz"
+
+
 def _safe_key(key: str) -> str:
     """`key` as a file name: odd characters become '_'; a long key is shortened with its hash."""
     safe = _SAFE_KEY.sub("_", key)
@@ -116,20 +151,29 @@ def _safe_key(key: str) -> str:
     return safe
 
 
-def _read_cache(path: Path, fingerprint: str) -> FeatureSet | None:
+@dataclass
+class _CacheFile:
+    features: FeatureSet
+    fingerprint: str
+    stamp: str  # "" when the images were given as a tensor
+
+
+def _read_cache(path: Path) -> _CacheFile | None:
     if not path.exists():
         return None
     try:
         with np.load(path, allow_pickle=False) as data:
-            if int(data["format"]) != CACHE_FORMAT or str(data["fingerprint"]) != fingerprint:
-                log.warning("feature cache %s was made from other images; recomputing", path)
+            if int(data["format"]) != CACHE_FORMAT:
                 return None
-            return FeatureSet(logits=data["logits"], features=data["features"])
+            stamp = str(data["stamp"]) if "stamp" in data.files else ""
+            return _CacheFile(FeatureSet(logits=data["logits"], features=data["features"]), str(data["fingerprint"]),
+                              stamp)
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
         log.warning("feature cache %s is unreadable (%s); recomputing", path, err)
         return None
 
 
-def _write_cache(path: Path, features: FeatureSet, fingerprint: str) -> None:
+def _write_cache(path: Path, features: FeatureSet, fingerprint: str, stamp: str) -> None:
     atomic_write(path, lambda f: np.savez(f, logits=features.logits, features=features.features,
-                                          fingerprint=np.array(fingerprint), format=np.array(CACHE_FORMAT)))
+                                          fingerprint=np.array(fingerprint), stamp=np.array(stamp),
+                                          format=np.array(CACHE_FORMAT)))

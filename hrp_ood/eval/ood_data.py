@@ -25,7 +25,7 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from hrp_ood.data.image_modes import rgb_image
+from hrp_ood.data.sources import ImageSource, files_under
 from hrp_ood.errors import UserError, shown
 from hrp_ood.io import read_text_file
 
@@ -70,10 +71,27 @@ _UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 Loader = Callable[[], torch.Tensor]
 
 
+class Candidate(NamedTuple):
+    """A place that could hold an OOD set: `path` (exists when it does), how to decode the set from it, and the
+    files the set is then read from (their stat names the set without decoding it: `hrp_ood.data.sources`)."""
+
+    path: Path
+    load: Loader
+    files: Callable[[], list[Path]]
+
+
 def load_ood_images(name: str, data_root: str | Path, *, id_dataset: str, image_size: int = 32,
                     ood_dirs: dict[str, Path] | None = None, skip_corrupt: bool = False,
                     benchmark: Benchmark | None = None) -> torch.Tensor:
     """The OOD set `name` as uint8 images (N, 3, image_size, image_size), eval-transformed (module docstring)."""
+    return ood_source(name, data_root, id_dataset=id_dataset, image_size=image_size, ood_dirs=ood_dirs,
+                      skip_corrupt=skip_corrupt, benchmark=benchmark).images
+
+
+def ood_source(name: str, data_root: str | Path, *, id_dataset: str, image_size: int = 32,
+               ood_dirs: dict[str, Path] | None = None, skip_corrupt: bool = False,
+               benchmark: Benchmark | None = None) -> ImageSource:
+    """The OOD set `name`, found on disk but not decoded yet: `load_ood_images`'s set as an `ImageSource`."""
     if name == (benchmark.name if benchmark else id_dataset):
         raise UserError(f"OOD set {name!r} is the ID dataset itself; choose another set in --ood")
     data_root = Path(data_root)
@@ -81,15 +99,12 @@ def load_ood_images(name: str, data_root: str | Path, *, id_dataset: str, image_
         candidates = [_benchmark_candidate(benchmark, name, data_root, skip_corrupt)]
     else:
         candidates = _candidates(name, data_root, id_dataset, image_size, ood_dirs or {}, skip_corrupt)
-    for path, loader in candidates:
-        if path.exists():
-            images = loader()
-            if len(images) == 0:
-                raise UserError(f"OOD set {name!r} at {shown(path)} holds no images; point --data-root/--ood-dir "
-                                f"at the images or drop {name} from --ood")
-            log.info("OOD set %s: %d images from %s", name, len(images), path)
-            return images
-    looked = ", ".join(shown(path) for path, _ in candidates)
+    for candidate in candidates:
+        if candidate.path.exists():
+            recipe = (f"OOD set {name} from {candidate.path}: size {image_size}, benchmark "
+                      f"{benchmark.name if benchmark else None}, skip_corrupt {skip_corrupt}")
+            return ImageSource.from_files(recipe, candidate.files(), lambda: _decoded(name, candidate))
+    looked = ", ".join(shown(candidate.path) for candidate in candidates)
     openood_root = benchmark is None and (data_root / "benchmark_imglist").is_dir()
     raise UserError(f"OOD set {name!r} not found; looked for: {looked}; download it there, give "
                     f"--ood-dir {name}=PATH, or pass --skip-missing"
@@ -97,11 +112,24 @@ def load_ood_images(name: str, data_root: str | Path, *, id_dataset: str, image_
                        if openood_root else ""))
 
 
+def _decoded(name: str, candidate: Candidate) -> torch.Tensor:
+    images = candidate.load()
+    if len(images) == 0:
+        raise UserError(f"OOD set {name!r} at {shown(candidate.path)} holds no images; point --data-root/--ood-dir "
+                        f"at the images or drop {name} from --ood")
+    log.info("OOD set %s: %d images from %s", name, len(images), candidate.path)
+    return images
+
+
 def _candidates(name: str, data_root: Path, id_dataset: str, size: int, ood_dirs: dict[str, Path],
-                skip_corrupt: bool) -> list[tuple[Path, Loader]]:
-    """Every (path, loader) that could hold set `name`, in resolution order."""
-    def folder(path: Path) -> tuple[Path, Loader]:
-        return path, lambda: load_image_folder(path, size, skip_corrupt=skip_corrupt)
+                skip_corrupt: bool) -> list[Candidate]:
+    """Every candidate place of set `name`, in resolution order."""
+    def folder(path: Path) -> Candidate:
+        return Candidate(path, lambda: load_image_folder(path, size, skip_corrupt=skip_corrupt),
+                         lambda: folder_images(path))
+
+    def file(path: Path, load: Loader) -> Candidate:
+        return Candidate(path, load, lambda: files_under(path))
 
     if name in ood_dirs:  # given explicitly: the only place to look
         path = Path(ood_dirs[name])
@@ -112,28 +140,28 @@ def _candidates(name: str, data_root: Path, id_dataset: str, size: int, ood_dirs
         return [folder(path)]
     stem = OPENOOD_LIST_STEMS.get(name, name)
     image_list = data_root / "benchmark_imglist" / id_dataset / f"test_{stem}.txt"
-    found: list[tuple[Path, Loader]] = [
-        (image_list, lambda: load_image_list(image_list, data_root / "images_classic", size,
-                                             skip_corrupt=skip_corrupt)),
-    ]
+    images_root = data_root / "images_classic"
+    found = [Candidate(image_list, lambda: load_image_list(image_list, images_root, size, skip_corrupt=skip_corrupt),
+                       lambda: list_files(image_list, images_root))]
     if name == "svhn":
         mat = data_root / "svhn" / "test_32x32.mat"
-        found.append((mat, lambda: eval_transform_batch(read_svhn_mat(mat), size)))
+        found.append(file(mat, lambda: eval_transform_batch(read_svhn_mat(mat), size)))
     if name == "mnist":
         raw = data_root / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
         for idx in (raw, raw.with_name(raw.name + ".gz")):
-            found.append((idx, lambda idx=idx: eval_transform_batch(read_mnist_idx(idx), size)))
+            found.append(file(idx, lambda idx=idx: eval_transform_batch(read_mnist_idx(idx), size)))
     if name in CIFAR_FOLDERS:
-        found.append((data_root / CIFAR_FOLDERS[name], lambda: _cifar_test_images(name, data_root, size)))
+        found.append(file(data_root / CIFAR_FOLDERS[name], lambda: _cifar_test_images(name, data_root, size)))
     found += [folder(data_root / sub) for sub in (name, *FOLDER_ALIASES.get(name, ()))]
     return found
 
 
-def _benchmark_candidate(benchmark: Benchmark, name: str, data_root: Path, skip_corrupt: bool) -> tuple[Path, Loader]:
-    """(list file, loader) of OOD set `name` of an OpenOOD benchmark, with the benchmark's preprocessing."""
+def _benchmark_candidate(benchmark: Benchmark, name: str, data_root: Path, skip_corrupt: bool) -> Candidate:
+    """The list file of OOD set `name` of an OpenOOD benchmark, decoded with the benchmark's preprocessing."""
     list_file, images_root = benchmark.ood_list(name, data_root)
-    return list_file, lambda: load_image_list(list_file, images_root, benchmark.img_size, pre_size=benchmark.pre_size,
-                                              skip_corrupt=skip_corrupt)
+    return Candidate(list_file, lambda: load_image_list(list_file, images_root, benchmark.img_size,
+                                                        pre_size=benchmark.pre_size, skip_corrupt=skip_corrupt),
+                     lambda: list_files(list_file, images_root))
 
 
 # ---------------------------------------------------------------------------------------------- formats
@@ -175,6 +203,11 @@ def _cifar_test_images(name: str, data_root: Path, size: int) -> torch.Tensor:
     from hrp_ood.data import load_dataset
 
     return eval_transform_batch(load_dataset(name, data_root).test_images, size)
+
+
+def list_files(list_file: Path, images_root: Path) -> list[Path]:
+    """An OpenOOD list and the images it lists: the files its set is read from."""
+    return [list_file, *(path for path, _ in _list_entries(list_file, images_root))]
 
 
 def load_image_list(list_file: Path, images_root: Path, size: int, *, pre_size: int | None = None,
@@ -228,11 +261,15 @@ def _inside(root: Path, relative: str, list_file: Path) -> Path:
     return Path(joined)
 
 
+def folder_images(folder: Path) -> list[Path]:
+    """Every image file under `folder`, recursive, sorted by path."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
 def load_image_folder(folder: Path, size: int, *, pre_size: int | None = None,
                       skip_corrupt: bool = False) -> torch.Tensor:
     """Every image file under `folder` (recursive, sorted by path), eval-transformed."""
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    return decode_images(paths, size, pre_size=pre_size, skip_corrupt=skip_corrupt)
+    return decode_images(folder_images(folder), size, pre_size=pre_size, skip_corrupt=skip_corrupt)
 
 
 # ---------------------------------------------------------------------------------------------- transform

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from hrp_ood.data import DataBundle
+from hrp_ood.data.sources import ImageSource, pixels
 from hrp_ood.eval.evaluate import MEAN_ROW, METRIC_KEYS, EvalResult
 from hrp_ood.eval.features import channel_stats, normalise_batch
 from hrp_ood.eval.metrics import accuracy, ood_metrics
@@ -61,7 +62,7 @@ def openood_inference(postprocessor: Any, net: nn.Module, loader: Iterable) -> t
     return (torch.cat(preds).numpy().astype(int), torch.cat(confs).numpy(), torch.cat(labels).numpy().astype(int))
 
 
-def evaluate_with_openood(net: nn.Module, bundle: DataBundle, ood_images: dict[str, torch.Tensor],
+def evaluate_with_openood(net: nn.Module, bundle: DataBundle, ood_images: dict[str, torch.Tensor | ImageSource],
                           postprocessors: list[str], *, device: torch.device, batch_size: int = 256,
                           validation: ValidationImages | None = None, tune: bool = False,
                           dataset: str | None = None) -> EvalResult:
@@ -69,8 +70,10 @@ def evaluate_with_openood(net: nn.Module, bundle: DataBundle, ood_images: dict[s
     if tune:
         require_both_parts(validation)
 
-    def loader(images: torch.Tensor | None, labels: np.ndarray | None = None) -> OpenOODLoader | None:
-        return None if images is None else OpenOODLoader(images, labels, bundle.mean, bundle.std, batch_size, device)
+    def loader(images: torch.Tensor | ImageSource | None, labels: np.ndarray | None = None) -> OpenOODLoader | None:
+        if images is None:
+            return None
+        return OpenOODLoader(pixels(images), labels, bundle.mean, bundle.std, batch_size, device)
 
     id_test, id_train = loader(bundle.test_images, bundle.test_labels), loader(bundle.train_images, bundle.train_labels)
     val_id = loader(validation.id_images) if validation is not None else None

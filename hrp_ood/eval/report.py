@@ -342,7 +342,7 @@ def _ordered_rows(index: pd.Index, row_keys: list[str], summary: pd.DataFrame) -
 def _block_of(row: tuple[str, ...], row_keys: list[str]) -> tuple[Any, ...]:
     """Rows of one block share their context keys and whether they are ID-accuracy rows."""
     context = tuple(v for k, v in zip(row_keys, row) if k in CONTEXT_KEYS)
-    return (*context, row[row_keys.index("postprocessor")] == ID_ACC_ROW)
+    return (*context, dict(zip(row_keys, row)).get("postprocessor") == ID_ACC_ROW)
 
 
 # --------------------------------------------------------------------------- rendering
