@@ -285,3 +285,51 @@ def test_a_slurm_job_of_a_data_parallel_run_has_one_task_per_process(tmp_path, m
     assert run_submitit(experiment, list(experiment.runs)) == {}
     assert asked["tasks_per_node"] == 2 and asked["gpus_per_node"] == 2
     assert list(asked["columns"][2]) == RUNS and list(asked["columns"][3]) == [2] * len(RUNS)
+
+
+def _child_pids(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the job's task process through /proc")
+def test_a_submitit_job_signalled_before_its_time_limit_is_requeued_and_resumes_from_its_last_checkpoint(tmp_path):
+    """End to end through submitit's LocalExecutor: the signal a Slurm job receives before its time limit or a
+    pre-emption (USR2) arrives while the run trains; submitit calls SweepJob.checkpoint and requeues the job, and the
+    new attempt resumes the run from last.pt (not from epoch 0) and brings it to trained and evaluated."""
+    import os
+    import signal
+    import time
+
+    import submitit
+
+    from hrp_ood.checkpoint import load_checkpoint
+    from hrp_ood.sweep import SweepJob
+
+    epochs = 8
+    path = write_experiment(tmp_path, config={**TINY_CONFIG, "method": "ce", "epochs": epochs, "batch_size": 128},
+                            grid={"noise": ["sym50"], "seed": [0]})
+    experiment = load_experiment(path)
+    name = "noise-sym50__seed-0"
+    executor = submitit.LocalExecutor(folder=tmp_path / "submitit")
+    executor.update_parameters(timeout_min=10)
+    job = executor.submit(SweepJob(), str(path), str(experiment.out), name, 1)
+    last, deadline = experiment.run_dir(name) / "last.pt", time.monotonic() + 300
+    while not last.is_file():  # the task is in the training loop once it has written a checkpoint
+        assert time.monotonic() < deadline and not job.done(), "the job never wrote a checkpoint"
+        time.sleep(0.1)
+    (task,) = _child_pids(int(job.job_id))  # the local job's controller runs one task process
+    os.kill(task, signal.SIGUSR2)
+    assert job.result()[1] is None
+    assert "Requeued" in job.stdout()
+    assert load_checkpoint(last)["epoch"] == epochs and experiment.eval_json(name).is_file()
+    log = experiment.sweep_file(name, ".log").read_text()
+    assert sum(f"epoch 1/{epochs} " in line for line in log.splitlines()) == 1, "the second attempt restarted"
+    assert sum(f"epoch {epochs}/{epochs} " in line for line in log.splitlines()) == 1
