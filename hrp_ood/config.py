@@ -93,6 +93,8 @@ class TrainConfig:
     # method/reliability.py:ReliabilityMemory
     reliability_momentum: float = 0.0
     independent_views: bool = False  # each network draws its own weak/strong augmentation of the batch
+    # L_CE (Eq. 13) gives every target class of S the same total weight (method/targets.py:reweighted_ce)
+    balanced_s: bool = False
     kappa: float = 4.0
     t_min: float = 0.1
     t_max: float = 3.0

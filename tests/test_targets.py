@@ -166,3 +166,21 @@ def test_prior_penalty_stays_finite_when_a_class_underflows():
     expected = (torch.full((3,), 1 / 3, dtype=torch.float64) * (torch.log(torch.tensor(1 / 3, dtype=torch.float64))
                 - torch.logsumexp(logits.double().log_softmax(1), 0) + math.log(2))).sum()
     assert penalty.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_balanced_s_gives_every_target_class_of_s_the_same_total_weight():
+    """Brute force: with γ = 0 and balanced S, L_CE = (1/|S|) Σ_i∈S |S| / (K n_ci) H_i, i.e. the mean over the
+    K classes present of each class's mean CE; rows outside S count for nothing."""
+    from hrp_ood.method.targets import reweighted_ce, soft_cross_entropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(9, 3, dtype=torch.float64)
+    classes = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 2])
+    targets = torch.nn.functional.one_hot(classes, 3).to(torch.float64)
+    high_conf = torch.tensor([True, True, True, True, True, False, False, False, True])
+    ce = soft_cross_entropy(logits, targets)
+    per_class = [ce[(classes == k) & high_conf].mean() for k in range(3)]  # S holds 4 of class 0, 1 of 1, 1 of 2
+    expected = sum(per_class) / 3
+    T = torch.ones(9, dtype=torch.float64)
+    assert torch.allclose(reweighted_ce(logits, targets, T, high_conf, gamma=0.0, balanced=True), expected)
+    assert not torch.allclose(reweighted_ce(logits, targets, T, high_conf, gamma=0.0), expected)

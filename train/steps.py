@@ -207,7 +207,7 @@ def _hrp_member_loss(ctx: StepContext, member: Member, own: dict[str, torch.Tens
     targets, high_conf = refine_targets(peer["probs"], noisy, cfg.tau_match, cfg.tau_conf, cfg.sharpen_temperature)
     T = total_reliability(peer["alpha"], peer["beta"], cfg.t_min, cfg.t_max)
     terms = {
-        "loss_ce": reweighted_ce(own["logits_weak"], targets, T, high_conf, cfg.gamma),
+        "loss_ce": reweighted_ce(own["logits_weak"], targets, T, high_conf, cfg.gamma, balanced=cfg.balanced_s),
         "loss_cons": consistency_loss(own["logits_weak"], own["logits_strong"]),
         "high_conf": high_conf.float().mean(),
         "T": T.mean(),

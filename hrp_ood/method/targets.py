@@ -56,7 +56,7 @@ def soft_cross_entropy(logits: torch.Tensor, soft_targets: torch.Tensor) -> torc
 
 
 def reweighted_ce(logits: torch.Tensor, targets: torch.Tensor, T: torch.Tensor, high_conf: torch.Tensor,
-                  gamma: float = 0.5) -> torch.Tensor:
+                  gamma: float = 0.5, balanced: bool = False) -> torch.Tensor:
     """Reliability-reweighted CE on the high-confidence set S (Eq. 13).
 
         L_CE = (1/|S|) Σ_{i∈S} [1 + γ (T_i / mean_S T − 1)] H(y*_i, p_θ(x^weak_i))
@@ -64,6 +64,10 @@ def reweighted_ce(logits: torch.Tensor, targets: torch.Tensor, T: torch.Tensor, 
     The weights are detached (they have mean 1 over S, so γ only redistributes mass). Returns a
     zero that still depends on ``logits`` when S is empty. Data-parallel: S, |S| and mean_S T are
     global, and the local sum is divided by |S| / W (see `hrp_ood.distributed`).
+
+    ``balanced`` (config ``balanced_s``, not in SPEC): each sample's weight is also multiplied by
+    |S| / (K n_k), n_k the members of S whose target's argmax is class k and K the classes present in S, so
+    every class present carries the same total weight (the multipliers have mean 1 over S).
     """
     ce = soft_cross_entropy(logits, targets)
     mask = high_conf.to(ce.dtype)
@@ -71,7 +75,16 @@ def reweighted_ce(logits: torch.Tensor, targets: torch.Tensor, T: torch.Tensor, 
     T = T.detach().to(ce.dtype)
     mean_T = global_sum((T * mask).sum()) / global_sum(count).clamp_min(1)
     weights = 1 + gamma * (T / mean_T.clamp_min(torch.finfo(ce.dtype).tiny) - 1)
+    if balanced:
+        weights = weights * class_balance(targets.argmax(dim=1), mask, targets.shape[1])
     return (weights * ce * mask).sum() / per_rank_count(count)
+
+
+def class_balance(classes: torch.Tensor, mask: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """|S| / (K n_{c_i}) for every row (S = rows where mask is 1; global over ranks); 0 outside S."""
+    counts = global_sum(torch.zeros(num_classes, dtype=mask.dtype, device=mask.device).index_add_(0, classes, mask))
+    present = (counts > 0).sum().clamp_min(1)
+    return mask * counts.sum() / (present * counts[classes].clamp_min(1))
 
 
 def consistency_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor) -> torch.Tensor:
