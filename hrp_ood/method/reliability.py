@@ -184,12 +184,12 @@ def _raw_reliabilities_jvp(model: nn.Module, x: torch.Tensor, noisy_labels: torc
                                                                                             pseudo_labels)
 
 
-def logit_changes(model: nn.Module, x: torch.Tensor, direction: dict[str, torch.Tensor],
-                  train_mode: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits z of ``x`` and their directional derivative dz = (∂z/∂θ) v along ``direction`` (one forward-mode
-    pass; train-mode BN on cloned buffers by default, so the model's running statistics never change)."""
+def logit_changes(model: nn.Module, x: torch.Tensor,
+                  direction: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train-mode logits z of ``x`` and their directional derivative dz = (∂z/∂θ) v along ``direction`` (one
+    forward-mode pass; BN runs on cloned buffers, so the model's running statistics never change)."""
     params = _trainable_parameters(model)
-    model.train(train_mode)
+    model.train()
     # torch.func.jvp refuses BN's in-place running-stat update of a captured buffer, so use the
     # forward-AD API directly; the buffers are clones, and no_grad keeps no reverse graph.
     with torch.no_grad(), fwAD.dual_level():
