@@ -125,10 +125,8 @@ def _checked_features(net: nn.Module, images_uint8: torch.Tensor, mean: Sequence
 def decode_unless_cached(images: torch.Tensor | ImageSource, *, cache_dir: str | Path, key: str) -> None:
     """Decode a source now unless `cached_features(..., key=key)` will find it by its stamp: an unreadable
     image then fails before the first pass and before anything is written."""
-    if isinstance(images, ImageSource):
-        cached = _read_cache(_cache_path(cache_dir, key))
-        if cached is None or cached.stamp != images.stamp:
-            images.images  # noqa: B018 (decodes)
+    if isinstance(images, ImageSource) and _cached_stamp(_cache_path(cache_dir, key)) != images.stamp:
+        images.images  # noqa: B018 (decodes)
 
 
 def images_fingerprint(images_uint8: torch.Tensor) -> str:
@@ -170,6 +168,19 @@ def _read_cache(path: Path) -> _CacheFile | None:
                               stamp)
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
         log.warning("feature cache %s is unreadable (%s); recomputing", path, err)
+        return None
+
+
+def _cached_stamp(path: Path) -> str | None:
+    """The stamp a cache file recorded, read without its features (None when there is no readable one)."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if int(data["format"]) != CACHE_FORMAT or "stamp" not in data.files:
+                return None
+            return str(data["stamp"])
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         return None
 
 
