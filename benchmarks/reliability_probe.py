@@ -10,7 +10,8 @@ before the clamp) in three forms, and the per-sample CE loss of the same network
 * `alpha_batch`: as in training — weak view, train-mode BN, a fresh random meta batch per training batch;
 * `alpha_meta_set`: the whole meta set (un-augmented) gives the meta gradient, so meta-batch noise is gone;
 * `alpha_calibrated`: the same, with the meta loss taken at the temperature T* and class biases b* that
-  minimise it on the meta set (CE(z/T* + b*, y)). At that optimum the meta gradient has no component that
+  minimise it on the meta set (CE(z/T* + b*, y); what training does with `meta_calibration=true`, there per
+  meta batch). At that optimum the meta gradient has no component that
   only rescales the logits or shifts the class marginals, so what remains is class-specific information;
 * `small_loss`: −ℓ(x_i, ỹ_i), the signal the co-teaching baselines select with.
 
@@ -32,7 +33,7 @@ import yaml
 from sklearn.metrics import roc_auc_score
 
 from hrp_ood.config import build_config
-from hrp_ood.method.reliability import logit_changes, meta_gradient, signed_alignment
+from hrp_ood.method.reliability import fit_calibration, logit_changes, meta_gradient, signed_alignment
 from hrp_ood.train.trainer import Trainer, seed_everything
 
 SIGNALS = ("alpha_batch", "alpha_meta_set", "alpha_calibrated", "small_loss")
@@ -51,27 +52,6 @@ def load_run(run_dir: Path, checkpoint: str, device: str) -> Trainer:
     return trainer
 
 
-def calibration(net: torch.nn.Module, meta_x: torch.Tensor, meta_y: torch.Tensor,
-                num_classes: int) -> tuple[float, torch.Tensor]:
-    """(T*, b*) minimising the meta set's CE(z/T + b, y) (LBFGS; z fixed)."""
-    net.eval()
-    with torch.no_grad():
-        logits = net(meta_x).float()
-    log_t = torch.zeros((), device=logits.device, requires_grad=True)
-    bias = torch.zeros(num_classes, device=logits.device, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t, bias], max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-14,
-                                  line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp() + bias, meta_y)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return log_t.exp().item(), bias.detach()
-
-
 def probe(trainer: Trainer, net_index: int, limit: int | None, seed: int) -> dict[str, np.ndarray]:
     """Every signal of SIGNALS for the first ``limit`` samples of a seeded permutation of the training set."""
     data, augment, cfg = trainer.data, trainer.augment, trainer.cfg
@@ -79,11 +59,12 @@ def probe(trainer: Trainer, net_index: int, limit: int | None, seed: int) -> dic
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(data.noisy_labels), generator=generator)[:limit]
     meta_x = augment.normalize(data.meta_images)
-    temperature, bias = calibration(net, meta_x, data.meta_labels, data.num_classes)
-    print(f"meta-set calibration: T* = {temperature:.2f}, |b*| max = {bias.abs().max():.2f}")
+    net.eval()
+    with torch.no_grad():
+        scale, bias = fit_calibration(net(meta_x).float(), data.meta_labels)
+    print(f"meta-set calibration: T* = {1 / scale:.2f}, |b*| max = {bias.abs().max():.2f}")
     directions = {"alpha_meta_set": meta_gradient(net, meta_x, data.meta_labels),
-                  "alpha_calibrated": meta_gradient(net, meta_x, data.meta_labels,
-                                                    lambda z: z / temperature + bias)}
+                  "alpha_calibrated": meta_gradient(net, meta_x, data.meta_labels, calibrated=True)}
     columns: dict[str, list[torch.Tensor]] = {name: [] for name in SIGNALS}
     for batch in order.to(data.images.device).split(cfg.batch_size):
         x, labels = augment.weak(data.images[batch]), data.noisy_labels[batch]

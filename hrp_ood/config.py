@@ -92,6 +92,9 @@ class TrainConfig:
     # per-sample EMA of the meta-gradients across visits (0 = one batch decides, SPEC Eqs. 4-5 as written);
     # method/reliability.py:ReliabilityMemory
     reliability_momentum: float = 0.0
+    # the meta loss at the meta batch's fitted temperature and class biases (method/reliability.py: fit_calibration),
+    # so α measures class-specific influence, not how a step moves the networks' confidence (not in SPEC)
+    meta_calibration: bool = False
     independent_views: bool = False  # each network draws its own weak/strong augmentation of the batch
     # L_CE (Eq. 13) gives every target class of S the same total weight (method/targets.py:reweighted_ce)
     balanced_s: bool = False

@@ -10,6 +10,7 @@ from torch.func import functional_call
 
 from hrp_ood.errors import UserError
 from hrp_ood.method import meta_reliabilities, normalize_reliabilities
+from hrp_ood.method.reliability import fit_calibration, meta_gradient
 
 NUM_CLASSES = 3
 
@@ -204,3 +205,101 @@ def test_flipped_labels_get_lower_alpha_on_separable_toy():
     for method in ("jvp", "double_backward"):
         rel = meta_reliabilities(model, x, noisy, noisy, meta_x, meta_y, 0.1, method=method)
         assert rel.alpha[flipped].mean() < 0.5 * rel.alpha[~flipped].mean()
+
+
+def scipy_calibrated_meta_loss(logits: torch.Tensor, labels: torch.Tensor, ridge: float = 1e-4) -> float:
+    """min over (s, b) of mean CE(s z + b, y) + ridge/2 ((s − 1)² + ‖b‖²), by scipy's L-BFGS-B (float64)."""
+    from scipy.optimize import minimize
+
+    z, y = logits.detach().double(), labels
+
+    def objective(theta):
+        t = torch.tensor(theta, dtype=torch.float64, requires_grad=True)
+        with torch.enable_grad():
+            value = F.cross_entropy(t[0] * z + t[1:], y) + ridge / 2 * ((t[0] - 1) ** 2 + (t[1:] ** 2).sum())
+            value.backward()
+        return value.item(), t.grad.numpy()
+
+    start = [1.0] + [0.0] * z.shape[1]
+    return minimize(objective, start, jac=True, method="L-BFGS-B",
+                    options={"maxiter": 10_000, "gtol": 1e-14, "ftol": 1e-16}).fun
+
+
+@pytest.mark.parametrize("scale", [0.2, 1.0, 8.0])
+def test_fit_calibration_matches_scipy(scale):
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.randint(10, (64,), generator=gen)
+    informative = (torch.rand(64, 1, generator=gen) < 0.6) * F.one_hot(labels, 10)
+    logits = scale * (torch.randn(64, 10, generator=gen, dtype=torch.float64) + 3 * informative)
+    s, b = fit_calibration(logits, labels)
+    ours = F.cross_entropy(s * logits + b, labels) + 1e-4 / 2 * ((s - 1) ** 2 + (b ** 2).sum())
+    assert abs(ours.item() - scipy_calibrated_meta_loss(logits, labels)) < 1e-10
+
+
+def test_fit_calibration_stays_finite_on_a_separable_batch():
+    labels = torch.arange(20) % 4
+    logits = 10 * F.one_hot(labels, 4).float()  # every label predicted with a margin: CE → 0 as s → ∞
+    s, b = fit_calibration(logits, labels)
+    assert torch.isfinite(s) and torch.isfinite(b).all() and s > 1
+
+
+@pytest.mark.parametrize("method", ["jvp", "double_backward"])
+def test_calibrated_reliabilities_are_finite_differences_of_the_calibrated_meta_loss(method):
+    """−∂/∂ε_i of L*_meta(ε) = min_{s,b} CE(s f_θ̂(ε)(x^meta) + b) (+ ridge), each L* solved by scipy: the
+    envelope theorem the implementation relies on (fit at θ, then hold (s, b) fixed), checked numerically."""
+    model, x, noisy, pseudo, meta_x, meta_y = _tiny_problem(seed=2)
+    lr, h = 0.5, 1e-4
+    rel = meta_reliabilities(model, x, noisy, pseudo, meta_x, meta_y, lr, method=method, calibrated=True)
+    params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+    buffers = {k: b.clone() for k, b in model.named_buffers()}
+
+    def calibrated_meta_loss(eps_alpha, eps_beta):
+        train_params = {k: p.clone().requires_grad_() for k, p in params.items()}
+        model.train()
+        logits = functional_call(model, {**train_params, **{k: b.clone() for k, b in buffers.items()}}, (x,))
+        inner = (eps_alpha * F.cross_entropy(logits, noisy, reduction="none")
+                 + eps_beta * F.cross_entropy(logits, pseudo, reduction="none")).mean()
+        grads = torch.autograd.grad(inner, list(train_params.values()), allow_unused=True)
+        stepped = {k: p if g is None else p - lr * g for (k, p), g in zip(params.items(), grads)}
+        model.eval()
+        with torch.no_grad():
+            return scipy_calibrated_meta_loss(functional_call(model, stepped, (meta_x,)), meta_y)
+
+    n, zero = x.shape[0], torch.zeros(x.shape[0], dtype=torch.float64)
+    for which, signed in ((0, rel.alpha_signed), (1, rel.beta_signed)):
+        reference = []
+        for i in range(n):
+            bump = torch.zeros(n, dtype=torch.float64)
+            bump[i] = h
+            plus = calibrated_meta_loss(*((bump, zero) if which == 0 else (zero, bump)))
+            minus = calibrated_meta_loss(*((-bump, zero) if which == 0 else (zero, -bump)))
+            reference.append(-(plus - minus) / (2 * h))
+        reference = torch.tensor(reference, dtype=torch.float64)
+        assert (signed - reference).abs().max() <= 1e-4 * reference.abs().max()
+    plain = meta_reliabilities(model, x, noisy, pseudo, meta_x, meta_y, lr, method=method)
+    assert not torch.allclose(plain.alpha_signed, rel.alpha_signed, rtol=0.05)  # calibration changes the signal
+
+
+def test_calibrated_meta_gradient_has_no_logit_scale_or_class_shift_component():
+    """At the meta batch's fitted (s, b) the meta gradient is (up to the small ridge) orthogonal to rescaling the
+    head (all logits ×(1+t)) and has no head-bias component (class-marginal shift); the plain one has both."""
+    from hrp_ood.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model("small_cnn", num_classes=4)
+    x = torch.randn(48, 3, 32, 32)
+    with torch.no_grad():
+        net.fc.weight.mul_(30)  # logits of a trained net's size (a fresh head's are ~0.1: T* would be in the 1000s)
+        y = net.eval()(x).argmax(dim=1)  # labels the logits carry information about (finite T*) ...
+    y[:12] = torch.arange(12) % 4  # ... but not all, and a class mix the plain gradient would shift
+    head = {name: p.detach() for name, p in net.named_parameters() if name.startswith("fc.")}
+
+    def head_components(direction):
+        scale = sum((direction[name] * p).sum() for name, p in head.items())
+        norm = (sum(direction[name].norm() ** 2 for name in head) * sum(p.norm() ** 2 for p in head.values())).sqrt()
+        return (scale.abs() / norm).item(), (direction["fc.bias"].norm() / direction["fc.weight"].norm()).item()
+
+    plain_scale, plain_bias = head_components(meta_gradient(net, x, y))
+    cal_scale, cal_bias = head_components(meta_gradient(net, x, y, calibrated=True))
+    assert cal_scale < 1e-2 < 0.05 < plain_scale
+    assert cal_bias < 0.05 < 0.4 < plain_bias  # the ridge leaves a bias gradient of s·ridge·b*

@@ -150,3 +150,12 @@ def test_independent_views_per_network(independent):
     hrp_step(ctx, members, batch)
     same = torch.equal(forwards[0][0][0], forwards[1][0][0])
     assert same is not independent
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_meta_calibration_reaches_the_meta_step(monkeypatch, calibrated):
+    """`meta_calibration` switches the meta loss of both networks' reliabilities, and only that."""
+    ctx, members, batch = make_step(meta_calibration=calibrated)
+    meta = Recorder(monkeypatch, "meta_reliabilities")
+    hrp_step(ctx, members, batch)
+    assert len(meta.calls) == 2 and all(kwargs["calibrated"] is calibrated for _, kwargs in meta.calls)

@@ -188,7 +188,7 @@ def _reliabilities(ctx: StepContext, k: int, member: Member, x_weak: torch.Tenso
     meta_x, meta_y = ctx.sample_meta_batch()
     rel: Reliabilities = meta_reliabilities(member.net, x_weak, noisy, pseudo, meta_x, meta_y, member.lr,
                                             normalization=cfg.spec.normalization, method=cfg.meta_method,
-                                            delta=cfg.delta)
+                                            delta=cfg.delta, calibrated=cfg.meta_calibration)
     if ctx.memories:
         rel = ctx.memories[k].update(batch.index, rel, pseudo, cfg.spec.normalization, cfg.delta)
     return rel.alpha, rel.beta

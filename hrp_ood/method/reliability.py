@@ -21,6 +21,12 @@ virtual step) on *cloned* buffers, so the model's BN running statistics never ch
 meta loss in eval mode. Nothing is written to ``.grad`` and every module's train/eval flag is
 restored on exit.
 
+``calibrated=True`` (config ``meta_calibration``, not in SPEC) takes the meta loss at the meta batch's
+temperature scaling: L*_meta(θ̂) = min_{s,b} (1/m) Σ_j ℓ(s f_θ̂(x^meta_j) + b, y^meta_j), with (s, b) fitted at θ
+(`fit_calibration`) and held fixed — by the envelope theorem that is the derivative of L*_meta. Its gradient has
+no logit-scale or class-shift component, so α no longer measures how the step moves the networks' confidence
+(which rewards predicted labels when the nets are under-confident and the other labels when over-confident).
+
 Data-parallel (`hrp_ood.distributed`, identities in one process): the batch of n samples and the meta
 batch are spread over the ranks. v = ∇L_meta is the mean of the ranks' meta gradients (equal meta
 slices), n in η/n and in Eq. 5 is the global batch size and Σ_k runs over every rank's samples, so
@@ -90,7 +96,7 @@ def normalize_reliabilities(alpha_raw: torch.Tensor, beta_raw: torch.Tensor, nor
 
 def meta_reliabilities(model: nn.Module, x: torch.Tensor, noisy_labels: torch.Tensor, pseudo_labels: torch.Tensor,
                        meta_x: torch.Tensor, meta_y: torch.Tensor, lr: float, *, normalization: str = "separate",
-                       method: str = "jvp", delta: float = 1e-8) -> Reliabilities:
+                       method: str = "jvp", delta: float = 1e-8, calibrated: bool = False) -> Reliabilities:
     """α, β of every sample in the batch (Eqs. 1–5) for ``model`` at its current parameters.
 
     ``lr`` is the network's current learning rate η of the virtual step (Eq. 2). The virtual step
@@ -102,7 +108,7 @@ def meta_reliabilities(model: nn.Module, x: torch.Tensor, noisy_labels: torch.Te
         raise UserError(f"unknown reliability normalization {normalization!r}; use one of {', '.join(NORMALIZATIONS)}")
     raw = _raw_reliabilities_jvp if method == "jvp" else _raw_reliabilities_double_backward
     with _preserved_modes(model), torch.enable_grad():
-        alpha_signed, beta_signed = raw(model, x, noisy_labels, pseudo_labels, meta_x, meta_y, lr)
+        alpha_signed, beta_signed = raw(model, x, noisy_labels, pseudo_labels, meta_x, meta_y, lr, calibrated)
     return reliabilities_from_signed(alpha_signed.detach(), beta_signed.detach(), normalization, delta)
 
 
@@ -171,13 +177,13 @@ def _scale_free(signed: torch.Tensor, delta: float) -> torch.Tensor:
 
 def _raw_reliabilities_jvp(model: nn.Module, x: torch.Tensor, noisy_labels: torch.Tensor,
                            pseudo_labels: torch.Tensor, meta_x: torch.Tensor, meta_y: torch.Tensor,
-                           lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+                           lr: float, calibrated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """−∂L_meta/∂ε^α, −∂L_meta/∂ε^β (before clamping) via the gradient-alignment identity.
 
     v = ∇_θ L_meta(θ); one JVP gives dz_i = (∂z_i/∂θ) v for the train-mode logits z_i, and
     ⟨v, ∇_θ ℓ(z_i, y)⟩ = (softmax(z_i) − onehot(y)) · dz_i for y = ỹ_i and y = ŷ_i alike.
     """
-    direction = meta_gradient(model, meta_x, meta_y)
+    direction = meta_gradient(model, meta_x, meta_y, calibrated)
     logits, dlogits = logit_changes(model, x, direction)
     scale = lr / global_count(x.shape[0])
     return scale * signed_alignment(logits, dlogits, noisy_labels), scale * signed_alignment(logits, dlogits,
@@ -207,9 +213,10 @@ def signed_alignment(logits: torch.Tensor, dlogits: torch.Tensor, labels: torch.
 
 def _raw_reliabilities_double_backward(model: nn.Module, x: torch.Tensor, noisy_labels: torch.Tensor,
                                        pseudo_labels: torch.Tensor, meta_x: torch.Tensor, meta_y: torch.Tensor,
-                                       lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+                                       lr: float, calibrated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """−∂L_meta/∂ε^α, −∂L_meta/∂ε^β (before clamping) by differentiating through the virtual step."""
     params = _trainable_parameters(model)
+    calibrate = _meta_calibration(model, meta_x, meta_y) if calibrated else None
     n = x.shape[0]
     model.train()
     logits = _at_least_float32(functional_call(model, (params, _cloned_buffers(model)), (x,)))
@@ -222,22 +229,67 @@ def _raw_reliabilities_double_backward(model: nn.Module, x: torch.Tensor, noisy_
     stepped = {name: p - lr * global_sum(grads[name]) / world_size() for name, p in params.items()}
 
     model.eval()
-    meta_loss = F.cross_entropy(_at_least_float32(functional_call(model, stepped, (meta_x,))), meta_y)
+    meta_logits = _at_least_float32(functional_call(model, stepped, (meta_x,)))
+    meta_loss = F.cross_entropy(meta_logits if calibrate is None else calibrate(meta_logits), meta_y)
     # L_meta is the mean over ranks; the all-reduce in θ̂ carries every rank's ∂L_meta/∂θ̂ back to ε
     d_alpha, d_beta = torch.autograd.grad(meta_loss / world_size(), (eps_alpha, eps_beta))
     return -d_alpha, -d_beta
 
 
 def meta_gradient(model: nn.Module, meta_x: torch.Tensor, meta_y: torch.Tensor,
-                  logit_transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                  calibrated: bool = False) -> dict[str, torch.Tensor]:
     """v = ∇_θ L_meta(θ) (Eq. 3 at ε = 0), eval mode, without touching ``.grad``; averaged over ranks.
-    ``logit_transform`` (diagnostics only, e.g. temperature scaling) is applied to the meta logits first."""
+    ``calibrated``: the meta loss at the meta batch's fitted temperature and class biases (module docstring)."""
     params = _trainable_parameters(model)
     model.eval()
     logits = _at_least_float32(model(meta_x))
-    meta_loss = F.cross_entropy(logits if logit_transform is None else logit_transform(logits), meta_y)
+    if calibrated:
+        logits = _calibrator(logits.detach(), meta_y)(logits)
+    meta_loss = F.cross_entropy(logits, meta_y)
     grads = _grads_or_zeros(meta_loss, params, create_graph=False)
     return global_mean_of_grads({name: g.detach() for name, g in grads.items()})
+
+
+def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, ridge: float = 1e-4,
+                    iterations: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, b) minimising (1/m) Σ_j CE(s z_j + b, y_j) + (ridge/2)((s − 1)² + ‖b‖²): temperature scaling (T = 1/s)
+    with class biases. Convex in (s, b); the ridge keeps the optimum finite when the batch is separable.
+
+    Damped Newton with a fixed number of steps (no host synchronisation). With u = s z + b and p = softmax(u)
+    per row, the CE's Hessian in (s, b) is the mean over rows of [[Var_p z, Cov_p(z, e_c)], [·, diag p − p pᵀ]].
+    """
+    z = logits.detach()
+    m, num_classes = z.shape
+    one_hot = F.one_hot(labels, num_classes).to(z.dtype)
+    ridge_eye = ridge * torch.eye(num_classes + 1, dtype=z.dtype, device=z.device)
+    theta = torch.zeros(num_classes + 1, dtype=z.dtype, device=z.device)
+    theta[0] = 1
+    prior = theta.clone()
+    for _ in range(iterations):
+        p = torch.softmax(theta[0] * z + theta[1:], dim=1)
+        expected_z = (p * z).sum(dim=1, keepdim=True)  # E_p[z] per row
+        grad = torch.cat([((p - one_hot) * z).sum(dim=1).mean(dim=0, keepdim=True), (p - one_hot).mean(dim=0)])
+        scale_scale = (p * (z - expected_z) ** 2).sum(dim=1).mean(dim=0, keepdim=True)  # Var_p[z]
+        scale_bias = (p * (z - expected_z)).mean(dim=0)  # Cov_p[z, e_c]
+        bias_bias = torch.diag(p.mean(dim=0)) - p.T @ p / m
+        curvature = torch.cat([torch.cat([scale_scale, scale_bias])[None, :],
+                               torch.cat([scale_bias[:, None], bias_bias], dim=1)]) + ridge_eye
+        step = torch.linalg.solve(curvature, grad + ridge * (theta - prior))
+        # a step no longer than max(‖θ‖, 1): no overshoot far from the optimum, yet a scale can grow geometrically
+        theta = theta - step * (theta.norm().clamp_min(1.0) / step.norm()).clamp_max(1.0)
+    return theta[0], theta[1:]
+
+
+def _calibrator(logits: torch.Tensor, labels: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    scale, bias = fit_calibration(logits, labels)
+    return lambda z: scale * z + bias
+
+
+def _meta_calibration(model: nn.Module, meta_x: torch.Tensor, meta_y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The calibration of the meta batch at the current parameters (eval mode, no graph)."""
+    model.eval()
+    with torch.no_grad():
+        return _calibrator(_at_least_float32(model(meta_x)), meta_y)
 
 
 def _grads_or_zeros(loss: torch.Tensor, params: dict[str, torch.Tensor],
