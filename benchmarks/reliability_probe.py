@@ -16,7 +16,9 @@ before the clamp) in three forms, and the per-sample CE loss of the same network
 * `small_loss`: −ℓ(x_i, ỹ_i), the signal the co-teaching baselines select with.
 
 Printed: the AUROC (×100) of each signal for "label clean" (higher = clean), over all samples, after Eq. 4's
-clamp at 0, and averaged within each given-label class (class offsets removed), and the meta-set T*.
+clamp at 0, and averaged within each given-label class (class offsets removed), and the meta-set T*; and the
+anatomy of each meta-gradient signal: the share of the clamped reliability mass that lands on clean labels, how
+often its sign is positive for clean and for corrupted labels, and how well its magnitude alone separates them.
 """
 
 from __future__ import annotations
@@ -90,13 +92,26 @@ def class_mean_auroc(clean: np.ndarray, score: np.ndarray, labels: np.ndarray) -
 
 def table(signals: dict[str, np.ndarray]) -> str:
     clean, labels = signals["clean"], signals["labels"]
-    lines = ["| signal | AUROC | AUROC after the clamp | AUROC within each label class |", "|---|---|---|---|"]
+    lines = ["| signal | AUROC | AUROC after the clamp | AUROC within each label class | clamped mass on clean labels "
+             "| positive: clean / corrupted | AUROC of −|signal| |", "|---|---|---|---|---|---|---|"]
     for name in SIGNALS:
         score = signals[name]
+        anatomy = "– | – | –" if name == "small_loss" else sign_and_magnitude(clean, score)
         clamped = auroc(clean, np.maximum(score, 0)) if name != "small_loss" else math.nan
         lines.append(f"| {name} | {auroc(clean, score):.1f} | {clamped:.1f} | "
-                     f"{class_mean_auroc(clean, score, labels):.1f} |")
-    return "\n".join(lines)
+                     f"{class_mean_auroc(clean, score, labels):.1f} | {anatomy} |")
+    return "\n".join(lines) + f"\n\n{clean.mean():.0%} of the probed labels are clean."
+
+
+def sign_and_magnitude(clean: np.ndarray, score: np.ndarray) -> str:
+    """What Eq. 4's clamp does with a signed meta-gradient: the share of max(score, 0)'s total that lands on clean
+    labels, the fraction of positive scores among clean and among corrupted labels (the sign's information), and
+    the AUROC of −|score| for "clean" (the magnitude's: corrupted labels the nets do not fit have large gradients)."""
+    clean = clean.astype(bool)
+    positive = np.maximum(score, 0)
+    mass = positive[clean].sum() / positive.sum() if positive.sum() > 0 else math.nan
+    return (f"{mass:.2f} | {np.mean(score[clean] > 0):.2f} / {np.mean(score[~clean] > 0):.2f} | "
+            f"{auroc(clean, -np.abs(score)):.1f}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,3 +65,13 @@ def test_reliability_probe_tabulates_every_signal_of_a_trained_run(tmp_path):
     assert list(rows) == ["alpha_batch", "alpha_meta_set", "alpha_calibrated", "small_loss"]
     assert all(0 <= float(cells[0]) <= 100 for cells in rows.values())
     assert rows["small_loss"][1].strip() == "nan"  # the clamp applies to the meta-gradient signals only
+
+
+def test_probe_anatomy_separates_the_sign_from_the_magnitude():
+    probe = _load_benchmark("reliability_probe")
+    clean = np.array([1, 1, 1, 0, 0])
+    score = np.array([0.1, 0.1, -0.1, 2.0, -2.0])  # clean: small, mostly positive; corrupted: large, either sign
+    mass, signs, magnitude = (cell.strip() for cell in probe.sign_and_magnitude(clean, score).split("|"))
+    assert float(mass) == pytest.approx(0.2 / 2.2, abs=0.005)  # the clamp hands most of the mass to a corrupted label
+    assert signs == "0.67 / 0.50"
+    assert float(magnitude) == 100.0
