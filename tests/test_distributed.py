@@ -84,13 +84,18 @@ def step_inputs():
     return images, labels, meta_images, meta_labels, perms, lams
 
 
-def run_step(meta_method, ranks_slice, perms, lams):
+# name -> (meta_method, meta_calibration): the calibrated meta loss fits (s, b) on the whole meta batch
+VARIANTS = {"jvp": ("jvp", False), "double_backward": ("double_backward", False), "jvp_calibrated": ("jvp", True)}
+
+
+def run_step(variant, ranks_slice, perms, lams):
     """One hrp_step; returns per-parameter gradients and new values, logs, per-sample α/T and the RAM draws."""
     images, labels, meta_images, meta_labels, _, _ = step_inputs()
     cfg = build_config(overrides={
         "model": "small_cnn", "batch_size": RANKS * LOCAL_BATCH, "meta_batch_size": META, "warmup_epochs": 0,
         "ramp_epochs": 0, "proj_hidden_dim": 32, "proj_dim": 16, "tau_conf": 0.13, "tau_match": 0.5,
-        "strong_policy": "none", "sync_bn": True, "device": "cpu", "meta_method": meta_method})
+        "strong_policy": "none", "sync_bn": True, "device": "cpu", "meta_method": VARIANTS[variant][0],
+        "meta_calibration": VARIANTS[variant][1]})
     torch.manual_seed(0)  # the same initial weights in every process (DDP would broadcast rank 0's anyway)
     members = build_members(cfg, CLASSES, torch.device("cpu"))
     for m in members:  # float64, so that the comparison sees the maths, not float32 summation order
@@ -129,7 +134,7 @@ def rank_worker(rank, port, out_dir):
         local = torch.arange(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
         results = {method: run_step(method, local, [perms[0][rank], perms[1][rank]],
                                     [lams[0][rank], lams[1][rank]])
-                   for method in ("jvp", "double_backward")}
+                   for method in VARIANTS}
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -148,7 +153,7 @@ def two_rank_results(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(RANKS)]
 
 
-@pytest.mark.parametrize("meta_method", ["jvp", "double_backward"])
+@pytest.mark.parametrize("meta_method", list(VARIANTS))
 def test_two_ranks_make_the_one_process_update(meta_method, two_rank_results):
     _, _, _, _, perms, lams = step_inputs()
     block_perm = [torch.cat([p + r * LOCAL_BATCH for r, p in enumerate(perms[k])]) for k in range(2)]

@@ -281,7 +281,8 @@ def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, ridge: float = 1
 
 
 def _calibrator(logits: torch.Tensor, labels: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    scale, bias = fit_calibration(logits, labels)
+    """z ↦ s z + b fitted on the whole meta batch (every rank's slice, so data-parallel fits what one process does)."""
+    scale, bias = fit_calibration(all_gather(logits), all_gather(labels))
     return lambda z: scale * z + bias
 
 
