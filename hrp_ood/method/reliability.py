@@ -216,7 +216,6 @@ def _raw_reliabilities_double_backward(model: nn.Module, x: torch.Tensor, noisy_
                                        lr: float, calibrated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """−∂L_meta/∂ε^α, −∂L_meta/∂ε^β (before clamping) by differentiating through the virtual step."""
     params = _trainable_parameters(model)
-    calibrate = _meta_calibration(model, meta_x, meta_y) if calibrated else None
     n = x.shape[0]
     model.train()
     logits = _at_least_float32(functional_call(model, (params, _cloned_buffers(model)), (x,)))
@@ -230,7 +229,9 @@ def _raw_reliabilities_double_backward(model: nn.Module, x: torch.Tensor, noisy_
 
     model.eval()
     meta_logits = _at_least_float32(functional_call(model, stepped, (meta_x,)))
-    meta_loss = F.cross_entropy(meta_logits if calibrate is None else calibrate(meta_logits), meta_y)
+    if calibrated:  # at ε = 0, θ̂ = θ: these logits are the ones to fit (s, b) on, held fixed for the derivative
+        meta_logits = _calibrator(meta_logits.detach(), meta_y)(meta_logits)
+    meta_loss = F.cross_entropy(meta_logits, meta_y)
     # L_meta is the mean over ranks; the all-reduce in θ̂ carries every rank's ∂L_meta/∂θ̂ back to ε
     d_alpha, d_beta = torch.autograd.grad(meta_loss / world_size(), (eps_alpha, eps_beta))
     return -d_alpha, -d_beta
@@ -284,13 +285,6 @@ def _calibrator(logits: torch.Tensor, labels: torch.Tensor) -> Callable[[torch.T
     """z ↦ s z + b fitted on the whole meta batch (every rank's slice, so data-parallel fits what one process does)."""
     scale, bias = fit_calibration(all_gather(logits), all_gather(labels))
     return lambda z: scale * z + bias
-
-
-def _meta_calibration(model: nn.Module, meta_x: torch.Tensor, meta_y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The calibration of the meta batch at the current parameters (eval mode, no graph)."""
-    model.eval()
-    with torch.no_grad():
-        return _calibrator(_at_least_float32(model(meta_x)), meta_y)
 
 
 def _grads_or_zeros(loss: torch.Tensor, params: dict[str, torch.Tensor],
