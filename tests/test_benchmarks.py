@@ -1,6 +1,5 @@
 """Every benchmark's --quick mode runs, so the benchmarks cannot rot (timings are not asserted)."""
 
-import math
 import subprocess
 import sys
 from pathlib import Path
