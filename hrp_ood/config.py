@@ -98,6 +98,11 @@ class TrainConfig:
     independent_views: bool = False  # each network draws its own weak/strong augmentation of the batch
     # L_CE (Eq. 13) gives every target class of S the same total weight (method/targets.py:reweighted_ce)
     balanced_s: bool = False
+    # L_CE of Eq. 15: "refined" = Eq. 13 (the peer's refined targets on S, reweighted by T; SPEC); "meta_weighted" =
+    # Eq. 1 with the meta-learned weights, (1/n) Σ α_i ℓ(ỹ_i) + β_i ℓ(ŷ_i) over the whole batch, each network with
+    # its own α, β, ŷ (L2B's training loss, the paper's "weighted cross-entropy" read literally; not in SPEC);
+    # "meta_weighted_peer" = the same with the peer's α, β, ŷ (the exchange of SPEC §3.4)
+    ce_loss: str = "refined"
     kappa: float = 4.0
     t_min: float = 0.1
     t_max: float = 3.0
@@ -143,6 +148,8 @@ class TrainConfig:
         if self.strong_policy not in STRONG_POLICIES:
             raise UserError(f"strong_policy must be {', '.join(STRONG_POLICIES[:-1])} or {STRONG_POLICIES[-1]}, "
                             f"got {self.strong_policy!r}")
+        if self.ce_loss not in CE_LOSSES:
+            raise UserError(f"ce_loss must be one of {', '.join(CE_LOSSES)}, got {self.ce_loss!r}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise UserError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         for key, bounds in VALUE_RANGES.items():
@@ -192,6 +199,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+CE_LOSSES = ("refined", "meta_weighted", "meta_weighted_peer")
 MAX_EPOCHS = 100_000
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
 DEVICE_NAME = re.compile(r"auto|cpu|mps|cuda(:\d+)?")

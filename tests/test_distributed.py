@@ -84,8 +84,11 @@ def step_inputs():
     return images, labels, meta_images, meta_labels, perms, lams
 
 
-# name -> (meta_method, meta_calibration): the calibrated meta loss fits (s, b) on the whole meta batch
-VARIANTS = {"jvp": ("jvp", False), "double_backward": ("double_backward", False), "jvp_calibrated": ("jvp", True)}
+# name -> config overrides: the calibrated meta loss fits (s, b) on the whole meta batch; the meta-weighted CE
+# trains on every sample with globally normalised α, β
+VARIANTS = {"jvp": {"meta_method": "jvp"}, "double_backward": {"meta_method": "double_backward"},
+            "jvp_calibrated": {"meta_method": "jvp", "meta_calibration": True},
+            "jvp_meta_weighted": {"meta_method": "jvp", "ce_loss": "meta_weighted"}}
 
 
 def run_step(variant, ranks_slice, perms, lams):
@@ -94,8 +97,7 @@ def run_step(variant, ranks_slice, perms, lams):
     cfg = build_config(overrides={
         "model": "small_cnn", "batch_size": RANKS * LOCAL_BATCH, "meta_batch_size": META, "warmup_epochs": 0,
         "ramp_epochs": 0, "proj_hidden_dim": 32, "proj_dim": 16, "tau_conf": 0.13, "tau_match": 0.5,
-        "strong_policy": "none", "sync_bn": True, "device": "cpu", "meta_method": VARIANTS[variant][0],
-        "meta_calibration": VARIANTS[variant][1]})
+        "strong_policy": "none", "sync_bn": True, "device": "cpu", **VARIANTS[variant]})
     torch.manual_seed(0)  # the same initial weights in every process (DDP would broadcast rank 0's anyway)
     members = build_members(cfg, CLASSES, torch.device("cpu"))
     for m in members:  # float64, so that the comparison sees the maths, not float32 summation order

@@ -303,3 +303,37 @@ def test_calibrated_meta_gradient_has_no_logit_scale_or_class_shift_component():
     cal_scale, cal_bias = head_components(meta_gradient(net, x, y, calibrated=True))
     assert cal_scale < 1e-2 < 0.05 < plain_scale
     assert cal_bias < 0.05 < 0.4 < plain_bias  # the ridge leaves a bias gradient of s·ridge·b*
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_training_on_the_meta_weighted_loss_lowers_the_meta_loss(seed):
+    """ce_loss=meta_weighted: the gradient of Eq. 1 with a network's own α, β points down its meta loss. Its inner
+    product with ∇L_meta (autograd, BN as in the meta step) is Σ_i (α_i s^α_i + β_i s^β_i) / η ≥ 0, s the signed
+    meta-gradients, and one small SGD step on it lowers L_meta."""
+    from hrp_ood.method import weighted_label_ce
+
+    model, x, noisy, pseudo, meta_x, meta_y = _tiny_problem(seed)
+    lr = 0.1
+    rel = meta_reliabilities(model, x, noisy, pseudo, meta_x, meta_y, lr)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def meta_loss():
+        model.eval()
+        loss = F.cross_entropy(model(meta_x), meta_y)
+        model.train()
+        return loss
+
+    meta_grads = torch.autograd.grad(meta_loss(), params, allow_unused=True)  # before a train-mode pass moves BN stats
+    model.train()
+    train_grads = torch.autograd.grad(weighted_label_ce(model(x), noisy, pseudo, rel.alpha, rel.beta), params,
+                                      allow_unused=True)
+    inner = sum((a * b).sum() for a, b in zip(train_grads, meta_grads) if a is not None and b is not None)
+    expected = ((rel.alpha * rel.alpha_signed).sum() + (rel.beta * rel.beta_signed).sum()) / lr
+    assert inner.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert inner.item() > 0
+    before = meta_loss().item()
+    with torch.no_grad():
+        for p, g in zip(params, train_grads):
+            if g is not None:
+                p -= 1e-4 * g
+    assert meta_loss().item() < before

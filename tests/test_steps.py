@@ -60,6 +60,20 @@ def record_forwards(members):
     return seen
 
 
+def record_ce_terms(monkeypatch):
+    """Each network's loss_ce, in the order the step computes them (network 1, then 2)."""
+    seen = []
+    member_loss = steps_module._hrp_member_loss
+
+    def keep(*args, **kwargs):
+        terms = member_loss(*args, **kwargs)
+        seen.append(terms["loss_ce"].detach())
+        return terms
+
+    monkeypatch.setattr(steps_module, "_hrp_member_loss", keep)
+    return seen
+
+
 def test_each_network_trains_with_its_peers_targets_and_reliabilities(monkeypatch):
     ctx, members, batch = make_step()
     forwards = record_forwards(members)
@@ -80,15 +94,7 @@ def test_reweighted_ce_of_the_step_equals_a_hand_computation(monkeypatch):
     """loss_ce of network 1 = Eq. 13 on its own weak logits with the peer's refined targets and T."""
     ctx, members, batch = make_step(method="base")  # no RAM / CDCL: only L_CE, L_cons, prior are logged
     forwards = record_forwards(members)
-    logs = {}
-    member_loss = steps_module._hrp_member_loss
-
-    def keep(ctx_, member, own, peer, *args, **kwargs):
-        terms = member_loss(ctx_, member, own, peer, *args, **kwargs)
-        logs.setdefault("loss_ce", []).append(terms["loss_ce"].detach())
-        return terms
-
-    monkeypatch.setattr(steps_module, "_hrp_member_loss", keep)
+    ce_terms = record_ce_terms(monkeypatch)
     hrp_step(ctx, members, batch)
     cfg = ctx.cfg
     logits = [forwards[k][0][1][:N] for k in range(2)]
@@ -98,7 +104,7 @@ def test_reweighted_ce_of_the_step_equals_a_hand_computation(monkeypatch):
                                             cfg.sharpen_temperature)
         T = total_reliability(torch.ones(N), torch.ones(N), cfg.t_min, cfg.t_max)  # no meta: α = β = 1
         expected = reweighted_ce(logits[k], targets, T, high_conf, cfg.gamma)
-        torch.testing.assert_close(logs["loss_ce"][k], expected)
+        torch.testing.assert_close(ce_terms[k], expected)
 
 
 @pytest.mark.parametrize("method, present, absent", [
@@ -159,3 +165,28 @@ def test_meta_calibration_reaches_the_meta_step(monkeypatch, calibrated):
     meta = Recorder(monkeypatch, "meta_reliabilities")
     hrp_step(ctx, members, batch)
     assert len(meta.calls) == 2 and all(kwargs["calibrated"] is calibrated for _, kwargs in meta.calls)
+
+
+@pytest.mark.parametrize("ce_loss, source", [("meta_weighted", "own"), ("meta_weighted_peer", "peer")])
+def test_meta_weighted_ce_trains_on_both_labels_with_the_chosen_networks_weights(monkeypatch, ce_loss, source):
+    """loss_ce of network k = (1/n) Σ α_i ℓ(ỹ_i) + β_i ℓ(ŷ_i) on its own weak logits, over the whole batch (not only
+    S), with the α, β and pseudo-labels ŷ of network k itself (meta_weighted) or of its peer (meta_weighted_peer)."""
+    ctx, members, batch = make_step(method="base", ce_loss=ce_loss)
+    forwards = record_forwards(members)
+    g = torch.Generator().manual_seed(5)
+    reliabilities = {k: (torch.rand(N, generator=g) * 2, torch.rand(N, generator=g) * 2) for k in range(2)}
+    monkeypatch.setattr(steps_module, "_reliabilities", lambda ctx, k, *a: reliabilities[k])
+    ce_terms = record_ce_terms(monkeypatch)
+    hrp_step(ctx, members, batch)
+    logits = [forwards[k][0][1][:N] for k in range(2)]
+    rows = torch.arange(N)
+    for k in range(2):
+        weights_from = k if source == "own" else 1 - k
+        log_p = logits[k].log_softmax(dim=1)
+        pseudo = logits[weights_from].argmax(dim=1)
+        alpha, beta = reliabilities[weights_from]
+        expected = -(alpha * log_p[rows, batch.noisy_labels] + beta * log_p[rows, pseudo]).mean()
+        torch.testing.assert_close(ce_terms[k], expected)
+        other = reliabilities[1 - weights_from]
+        assert not torch.allclose(expected, -(other[0] * log_p[rows, batch.noisy_labels]
+                                              + other[1] * log_p[rows, pseudo]).mean())

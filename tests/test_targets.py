@@ -20,6 +20,7 @@ from hrp_ood.method import (
     refine_targets,
     reweighted_ce,
     soft_cross_entropy,
+    weighted_label_ce,
 )
 
 
@@ -184,3 +185,16 @@ def test_balanced_s_gives_every_target_class_of_s_the_same_total_weight():
     T = torch.ones(9, dtype=torch.float64)
     assert torch.allclose(reweighted_ce(logits, targets, T, high_conf, gamma=0.0, balanced=True), expected)
     assert not torch.allclose(reweighted_ce(logits, targets, T, high_conf, gamma=0.0), expected)
+
+
+def test_weighted_label_ce_matches_a_loop_over_log_probabilities():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    noisy, pseudo = torch.randint(0, 5, (6,), generator=g), torch.randint(0, 5, (6,), generator=g)
+    w_noisy, w_pseudo = torch.rand(6, generator=g, dtype=torch.float64), torch.rand(6, generator=g, dtype=torch.float64)
+    expected = 0.0
+    for z, y, y_hat, a, b in zip(logits.tolist(), noisy.tolist(), pseudo.tolist(), w_noisy.tolist(), w_pseudo.tolist()):
+        log_norm = math.log(sum(math.exp(v) for v in z))
+        expected += a * (log_norm - z[y]) + b * (log_norm - z[y_hat])
+    got = weighted_label_ce(logits, noisy, pseudo, w_noisy, w_pseudo)
+    assert got.item() == pytest.approx(expected / 6, rel=1e-12)

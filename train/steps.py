@@ -41,6 +41,7 @@ from hrp_ood.method import (
     reliability_mixup,
     reweighted_ce,
     total_reliability,
+    weighted_label_ce,
 )
 from hrp_ood.method.reliability import Reliabilities
 from hrp_ood.train.signals import EpochSignals
@@ -207,7 +208,7 @@ def _hrp_member_loss(ctx: StepContext, member: Member, own: dict[str, torch.Tens
     targets, high_conf = refine_targets(peer["probs"], noisy, cfg.tau_match, cfg.tau_conf, cfg.sharpen_temperature)
     T = total_reliability(peer["alpha"], peer["beta"], cfg.t_min, cfg.t_max)
     terms = {
-        "loss_ce": reweighted_ce(own["logits_weak"], targets, T, high_conf, cfg.gamma, balanced=cfg.balanced_s),
+        "loss_ce": _ce_term(cfg, own, peer, targets, T, high_conf, noisy),
         "loss_cons": consistency_loss(own["logits_weak"], own["logits_strong"]),
         "high_conf": high_conf.float().mean(),
         "T": T.mean(),
@@ -239,6 +240,17 @@ def _hrp_member_loss(ctx: StepContext, member: Member, own: dict[str, torch.Tens
             terms.update(_cdcl_purity(peer["pseudo"], beta_hat, confident, batch.clean_labels))
     terms["loss"] = loss
     return terms
+
+
+def _ce_term(cfg: TrainConfig, own: dict[str, torch.Tensor], peer: dict[str, torch.Tensor], targets: torch.Tensor,
+             T: torch.Tensor, high_conf: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
+    """L_CE of Eq. 15: Eq. 13 on the peer's refined targets, or Eq. 1 weighted by meta-learned α, β (ce_loss)."""
+    if cfg.ce_loss == "refined":
+        return reweighted_ce(own["logits_weak"], targets, T, high_conf, cfg.gamma, balanced=cfg.balanced_s)
+    # meta_weighted: the network's own α, β and pseudo-labels, so that its step on L_CE lowers its own meta loss
+    # to first order (every weight is ≥ 0 where its sample's gradient agrees with the meta gradient: L2RW/L2B)
+    source = own if cfg.ce_loss == "meta_weighted" else peer
+    return weighted_label_ce(own["logits_weak"], noisy, source["pseudo"], source["alpha"], source["beta"])
 
 
 def _ram_diagnostics(ctx: StepContext, lam: torch.Tensor, perm: torch.Tensor,

@@ -19,6 +19,7 @@ from hrp_ood.method.targets import (
     reweighted_ce,
     sharpen,
     soft_cross_entropy,
+    weighted_label_ce,
 )
 
 __all__ = [
@@ -44,4 +45,5 @@ __all__ = [
     "sharpen",
     "soft_cross_entropy",
     "total_reliability",
+    "weighted_label_ce",
 ]

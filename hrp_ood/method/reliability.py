@@ -48,6 +48,7 @@ from torch.func import functional_call
 
 from hrp_ood.distributed import all_gather, global_count, global_mean_of_grads, global_sum, rank, world_size
 from hrp_ood.errors import UserError
+from hrp_ood.method.targets import weighted_label_ce
 
 NORMALIZATIONS = ("separate", "coupled")
 METHODS = ("jvp", "double_backward")
@@ -221,8 +222,7 @@ def _raw_reliabilities_double_backward(model: nn.Module, x: torch.Tensor, noisy_
     logits = _at_least_float32(functional_call(model, (params, _cloned_buffers(model)), (x,)))
     eps_alpha = torch.zeros(n, dtype=logits.dtype, device=logits.device, requires_grad=True)
     eps_beta = torch.zeros(n, dtype=logits.dtype, device=logits.device, requires_grad=True)
-    inner = (eps_alpha * F.cross_entropy(logits, noisy_labels, reduction="none")
-             + eps_beta * F.cross_entropy(logits, pseudo_labels, reduction="none")).mean()
+    inner = weighted_label_ce(logits, noisy_labels, pseudo_labels, eps_alpha, eps_beta)
     grads = _grads_or_zeros(inner, params, create_graph=True)
     # ∇L_ε over the global batch: the mean of the ranks' gradients of their local means (equal n per rank)
     stepped = {name: p - lr * global_sum(grads[name]) / world_size() for name, p in params.items()}

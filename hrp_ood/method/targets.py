@@ -80,6 +80,19 @@ def reweighted_ce(logits: torch.Tensor, targets: torch.Tensor, T: torch.Tensor, 
     return (weights * ce * mask).sum() / per_rank_count(count)
 
 
+def weighted_label_ce(logits: torch.Tensor, noisy_labels: torch.Tensor, pseudo_labels: torch.Tensor,
+                      weight_noisy: torch.Tensor, weight_pseudo: torch.Tensor) -> torch.Tensor:
+    """Eq. 1's weighted cross-entropy of the given and the pseudo-label,
+
+        (1/n) Σ_i [w^α_i ℓ(z_i, ỹ_i) + w^β_i ℓ(z_i, ŷ_i)],
+
+    with the perturbations ε (the meta step's inner loss) or the meta-learned α, β (config
+    ``ce_loss=meta_weighted``: L2B's training loss, Zhou et al. 2024) as the weights.
+    """
+    return (weight_noisy * F.cross_entropy(logits, noisy_labels, reduction="none")
+            + weight_pseudo * F.cross_entropy(logits, pseudo_labels, reduction="none")).mean()
+
+
 def class_balance(classes: torch.Tensor, mask: torch.Tensor, num_classes: int) -> torch.Tensor:
     """|S| / (K n_{c_i}) for every row (S = rows where mask is 1; global over ranks); 0 outside S."""
     counts = global_sum(torch.zeros(num_classes, dtype=mask.dtype, device=mask.device).index_add_(0, classes, mask))
