@@ -248,7 +248,8 @@ def _ce_term(cfg: TrainConfig, own: dict[str, torch.Tensor], peer: dict[str, tor
     if cfg.ce_loss == "refined":
         return reweighted_ce(own["logits_weak"], targets, T, high_conf, cfg.gamma, balanced=cfg.balanced_s)
     # meta_weighted: the network's own α, β and pseudo-labels, so that its step on L_CE lowers its own meta loss
-    # to first order (every weight is ≥ 0 where its sample's gradient agrees with the meta gradient: L2RW/L2B)
+    # to first order (a weight is > 0 only where its sample's gradient agrees with the meta gradient: L2RW/L2B;
+    # exact up to BN, whose training pass normalises the weak and strong views together)
     source = own if cfg.ce_loss == "meta_weighted" else peer
     return weighted_label_ce(own["logits_weak"], noisy, source["pseudo"], source["alpha"], source["beta"])
 
