@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import functional_call
 
 from hrp_ood.errors import UserError
-from hrp_ood.method import meta_reliabilities, normalize_reliabilities
+from hrp_ood.method import meta_reliabilities, normalize_reliabilities, weighted_label_ce
 from hrp_ood.method.reliability import fit_calibration, meta_gradient
 
 NUM_CLASSES = 3
@@ -310,8 +310,6 @@ def test_training_on_the_meta_weighted_loss_lowers_the_meta_loss(seed):
     """ce_loss=meta_weighted: the gradient of Eq. 1 with a network's own α, β points down its meta loss. Its inner
     product with ∇L_meta (autograd, BN as in the meta step) is Σ_i (α_i s^α_i + β_i s^β_i) / η ≥ 0, s the signed
     meta-gradients, and one small SGD step on it lowers L_meta."""
-    from hrp_ood.method import weighted_label_ce
-
     model, x, noisy, pseudo, meta_x, meta_y = _tiny_problem(seed)
     lr = 0.1
     rel = meta_reliabilities(model, x, noisy, pseudo, meta_x, meta_y, lr)
