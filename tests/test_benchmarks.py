@@ -74,3 +74,17 @@ def test_probe_anatomy_separates_the_sign_from_the_magnitude():
     assert float(mass) == pytest.approx(0.2 / 2.2, abs=0.005)  # the clamp hands most of the mass to a corrupted label
     assert signs == "0.67 / 0.50"
     assert float(magnitude) == 100.0
+
+
+def test_noisy_cifar_memorization_preset_sets_the_small_subset_and_keeps_explicit_flags():
+    parse_args = _load_benchmark("noisy_cifar").parse_args
+    preset = parse_args(["--memorization"])
+    assert (preset.train_per_class, preset.epochs, preset.model) == (300, 100, "small_cnn")
+    assert preset.set == ["meta_size=200"] and preset.out.name == "noisy_cifar_memorization"
+    explicit = parse_args(["--memorization", "--epochs", "60", "--train-per-class", "500", "--set", "meta_size=100"])
+    assert (explicit.train_per_class, explicit.epochs) == (500, 60)
+    assert explicit.set[-1] == "meta_size=100"  # the later override wins in `hrp-ood train --set`
+    default = parse_args([])
+    assert (default.train_per_class, default.epochs, default.set) == (1000, 30, [])
+    with pytest.raises(SystemExit):
+        parse_args(["--memorization", "--full"])
