@@ -20,10 +20,10 @@ holds every epoch, so an interrupted benchmark continues where it stopped). The 
 scaled to `--epochs`: lr 0.05, ×0.1 at 250/450 and 400/450 of the epochs, HRP's CE warm-up and ramp as given.
 Every method gets the same data, noise file (same seed), epochs and lr schedule.
 
-Printed per method and noise (mean ± std over seeds): final ensemble test accuracy, test accuracy of the
-checkpoint the clean meta set selects (`best.pt`), and after warm-up (mean over the HRP epochs) the AUROC
-(×100) of α, T = α + β and of the per-sample CE loss for telling clean from corrupted labels, and of β for
-telling correct from wrong pseudo-labels.
+Printed per method and noise (mean ± std over the seeds whose runs finished; unfinished ones are counted apart):
+final ensemble test accuracy, test accuracy of the checkpoint the clean meta set selects (`best.pt`), and after
+warm-up (mean over the HRP epochs) the AUROC (×100) of α, T = α + β and of the per-sample CE loss for telling
+clean from corrupted labels, and of β for telling correct from wrong pseudo-labels.
 """
 
 from __future__ import annotations
@@ -177,10 +177,13 @@ def summary_table(args: argparse.Namespace) -> str:
     for noise in args.noise:
         for method in args.methods:
             label = parse_variant(method)[0]
-            runs = [run_summary(args.out / run_name(label, noise, s), args.warmup) for s in args.seeds]
-            runs = [r for r in runs if r]
+            run_dirs = [args.out / run_name(label, noise, s) for s in args.seeds]
+            done = [d for d in run_dirs if finished(d, args.epochs)]
+            runs = [run_summary(d, args.warmup) for d in done]
             cells = [_mean_std([r[k] for r in runs]) for k in keys]
-            lines.append("| " + " | ".join([noise, label, str(len(runs)), *cells]) + " |")
+            unfinished = sum(1 for d in run_dirs if d not in done and read_metrics(d))
+            seeds = f"{len(runs)} (+{unfinished} unfinished)" if unfinished else str(len(runs))
+            lines.append("| " + " | ".join([noise, label, seeds, *cells]) + " |")
     return "\n".join(lines)
 
 

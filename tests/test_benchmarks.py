@@ -88,3 +88,16 @@ def test_noisy_cifar_memorization_preset_sets_the_small_subset_and_keeps_explici
     assert (default.train_per_class, default.epochs, default.set) == (1000, 30, [])
     with pytest.raises(SystemExit):
         parse_args(["--memorization", "--full"])
+
+
+def test_noisy_cifar_table_averages_finished_runs_only(tmp_path):
+    bench = _load_benchmark("noisy_cifar")
+    args = bench.parse_args(["--out", str(tmp_path), "--methods", "ce", "--noise", "sym80", "--seeds", "0", "1", "2",
+                             "--epochs", "3", "--warmup", "1"])
+    header = "epoch,acc_ensemble,meta_acc\n"
+    (tmp_path / "ce_sym80_s0").mkdir()
+    (tmp_path / "ce_sym80_s0" / "metrics.csv").write_text(header + "1,20,30\n2,40,50\n3,30,40\n")
+    (tmp_path / "ce_sym80_s1").mkdir()  # stopped at epoch 2 of 3: not in the mean
+    (tmp_path / "ce_sym80_s1" / "metrics.csv").write_text(header + "1,10,10\n2,90,90\n")
+    row = bench.summary_table(args).splitlines()[-1].split("|")
+    assert [cell.strip() for cell in row[1:6]] == ["sym80", "ce", "1 (+1 unfinished)", "30.0", "40.0"]
