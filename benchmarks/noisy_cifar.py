@@ -196,7 +196,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(default ce coteach hrp)")
     p.add_argument("--noise", nargs="+", default=None, help="default sym50 sym80")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="default 0 1")
-    p.add_argument("--epochs", type=int, default=None, help="default 30 (CPU budget), 100 with --full or --memorization")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="default 30 (CPU budget), 100 with --full or --memorization")
     p.add_argument("--warmup", type=int, default=None, help="HRP's CE warm-up epochs (default 10, 10 with --full)")
     p.add_argument("--ramp", type=int, default=None, help="HRP's ramp epochs (default 5, 16 with --full)")
     p.add_argument("--train-per-class", type=int, default=None, help="default 1000, 300 with --memorization")
