@@ -123,9 +123,12 @@ def read_metrics(run_dir: Path) -> list[dict[str, str]]:
     return read_csv_rows(run_dir / "metrics.csv")
 
 
-def finished(run_dir: Path, epochs: int) -> bool:
-    rows = read_metrics(run_dir)
+def complete(rows: list[dict[str, str]], epochs: int) -> bool:
     return bool(rows) and int(rows[-1]["epoch"]) >= epochs
+
+
+def finished(run_dir: Path, epochs: int) -> bool:
+    return complete(read_metrics(run_dir), epochs)
 
 
 def run_one(args: argparse.Namespace, data_root: Path, method: str, noise: str, seed: int, threads: int) -> str:
@@ -144,11 +147,9 @@ def run_one(args: argparse.Namespace, data_root: Path, method: str, noise: str, 
     return f"{run_dir.name}: {status} in {time.perf_counter() - started:.0f} s"
 
 
-def run_summary(run_dir: Path, warmup: int) -> dict[str, float]:
-    """Final and meta-selected test accuracy, and the mean reliability AUROCs over the epochs after warm-up."""
-    rows = read_metrics(run_dir)
-    if not rows:
-        return {}
+def run_summary(rows: list[dict[str, str]], warmup: int) -> dict[str, float]:
+    """Final and meta-selected test accuracy, and the mean reliability AUROCs over the epochs after warm-up (a run's
+    metrics.csv rows)."""
     after = [r for r in rows if int(r["epoch"]) > warmup] or rows
     summary = {"acc": csv_number(rows[-1], "acc_ensemble"), "best_warmup_acc": max(
         (csv_number(r, "acc_ensemble") for r in rows if int(r["epoch"]) <= warmup), default=math.nan)}
@@ -177,11 +178,10 @@ def summary_table(args: argparse.Namespace) -> str:
     for noise in args.noise:
         for method in args.methods:
             label = parse_variant(method)[0]
-            run_dirs = [args.out / run_name(label, noise, s) for s in args.seeds]
-            done = [d for d in run_dirs if finished(d, args.epochs)]
-            runs = [run_summary(d, args.warmup) for d in done]
+            histories = [read_metrics(args.out / run_name(label, noise, s)) for s in args.seeds]
+            runs = [run_summary(rows, args.warmup) for rows in histories if complete(rows, args.epochs)]
             cells = [_mean_std([r[k] for r in runs]) for k in keys]
-            unfinished = sum(1 for d in run_dirs if d not in done and read_metrics(d))
+            unfinished = sum(1 for rows in histories if rows and not complete(rows, args.epochs))
             seeds = f"{len(runs)} (+{unfinished} unfinished)" if unfinished else str(len(runs))
             lines.append("| " + " | ".join([noise, label, seeds, *cells]) + " |")
     return "\n".join(lines)
