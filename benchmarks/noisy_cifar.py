@@ -21,9 +21,10 @@ scaled to `--epochs`: lr 0.05, ×0.1 at 250/450 and 400/450 of the epochs, HRP's
 Every method gets the same data, noise file (same seed), epochs and lr schedule.
 
 Printed per method and noise (mean ± std over the seeds whose runs finished; unfinished ones are counted apart):
-final ensemble test accuracy, test accuracy of the checkpoint the clean meta set selects (`best.pt`), and after
-warm-up (mean over the HRP epochs) the AUROC (×100) of α, T = α + β and of the per-sample CE loss for telling
-clean from corrupted labels, and of β for telling correct from wrong pseudo-labels.
+final ensemble test accuracy, test accuracy of the checkpoint the clean meta set selects (`best.pt`; none for
+ce_meta, which trains on the meta set), and after warm-up (mean over the HRP epochs) the AUROC (×100) of α,
+T = α + β and of the per-sample CE loss for telling clean from corrupted labels, and of β for telling correct from
+wrong pseudo-labels.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from hrp_ood.config import METHODS
 from hrp_ood.io import csv_number, read_csv_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,14 +149,15 @@ def run_one(args: argparse.Namespace, data_root: Path, method: str, noise: str, 
     return f"{run_dir.name}: {status} in {time.perf_counter() - started:.0f} s"
 
 
-def run_summary(rows: list[dict[str, str]], warmup: int) -> dict[str, float]:
-    """Final and meta-selected test accuracy, and the mean reliability AUROCs over the epochs after warm-up (a run's
-    metrics.csv rows)."""
+def run_summary(rows: list[dict[str, str]], warmup: int, meta_held_out: bool = True) -> dict[str, float]:
+    """Final and meta-selected test accuracy (none when the method trains on the meta set), and the mean
+    reliability AUROCs over the epochs after warm-up (a run's metrics.csv rows)."""
     after = [r for r in rows if int(r["epoch"]) > warmup] or rows
     summary = {"acc": csv_number(rows[-1], "acc_ensemble"), "best_warmup_acc": max(
         (csv_number(r, "acc_ensemble") for r in rows if int(r["epoch"]) <= warmup), default=math.nan)}
     selected = [r for r in rows if csv_number(r, "meta_acc") == max(csv_number(q, "meta_acc") for q in rows)]
-    summary["acc_meta_selected"] = csv_number(selected[-1], "acc_ensemble") if selected else math.nan
+    held_out = selected and meta_held_out
+    summary["acc_meta_selected"] = csv_number(selected[-1], "acc_ensemble") if held_out else math.nan
     for name, column in SIGNALS.items():
         values = [v for v in (csv_number(r, column) for r in after) if not math.isnan(v)]
         summary[name] = statistics.fmean(values) if values else math.nan
@@ -176,10 +179,11 @@ def summary_table(args: argparse.Namespace) -> str:
               "α AUROC", "T AUROC", "loss AUROC", "β AUROC (pseudo)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for noise in args.noise:
-        for method in args.methods:
-            label = parse_variant(method)[0]
+        for variant in args.methods:
+            label, method, _ = parse_variant(variant)
+            held_out = method not in METHODS or not METHODS[method].trains_on_meta_set
             histories = [read_metrics(args.out / run_name(label, noise, s)) for s in args.seeds]
-            runs = [run_summary(rows, args.warmup) for rows in histories if complete(rows, args.epochs)]
+            runs = [run_summary(rows, args.warmup, held_out) for rows in histories if complete(rows, args.epochs)]
             cells = [_mean_std([r[k] for r in runs]) for k in keys]
             unfinished = sum(1 for rows in histories if rows and not complete(rows, args.epochs))
             seeds = f"{len(runs)} (+{unfinished} unfinished)" if unfinished else str(len(runs))

@@ -27,7 +27,7 @@ class MethodSpec:
     """What a method name switches on. Every method and ablation is one row of METHODS."""
 
     dual: bool = True  # two co-trained networks
-    loss: str = "hrp"  # ce | gce | coteach | hrp
+    loss: str = "hrp"  # ce | ce_meta | gce | coteach | hrp
     meta: bool = True  # bilevel meta step for α, β (otherwise α = β = 1)
     normalization: str = "separate"  # Eq. 5 (separate) or L2B-style coupled
     ram: bool = True
@@ -35,9 +35,21 @@ class MethodSpec:
     symmetric_ram: bool = False
     cdcl: bool = True
 
+    @property
+    def trains_on_meta_set(self) -> bool:
+        """The clean meta set is training data (ce_meta), not held out."""
+        return self.loss == "ce_meta"
+
+    @property
+    def needs_meta_set(self) -> bool:
+        return self.meta or self.trains_on_meta_set
+
 
 METHODS: dict[str, MethodSpec] = {
     "ce": MethodSpec(dual=False, loss="ce", meta=False),
+    # CE on each noisy batch plus a batch of the clean meta set with its true labels: the baseline that spends
+    # the clean labels HRP's meta step uses on plain training (best.pt is then the last epoch: no held-out set)
+    "ce_meta": MethodSpec(dual=False, loss="ce_meta", meta=False),
     "gce": MethodSpec(dual=False, loss="gce", meta=False),
     "coteach": MethodSpec(loss="coteach", meta=False),
     "coupled_meta": MethodSpec(normalization="coupled"),
@@ -171,10 +183,10 @@ class TrainConfig:
             raise UserError(f"t_min ({self.t_min}) must not exceed t_max ({self.t_max})")
 
     def _validate_meta_size(self) -> None:
-        """0 (train on the whole training split) only for methods without a meta step."""
-        if self.meta_size < 0 or (self.meta_size == 0 and self.spec.meta):
-            without_meta = ", ".join(name for name, spec in METHODS.items() if not spec.meta)
-            raise UserError(f"meta_size must be positive for {self.method} (its meta step needs a clean meta set), "
+        """0 (train on the whole training split) only for methods that do not use a clean meta set."""
+        if self.meta_size < 0 or (self.meta_size == 0 and self.spec.needs_meta_set):
+            without_meta = ", ".join(name for name, spec in METHODS.items() if not spec.needs_meta_set)
+            raise UserError(f"meta_size must be positive for {self.method} (it needs a clean meta set), "
                             f"got {self.meta_size}; meta_size 0 is for methods without one: {without_meta}")
 
     def check_schedule(self) -> None:

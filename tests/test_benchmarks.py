@@ -101,3 +101,16 @@ def test_noisy_cifar_table_averages_finished_runs_only(tmp_path):
     (tmp_path / "ce_sym80_s1" / "metrics.csv").write_text(header + "1,10,10\n2,90,90\n")
     row = bench.summary_table(args).splitlines()[-1].split("|")
     assert [cell.strip() for cell in row[1:6]] == ["sym80", "ce", "1 (+1 unfinished)", "30.0", "40.0"]
+
+
+def test_noisy_cifar_table_selects_on_the_meta_set_only_where_it_is_held_out(tmp_path):
+    """ce_meta trains on the meta set: its meta accuracy is a training accuracy, so no meta-selected column."""
+    bench = _load_benchmark("noisy_cifar")
+    args = bench.parse_args(["--out", str(tmp_path), "--methods", "ce", "ce_meta", "--noise", "sym80", "--seeds", "0",
+                             "--epochs", "2", "--warmup", "1"])
+    for method in ("ce", "ce_meta"):
+        (tmp_path / f"{method}_sym80_s0").mkdir()
+        (tmp_path / f"{method}_sym80_s0" / "metrics.csv").write_text("epoch,acc_ensemble,meta_acc\n1,20,90\n2,30,80\n")
+    rows = [line.split("|") for line in bench.summary_table(args).splitlines()[-2:]]
+    assert [[cell.strip() for cell in row[2:6]] for row in rows] == [["ce", "1", "30.0", "20.0"],
+                                                                    ["ce_meta", "1", "30.0", "–"]]

@@ -101,12 +101,12 @@ def test_saved_config_reloads_identically(tmp_path):
     assert build_config(tmp_path / "config.yaml") == cfg
 
 
-@pytest.mark.parametrize("method", [name for name, spec in METHODS.items() if not spec.meta])
-def test_methods_without_a_meta_step_may_use_the_whole_training_split(method):
+@pytest.mark.parametrize("method", [name for name, spec in METHODS.items() if not spec.needs_meta_set])
+def test_methods_without_a_meta_set_may_use_the_whole_training_split(method):
     assert build_config(overrides={"method": method, "meta_size": 0}).meta_size == 0
 
 
-@pytest.mark.parametrize("method", ["hrp", "coupled_meta"])
+@pytest.mark.parametrize("method", ["hrp", "coupled_meta", "ce_meta"])
 def test_meta_methods_need_a_meta_set(method):
     with pytest.raises(UserError, match=f"meta_size must be positive for {method}.*ce, gce, coteach") as info:
         build_config(overrides={"method": method, "meta_size": 0})

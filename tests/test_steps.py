@@ -190,3 +190,24 @@ def test_meta_weighted_ce_trains_on_both_labels_with_the_chosen_networks_weights
         other = reliabilities[1 - weights_from]
         assert not torch.allclose(expected, -(other[0] * log_p[rows, batch.noisy_labels]
                                               + other[1] * log_p[rows, pseudo]).mean())
+
+
+def test_ce_meta_step_adds_a_clean_meta_batch_with_its_true_labels():
+    """loss = mean CE over the noisy batch (noisy labels) and a meta batch (its clean labels), one pass; plain CE
+    never draws from the meta set."""
+    ctx, members, batch = make_step(method="ce_meta")
+    drawn = []
+    draw = ctx.sample_meta_batch
+    ctx.sample_meta_batch = lambda: drawn.append(draw()) or drawn[-1]
+    forwards = record_forwards(members)
+    logs = steps_module.STEPS["ce_meta"](ctx, members, batch)
+    (inputs, logits), = forwards[0]
+    meta_x, meta_y = drawn[0]
+    assert len(inputs) == N + len(meta_y) and torch.equal(inputs[N:], meta_x)
+    expected = F.cross_entropy(logits, torch.cat([batch.noisy_labels, meta_y]))
+    torch.testing.assert_close(logs["loss"], expected)
+    assert not torch.allclose(expected, F.cross_entropy(logits[:N], batch.noisy_labels))
+
+    drawn.clear()
+    steps_module.STEPS["ce"](ctx, members, batch)
+    assert drawn == []

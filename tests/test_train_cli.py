@@ -100,6 +100,8 @@ def test_every_method_trains(method, cifar_root, tmp_path):
     assert len(state["nets"]) == (2 if METHODS[method].dual else 1)
     weights = torch.cat([p.flatten() for p in state["nets"][0].values() if p.is_floating_point()])
     assert torch.isfinite(weights).all()
+    if METHODS[method].trains_on_meta_set:  # nothing clean held out to select on: best.pt is the last epoch
+        assert load_checkpoint(tmp_path / method / "best.pt")["epoch"] == 2
 
 
 def test_existing_run_folder_is_not_overwritten_silently(cifar_root, tmp_path, capsys):
@@ -201,3 +203,5 @@ def test_single_network_baseline_trains_on_the_whole_training_split(cifar_root, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "meta_size must be positive for hrp" in err
     assert not (tmp_path / "hrp0").exists()
+    assert main([*args, "--name", "cm0", "--method", "ce_meta", "--meta-size", "0"]) == 2
+    assert "meta_size must be positive for ce_meta" in capsys.readouterr().err

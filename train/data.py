@@ -63,10 +63,10 @@ def _noisy_labels(cfg: TrainConfig, clean: np.ndarray, num_classes: int, coarse:
 
 
 def check_sizes(cfg: TrainConfig, num_classes: int, num_train: int) -> None:
-    """The meta set holds every class (or, for a method without a meta step, is empty: meta_size 0), and a
+    """The meta set holds every class (or, for a method that does not use it, is empty: meta_size 0), and a
     training batch fits in what the meta set leaves."""
-    if cfg.meta_size < num_classes and (cfg.meta_size > 0 or cfg.spec.meta):
-        zero = "" if cfg.spec.meta else f", or --meta-size 0 to train {cfg.method} on the whole training split"
+    if cfg.meta_size < num_classes and (cfg.meta_size > 0 or cfg.spec.needs_meta_set):
+        zero = "" if cfg.spec.needs_meta_set else f", or --meta-size 0 to train {cfg.method} on the whole training split"
         raise UserError(f"meta_size {cfg.meta_size} is smaller than the {num_classes} classes of {cfg.dataset}: the "
                         f"clean meta set needs every class; use --meta-size {num_classes} or more{zero}")
     left = num_train - cfg.meta_size

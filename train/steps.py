@@ -1,4 +1,5 @@
-"""One optimisation step of each method (SPEC §3.4–3.5): CE, GCE, co-teaching, HRP and its ablations.
+"""One optimisation step of each method (SPEC §3.4–3.5): CE (with or without the clean meta set), GCE,
+co-teaching, HRP and its ablations.
 
 A step function takes the run's `Members` (one or two networks with their optimisers), a batch of uint8
 images with their noisy labels, and the fractional epoch; it updates the networks and returns detached
@@ -138,10 +139,23 @@ def _update(ctx: StepContext, members: list[Member], loss: torch.Tensor, terms: 
 
 def ce_step(ctx: StepContext, members: list[Member], batch: StepInputs) -> dict[str, torch.Tensor]:
     """Plain cross-entropy on the noisy labels, every network (also HRP's warm-up)."""
-    x = ctx.augment.weak(batch.images)
+    return _ce_update(ctx, members, batch, ctx.augment.weak(batch.images), batch.noisy_labels)
+
+
+def ce_meta_step(ctx: StepContext, members: list[Member], batch: StepInputs) -> dict[str, torch.Tensor]:
+    """Cross-entropy on the noisy batch and, in the same pass, on a batch of the clean meta set with its true
+    labels (each sample of the two weighs the same)."""
+    meta_x, meta_y = ctx.sample_meta_batch()
+    x = torch.cat([ctx.augment.weak(batch.images), meta_x])
+    return _ce_update(ctx, members, batch, x, torch.cat([batch.noisy_labels, meta_y]))
+
+
+def _ce_update(ctx: StepContext, members: list[Member], batch: StepInputs, x: torch.Tensor,
+               labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One step of every network on the mean CE of (x, labels), whose first rows are the training batch."""
     with ctx.autocast():
-        per_sample = [F.cross_entropy(m.forward(x).float(), batch.noisy_labels, reduction="none") for m in members]
-    _record_loss(ctx, batch, per_sample)
+        per_sample = [F.cross_entropy(m.forward(x).float(), labels, reduction="none") for m in members]
+    _record_loss(ctx, batch, [ps[:len(batch.noisy_labels)] for ps in per_sample])
     loss = torch.stack([ps.mean() for ps in per_sample]).sum()
     _update(ctx, members, loss, {"loss_ce": loss})
     return {"loss": loss.detach(), "loss_ce": loss.detach() / len(members)}
@@ -348,4 +362,4 @@ def _record_hrp_signals(ctx: StepContext, batch: StepInputs, outputs: list[dict[
         signals.record("pseudo_correct", index, (outputs[0]["pseudo"] == batch.clean_labels).float())
 
 
-STEPS = {"ce": ce_step, "gce": gce_step, "coteach": coteach_step, "hrp": hrp_step}
+STEPS = {"ce": ce_step, "ce_meta": ce_meta_step, "gce": gce_step, "coteach": coteach_step, "hrp": hrp_step}

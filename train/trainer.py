@@ -2,7 +2,8 @@
 
 A run folder `runs/<name>/` holds config.yaml, noise.npz, meta_indices.npz, metrics.csv, train.log,
 signals/epoch_NNNN.npz (per-sample diagnostics, train/signals.py), last.pt (everything needed to resume) and
-best.pt: the epoch whose ensemble is most accurate on the clean meta set (never chosen on the test set).
+best.pt: the epoch whose ensemble is most accurate on the clean meta set (never chosen on the test set; the
+last epoch for a method that trains on the meta set).
 
 Data-parallel under torchrun (`hrp-ood train --nproc N`): `batch_size` and `meta_batch_size` stay the
 GLOBAL batch sizes, split evenly over the ranks, so N ranks compute the same maths as one process. Rank 0
@@ -380,8 +381,9 @@ class Trainer:
             row.update(self._evaluate())
             row = {"epoch": self.epoch, "lr": lr, **row, "epoch_time_s": time.perf_counter() - started}
             self.metrics_row = {k: _format(v) for k, v in row.items()}
-            # best.pt: selected on the clean meta set (held out from the noisy training data), never on the test set
-            is_best = row["meta_acc"] > self.best_acc
+            # best.pt: selected on the clean meta set (held out from the noisy training data), never on the test set;
+            # the last epoch when the method trains on the meta set (nothing clean is held out then)
+            is_best = row["meta_acc"] > self.best_acc or cfg.spec.trains_on_meta_set
             if is_best:
                 self.best_acc, self.best_test_acc = row["meta_acc"], row["acc_ensemble"]
             self.save()
