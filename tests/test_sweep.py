@@ -322,7 +322,12 @@ def test_a_submitit_job_signalled_before_its_time_limit_is_requeued_and_resumes_
     executor.update_parameters(timeout_min=10)
     job = executor.submit(SweepJob(), str(path), str(experiment.out), name, 1)
     last, deadline = experiment.run_dir(name) / "last.pt", time.monotonic() + 300
-    while not last.is_file():  # the task is in the training loop once it has written a checkpoint
+    log_file = experiment.sweep_file(name, ".log")
+
+    def first_epoch_logged() -> bool:  # after last.pt: a signal between the two would leave epoch 1 unlogged
+        return last.is_file() and log_file.is_file() and f"epoch 1/{epochs} " in log_file.read_text()
+
+    while not first_epoch_logged():  # the task is in the training loop once it has checkpointed and logged epoch 1
         assert time.monotonic() < deadline and not job.done(), "the job never wrote a checkpoint"
         time.sleep(0.1)
     (task,) = _child_pids(int(job.job_id))  # the local job's controller runs one task process
@@ -330,6 +335,6 @@ def test_a_submitit_job_signalled_before_its_time_limit_is_requeued_and_resumes_
     assert job.result()[1] is None
     assert "Requeued" in job.stdout()
     assert load_checkpoint(last)["epoch"] == epochs and experiment.eval_json(name).is_file()
-    log = experiment.sweep_file(name, ".log").read_text()
+    log = log_file.read_text()
     assert sum(f"epoch 1/{epochs} " in line for line in log.splitlines()) == 1, "the second attempt restarted"
     assert sum(f"epoch {epochs}/{epochs} " in line for line in log.splitlines()) == 1
