@@ -59,10 +59,12 @@ METHODS: dict[str, MethodSpec] = {
     "hrp_no_grg": MethodSpec(grg=False),
     "hrp_sym_ram": MethodSpec(symmetric_ram=True),
     # α = β = 1 everywhere: HRP's losses without the meta step (the speed baseline of benchmarks/train_step.py);
-    # T ≡ 2 (RAM's Beta law symmetric, gate 2, CE weights 1) and β̂ ≡ 1 (CDCL ungated)
+    # L_CE unweighted (ce_loss=meta_weighted: CE on the given label and on the own pseudo-label), T ≡ 2 (RAM's Beta
+    # law symmetric, gate 2) and β̂ ≡ 1 (CDCL ungated)
     "hrp_no_meta": MethodSpec(meta=False),
-    # Table 4's "independent module verification" rows: Base = two networks exchanging refined targets, the
-    # reliability-reweighted CE (weights 1 without meta) and the consistency loss; then one module added
+    # Table 4's "independent module verification" rows: Base = two networks with L_CE at α = β = 1 (ce_loss:
+    # meta_weighted = CE on the given label and the own pseudo-label, refined = the peer's refined targets) and the
+    # consistency loss; then one module added
     "base": MethodSpec(meta=False, ram=False, cdcl=False),
     "base_coupled_meta": MethodSpec(normalization="coupled", ram=False, cdcl=False),
     "base_cdcl": MethodSpec(meta=False, ram=False),
@@ -110,11 +112,12 @@ class TrainConfig:
     independent_views: bool = False  # each network draws its own weak/strong augmentation of the batch
     # L_CE (Eq. 13) gives every target class of S the same total weight (method/targets.py:reweighted_ce)
     balanced_s: bool = False
-    # L_CE of Eq. 15: "refined" = Eq. 13 (the peer's refined targets on S, reweighted by T; SPEC); "meta_weighted" =
-    # Eq. 1 with the meta-learned weights, (1/n) Σ α_i ℓ(ỹ_i) + β_i ℓ(ŷ_i) over the whole batch, each network with
-    # its own α, β, ŷ (L2B's training loss, the paper's "weighted cross-entropy" read literally; not in SPEC);
-    # "meta_weighted_peer" = the same with the peer's α, β, ŷ (the exchange of SPEC §3.4)
-    ce_loss: str = "refined"
+    # L_CE of Eq. 15: "meta_weighted" = Eq. 1 with the meta-learned weights, (1/n) Σ α_i ℓ(ỹ_i) + β_i ℓ(ŷ_i) over
+    # the whole batch, each network with its own α, β, ŷ (L2B's training loss, the paper's "weighted cross-entropy"
+    # read literally; not SPEC's Eq. 13, and ahead of it in every setting measured: README, Method notes);
+    # "refined" = SPEC's Eq. 13 (the peer's refined targets on S, reweighted by T); "meta_weighted_peer" = Eq. 1
+    # with the peer's α, β, ŷ (the exchange of SPEC §3.4)
+    ce_loss: str = "meta_weighted"
     kappa: float = 4.0
     t_min: float = 0.1
     t_max: float = 3.0

@@ -92,7 +92,7 @@ def test_each_network_trains_with_its_peers_targets_and_reliabilities(monkeypatc
 
 def test_reweighted_ce_of_the_step_equals_a_hand_computation(monkeypatch):
     """loss_ce of network 1 = Eq. 13 on its own weak logits with the peer's refined targets and T."""
-    ctx, members, batch = make_step(method="base")  # no RAM / CDCL: only L_CE, L_cons, prior are logged
+    ctx, members, batch = make_step(method="base", ce_loss="refined")  # no RAM / CDCL: L_CE, L_cons, prior
     forwards = record_forwards(members)
     ce_terms = record_ce_terms(monkeypatch)
     hrp_step(ctx, members, batch)
