@@ -129,7 +129,9 @@ class TrainConfig:
     gamma: float = 0.5
     lambda_cons: float = 1.0
     lambda_c: float = 0.1
-    lambda_prior: float = 1.0  # not in SPEC: DivideMix's uniform-prior penalty; without it HRP collapsed (method/targets.py)
+    # not in SPEC: DivideMix's uniform-prior penalty (method/targets.py). Off by default: meta_weighted does not
+    # collapse without it; ce_loss=refined does and needs it (configs/cifar10_hrp_spec.yaml sets 1)
+    lambda_prior: float = 0.0
     # baselines
     gce_q: float = 0.7
     forget_rate: float | None = None  # co-teaching; None = the noise file's realised rate

@@ -122,6 +122,21 @@ def test_ablation_switches_remove_exactly_their_terms(method, present, absent):
     assert {"loss_ce", "loss_cons"} <= set(logs)
 
 
+@pytest.mark.parametrize("lambda_prior", [0.0, 0.5])
+def test_the_uniform_prior_adds_its_weighted_term_only_when_on(monkeypatch, lambda_prior):
+    """loss = Σ over the networks of loss_ce + λ_cons loss_cons + λ_prior loss_prior (base: no RAM, no CDCL)."""
+    ctx, members, batch = make_step(method="base", lambda_prior=lambda_prior)
+    member_terms = []
+    member_loss = steps_module._hrp_member_loss
+    monkeypatch.setattr(steps_module, "_hrp_member_loss",
+                        lambda *a, **k: member_terms.append(member_loss(*a, **k)) or member_terms[-1])
+    logs = hrp_step(ctx, members, batch)
+    assert ("loss_prior" in logs) == (lambda_prior > 0)
+    expected = sum(t["loss_ce"] + ctx.cfg.lambda_cons * t["loss_cons"] + lambda_prior * t.get("loss_prior", 0)
+                   for t in member_terms)
+    torch.testing.assert_close(logs["loss"], expected.detach())
+
+
 def test_grg_and_symmetric_ram_switches(monkeypatch):
     calls = {}
     for method in ("hrp", "hrp_no_grg", "hrp_sym_ram"):
