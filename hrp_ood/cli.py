@@ -98,8 +98,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                             "when launching with torchrun yourself")
     result = train(cfg, resume=args.resume, overwrite=args.overwrite, explicit=explicit, progress=args.progress)
     if int(os.environ.get("RANK", "0")) == 0:
+        selection = "the last epoch: it trains on the meta set" if cfg.spec.trains_on_meta_set else \
+            "selected on the clean meta set"
         print(f"done: {result['epochs']} epochs, ensemble test accuracy {result['last_test_acc']:.2f}% (last), "
-              f"{result['best_test_acc']:.2f}% (best.pt, selected on the clean meta set) -> {result['run_dir']}")
+              f"{result['best_test_acc']:.2f}% (best.pt, {selection}) -> {result['run_dir']}")
     return 0
 
 

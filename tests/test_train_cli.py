@@ -94,15 +94,17 @@ def test_train_on_an_image_folder(tmp_path):
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_trains(method, cifar_root, tmp_path):
+def test_every_method_trains(method, cifar_root, tmp_path, capsys):
     assert main(["train", "--data-root", str(cifar_root), "--method", method, "--epochs", "2",
                  "--out-dir", str(tmp_path), "--name", method, *TINY]) == 0
     state = load_checkpoint(tmp_path / method / "last.pt")
     assert len(state["nets"]) == (2 if METHODS[method].dual else 1)
     weights = torch.cat([p.flatten() for p in state["nets"][0].values() if p.is_floating_point()])
     assert torch.isfinite(weights).all()
-    if METHODS[method].trains_on_meta_set:  # nothing clean held out to select on: best.pt is the last epoch
+    held_out = not METHODS[method].trains_on_meta_set
+    if not held_out:  # nothing clean held out to select on: best.pt is the last epoch
         assert load_checkpoint(tmp_path / method / "best.pt")["epoch"] == 2
+    assert ("selected on the clean meta set" in capsys.readouterr().out) == held_out
 
 
 def test_existing_run_folder_is_not_overwritten_silently(cifar_root, tmp_path, capsys):
