@@ -348,5 +348,15 @@ def build_config(
     return TrainConfig(**merged)
 
 
+# Keys added after runs had been saved without them, with the value that reproduces what those runs did: a saved
+# config that lacks one resumes (and evaluates) as it trained, not with today's default.
+BEHAVIOUR_BEFORE_KEY = {"ce_loss": "refined"}
+
+
+def saved_config(values: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig of a run's saved config (config.yaml, or a checkpoint's `config`)."""
+    return TrainConfig(**{**BEHAVIOUR_BEFORE_KEY, **values})
+
+
 def save_config(cfg: TrainConfig, path: Path) -> None:
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

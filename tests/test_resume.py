@@ -1,6 +1,7 @@
 """An interrupted run resumes to bit-identical weights: SIGKILL (lose the epoch in flight) and SIGTERM
 (checkpoint mid-epoch, exit non-zero with a resume hint) on a real `hrp-ood train` subprocess."""
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -9,9 +10,14 @@ import time
 
 import pytest
 import torch
+import yaml
 
 from fakes import write_cifar10
 from hrp_ood.checkpoint import load_checkpoint
+from hrp_ood.config import build_config
+from hrp_ood.errors import UserError
+from hrp_ood.eval.network import checkpoint_config
+from train.trainer import resume_config
 
 EPOCHS = 4
 ARGS = ["--model", "small_cnn", "--batch-size", "16", "--meta-size", "20", "--set", "meta_batch_size=16",
@@ -72,3 +78,28 @@ def test_interrupt_then_resume_is_bit_identical(how, data_root, reference_weight
     resumed = subprocess.run(train_command(data_root, tmp_path, "--resume"), env=ENV, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert_identical(load_checkpoint(tmp_path / "run" / "last.pt")["nets"], reference_weights)
+
+
+def saved_before_ce_loss(tmp_path):
+    """A run folder whose config.yaml was written before the `ce_loss` key existed (SPEC's refined L_CE)."""
+    values = dataclasses.asdict(build_config())
+    del values["ce_loss"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(values))
+    return values
+
+
+def test_a_run_saved_before_a_key_existed_resumes_with_the_behaviour_it_trained_with(tmp_path):
+    saved_before_ce_loss(tmp_path)
+    assert build_config().ce_loss == "meta_weighted"
+    assert resume_config(tmp_path, build_config(), explicit=set()).ce_loss == "refined"
+    # a sweep names every key: the old run matches an experiment that asks for refined, and no other
+    assert resume_config(tmp_path, build_config(overrides={"ce_loss": "refined"}), explicit={"ce_loss"}).ce_loss \
+        == "refined"
+    with pytest.raises(UserError, match="ce_loss differ"):
+        resume_config(tmp_path, build_config(), explicit={"ce_loss"})
+
+
+def test_a_checkpoint_saved_before_a_key_existed_evaluates_with_its_behaviour(tmp_path):
+    values = saved_before_ce_loss(tmp_path)
+    state = {"config": values, "dataset": {}, "nets": [], "epoch": 1}
+    assert checkpoint_config(state, tmp_path / "last.pt").ce_loss == "refined"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import inspect
 import io
 import logging
@@ -36,7 +37,7 @@ import torch
 
 from hrp_ood import distributed
 from hrp_ood.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from hrp_ood.config import TrainConfig, check_device_name, read_yaml, save_config
+from hrp_ood.config import TrainConfig, check_device_name, read_yaml, save_config, saved_config
 from hrp_ood.data.augment import BatchAugment
 from hrp_ood.errors import Interrupted, UserError
 from hrp_ood.io import atomic_write_text, read_csv_rows
@@ -464,13 +465,13 @@ def resume_config(run_dir: Path, requested: TrainConfig, explicit: set[str]) -> 
         saved = read_yaml(run_dir / "config.yaml")
     else:
         raise UserError(f"--resume: {run_dir} holds neither last.pt nor config.yaml; drop --resume to start the run")
+    saved_cfg = saved_config(saved)
     changed = sorted(k for k in explicit - {*RESUMABLE, "name", "out_dir"}
-                     if getattr(requested, k) != saved.get(k))
+                     if getattr(requested, k) != getattr(saved_cfg, k))
     if changed:
         raise UserError(f"--resume continues {run_dir} with its saved config; {', '.join(changed)} differ(s) from it: "
                         "start a new run (--name) to change them")
-    saved.update({k: getattr(requested, k) for k in RESUMABLE if k in explicit})
-    return TrainConfig(**saved)
+    return dataclasses.replace(saved_cfg, **{k: getattr(requested, k) for k in RESUMABLE if k in explicit})
 
 
 @contextlib.contextmanager

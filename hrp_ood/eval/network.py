@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from hrp_ood.checkpoint import load_checkpoint, read_checkpoint
-from hrp_ood.config import TrainConfig
+from hrp_ood.config import TrainConfig, saved_config
 from hrp_ood.data.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 from hrp_ood.errors import UserError
 from hrp_ood.io import atomic_write, atomic_write_text
@@ -30,7 +30,7 @@ def checkpoint_config(state: dict[str, Any], path: Path) -> TrainConfig:
         raise UserError(f"{path} lacks {', '.join(missing)}: it is not a complete checkpoint of `hrp-ood train`; "
                         "use the run's last.pt or best.pt")
     try:
-        return TrainConfig(**state["config"])
+        return saved_config(state["config"])
     except (KeyError, TypeError) as err:
         raise UserError(f"{path}: the checkpoint's config does not match this version of hrp-ood ({err})") from None
 
