@@ -116,7 +116,8 @@ class TrainConfig:
     # the whole batch, each network with its own α, β, ŷ (L2B's training loss, the paper's "weighted cross-entropy"
     # read literally; not SPEC's Eq. 13, and ahead of it in every setting measured: README, Method notes);
     # "refined" = SPEC's Eq. 13 (the peer's refined targets on S, reweighted by T); "meta_weighted_peer" = Eq. 1
-    # with the peer's α, β, ŷ (the exchange of SPEC §3.4)
+    # with the peer's α, β, ŷ (the exchange of SPEC §3.4); "meta_weighted_s" = meta_weighted on S only, as Eq. 13
+    # averages: the given label where the peer endorses it, the own pseudo-label where the peer is confident instead
     ce_loss: str = "meta_weighted"
     kappa: float = 4.0
     t_min: float = 0.1
@@ -216,7 +217,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-CE_LOSSES = ("refined", "meta_weighted", "meta_weighted_peer")
+CE_LOSSES = ("refined", "meta_weighted", "meta_weighted_peer", "meta_weighted_s")
 MAX_EPOCHS = 100_000
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
 DEVICE_NAME = re.compile(r"auto|cpu|mps|cuda(:\d+)?")

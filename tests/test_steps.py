@@ -207,6 +207,32 @@ def test_meta_weighted_ce_trains_on_both_labels_with_the_chosen_networks_weights
                                               + other[1] * log_p[rows, pseudo]).mean())
 
 
+def test_meta_weighted_s_trains_only_on_s_with_each_rules_label(monkeypatch):
+    """ce_loss=meta_weighted_s: loss_ce of network k = (1/|S|) Σ_{i∈S} [α_i 1(peer endorses ỹ_i) ℓ(ỹ_i)
+    + β_i 1(peer confident in another class) ℓ(ŷ_i)], with k's own α, β, ŷ and S from the peer's weak view."""
+    tau_conf = 0.29
+    ctx, members, batch = make_step(method="base", ce_loss="meta_weighted_s", tau_conf=tau_conf)
+    forwards = record_forwards(members)
+    g = torch.Generator().manual_seed(5)
+    reliabilities = {k: (torch.rand(N, generator=g) * 2, torch.rand(N, generator=g) * 2) for k in range(2)}
+    monkeypatch.setattr(steps_module, "_reliabilities", lambda ctx, k, *a: reliabilities[k])
+    ce_terms = record_ce_terms(monkeypatch)
+    hrp_step(ctx, members, batch)
+    logits = [forwards[k][0][1][:N] for k in range(2)]
+    rows, labels = torch.arange(N), batch.noisy_labels
+    for k in range(2):
+        peer_probs = logits[1 - k].softmax(dim=1)
+        endorsed = (peer_probs.argmax(dim=1) == labels) | (peer_probs[rows, labels] >= 0.5)
+        confident = ~endorsed & (peer_probs.max(dim=1).values >= tau_conf)
+        assert endorsed.any() and confident.any() and not (endorsed | confident).all()  # every rule is exercised
+        log_p = logits[k].log_softmax(dim=1)
+        alpha, beta = reliabilities[k]
+        own_pseudo = logits[k].argmax(dim=1)
+        expected = -(alpha * endorsed * log_p[rows, labels] + beta * confident * log_p[rows, own_pseudo]).sum() \
+            / (endorsed | confident).sum()
+        torch.testing.assert_close(ce_terms[k], expected)
+
+
 def test_ce_meta_step_adds_a_clean_meta_batch_with_its_true_labels():
     """loss = mean CE over the noisy batch (noisy labels) and a meta batch (its clean labels), one pass; plain CE
     never draws from the meta set."""

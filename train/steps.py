@@ -264,8 +264,14 @@ def _ce_term(cfg: TrainConfig, own: dict[str, torch.Tensor], peer: dict[str, tor
     # meta_weighted: the network's own α, β and pseudo-labels, so that its step on L_CE lowers its own meta loss
     # to first order (a weight is > 0 only where its sample's gradient agrees with the meta gradient: L2RW/L2B;
     # exact up to BN, whose training pass normalises the weak and strong views together)
-    source = own if cfg.ce_loss == "meta_weighted" else peer
-    return weighted_label_ce(own["logits_weak"], noisy, source["pseudo"], source["alpha"], source["beta"])
+    source = peer if cfg.ce_loss == "meta_weighted_peer" else own
+    if cfg.ce_loss != "meta_weighted_s":
+        return weighted_label_ce(own["logits_weak"], noisy, source["pseudo"], source["alpha"], source["beta"])
+    # S's two rules (refine_targets): the peer endorses the given label, or it is confident in another class
+    endorsed = high_conf & (targets.argmax(dim=1) == noisy)
+    peer_confident = high_conf & ~endorsed
+    return weighted_label_ce(own["logits_weak"], noisy, own["pseudo"], own["alpha"] * endorsed,
+                             own["beta"] * peer_confident, over=high_conf)
 
 
 def _ram_diagnostics(ctx: StepContext, lam: torch.Tensor, perm: torch.Tensor,

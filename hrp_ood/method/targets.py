@@ -81,16 +81,22 @@ def reweighted_ce(logits: torch.Tensor, targets: torch.Tensor, T: torch.Tensor, 
 
 
 def weighted_label_ce(logits: torch.Tensor, noisy_labels: torch.Tensor, pseudo_labels: torch.Tensor,
-                      weight_noisy: torch.Tensor, weight_pseudo: torch.Tensor) -> torch.Tensor:
+                      weight_noisy: torch.Tensor, weight_pseudo: torch.Tensor,
+                      over: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 1's weighted cross-entropy of the given and the pseudo-label,
 
         (1/n) Σ_i [w^α_i ℓ(z_i, ỹ_i) + w^β_i ℓ(z_i, ŷ_i)],
 
     with the perturbations ε (the meta step's inner loss) or the meta-learned α, β (config
-    ``ce_loss=meta_weighted``: L2B's training loss, Zhou et al. 2024) as the weights.
+    ``ce_loss=meta_weighted``: L2B's training loss, Zhou et al. 2024) as the weights. With ``over`` (a row mask,
+    ``ce_loss=meta_weighted_s``: S) the sum is divided by the mask's count instead of n, global over ranks as in
+    Eq. 13; the weights are expected to be zero outside it.
     """
-    return (weight_noisy * F.cross_entropy(logits, noisy_labels, reduction="none")
-            + weight_pseudo * F.cross_entropy(logits, pseudo_labels, reduction="none")).mean()
+    per_sample = (weight_noisy * F.cross_entropy(logits, noisy_labels, reduction="none")
+                  + weight_pseudo * F.cross_entropy(logits, pseudo_labels, reduction="none"))
+    if over is None:
+        return per_sample.mean()
+    return per_sample.sum() / per_rank_count(over.to(per_sample.dtype).sum())
 
 
 def class_balance(classes: torch.Tensor, mask: torch.Tensor, num_classes: int) -> torch.Tensor:
