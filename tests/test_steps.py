@@ -182,11 +182,8 @@ def test_meta_calibration_reaches_the_meta_step(monkeypatch, calibrated):
     assert len(meta.calls) == 2 and all(kwargs["calibrated"] is calibrated for _, kwargs in meta.calls)
 
 
-@pytest.mark.parametrize("ce_loss, source", [("meta_weighted", "own"), ("meta_weighted_peer", "peer")])
-def test_meta_weighted_ce_trains_on_both_labels_with_the_chosen_networks_weights(monkeypatch, ce_loss, source):
-    """loss_ce of network k = (1/n) Σ α_i ℓ(ỹ_i) + β_i ℓ(ŷ_i) on its own weak logits, over the whole batch (not only
-    S), with the α, β and pseudo-labels ŷ of network k itself (meta_weighted) or of its peer (meta_weighted_peer)."""
-    ctx, members, batch = make_step(method="base", ce_loss=ce_loss)
+def step_with_random_reliabilities(monkeypatch, ctx, members, batch):
+    """One HRP step with α, β drawn at random per network: each network's weak logits, its (α, β) and loss_ce."""
     forwards = record_forwards(members)
     g = torch.Generator().manual_seed(5)
     reliabilities = {k: (torch.rand(N, generator=g) * 2, torch.rand(N, generator=g) * 2) for k in range(2)}
@@ -194,6 +191,15 @@ def test_meta_weighted_ce_trains_on_both_labels_with_the_chosen_networks_weights
     ce_terms = record_ce_terms(monkeypatch)
     hrp_step(ctx, members, batch)
     logits = [forwards[k][0][1][:N] for k in range(2)]
+    return logits, reliabilities, ce_terms
+
+
+@pytest.mark.parametrize("ce_loss, source", [("meta_weighted", "own"), ("meta_weighted_peer", "peer")])
+def test_meta_weighted_ce_trains_on_both_labels_with_the_chosen_networks_weights(monkeypatch, ce_loss, source):
+    """loss_ce of network k = (1/n) Σ α_i ℓ(ỹ_i) + β_i ℓ(ŷ_i) on its own weak logits, over the whole batch (not only
+    S), with the α, β and pseudo-labels ŷ of network k itself (meta_weighted) or of its peer (meta_weighted_peer)."""
+    ctx, members, batch = make_step(method="base", ce_loss=ce_loss)
+    logits, reliabilities, ce_terms = step_with_random_reliabilities(monkeypatch, ctx, members, batch)
     rows = torch.arange(N)
     for k in range(2):
         weights_from = k if source == "own" else 1 - k
@@ -212,13 +218,7 @@ def test_meta_weighted_s_trains_only_on_s_with_each_rules_label(monkeypatch):
     + β_i 1(peer confident in another class) ℓ(ŷ_i)], with k's own α, β, ŷ and S from the peer's weak view."""
     tau_conf = 0.29
     ctx, members, batch = make_step(method="base", ce_loss="meta_weighted_s", tau_conf=tau_conf)
-    forwards = record_forwards(members)
-    g = torch.Generator().manual_seed(5)
-    reliabilities = {k: (torch.rand(N, generator=g) * 2, torch.rand(N, generator=g) * 2) for k in range(2)}
-    monkeypatch.setattr(steps_module, "_reliabilities", lambda ctx, k, *a: reliabilities[k])
-    ce_terms = record_ce_terms(monkeypatch)
-    hrp_step(ctx, members, batch)
-    logits = [forwards[k][0][1][:N] for k in range(2)]
+    logits, reliabilities, ce_terms = step_with_random_reliabilities(monkeypatch, ctx, members, batch)
     rows, labels = torch.arange(N), batch.noisy_labels
     for k in range(2):
         peer_probs = logits[1 - k].softmax(dim=1)
