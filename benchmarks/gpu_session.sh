@@ -30,7 +30,7 @@ WORK=/tmp/noisy_work
 # 2026-11-28 (README, Method notes): 44 runs at once reached only epoch 13-18 of 30 in 7 minutes; 14 finish.
 # The variants: the baselines (ce_meta: CE on the clean meta set too), HRP (default ce_loss=meta_weighted), HRP as
 # specified (ce_loss=refined) and the leads the CPU diagnostics found before (balanced_s, tau_match=0.2).
-SMALL_VARIANTS="ce ce_meta coteach hrp hrp_spec=hrp,ce_loss=refined,lambda_prior=1 hrp_bal=hrp,balanced_s=true,ce_loss=refined,lambda_prior=1
+SMALL_VARIANTS="ce ce_meta coteach hrp hrp_p0=hrp,lambda_prior=0 hrp_spec=hrp,ce_loss=refined,lambda_prior=1 hrp_bal=hrp,balanced_s=true,ce_loss=refined,lambda_prior=1
   hrp_tm02=hrp,tau_match=0.2,ce_loss=refined,lambda_prior=1 hrp_no_ram_tm02=hrp_no_ram,tau_match=0.2,ce_loss=refined,lambda_prior=1"
 SEEDS=${SEEDS:-0}
 # CPU-budget protocol (10k/2k subset, small_cnn, 30 epochs) at sym50 and sym80, two seeds, all at once

@@ -38,10 +38,9 @@ def test_train_two_epochs_on_cifar_pickles_then_resume(cifar_root, tmp_path, cap
     rows = read_metrics(run)
     assert [r["epoch"] for r in rows] == ["1", "2"]
     hrp_row = rows[1]  # epoch 2 is past the warm-up: every HRP term is logged
-    for column in ("loss_ce", "loss_cons", "loss_ram", "loss_cdcl", "alpha", "beta", "T", "gate",
+    for column in ("loss_ce", "loss_cons", "loss_ram", "loss_cdcl", "loss_prior", "alpha", "beta", "T", "gate",
                    "alpha_auroc", "T_auroc", "acc_net1", "acc_net2", "acc_ensemble", "lr"):
         assert column in hrp_row and hrp_row[column] != "", column
-    assert hrp_row.get("loss_prior", "") == "", "the uniform prior (not in SPEC) is off by default"
     assert 0 <= float(hrp_row["acc_ensemble"]) <= 100
     noisy, clean, _ = load_noise(run / "noise.npz")
     assert 0.3 < (noisy != clean).mean() < 0.6  # sym50 on 10 classes realises ~45%

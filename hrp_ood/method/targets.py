@@ -120,8 +120,8 @@ def prior_penalty(logits: torch.Tensor) -> torch.Tensor:
     Not in SPEC §3 (an addition, config key ``lambda_prior``): without it the refined targets' "peer confident"
     case fed back into both networks collapsed them onto one class (CIFAR-10 JPEG, sym50, small_cnn: 48% after
     warm-up, chance two epochs later) and onto four classes on the digits demo (39%); with it the demo
-    reached 95% against 77% (and 92% for plain CE). Off by default since ``ce_loss=meta_weighted`` became the
-    default: that loss does not collapse without it (README, Method notes).
+    reached 95% against 77% (and 92% for plain CE). ``ce_loss=meta_weighted`` does not collapse onto one class
+    without it, but its first HRP epochs crowd into a few classes and it ends lower (README, Method notes).
     """
     if world_size() == 1:  # log p̄ through logsumexp: a class no sample gives any probability stays finite
         log_mean = torch.logsumexp(logits.log_softmax(dim=1), dim=0) - math.log(logits.shape[0])
