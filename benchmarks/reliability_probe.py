@@ -31,10 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from sklearn.metrics import roc_auc_score
 
-from hrp_ood.config import build_config
+from hrp_ood.config import read_yaml, saved_config
 from hrp_ood.method.reliability import fit_calibration, logit_changes, meta_gradient, signed_alignment
 from hrp_ood.train.trainer import Trainer, seed_everything
 
@@ -43,9 +42,9 @@ SIGNALS = ("alpha_batch", "alpha_meta_set", "alpha_calibrated", "small_loss")
 
 def load_run(run_dir: Path, checkpoint: str, device: str) -> Trainer:
     """The run's trainer (its data, noise file and meta set, read from the folder) at ``checkpoint``."""
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    config.update(device=device, out_dir=str(run_dir.parent), name=run_dir.name)
-    trainer = Trainer(build_config(None, config), run_dir, progress=False)
+    config = {**read_yaml(run_dir / "config.yaml"), "device": device, "out_dir": str(run_dir.parent),
+              "name": run_dir.name}
+    trainer = Trainer(saved_config(config), run_dir, progress=False)
     state = torch.load(run_dir / checkpoint, map_location=trainer.device, weights_only=False)
     for member, net in zip(trainer.members, state["nets"]):
         member.net.load_state_dict(net)
