@@ -44,7 +44,7 @@ def load_run(run_dir: Path, checkpoint: str, device: str) -> Trainer:
     """The run's trainer (its data, noise file and meta set, read from the folder) at ``checkpoint``."""
     config = {**read_yaml(run_dir / "config.yaml"), "device": device, "out_dir": str(run_dir.parent),
               "name": run_dir.name}
-    trainer = Trainer(saved_config(config), run_dir, progress=False)
+    trainer = Trainer(saved_config(config, run_dir), run_dir, progress=False)
     state = torch.load(run_dir / checkpoint, map_location=trainer.device, weights_only=False)
     for member, net in zip(trainer.members, state["nets"]):
         member.net.load_state_dict(net)

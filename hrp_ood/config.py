@@ -354,8 +354,12 @@ def build_config(
 BEHAVIOUR_BEFORE_KEY = {"ce_loss": "refined"}
 
 
-def saved_config(values: dict[str, Any]) -> TrainConfig:
-    """The TrainConfig of a run's saved config (config.yaml, or a checkpoint's `config`)."""
+def saved_config(values: dict[str, Any], where: str | Path) -> TrainConfig:
+    """The TrainConfig of a run's saved config (config.yaml, or a checkpoint's `config`) read from `where`."""
+    unknown = sorted(set(values) - set(field_names()))
+    if unknown:
+        raise UserError(f"{where}: its config has {', '.join(unknown)}, unknown to this version of hrp-ood (saved by "
+                        "a newer one?); use the version that wrote it, or start a new run")
     return TrainConfig(**{**BEHAVIOUR_BEFORE_KEY, **values})
 
 

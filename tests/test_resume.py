@@ -46,12 +46,12 @@ def reference_weights(data_root, tmp_path_factory):
     return load_checkpoint(out / "run" / "last.pt")["nets"]
 
 
-def wait_for(path, process, timeout=120):
+def wait_until(condition, process, what, timeout=120):
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while not condition():
         assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
+        assert time.monotonic() < deadline, f"{what} never happened"
+        time.sleep(0.01)
 
 
 def assert_identical(nets_a, nets_b):
@@ -65,8 +65,11 @@ def assert_identical(nets_a, nets_b):
 def test_interrupt_then_resume_is_bit_identical(how, data_root, reference_weights, tmp_path):
     process = subprocess.Popen(train_command(data_root, tmp_path), env=ENV, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-    # epoch 1 is done (metrics.csv is written after last.pt); kill inside a later epoch
-    wait_for(tmp_path / "run" / "metrics.csv", process)
+    # epoch 1 is done (its log line comes after last.pt and metrics.csv); kill inside epoch 2: a signal
+    # that lands before its first step checkpoints at the epoch boundary (step 0), so give the epoch a moment to start
+    log = tmp_path / "run" / "train.log"
+    wait_until(lambda: log.exists() and "epoch 1/" in log.read_text(), process, "epoch 1's log line")
+    time.sleep(0.2)
     process.send_signal(how)
     _, err = process.communicate(timeout=120)
     state = load_checkpoint(tmp_path / "run" / "last.pt")
@@ -103,3 +106,13 @@ def test_a_checkpoint_saved_before_a_key_existed_evaluates_with_its_behaviour(tm
     values = saved_before_ce_loss(tmp_path)
     state = {"config": values, "dataset": {}, "nets": [], "epoch": 1}
     assert checkpoint_config(state, tmp_path / "last.pt").ce_loss == "refined"
+
+
+def test_a_config_saved_by_a_newer_version_is_a_one_line_error(tmp_path):
+    values = dataclasses.asdict(build_config())
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**values, "future_knob": 3}))
+    with pytest.raises(UserError, match=r"config has future_knob, unknown to this version of hrp-ood"):
+        resume_config(tmp_path, build_config(), explicit=set())
+    state = {"config": {**values, "future_knob": 3}, "dataset": {}, "nets": [], "epoch": 1}
+    with pytest.raises(UserError, match=r"last.pt: its config has future_knob"):
+        checkpoint_config(state, tmp_path / "last.pt")

@@ -465,7 +465,7 @@ def resume_config(run_dir: Path, requested: TrainConfig, explicit: set[str]) -> 
         saved = read_yaml(run_dir / "config.yaml")
     else:
         raise UserError(f"--resume: {run_dir} holds neither last.pt nor config.yaml; drop --resume to start the run")
-    saved_cfg = saved_config(saved)
+    saved_cfg = saved_config(saved, run_dir)
     changed = sorted(k for k in explicit - {*RESUMABLE, "name", "out_dir"}
                      if getattr(requested, k) != getattr(saved_cfg, k))
     if changed:

@@ -30,7 +30,7 @@ def checkpoint_config(state: dict[str, Any], path: Path) -> TrainConfig:
         raise UserError(f"{path} lacks {', '.join(missing)}: it is not a complete checkpoint of `hrp-ood train`; "
                         "use the run's last.pt or best.pt")
     try:
-        return saved_config(state["config"])
+        return saved_config(state["config"], path)
     except (KeyError, TypeError) as err:
         raise UserError(f"{path}: the checkpoint's config does not match this version of hrp-ood ({err})") from None
 
