@@ -261,17 +261,17 @@ def _ce_term(cfg: TrainConfig, own: dict[str, torch.Tensor], peer: dict[str, tor
     """L_CE of Eq. 15: Eq. 13 on the peer's refined targets, or Eq. 1 weighted by meta-learned α, β (ce_loss)."""
     if cfg.ce_loss == "refined":
         return reweighted_ce(own["logits_weak"], targets, T, high_conf, cfg.gamma, balanced=cfg.balanced_s)
+    if cfg.ce_loss == "meta_weighted_s":
+        # S's two rules (refine_targets): the peer endorses the given label, or it is confident in another class
+        endorsed = high_conf & (targets.argmax(dim=1) == noisy)
+        peer_confident = high_conf & ~endorsed
+        return weighted_label_ce(own["logits_weak"], noisy, own["pseudo"], own["alpha"] * endorsed,
+                                 own["beta"] * peer_confident, over=high_conf)
     # meta_weighted: the network's own α, β and pseudo-labels, so that its step on L_CE lowers its own meta loss
     # to first order (a weight is > 0 only where its sample's gradient agrees with the meta gradient: L2RW/L2B;
     # exact up to BN, whose training pass normalises the weak and strong views together)
     source = peer if cfg.ce_loss == "meta_weighted_peer" else own
-    if cfg.ce_loss != "meta_weighted_s":
-        return weighted_label_ce(own["logits_weak"], noisy, source["pseudo"], source["alpha"], source["beta"])
-    # S's two rules (refine_targets): the peer endorses the given label, or it is confident in another class
-    endorsed = high_conf & (targets.argmax(dim=1) == noisy)
-    peer_confident = high_conf & ~endorsed
-    return weighted_label_ce(own["logits_weak"], noisy, own["pseudo"], own["alpha"] * endorsed,
-                             own["beta"] * peer_confident, over=high_conf)
+    return weighted_label_ce(own["logits_weak"], noisy, source["pseudo"], source["alpha"], source["beta"])
 
 
 def _ram_diagnostics(ctx: StepContext, lam: torch.Tensor, perm: torch.Tensor,
