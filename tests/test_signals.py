@@ -44,7 +44,7 @@ def test_cdcl_purity_against_pair_loops():
     pairs = pure = gated = gated_pure = 0.0
     for a in range(2 * n):
         for b in range(2 * n):
-            if a == b or rows[a][0] != rows[b][0] or not (rows[a][3] and rows[b][3]):
+            if a % n == b % n or rows[a][0] != rows[b][0] or not (rows[a][3] and rows[b][3]):  # other samples only
                 continue
             w = float(rows[a][2] * rows[b][2])
             same = float(rows[a][1] == rows[b][1])

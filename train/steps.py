@@ -296,10 +296,14 @@ def _ram_diagnostics(ctx: StepContext, lam: torch.Tensor, perm: torch.Tensor,
 def _cdcl_purity(pseudo: torch.Tensor, beta_hat: torch.Tensor, confident: torch.Tensor,
                  clean_labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """Fig. 2b: the share of CDCL's positive pairs (same pseudo-label, both confident, both views) whose true
-    classes agree, counted plainly and weighted by the β̂ gate w = β̂_a β̂_b. NaN without positive pairs."""
+    classes agree, counted plainly and weighted by the β̂ gate w = β̂_a β̂_b. NaN without positive pairs.
+
+    A sample's two views are left out: that pair is pure whatever the pseudo-label, and the gate weighs it by β̂²,
+    which made the gated share look purer than the plain one (README, Method notes)."""
     labels, true, weights, conf = (t.repeat(2) for t in (pseudo, clean_labels, beta_hat.float(), confident))
+    sample = torch.arange(len(pseudo), device=pseudo.device).repeat(2)
     positive = (labels[:, None] == labels[None, :]) & conf[:, None] & conf[None, :]
-    positive.fill_diagonal_(False)
+    positive &= sample[:, None] != sample[None, :]
     pure = (true[:, None] == true[None, :]) & positive
     gate = weights[:, None] * weights[None, :]
     nan = torch.tensor(float("nan"), device=pseudo.device)
