@@ -64,7 +64,8 @@ METHODS: dict[str, MethodSpec] = {
     "hrp_no_meta": MethodSpec(meta=False),
     # Table 4's "independent module verification" rows: Base = two networks with L_CE at α = β = 1 (ce_loss:
     # meta_weighted = CE on the given label and the own pseudo-label, refined = the peer's refined targets) and the
-    # consistency loss; then one module added
+    # consistency loss; then one module added. With meta_weighted, Base's two networks exchange nothing (each trains
+    # on its own outputs; the two are averaged at test time); in the memorisation regime it is ahead of HRP (README)
     "base": MethodSpec(meta=False, ram=False, cdcl=False),
     "base_coupled_meta": MethodSpec(normalization="coupled", ram=False, cdcl=False),
     "base_cdcl": MethodSpec(meta=False, ram=False),
