@@ -62,6 +62,7 @@ def test_unknown_key_names_it_and_suggests_the_closest(tmp_path):
     ({"batch_size": 0}, "batch_size must be an integer >= 1"),
     ({"t_min": 4.0}, "t_min"),
     ({"ce_loss": "weighted"}, "ce_loss must be one of refined, meta_weighted, meta_weighted_peer, meta_weighted_s, got 'weighted'"),
+    ({"normalization": "joint"}, "normalization must be one of separate, coupled, got 'joint'"),
 ])
 def test_wrong_values_are_one_line_errors(values, words):
     with pytest.raises(UserError, match=words) as info:

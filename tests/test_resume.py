@@ -14,7 +14,7 @@ import yaml
 
 from fakes import write_cifar10
 from hrp_ood.checkpoint import load_checkpoint
-from hrp_ood.config import build_config
+from hrp_ood.config import BEHAVIOUR_BEFORE_KEY, build_config
 from hrp_ood.errors import UserError
 from hrp_ood.eval.network import checkpoint_config
 from train.trainer import resume_config
@@ -83,18 +83,21 @@ def test_interrupt_then_resume_is_bit_identical(how, data_root, reference_weight
     assert_identical(load_checkpoint(tmp_path / "run" / "last.pt")["nets"], reference_weights)
 
 
-def saved_before_ce_loss(tmp_path):
-    """A run folder whose config.yaml was written before the `ce_loss` key existed (SPEC's refined L_CE)."""
+def saved_before_keys(tmp_path):
+    """A run folder whose config.yaml was written before the `ce_loss` and `normalization` keys existed (SPEC's
+    refined L_CE, Eq. 5's separate normalisation)."""
     values = dataclasses.asdict(build_config())
-    del values["ce_loss"]
+    for key in BEHAVIOUR_BEFORE_KEY:
+        del values[key]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(values))
     return values
 
 
 def test_a_run_saved_before_a_key_existed_resumes_with_the_behaviour_it_trained_with(tmp_path):
-    saved_before_ce_loss(tmp_path)
-    assert build_config().ce_loss == "meta_weighted"
-    assert resume_config(tmp_path, build_config(), explicit=set()).ce_loss == "refined"
+    saved_before_keys(tmp_path)
+    assert (build_config().ce_loss, build_config().normalization) == ("meta_weighted", "coupled")
+    resumed = resume_config(tmp_path, build_config(), explicit=set())
+    assert (resumed.ce_loss, resumed.spec.normalization) == ("refined", "separate")
     # a sweep names every key: the old run matches an experiment that asks for refined, and no other
     assert resume_config(tmp_path, build_config(overrides={"ce_loss": "refined"}), explicit={"ce_loss"}).ce_loss \
         == "refined"
@@ -103,9 +106,10 @@ def test_a_run_saved_before_a_key_existed_resumes_with_the_behaviour_it_trained_
 
 
 def test_a_checkpoint_saved_before_a_key_existed_evaluates_with_its_behaviour(tmp_path):
-    values = saved_before_ce_loss(tmp_path)
+    values = saved_before_keys(tmp_path)
     state = {"config": values, "dataset": {}, "nets": [], "epoch": 1}
-    assert checkpoint_config(state, tmp_path / "last.pt").ce_loss == "refined"
+    saved = checkpoint_config(state, tmp_path / "last.pt")
+    assert (saved.ce_loss, saved.normalization) == ("refined", "separate")
 
 
 def test_a_config_saved_by_a_newer_version_is_a_one_line_error(tmp_path):

@@ -157,6 +157,22 @@ def test_coupled_meta_keeps_the_total_reliability_mass():
     assert logs["alpha"].item() + logs["beta"].item() == pytest.approx(2.0, rel=1e-4)
 
 
+@pytest.mark.parametrize("method, normalization, expected", [
+    ("hrp", None, "coupled"), ("hrp", "separate", "separate"), ("coupled_meta", "separate", "coupled"),
+])
+def test_normalization_reaches_the_meta_step(monkeypatch, method, normalization, expected):
+    """The config's `normalization` (default coupled) reaches both networks' reliabilities; coupled_meta fixes it."""
+    ctx, members, batch = make_step(method, **({"normalization": normalization} if normalization else {}))
+    meta = Recorder(monkeypatch, "meta_reliabilities")
+    logs = hrp_step(ctx, members, batch)
+    assert [kwargs["normalization"] for _, kwargs in meta.calls] == [expected, expected]
+    alpha, beta = logs["alpha"].item(), logs["beta"].item()
+    if expected == "separate":  # Eq. 5: α has batch mean 1 in each network (β is 0 in one of them on this batch)
+        assert alpha == pytest.approx(1.0, rel=1e-4)
+    else:  # one normaliser: the mass of 2n splits between α and β by their meta-gradients
+        assert alpha + beta == pytest.approx(2.0, rel=1e-4) and abs(alpha - 1.0) > 0.01
+
+
 def test_no_meta_variant_keeps_cdcl_on():
     ctx, members, batch = make_step("hrp_no_meta", tau_conf=0.0)  # every row confident: positives exist
     logs = hrp_step(ctx, members, batch)
