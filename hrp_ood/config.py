@@ -67,7 +67,8 @@ METHODS: dict[str, MethodSpec] = {
     # Table 4's "independent module verification" rows: Base = two networks with L_CE at α = β = 1 (ce_loss:
     # meta_weighted = CE on the given label and the own pseudo-label, refined = the peer's refined targets) and the
     # consistency loss; then one module added. With meta_weighted, Base's two networks exchange nothing (each trains
-    # on its own outputs; the two are averaged at test time); in the memorisation regime it is ahead of HRP (README)
+    # on its own outputs; the two are averaged at test time); in the memorisation regime at sym80 it is ahead of HRP
+    # with Eq. 5's separate normaliser and behind the default coupled one (README)
     "base": MethodSpec(meta=False, ram=False, cdcl=False),
     "base_coupled_meta": MethodSpec(normalization="coupled", ram=False, cdcl=False),
     "base_cdcl": MethodSpec(meta=False, ram=False),
@@ -140,7 +141,8 @@ class TrainConfig:
     lambda_cons: float = 1.0
     lambda_c: float = 0.1
     # not in SPEC: DivideMix's uniform-prior penalty (method/targets.py). On by default: without it ce_loss=refined
-    # collapses, and meta_weighted ends 3.2 points lower at sym80 (30.5 ± 3.9 against 33.7 ± 1.1, 3 seeds; README)
+    # collapses, and meta_weighted (with the separate normaliser) ends 3.2 points lower at sym80 (30.5 ± 3.9 against
+    # 33.7 ± 1.1, 3 seeds; README)
     lambda_prior: float = 1.0
     # baselines
     gce_q: float = 0.7
