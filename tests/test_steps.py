@@ -149,19 +149,13 @@ def test_grg_and_symmetric_ram_switches(monkeypatch):
     assert calls["hrp_sym_ram"][0]["symmetric"] and calls["hrp_sym_ram"][0]["gated"]
 
 
-def test_coupled_meta_keeps_the_total_reliability_mass():
-    """Coupled normalisation gives Σ(α + β) = 2n, the mass of the separate one when both signals are positive
-    (so mean T and RAM's gate keep their scale in the ablation)."""
-    ctx, members, batch = make_step("coupled_meta")
-    logs = hrp_step(ctx, members, batch)
-    assert logs["alpha"].item() + logs["beta"].item() == pytest.approx(2.0, rel=1e-4)
-
-
 @pytest.mark.parametrize("method, normalization, expected", [
-    ("hrp", None, "coupled"), ("hrp", "separate", "separate"), ("coupled_meta", "separate", "coupled"),
+    ("hrp", None, "coupled"), ("hrp", "separate", "separate"), ("coupled_meta", None, "coupled"),
+    ("coupled_meta", "separate", "coupled"),
 ])
 def test_normalization_reaches_the_meta_step(monkeypatch, method, normalization, expected):
-    """The config's `normalization` (default coupled) reaches both networks' reliabilities; coupled_meta fixes it."""
+    """The config's `normalization` (default coupled) reaches both networks' reliabilities; coupled_meta fixes it.
+    Coupled keeps Σ(α + β) = 2n, the mass of the separate one (so mean T and RAM's gate keep their scale)."""
     ctx, members, batch = make_step(method, **({"normalization": normalization} if normalization else {}))
     meta = Recorder(monkeypatch, "meta_reliabilities")
     logs = hrp_step(ctx, members, batch)
