@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="offline end-to-end demo: noisy digits → HRP → OOD table (a few CPU minutes)")
     p.add_argument("--out-dir", default="runs/demo")
     p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--overwrite", action="store_true", default=True, help=argparse.SUPPRESS)
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out-dir")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     p.set_defaults(func=cmd_demo)
 

@@ -30,6 +30,7 @@ class MethodSpec:
     loss: str = "hrp"  # ce | ce_meta | gce | coteach | hrp
     meta: bool = True  # bilevel meta step for α, β (otherwise α = β = 1)
     normalization: str | None = None  # fixes the config's `normalization` (coupled_meta); None: the config's
+    ce_loss: str | None = None  # fixes the config's `ce_loss` (hrp_meta_weighted); None: the config's
     ram: bool = True
     grg: bool = True
     symmetric_ram: bool = False
@@ -52,23 +53,21 @@ METHODS: dict[str, MethodSpec] = {
     "ce_meta": MethodSpec(dual=False, loss="ce_meta", meta=False),
     "gce": MethodSpec(dual=False, loss="gce", meta=False),
     "coteach": MethodSpec(loss="coteach", meta=False),
-    # Table 4's "Coupled Meta": one normaliser for α and β whatever the config says; the same as hrp under the
-    # default normalization (coupled), against hrp with normalization=separate (SPEC's Eq. 5) as in the paper
+    # Table 4's "Coupled Meta": one normaliser for α and β (L2B-like) instead of Eq. 5's separate ones
     "coupled_meta": MethodSpec(normalization="coupled"),
     "hrp": MethodSpec(),
     "hrp_no_ram": MethodSpec(ram=False),
     "hrp_no_cdcl": MethodSpec(cdcl=False),
     "hrp_no_grg": MethodSpec(grg=False),
     "hrp_sym_ram": MethodSpec(symmetric_ram=True),
-    # α = β = 1 everywhere: HRP's losses without the meta step (the speed baseline of benchmarks/train_step.py);
-    # L_CE unweighted (ce_loss=meta_weighted: CE on the given label and on the own pseudo-label), T ≡ 2 (RAM's Beta
-    # law symmetric, gate 2) and β̂ ≡ 1 (CDCL ungated)
+    # not the paper's HRP: L_CE is Eq. 1 with each network's own meta-learned α, β over the whole batch (L2B's
+    # training loss) and one normaliser for α and β. The default of hrp-ood 0.1 until 2026-12-02 (docs/method.md)
+    "hrp_meta_weighted": MethodSpec(ce_loss="meta_weighted", normalization="coupled"),
+    # α = β = 1 everywhere: HRP's losses without the meta step (the speed baseline of benchmarks/train_step.py):
+    # T ≡ 2 (L_CE unweighted, RAM's Beta law symmetric, gate 2) and β̂ ≡ 1 (CDCL ungated)
     "hrp_no_meta": MethodSpec(meta=False),
-    # Table 4's "independent module verification" rows: Base = two networks with L_CE at α = β = 1 (ce_loss:
-    # meta_weighted = CE on the given label and the own pseudo-label, refined = the peer's refined targets) and the
-    # consistency loss; then one module added. With meta_weighted, Base's two networks exchange nothing (each trains
-    # on its own outputs; the two are averaged at test time); in the memorisation regime at sym80 it is ahead of HRP
-    # with Eq. 5's separate normaliser and behind the default coupled one (README)
+    # Table 4's "independent module verification" rows: Base = two networks exchanging refined targets, L_CE at
+    # α = β = 1, and the consistency loss; then one module added
     "base": MethodSpec(meta=False, ram=False, cdcl=False),
     "base_coupled_meta": MethodSpec(normalization="coupled", ram=False, cdcl=False),
     "base_cdcl": MethodSpec(meta=False, ram=False),
@@ -89,6 +88,8 @@ class TrainConfig:
     meta_size: int = 1000  # 0: train on the whole training split (only methods without a meta step)
     meta_balanced: bool = True
     strong_policy: str = "randaugment"  # randaugment | autoaugment | none
+    crop_padding: int = 4  # weak view: random crop of the image size after zero padding by this much (0: no crop)
+    flip: bool = True  # weak view: random horizontal flip (off for digits and text)
     # model and method
     model: str = "preact_resnet18"
     method: str = "hrp"
@@ -116,34 +117,30 @@ class TrainConfig:
     independent_views: bool = False  # each network draws its own weak/strong augmentation of the batch
     # L_CE (Eq. 13) gives every target class of S the same total weight (method/targets.py:reweighted_ce)
     balanced_s: bool = False
-    # L_CE of Eq. 15: "meta_weighted" = Eq. 1 with the meta-learned weights, (1/n) Σ α_i ℓ(ỹ_i) + β_i ℓ(ŷ_i) over
-    # the whole batch, each network with its own α, β, ŷ (L2B's training loss, the paper's "weighted cross-entropy"
-    # read literally; not SPEC's Eq. 13, and ahead of it in every setting measured: README, Method notes);
-    # "refined" = SPEC's Eq. 13 (the peer's refined targets on S, reweighted by T); "meta_weighted_peer" = Eq. 1
-    # with the peer's α, β, ŷ (the exchange of SPEC §3.4); "meta_weighted_s" = meta_weighted on S only, as Eq. 13
-    # averages: the given label where the peer endorses it, the own pseudo-label where the peer is confident instead
-    ce_loss: str = "meta_weighted"
-    # Eq. 5: "separate" = SPEC (α and β each normalised to batch mean 1); "coupled" = one normaliser for both
-    # (Σ(α + β) = 2n, L2B-like: the batch's split of weight between given labels and pseudo-labels follows their
-    # meta-gradients). On CIFAR-10 (memorisation benchmark) coupled is ahead of separate in every seed at sym80 and
-    # level at sym50; on digits it is a little behind (within the seed spread). README, Method notes
-    normalization: str = "coupled"
+    # L_CE of Eq. 15 (method/targets.py, docs/method.md): "refined" = Eq. 13, the peer's refined targets on S
+    # reweighted by the peer's T (SPEC); "meta_weighted" = Eq. 1 with the network's own meta-learned α, β over the
+    # whole batch; "meta_weighted_peer" = the same with the peer's α, β, ŷ; "meta_weighted_s" = meta_weighted on S
+    ce_loss: str = "refined"
+    # Eq. 5: "separate" = α and β each normalised to batch mean 1 (SPEC); "coupled" = one normaliser for both
+    normalization: str = "separate"
+    # BatchNorm in the meta forward of Eq. 3 (docs/method.md): "eval" = running statistics (the paper); "batch" =
+    # the meta batch's own statistics, running buffers saved and restored (L2RW, Meta-Weight-Net, L2B);
+    # "eval_weak_stats" = running statistics fed by the weak views only (strong and mixed forwards leave them alone)
+    meta_bn: str = "eval"
     kappa: float = 4.0
     t_min: float = 0.1
     t_max: float = 3.0
     delta: float = 1e-8
     cdcl_temperature: float = 0.1
-    # SPEC's 0.95 (FixMatch); small_cnn on the CPU benchmarks is that confident on 0.2–3% of the images, so CDCL
-    # is inactive there (README, Table 4's ablations)
+    # SPEC's 0.95 (FixMatch): rows less confident are CDCL negatives only
     tau_conf: float = 0.95
     tau_match: float = 0.5
     sharpen_temperature: float = 0.5
     gamma: float = 0.5
     lambda_cons: float = 1.0
     lambda_c: float = 0.1
-    # not in SPEC: DivideMix's uniform-prior penalty (method/targets.py). On by default: without it ce_loss=refined
-    # collapses, and meta_weighted (with the separate normaliser) ends 3.2 points lower at sym80 (30.5 ± 3.9 against
-    # 33.7 ± 1.1, 3 seeds; README)
+    # not in SPEC: DivideMix's uniform-prior penalty (method/targets.py), on by default because the refined targets
+    # collapse onto one class without it (docs/method.md)
     lambda_prior: float = 1.0
     # baselines
     gce_q: float = 0.7
@@ -171,7 +168,7 @@ class TrainConfig:
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
         from hrp_ood.data.augment import STRONG_POLICIES
-        from hrp_ood.method.reliability import METHODS as META_METHODS, NORMALIZATIONS
+        from hrp_ood.method.reliability import META_BN_MODES, METHODS as META_METHODS, NORMALIZATIONS
 
         if self.meta_method not in META_METHODS:
             raise UserError(f"meta_method must be {' or '.join(map(repr, META_METHODS))}, got {self.meta_method!r}")
@@ -182,6 +179,8 @@ class TrainConfig:
             raise UserError(f"ce_loss must be one of {', '.join(CE_LOSSES)}, got {self.ce_loss!r}")
         if self.normalization not in NORMALIZATIONS:
             raise UserError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {self.normalization!r}")
+        if self.meta_bn not in META_BN_MODES:
+            raise UserError(f"meta_bn must be one of {', '.join(META_BN_MODES)}, got {self.meta_bn!r}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise UserError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         for key, bounds in VALUE_RANGES.items():
@@ -220,9 +219,13 @@ class TrainConfig:
 
     @property
     def spec(self) -> MethodSpec:
-        """The method's switches, its reliability normalisation resolved (the method's own, else the config's)."""
+        """The method's switches, its L_CE and reliability normalisation resolved (the method's own, else the
+        config's)."""
         spec = METHODS[self.method]
-        return spec if spec.normalization else dataclasses.replace(spec, normalization=self.normalization)
+        if spec.normalization and spec.ce_loss:
+            return spec
+        return dataclasses.replace(spec, normalization=spec.normalization or self.normalization,
+                                   ce_loss=spec.ce_loss or self.ce_loss)
 
     @property
     def run_name(self) -> str:
@@ -242,7 +245,7 @@ INF = math.inf
 # key → (lowest, highest, bounds): "[]" both included, "(]" lowest excluded, "[)" highest excluded.
 # A None value (optional keys) is not checked; every other value must also be finite.
 VALUE_RANGES: dict[str, tuple[float, float, str]] = {
-    "image_size": (1, 4096, "[]"), "meta_size": (0, INF, "[)"), "proj_hidden_dim": (1, INF, "[)"),
+    "image_size": (1, 4096, "[]"), "crop_padding": (0, 4096, "[]"), "meta_size": (0, INF, "[)"), "proj_hidden_dim": (1, INF, "[)"),
     "proj_dim": (1, INF, "[)"), "epochs": (1, MAX_EPOCHS, "[]"), "batch_size": (1, INF, "[)"),
     "meta_batch_size": (1, INF, "[)"), "eval_batch_size": (1, INF, "[)"), "signals_every": (1, INF, "[)"),
     "reliability_momentum": (0, 1, "[)"), "seed": (0, MAX_SEED, "[]"),
@@ -367,7 +370,8 @@ def build_config(
 
 # Keys added after runs had been saved without them, with the value that reproduces what those runs did: a saved
 # config that lacks one resumes (and evaluates) as it trained, not with today's default.
-BEHAVIOUR_BEFORE_KEY = {"ce_loss": "refined", "normalization": "separate"}
+BEHAVIOUR_BEFORE_KEY = {"ce_loss": "refined", "normalization": "separate", "meta_bn": "eval", "crop_padding": 4,
+                        "flip": True}
 
 
 def saved_config(values: dict[str, Any], where: str | Path) -> TrainConfig:

@@ -523,7 +523,7 @@ def run_sweep(experiment: Experiment, *, executor: str = "local", jobs: int = 1,
     return errors
 
 
-REPORT_FILES = ("report.md", "report.tex", "accuracy.md", "accuracy.tex", "accuracy.csv")
+REPORT_FILES = ("report.md", "report.tex", "accuracy.md", "accuracy.tex", "accuracy.csv", "summary.md")
 
 
 def report_is_current(experiment: Experiment) -> bool:
@@ -546,10 +546,11 @@ def write_sweep_report(experiment: Experiment) -> dict[str, Path]:
 
     out_dir, report = experiment.out / "report", experiment.report
     evals = [experiment.eval_json(name) for name in experiment.runs if experiment.eval_json(name).exists()]
-    last_rows = {name: last_metrics(experiment.run_dir(name)) for name in experiment.runs}
-    finished = {name: row for name, row in last_rows.items()  # an unfinished run's accuracy is not the table's
-                if int(row.get("epoch") or 0) >= experiment.run_config(name).epochs}
-    accuracy = accuracy_frame(experiment.runs, finished)
+    configs = {name: experiment.run_config(name) for name in experiment.runs}
+    histories = {name: read_csv_rows(experiment.run_dir(name) / "metrics.csv") for name in experiment.runs}
+    finished = {name: rows for name, rows in histories.items()  # an unfinished run's accuracy is not the table's
+                if rows and int(rows[-1].get("epoch") or 0) >= configs[name].epochs}
+    accuracy = accuracy_frame(experiment.runs, finished, configs)
     if not evals or accuracy.empty:
         log.warning("no run is trained and evaluated yet: no report")
         return {}

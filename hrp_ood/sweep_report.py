@@ -1,9 +1,11 @@
-"""The grid-wide part of a sweep's report: test accuracy over seeds (from every run's metrics.csv) and the
-noise curves (OOD metrics and test accuracy against the noise rate, one line per method, ± std over seeds).
+"""The grid-wide part of a sweep's report: test accuracy over seeds (from every run's metrics.csv), the training
+summary and the noise curves (OOD metrics and test accuracy against the noise rate, one line per method, ± std
+over seeds).
 
 Written beside `hrp-ood report`'s OOD tables in `<out>/report/`: accuracy.md, accuracy.tex (booktabs, as
-report.tex) and accuracy.csv (a row per run),
-and plots/noise_curves.png and plots/accuracy_vs_noise.png when the grid varies `noise`.
+report.tex) and accuracy.csv (a row per run, every summary column), summary.md (the summary columns, mean ± std
+over seeds, a row per grid point), and plots/noise_curves.png and plots/accuracy_vs_noise.png when the grid
+varies `noise`.
 """
 
 from __future__ import annotations
@@ -16,23 +18,77 @@ import pandas as pd
 
 from hrp_ood.eval.report import (METRIC_LABELS, STD_DDOF, _new_figure, _save_png, format_mean_std,
                                  load_evaluations, noise_sort_key, ordered_values, to_latex, to_markdown)
-from hrp_ood.io import atomic_write_text
+from hrp_ood.io import atomic_write_text, csv_number
 
 ACCURACY = "test_acc"
+# summary column → (metrics.csv column, how it is taken over the epochs): the ensemble's test accuracy at the last
+# epoch, its peak, at the epoch best.pt holds (the most accurate on the clean meta set), and the reliability
+# AUROCs (×100) averaged over the epochs after the warm-up: α, and the per-sample CE loss, for telling clean given
+# labels from corrupted ones, β for correct pseudo-labels; "_batch": within each batch, then averaged
+SUMMARY_COLUMNS = {
+    ACCURACY: ("acc_ensemble", "last"), "test_acc_peak": ("acc_ensemble", "max"),
+    "test_acc_meta_selected": ("acc_ensemble", "meta_selected"),
+    "alpha_auroc": ("alpha_auroc", "after_warmup"), "alpha_auroc_batch": ("alpha_auroc_batch", "after_warmup"),
+    "beta_auroc": ("beta_pseudo_auroc", "after_warmup"), "beta_auroc_batch": ("beta_auroc_batch", "after_warmup"),
+    "loss_auroc": ("loss_auroc", "after_warmup"),
+}
 
 
-def accuracy_frame(runs: dict[str, dict[str, Any]], last_rows: dict[str, dict[str, str]]) -> pd.DataFrame:
-    """A row per run of `last_rows` (run → metrics.csv's last row): its grid values (as text) and ensemble test
-    accuracy."""
-    rows = [{**{key: str(value) for key, value in runs[name].items()}, ACCURACY: float(row["acc_ensemble"])}
-            for name, row in last_rows.items() if row.get("acc_ensemble")]
+def run_summary(rows: list[dict[str, str]], warmup_epochs: int, meta_held_out: bool = True) -> dict[str, float]:
+    """SUMMARY_COLUMNS of one run from its metrics.csv rows (NaN where a column is absent, e.g. α for CE).
+    Without a held-out meta set (ce_meta) best.pt is the last epoch."""
+    def values(column: str, epochs: list[dict[str, str]]) -> np.ndarray:
+        return np.array([csv_number(r, column) for r in epochs], dtype=float)
+
+    meta = values("meta_acc", rows)
+    selected = int(np.nanargmax(meta)) if meta_held_out and np.isfinite(meta).any() else len(rows) - 1
+    after = [r for r in rows if int(r["epoch"]) > warmup_epochs] or rows
+    summary = {}
+    for name, (column, how) in SUMMARY_COLUMNS.items():
+        if how == "after_warmup":
+            taken = values(column, after)
+            summary[name] = float(np.nanmean(taken)) if np.isfinite(taken).any() else np.nan
+        else:
+            taken = values(column, rows)
+            summary[name] = {"last": taken[-1], "max": np.nanmax(taken), "meta_selected": taken[selected]}[how]
+    return summary
+
+
+def accuracy_frame(runs: dict[str, dict[str, Any]], histories: dict[str, list[dict[str, str]]],
+                   configs: dict[str, Any]) -> pd.DataFrame:
+    """A row per run of `histories` (run → its metrics.csv rows): its grid values (as text) and SUMMARY_COLUMNS
+    (`configs`: run → its TrainConfig, for the warm-up and whether the meta set is held out)."""
+    rows = []
+    for name, history in histories.items():
+        if not history:
+            continue
+        spec = configs[name].spec
+        summary = run_summary(history, configs[name].warmup_epochs, not spec.trains_on_meta_set)
+        if not spec.meta:  # α ≡ β ≡ 1 without a meta step: their AUROC says nothing
+            summary.update({key: np.nan for key in summary if key.startswith(("alpha", "beta"))})
+        rows.append({**{key: str(value) for key, value in runs[name].items()}, **summary})
     return pd.DataFrame(rows)
+
+
+def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Every SUMMARY_COLUMN as mean ± std over seeds, a row per grid point without seed (the display text is
+    table["cell"], to_markdown's input)."""
+    keys = [key for key in frame.columns if key not in SUMMARY_COLUMNS and key != "seed"] or ["all"]
+    frame = frame.assign(all="all") if keys == ["all"] else frame
+    columns = [c for c in SUMMARY_COLUMNS if c in frame and frame[c].notna().any()]
+    grouped = frame.groupby(keys, sort=False)
+    cells = pd.DataFrame({c: [format_mean_std(v.mean(), v.std(ddof=STD_DDOF) if v.count() > 1 else np.nan)
+                              for _, v in grouped[c]] for c in columns}, index=grouped.size().index)
+    cells["seeds"] = grouped.size().astype(str).to_numpy()
+    if not isinstance(cells.index, pd.MultiIndex):
+        cells.index = pd.MultiIndex.from_arrays([cells.index])
+    return pd.concat({"cell": cells}, axis=1)
 
 
 def accuracy_table(frame: pd.DataFrame, by: str) -> pd.DataFrame:
     """Test accuracy, mean ± std over seeds: a row per grid point without seed (and `by`), a column per value of
     `by` when the grid varies it. The display text is table["cell"] (to_markdown / to_latex's input)."""
-    keys = [key for key in frame.columns if key not in (ACCURACY, "seed")]
+    keys = [key for key in frame.columns if key not in SUMMARY_COLUMNS and key != "seed"]
     rows = [key for key in keys if key != by] or ["all"]
     frame = frame.assign(all="all") if rows == ["all"] else frame
     stats = frame.groupby(keys if by in keys else rows, sort=False)[ACCURACY].agg(
@@ -57,7 +113,15 @@ def write_accuracy_table(frame: pd.DataFrame, by: str, out_dir: Path) -> dict[st
     atomic_write_text(written["accuracy_csv"], frame.to_csv(index=False))
     atomic_write_text(written["accuracy_markdown"], to_markdown(table, caption))
     atomic_write_text(written["accuracy_latex"], to_latex(table, caption))
+    written["summary_markdown"] = out_dir / "summary.md"
+    atomic_write_text(written["summary_markdown"], to_markdown(summary_table(frame), SUMMARY_CAPTION))
     return written
+
+
+SUMMARY_CAPTION = ("Training summary, mean ± std over seeds: ensemble test accuracy (%) at the last epoch, at its "
+                   "peak and at the epoch the clean meta set selects (best.pt); AUROC (×100) over the epochs after "
+                   "the warm-up of α and of the per-sample loss for clean given labels, of β for correct "
+                   "pseudo-labels, pooled over the epoch and within each batch (_batch)")
 
 
 def noise_rate(name: str) -> float:

@@ -63,11 +63,23 @@ def test_unknown_key_names_it_and_suggests_the_closest(tmp_path):
     ({"t_min": 4.0}, "t_min"),
     ({"ce_loss": "weighted"}, "ce_loss must be one of refined, meta_weighted, meta_weighted_peer, meta_weighted_s, got 'weighted'"),
     ({"normalization": "joint"}, "normalization must be one of separate, coupled, got 'joint'"),
+    ({"meta_bn": "train"}, "meta_bn must be one of eval, batch, eval_weak_stats, got 'train'"),
+    ({"crop_padding": -1}, "crop_padding must be an integer in"),
+    ({"flip": "no"}, "'flip' must be bool"),
 ])
 def test_wrong_values_are_one_line_errors(values, words):
     with pytest.raises(UserError, match=words) as info:
         build_config(overrides=values)
     assert "\n" not in str(info.value)
+
+
+def test_hrp_is_the_papers_form_and_hrp_meta_weighted_fixes_its_two_departures():
+    spec = build_config().spec
+    assert (spec.ce_loss, spec.normalization, build_config().meta_bn) == ("refined", "separate", "eval")
+    variant = build_config(overrides={"method": "hrp_meta_weighted", "ce_loss": "refined",
+                                      "normalization": "separate"}).spec
+    assert (variant.ce_loss, variant.normalization) == ("meta_weighted", "coupled")
+    assert build_config(overrides={"method": "coupled_meta"}).spec.ce_loss == "refined"
 
 
 def test_int_is_accepted_for_float_and_null_for_optional():

@@ -51,8 +51,9 @@ def _tiny_problem(seed: int = 0, n: int = 8, m: int = 6):
     return model, x, noisy, pseudo, meta_x, meta_y
 
 
-def brute_force_raw(model, x, noisy, pseudo, meta_x, meta_y, lr):
-    """Eqs. 1–4 literally: ε leaves at zero, one virtual SGD step, meta loss in eval mode, grad w.r.t. ε."""
+def brute_force_raw(model, x, noisy, pseudo, meta_x, meta_y, lr, meta_bn="eval"):
+    """Eqs. 1–4 literally: ε leaves at zero, one virtual SGD step, meta loss in eval mode (meta_bn "batch": in train
+    mode on copies of the buffers), grad w.r.t. ε."""
     was_training = model.training
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}
     n = x.shape[0]
@@ -65,9 +66,13 @@ def brute_force_raw(model, x, noisy, pseudo, meta_x, meta_y, lr):
         + (eps_b * F.cross_entropy(logits, pseudo, reduction="none")).sum() / n
     grads = torch.autograd.grad(inner, list(params.values()), create_graph=True, allow_unused=True)
     stepped = {k: p if g is None else p - lr * g for (k, p), g in zip(params.items(), grads)}
-    model.eval()
-    meta = F.cross_entropy(functional_call(model, stepped, (meta_x,)), meta_y)
-    d_a, d_b = torch.autograd.grad(meta, (eps_a, eps_b))
+    if meta_bn == "batch":
+        meta_logits = functional_call(model, {**stepped, **{k: b.clone() for k, b in model.named_buffers()}},
+                                      (meta_x,))
+    else:
+        model.eval()
+        meta_logits = functional_call(model, stepped, (meta_x,))
+    d_a, d_b = torch.autograd.grad(F.cross_entropy(meta_logits, meta_y), (eps_a, eps_b))
     model.train(was_training)
     return (-d_a).clamp_min(0), (-d_b).clamp_min(0)
 
@@ -94,34 +99,40 @@ def per_sample_gradient_raw(model, x, noisy, pseudo, meta_x, meta_y, lr):
 
 
 @pytest.mark.parametrize("method", ["jvp", "double_backward"])
-def test_matches_brute_force_reference(method):
+@pytest.mark.parametrize("meta_bn", ["eval", "batch"])
+def test_matches_brute_force_reference(method, meta_bn):
     model, x, noisy, pseudo, meta_x, meta_y = _tiny_problem()
     lr = 0.1
-    ref_a, ref_b = brute_force_raw(model, x, noisy, pseudo, meta_x, meta_y, lr)
+    ref_a, ref_b = brute_force_raw(model, x, noisy, pseudo, meta_x, meta_y, lr, meta_bn)
     assert (ref_a > 0).any() and (ref_a == 0).any(), "reference should exercise both the clamp and positives"
-    rel = meta_reliabilities(model, x, noisy, pseudo, meta_x, meta_y, lr, method=method)
+    rel = meta_reliabilities(model, x, noisy, pseudo, meta_x, meta_y, lr, method=method, meta_bn=meta_bn)
     for got, want in ((rel.alpha_raw, ref_a), (rel.beta_raw, ref_b)):
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    other_a, _ = brute_force_raw(model, x, noisy, pseudo, meta_x, meta_y, lr, "batch" if meta_bn == "eval" else "eval")
+    assert not torch.allclose(other_a, ref_a), "the two BN modes must give different meta-gradients here"
+    if meta_bn == "batch":
+        return
     ps_a, ps_b = per_sample_gradient_raw(model, x, noisy, pseudo, meta_x, meta_y, lr)
     torch.testing.assert_close(ps_a, ref_a, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(ps_b, ref_b, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("method", ["jvp", "double_backward"])
-def test_no_side_effects_on_model(method):
+@pytest.mark.parametrize("meta_bn", ["eval", "batch"])
+def test_no_side_effects_on_model(method, meta_bn):
     model, x, noisy, pseudo, meta_x, meta_y = _tiny_problem(seed=1)
     model.train()
     model.features[1].eval()  # a submodule kept in eval mode on purpose must stay so
     buffers_before = {k: b.clone() for k, b in model.named_buffers()}
     params_before = {k: p.detach().clone() for k, p in model.named_parameters()}
-    meta_reliabilities(model, x, noisy, pseudo, meta_x, meta_y, 0.1, method=method)
+    meta_reliabilities(model, x, noisy, pseudo, meta_x, meta_y, 0.1, method=method, meta_bn=meta_bn)
     for k, b in model.named_buffers():
         assert torch.equal(b, buffers_before[k]), f"buffer {k} changed"
     for k, p in model.named_parameters():
         assert torch.equal(p, params_before[k]) and p.grad is None, f"parameter {k} changed or got .grad"
     assert model.training and not model.features[1].training and model.fc.training
     model.eval()
-    meta_reliabilities(model, x, noisy, pseudo, meta_x, meta_y, 0.1, method=method)
+    meta_reliabilities(model, x, noisy, pseudo, meta_x, meta_y, 0.1, method=method, meta_bn=meta_bn)
     assert not any(module.training for module in model.modules())
 
 

@@ -14,7 +14,7 @@ import yaml
 
 from fakes import write_cifar10
 from hrp_ood.checkpoint import load_checkpoint
-from hrp_ood.config import BEHAVIOUR_BEFORE_KEY, build_config
+from hrp_ood.config import build_config
 from hrp_ood.errors import UserError
 from hrp_ood.eval.network import checkpoint_config
 from train.trainer import resume_config
@@ -83,33 +83,34 @@ def test_interrupt_then_resume_is_bit_identical(how, data_root, reference_weight
     assert_identical(load_checkpoint(tmp_path / "run" / "last.pt")["nets"], reference_weights)
 
 
-def saved_before_keys(tmp_path):
-    """A run folder whose config.yaml was written before the `ce_loss` and `normalization` keys existed (SPEC's
-    refined L_CE, Eq. 5's separate normalisation)."""
-    values = dataclasses.asdict(build_config())
-    for key in BEHAVIOUR_BEFORE_KEY:
+def saved_by_version_0_1_of_2026_12_01(tmp_path):
+    """A run folder as the previous version wrote it: its defaults then (meta-weighted L_CE, the coupled normaliser)
+    written out in config.yaml, and none of the keys added since (meta_bn, crop_padding, flip)."""
+    values = {**dataclasses.asdict(build_config()), "ce_loss": "meta_weighted", "normalization": "coupled"}
+    for key in ("meta_bn", "crop_padding", "flip"):
         del values[key]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(values))
     return values
 
 
-def test_a_run_saved_before_a_key_existed_resumes_with_the_behaviour_it_trained_with(tmp_path):
-    saved_before_keys(tmp_path)
-    assert (build_config().ce_loss, build_config().normalization) == ("meta_weighted", "coupled")
+def test_a_run_saved_with_earlier_defaults_resumes_with_what_it_trained_with(tmp_path):
+    saved_by_version_0_1_of_2026_12_01(tmp_path)
+    assert (build_config().ce_loss, build_config().normalization) == ("refined", "separate")  # today's defaults
     resumed = resume_config(tmp_path, build_config(), explicit=set())
-    assert (resumed.ce_loss, resumed.spec.normalization) == ("refined", "separate")
-    # a sweep names every key: the old run matches an experiment that asks for refined, and no other
-    assert resume_config(tmp_path, build_config(overrides={"ce_loss": "refined"}), explicit={"ce_loss"}).ce_loss \
-        == "refined"
+    assert (resumed.spec.ce_loss, resumed.spec.normalization) == ("meta_weighted", "coupled")
+    assert (resumed.meta_bn, resumed.crop_padding, resumed.flip) == ("eval", 4, True)  # BEHAVIOUR_BEFORE_KEY
+    # a sweep names every key: the old run matches an experiment that asks for meta_weighted, and no other
+    assert resume_config(tmp_path, build_config(overrides={"ce_loss": "meta_weighted", "normalization": "coupled"}),
+                         explicit={"ce_loss", "normalization"}).ce_loss == "meta_weighted"
     with pytest.raises(UserError, match="ce_loss differ"):
         resume_config(tmp_path, build_config(), explicit={"ce_loss"})
 
 
-def test_a_checkpoint_saved_before_a_key_existed_evaluates_with_its_behaviour(tmp_path):
-    values = saved_before_keys(tmp_path)
+def test_a_checkpoint_saved_with_earlier_defaults_evaluates_with_them(tmp_path):
+    values = saved_by_version_0_1_of_2026_12_01(tmp_path)
     state = {"config": values, "dataset": {}, "nets": [], "epoch": 1}
     saved = checkpoint_config(state, tmp_path / "last.pt")
-    assert (saved.ce_loss, saved.normalization) == ("refined", "separate")
+    assert (saved.spec.ce_loss, saved.spec.normalization, saved.meta_bn) == ("meta_weighted", "coupled", "eval")
 
 
 def test_a_config_saved_by_a_newer_version_is_a_one_line_error(tmp_path):

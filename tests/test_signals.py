@@ -11,8 +11,17 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from hrp_ood.method import ReliabilityMemory, meta_reliabilities, reliabilities_from_signed
-from hrp_ood.train.signals import EpochSignals, auroc, class_share_max
+from hrp_ood.train.signals import EpochSignals, auroc, batch_auroc, class_share_max
 from hrp_ood.train.steps import _cdcl_purity, _ram_diagnostics
+
+
+def test_batch_auroc_matches_sklearn_with_ties_and_is_nan_for_one_class():
+    g = torch.Generator().manual_seed(4)
+    scores = torch.randint(0, 4, (40,), generator=g).float().clamp_min(1) - 1  # ties, a third at 0 like clamped α
+    positive = torch.rand(40, generator=g) < 0.4
+    expected = 100 * roc_auc_score(positive.numpy(), scores.numpy())
+    assert batch_auroc(scores, positive).item() == pytest.approx(expected)
+    assert math.isnan(batch_auroc(scores, torch.ones(40, dtype=torch.bool)).item())
 
 
 def test_auroc_matches_sklearn_and_skips_unseen_rows():

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 import hrp_ood.train.steps as steps_module
 from hrp_ood.config import build_config
 from hrp_ood.data.augment import BatchAugment
-from hrp_ood.method import refine_targets, reweighted_ce, total_reliability
+from hrp_ood.method import normalize_beta, refine_targets, reweighted_ce, total_reliability
+from hrp_ood.method.reliability import Reliabilities
 from hrp_ood.train.steps import StepContext, StepInputs, hrp_step
 from hrp_ood.train.trainer import build_members
 
@@ -32,6 +33,14 @@ def make_step(method="hrp", **overrides):
     ctx = StepContext(cfg, augment, meta_images, meta_labels, autocast_device=None)
     batch = StepInputs(images, labels, torch.arange(N), epoch=1.0, clean_labels=labels)
     return ctx, members, batch
+
+
+def given_reliabilities(monkeypatch, per_network):
+    """Replace the meta step: network k's α, β are per_network[k] (a pair of (N,) tensors)."""
+    def fake(ctx, k, *args):
+        alpha, beta = per_network[k]
+        return Reliabilities(alpha, beta, alpha, beta, alpha, beta)
+    monkeypatch.setattr(steps_module, "_reliabilities", fake)
 
 
 class Recorder:
@@ -78,7 +87,7 @@ def test_each_network_trains_with_its_peers_targets_and_reliabilities(monkeypatc
     ctx, members, batch = make_step()
     forwards = record_forwards(members)
     reliabilities = {0: (torch.full((N,), 0.25), torch.full((N,), 0.5)), 1: (torch.full((N,), 2.0), torch.full((N,), 0.75))}
-    monkeypatch.setattr(steps_module, "_reliabilities", lambda ctx, k, *a: reliabilities[k])
+    given_reliabilities(monkeypatch, reliabilities)
     targets = Recorder(monkeypatch, "refine_targets")
     totals = Recorder(monkeypatch, "total_reliability")
     hrp_step(ctx, members, batch)
@@ -150,11 +159,12 @@ def test_grg_and_symmetric_ram_switches(monkeypatch):
 
 
 @pytest.mark.parametrize("method, normalization, expected", [
-    ("hrp", None, "coupled"), ("hrp", "separate", "separate"), ("coupled_meta", None, "coupled"),
-    ("coupled_meta", "separate", "coupled"),
+    ("hrp", None, "separate"), ("hrp", "coupled", "coupled"), ("coupled_meta", None, "coupled"),
+    ("coupled_meta", "separate", "coupled"), ("hrp_meta_weighted", "separate", "coupled"),
 ])
 def test_normalization_reaches_the_meta_step(monkeypatch, method, normalization, expected):
-    """The config's `normalization` (default coupled) reaches both networks' reliabilities; coupled_meta fixes it.
+    """The config's `normalization` (default separate, Eq. 5) reaches both networks' reliabilities; coupled_meta
+    and hrp_meta_weighted fix it to coupled.
     Coupled keeps Σ(α + β) = 2n, the mass of the separate one (so mean T and RAM's gate keep their scale)."""
     ctx, members, batch = make_step(method, **({"normalization": normalization} if normalization else {}))
     meta = Recorder(monkeypatch, "meta_reliabilities")
@@ -197,7 +207,7 @@ def step_with_random_reliabilities(monkeypatch, ctx, members, batch):
     forwards = record_forwards(members)
     g = torch.Generator().manual_seed(5)
     reliabilities = {k: (torch.rand(N, generator=g) * 2, torch.rand(N, generator=g) * 2) for k in range(2)}
-    monkeypatch.setattr(steps_module, "_reliabilities", lambda ctx, k, *a: reliabilities[k])
+    given_reliabilities(monkeypatch, reliabilities)
     ce_terms = record_ce_terms(monkeypatch)
     hrp_step(ctx, members, batch)
     logits = [forwards[k][0][1][:N] for k in range(2)]
@@ -262,3 +272,93 @@ def test_ce_meta_step_adds_a_clean_meta_batch_with_its_true_labels():
     drawn.clear()
     steps_module.STEPS["ce"](ctx, members, batch)
     assert drawn == []
+
+
+def test_the_meta_step_sees_each_networks_weak_view_given_labels_and_own_pseudo_labels(monkeypatch):
+    """Eq. 1's batch is the weak view (what the network trains L_CE on) with the given labels ỹ, and ŷ = the
+    argmax of that network's weak-view prediction, the pseudo-label its peer then trains with."""
+    ctx, members, batch = make_step(independent_views=True)  # a different weak view per network
+    forwards = record_forwards(members)
+    meta = Recorder(monkeypatch, "meta_reliabilities")
+    hrp_step(ctx, members, batch)
+    assert len(meta.calls) == 2
+    for k, (args, _) in enumerate(meta.calls):
+        net, x, noisy, pseudo = args[:4]
+        inputs, logits = forwards[k][0]
+        assert net is members[k].net
+        assert torch.equal(x, inputs[:N]) and not torch.equal(x, forwards[1 - k][0][0][:N])
+        assert torch.equal(noisy, batch.noisy_labels)
+        assert torch.equal(pseudo, logits[:N].argmax(dim=1))
+
+
+def test_each_networks_l_ce_ram_and_cdcl_use_the_peers_reliabilities_and_pseudo_labels(monkeypatch):
+    """§3.4: network k trains with what network 1 − k computed: L_CE's refined targets and T, RAM's targets and T,
+    CDCL's pseudo-labels, confidence and β̂."""
+    ctx, members, batch = make_step()
+    forwards = record_forwards(members)
+    g = torch.Generator().manual_seed(7)
+    reliabilities = {k: (torch.rand(N, generator=g) * 2, torch.rand(N, generator=g) * 2) for k in range(2)}
+    given_reliabilities(monkeypatch, reliabilities)
+    ce = Recorder(monkeypatch, "reweighted_ce")
+    mixup = Recorder(monkeypatch, "reliability_mixup")
+    cdcl = Recorder(monkeypatch, "cdcl_loss")
+    hrp_step(ctx, members, batch)
+    cfg = ctx.cfg
+    probs = [forwards[k][0][1][:N].softmax(dim=1) for k in range(2)]
+    for k in range(2):
+        peer = 1 - k
+        targets, _ = refine_targets(probs[peer], batch.noisy_labels, cfg.tau_match, cfg.tau_conf,
+                                    cfg.sharpen_temperature)
+        T = total_reliability(*reliabilities[peer], cfg.t_min, cfg.t_max)
+        ce_args, mix_args, cdcl_args = ce.calls[k][0], mixup.calls[k][0], cdcl.calls[k][0]
+        torch.testing.assert_close(ce_args[1], targets)
+        torch.testing.assert_close(ce_args[2], T)
+        torch.testing.assert_close(mix_args[1], targets)
+        torch.testing.assert_close(mix_args[2], T)
+        assert torch.equal(cdcl_args[1], probs[peer].argmax(dim=1))
+        torch.testing.assert_close(cdcl_args[2], normalize_beta(reliabilities[peer][1], cfg.delta))
+        assert torch.equal(cdcl_args[3], probs[peer].max(dim=1).values >= cfg.tau_conf)
+        assert not torch.allclose(T, total_reliability(*reliabilities[k], cfg.t_min, cfg.t_max))
+
+
+def test_eq15_weighs_each_term_with_its_lambda_and_the_ramp(monkeypatch):
+    """L = Σ_k L_CE + λ_cons L_cons + λ_prior L_prior + w(t) (L_RAM + λ_c L_CDCL), with w(t) < 1 inside the ramp
+    (epoch 1.5 of warm-up 1 + ramp 2: w = 0.25) and every λ ≠ 1."""
+    ctx, members, batch = make_step(warmup_epochs=1, ramp_epochs=2, lambda_cons=0.7, lambda_c=0.3,
+                                    lambda_prior=0.4, tau_conf=0.0)
+    batch.epoch = 1.5
+    g = torch.Generator().manual_seed(3)
+    given_reliabilities(monkeypatch, {k: (torch.rand(N, generator=g) * 2, torch.rand(N, generator=g) * 2)
+                                      for k in range(2)})
+    member_terms = []
+    member_loss = steps_module._hrp_member_loss
+    monkeypatch.setattr(steps_module, "_hrp_member_loss",
+                        lambda *a, **k: member_terms.append(member_loss(*a, **k)) or member_terms[-1])
+    logs = hrp_step(ctx, members, batch)
+    assert logs["ramp"].item() == pytest.approx(0.25)
+    expected = sum(t["loss_ce"] + 0.7 * t["loss_cons"] + 0.4 * t["loss_prior"]
+                   + 0.25 * (t["loss_ram"] + 0.3 * t["loss_cdcl"]) for t in member_terms)
+    assert all(t["loss_cdcl"].item() > 0 and t["loss_ram"].item() > 0 for t in member_terms)
+    torch.testing.assert_close(logs["loss"], expected.detach())
+
+
+@pytest.mark.parametrize("meta_bn", ["eval", "batch", "eval_weak_stats"])
+def test_meta_bn_reaches_the_meta_step_and_weak_stats_feeds_running_statistics_the_weak_views_only(
+        monkeypatch, meta_bn):
+    """`meta_bn` reaches both networks' meta step; with eval_weak_stats the running statistics after the step are
+    those one train-mode pass of the weak view gives (the updated weights, the statistics from before the step),
+    with the others they also saw the strong view."""
+    ctx, members, batch = make_step(meta_bn=meta_bn, strong_policy="randaugment")
+    ctx.augment = BatchAugment((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 32, strong_policy="randaugment")
+    forwards = record_forwards(members)
+    before = [{k: b.clone() for k, b in m.net.named_buffers()} for m in members]
+    meta = Recorder(monkeypatch, "meta_reliabilities")
+    hrp_step(ctx, members, batch)
+    assert [kwargs["meta_bn"] for _, kwargs in meta.calls] == [meta_bn, meta_bn]
+    for k, m in enumerate(members):
+        weak_only = __import__("copy").deepcopy(m.net)
+        weak_only.load_state_dict({**weak_only.state_dict(), **before[k]})
+        with torch.no_grad():
+            weak_only.train()(forwards[k][0][0][:N])
+        mean, reference = m.net.block1[2].running_mean, weak_only.block1[2].running_mean
+        assert torch.allclose(mean, reference) is (meta_bn == "eval_weak_stats")

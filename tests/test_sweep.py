@@ -1,6 +1,7 @@
 """`hrp-ood sweep`: a digits grid end to end (local worker processes and submitit's LocalExecutor), idempotent
 re-runs, a failing run that does not stop the others, and experiment files refused before anything starts."""
 
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -10,7 +11,7 @@ import yaml
 
 from hrp_ood.cli import main
 from hrp_ood.sweep import load_experiment, run_sweep
-from hrp_ood.sweep_report import accuracy_table, write_accuracy_table
+from hrp_ood.sweep_report import accuracy_table, run_summary, write_accuracy_table
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = {"dataset": "digits", "model": "small_cnn", "device": "cpu", "meta_size": 50, "epochs": 1,
@@ -52,10 +53,25 @@ def test_sweep_trains_evaluates_and_reports_every_grid_point(swept):
     assert r"method & sym20 & sym50 \\" in (out / "report" / "accuracy.tex").read_text()
     for figure in ("noise_curves.png", "accuracy_vs_noise.png"):
         assert (out / "report" / "plots" / figure).stat().st_size > 10_000
+    summary = (out / "report" / "summary.md").read_text().splitlines()
+    assert summary[2].startswith("| noise | method | test_acc | test_acc_peak | test_acc_meta_selected |")
 
 
 ACCURACY_FRAME = pd.DataFrame({"noise": ["sym20", "sym20", "sym80", "sym20"], "method": ["ce", "ce", "ce", "hrp"],
                                "seed": ["0", "1", "0", "0"], "test_acc": [90.0, 92.0, 40.0, 95.0]})
+
+
+def test_run_summary_takes_last_peak_meta_selected_and_post_warmup_means():
+    """best.pt is the first epoch of highest meta accuracy (ce_meta: the last); AUROCs average the epochs after the
+    warm-up that have a value."""
+    rows = [{"epoch": "1", "acc_ensemble": "50", "meta_acc": "40", "alpha_auroc": "", "loss_auroc": "60"},
+            {"epoch": "2", "acc_ensemble": "70", "meta_acc": "65", "alpha_auroc": "55", "loss_auroc": "70"},
+            {"epoch": "3", "acc_ensemble": "60", "meta_acc": "65", "alpha_auroc": "", "loss_auroc": "80"},
+            {"epoch": "4", "acc_ensemble": "45", "meta_acc": "50", "alpha_auroc": "61", "loss_auroc": "90"}]
+    summary = run_summary(rows, warmup_epochs=1)
+    assert (summary["test_acc"], summary["test_acc_peak"], summary["test_acc_meta_selected"]) == (45, 70, 70)
+    assert summary["alpha_auroc"] == 58 and summary["loss_auroc"] == 80 and math.isnan(summary["beta_auroc"])
+    assert run_summary(rows, warmup_epochs=1, meta_held_out=False)["test_acc_meta_selected"] == 45
 
 
 def test_accuracy_table_is_mean_and_std_over_seeds():

@@ -141,6 +141,10 @@ def test_demo_finishes_with_an_ood_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "photo_patches" in out and "uniform_noise" in out and "msp" in out
     assert (tmp_path / "demo" / "eval_ensemble" / "eval.json").is_file()
+    weights = (tmp_path / "demo" / "last.pt").read_bytes()
+    assert main(["demo", "--out-dir", str(tmp_path / "demo"), "--epochs", "1", "--no-progress"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (tmp_path / "demo" / "last.pt").read_bytes() == weights  # a second demo deletes nothing unasked
 
 
 def nan_cross_entropy(monkeypatch):

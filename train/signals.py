@@ -38,6 +38,15 @@ def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
     return 100.0 * roc_auc_score(labels, scores[seen].double().cpu().numpy())
 
 
+def batch_auroc(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """AUROC ×100 of one batch's `scores` for its positive rows, ties counting one half (Mann–Whitney), as a
+    tensor on the scores' device: no host synchronisation, so a step can call it. NaN when a class is missing."""
+    scores = scores.float()
+    pairs = (positive[:, None] & ~positive[None, :]).float()  # (positive row, negative column)
+    wins = (scores[:, None] > scores[None, :]).float() + 0.5 * (scores[:, None] == scores[None, :]).float()
+    return 100.0 * (wins * pairs).sum() / pairs.sum()
+
+
 def class_share_max(counts: torch.Tensor) -> float:
     """Share of the most frequent class (1/C balanced, 1.0 = everything in one class); NaN when empty."""
     total = counts.sum().item()

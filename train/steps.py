@@ -45,7 +45,8 @@ from hrp_ood.method import (
     weighted_label_ce,
 )
 from hrp_ood.method.reliability import Reliabilities
-from hrp_ood.train.signals import EpochSignals
+from hrp_ood.models import frozen_batchnorm_stats
+from hrp_ood.train.signals import EpochSignals, batch_auroc
 
 
 @dataclass
@@ -192,21 +193,19 @@ def _record_loss(ctx: StepContext, batch: StepInputs, per_sample: list[torch.Ten
 
 
 def _reliabilities(ctx: StepContext, k: int, member: Member, x_weak: torch.Tensor, batch: StepInputs,
-                   pseudo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """α, β of SPEC §3.1 computed on network k's parameters (ones for the no-meta variants), averaged per
-    sample across visits when the run keeps a reliability memory."""
-    noisy = batch.noisy_labels
-    if not ctx.cfg.spec.meta:
-        ones = torch.ones(len(noisy), device=noisy.device)
-        return ones, ones
+                   pseudo: torch.Tensor) -> Reliabilities | None:
+    """α, β of SPEC §3.1 computed on network k's parameters from the weak view and the given labels (None for
+    the no-meta variants), averaged per sample across visits when the run keeps a reliability memory."""
     cfg = ctx.cfg
+    if not cfg.spec.meta:
+        return None
     meta_x, meta_y = ctx.sample_meta_batch()
-    rel: Reliabilities = meta_reliabilities(member.net, x_weak, noisy, pseudo, meta_x, meta_y, member.lr,
-                                            normalization=cfg.spec.normalization, method=cfg.meta_method,
-                                            delta=cfg.delta, calibrated=cfg.meta_calibration)
+    rel = meta_reliabilities(member.net, x_weak, batch.noisy_labels, pseudo, meta_x, meta_y, member.lr,
+                             normalization=cfg.spec.normalization, method=cfg.meta_method, delta=cfg.delta,
+                             calibrated=cfg.meta_calibration, meta_bn=cfg.meta_bn)
     if ctx.memories:
         rel = ctx.memories[k].update(batch.index, rel, pseudo, cfg.spec.normalization, cfg.delta)
-    return rel.alpha, rel.beta
+    return rel
 
 
 def _hrp_member_loss(ctx: StepContext, member: Member, own: dict[str, torch.Tensor], peer: dict[str, torch.Tensor],
@@ -236,7 +235,7 @@ def _hrp_member_loss(ctx: StepContext, member: Member, own: dict[str, torch.Tens
     if weight > 0 and spec.ram:
         mixed = reliability_mixup(x_weak, targets, T, cfg.kappa, symmetric=spec.symmetric_ram, gated=spec.grg,
                                   eps=cfg.delta)
-        with ctx.autocast():
+        with ctx.autocast(), _running_stats_from_weak_views_only(ctx, member):
             mixed_logits = _loss_precision(member.forward(mixed.inputs))
         terms["loss_ram"] = ram_loss(mixed_logits, mixed.targets, mixed.gate)
         terms["gate"] = mixed.gate.mean()
@@ -259,9 +258,10 @@ def _hrp_member_loss(ctx: StepContext, member: Member, own: dict[str, torch.Tens
 def _ce_term(cfg: TrainConfig, own: dict[str, torch.Tensor], peer: dict[str, torch.Tensor], targets: torch.Tensor,
              T: torch.Tensor, high_conf: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
     """L_CE of Eq. 15: Eq. 13 on the peer's refined targets, or Eq. 1 weighted by meta-learned α, β (ce_loss)."""
-    if cfg.ce_loss == "refined":
+    ce_loss = cfg.spec.ce_loss
+    if ce_loss == "refined":
         return reweighted_ce(own["logits_weak"], targets, T, high_conf, cfg.gamma, balanced=cfg.balanced_s)
-    if cfg.ce_loss == "meta_weighted_s":
+    if ce_loss == "meta_weighted_s":
         # S's two rules (refine_targets): the peer endorses the given label, or it is confident in another class
         endorsed = high_conf & (targets.argmax(dim=1) == noisy)
         peer_confident = high_conf & ~endorsed
@@ -270,7 +270,7 @@ def _ce_term(cfg: TrainConfig, own: dict[str, torch.Tensor], peer: dict[str, tor
     # meta_weighted: the network's own α, β and pseudo-labels, so that its step on L_CE lowers its own meta loss
     # to first order (a weight is > 0 only where its sample's gradient agrees with the meta gradient: L2RW/L2B;
     # exact up to BN, whose training pass normalises the weak and strong views together)
-    source = peer if cfg.ce_loss == "meta_weighted_peer" else own
+    source = peer if ce_loss == "meta_weighted_peer" else own
     return weighted_label_ce(own["logits_weak"], noisy, source["pseudo"], source["alpha"], source["beta"])
 
 
@@ -323,14 +323,19 @@ def hrp_step(ctx: StepContext, members: list[Member], batch: StepInputs) -> dict
     views = _views(ctx, batch.images, len(members))
     outputs = []
     for m, (x_weak, x_strong) in zip(members, views):
-        with ctx.autocast():
+        with ctx.autocast(), _running_stats_from_weak_views_only(ctx, m):
             logits, features = m.forward(torch.cat([x_weak, x_strong]), return_feature=True)
         logits = _loss_precision(logits)
         probs = logits[:n].detach().softmax(dim=1)
         outputs.append({"logits_weak": logits[:n], "logits_strong": logits[n:], "features": features,
                         "probs": probs, "pseudo": probs.argmax(dim=1)})
+    reliability_logs: dict[str, torch.Tensor] = {}
     for k, (m, out) in enumerate(zip(members, outputs)):
-        out["alpha"], out["beta"] = _reliabilities(ctx, k, m, views[k][0], batch, out["pseudo"])
+        rel = _reliabilities(ctx, k, m, views[k][0], batch, out["pseudo"])
+        ones = torch.ones(n, device=batch.noisy_labels.device)
+        out["alpha"], out["beta"] = (ones, ones) if rel is None else (rel.alpha, rel.beta)
+        if k == 0 and rel is not None and batch.clean_labels is not None:
+            reliability_logs = _within_batch_aurocs(rel, out["pseudo"], batch)
 
     weight = ramp_weight(batch.epoch, cfg.warmup_epochs, cfg.ramp_epochs)
     per_member = [
@@ -348,8 +353,36 @@ def hrp_step(ctx: StepContext, members: list[Member], batch: StepInputs) -> dict
     logs = {key: torch.stack([t[key].detach() for t in per_member]).mean() for key in shared if key != "loss"}
     logs.update({key: value.detach() for key, value in per_member[0].items() if key not in shared and key != "loss"})
     logs.update(loss=loss.detach(), alpha=alpha.mean(), beta=beta.mean(),
-                ramp=torch.tensor(weight, device=loss.device))
+                ramp=torch.tensor(weight, device=loss.device), **reliability_logs)
+    if cfg.meta_bn == "eval_weak_stats":
+        _update_running_stats(ctx, members, views)
     return logs
+
+
+def _running_stats_from_weak_views_only(ctx: StepContext, member: Member):
+    """meta_bn=eval_weak_stats: the training forwards (strong views, mixed images) normalise with their batch
+    statistics but leave the running statistics alone; `_update_running_stats` feeds them the weak views."""
+    return frozen_batchnorm_stats(member.net) if ctx.cfg.meta_bn == "eval_weak_stats" else nullcontext()
+
+
+@torch.no_grad()
+def _update_running_stats(ctx: StepContext, members: list[Member],
+                          views: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """One train-mode forward of each network's weak view, for its BN running statistics only."""
+    for m, (x_weak, _) in zip(members, views):
+        with ctx.autocast():
+            m.forward(x_weak)
+
+
+def _within_batch_aurocs(rel: Reliabilities, pseudo: torch.Tensor, batch: StepInputs) -> dict[str, torch.Tensor]:
+    """Net 1's reliabilities judged within this batch (no per-batch normalisation or pooling across batches in
+    the way): AUROC ×100 of α and of the unclamped meta-gradient for clean given labels, of β for correct
+    pseudo-labels. NaN where the batch lacks one of the two classes (the epoch mean skips it)."""
+    clean = batch.noisy_labels == batch.clean_labels
+    correct = pseudo == batch.clean_labels
+    return {"alpha_auroc_batch": batch_auroc(rel.alpha, clean),
+            "alpha_signed_auroc_batch": batch_auroc(rel.alpha_signed, clean),
+            "beta_auroc_batch": batch_auroc(rel.beta, correct)}
 
 
 def _views(ctx: StepContext, images: torch.Tensor, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

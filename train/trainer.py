@@ -197,8 +197,8 @@ class Trainer:
         _check_divisible(cfg, self.ranks)
         self.progress = (sys.stderr.isatty() if progress is None else progress) and distributed.is_main()
         self.data = distributed.main_first(lambda: prepare_training_data(cfg, run_dir, self.device))
-        self.augment = BatchAugment(self.data.mean, self.data.std, self.data.image_size,
-                                    strong_policy=cfg.strong_policy)
+        self.augment = BatchAugment(self.data.mean, self.data.std, self.data.image_size, padding=cfg.crop_padding,
+                                    strong_policy=cfg.strong_policy, flip=cfg.flip)
         self.members = build_members(cfg, self.data.num_classes, self.device)
         wrap_data_parallel(self.members, cfg, self.device)
         amp = cfg.amp and self.device.type == "cuda"

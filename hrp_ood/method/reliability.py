@@ -4,7 +4,7 @@ For a mini-batch (x_i, ỹ_i, ŷ_i) and a clean meta batch (x^meta_j, y^meta_j):
 
     (1) L_ε(θ)    = (1/n) Σ_i [ε^α_i ℓ(f_θ(x_i), ỹ_i) + ε^β_i ℓ(f_θ(x_i), ŷ_i)],   ε = 0
     (2) θ̂(ε)     = θ − η ∇_θ L_ε(θ)
-    (3) L_meta(ε) = (1/m) Σ_j ℓ(f_θ̂(ε)(x^meta_j), y^meta_j)          (BN in eval mode)
+    (3) L_meta(ε) = (1/m) Σ_j ℓ(f_θ̂(ε)(x^meta_j), y^meta_j)          (BN in eval mode, or see meta_bn)
     (4) α̃_i = max(−∂L_meta/∂ε^α_i, 0),  β̃_i = max(−∂L_meta/∂ε^β_i, 0)   at ε = 0
     (5) α_i = n α̃_i / (Σ_k α̃_k + δ),   β_i = n β̃_i / (Σ_k β̃_k + δ)
 
@@ -18,7 +18,7 @@ through the virtual SGD step as Learning-to-Reweight / L2B do; both give the sam
 
 Both methods run the per-sample losses of Eq. 1 in train mode (batch statistics, like L2B's
 virtual step) on *cloned* buffers, so the model's BN running statistics never change, and the
-meta loss in eval mode. Nothing is written to ``.grad`` and every module's train/eval flag is
+meta loss in eval mode (``meta_bn="batch"``: in train mode on cloned buffers too). Nothing is written to ``.grad`` and every module's train/eval flag is
 restored on exit.
 
 ``calibrated=True`` (config ``meta_calibration``, not in SPEC) takes the meta loss at the meta batch's
@@ -52,6 +52,10 @@ from hrp_ood.method.targets import weighted_label_ce
 
 NORMALIZATIONS = ("separate", "coupled")
 METHODS = ("jvp", "double_backward")
+# BatchNorm in the meta forward (Eq. 3): running statistics (the paper's eval mode; "eval_weak_stats" is the same
+# here, the trainer only changes what feeds the running statistics) or the meta batch's own statistics on cloned
+# buffers ("batch", as L2RW, Meta-Weight-Net and L2B): either way the running statistics never change
+META_BN_MODES = ("eval", "batch", "eval_weak_stats")
 
 
 @dataclass
@@ -97,7 +101,8 @@ def normalize_reliabilities(alpha_raw: torch.Tensor, beta_raw: torch.Tensor, nor
 
 def meta_reliabilities(model: nn.Module, x: torch.Tensor, noisy_labels: torch.Tensor, pseudo_labels: torch.Tensor,
                        meta_x: torch.Tensor, meta_y: torch.Tensor, lr: float, *, normalization: str = "separate",
-                       method: str = "jvp", delta: float = 1e-8, calibrated: bool = False) -> Reliabilities:
+                       method: str = "jvp", delta: float = 1e-8, calibrated: bool = False,
+                       meta_bn: str = "eval") -> Reliabilities:
     """α, β of every sample in the batch (Eqs. 1–5) for ``model`` at its current parameters.
 
     ``lr`` is the network's current learning rate η of the virtual step (Eq. 2). The virtual step
@@ -107,9 +112,12 @@ def meta_reliabilities(model: nn.Module, x: torch.Tensor, noisy_labels: torch.Te
         raise UserError(f"unknown meta-gradient method {method!r}; use one of {', '.join(METHODS)}")
     if normalization not in NORMALIZATIONS:
         raise UserError(f"unknown reliability normalization {normalization!r}; use one of {', '.join(NORMALIZATIONS)}")
+    if meta_bn not in META_BN_MODES:
+        raise UserError(f"unknown meta_bn {meta_bn!r}; use one of {', '.join(META_BN_MODES)}")
     raw = _raw_reliabilities_jvp if method == "jvp" else _raw_reliabilities_double_backward
     with _preserved_modes(model), torch.enable_grad():
-        alpha_signed, beta_signed = raw(model, x, noisy_labels, pseudo_labels, meta_x, meta_y, lr, calibrated)
+        alpha_signed, beta_signed = raw(model, x, noisy_labels, pseudo_labels, meta_x, meta_y, lr, calibrated,
+                                        meta_bn == "batch")
     return reliabilities_from_signed(alpha_signed.detach(), beta_signed.detach(), normalization, delta)
 
 
@@ -178,13 +186,14 @@ def _scale_free(signed: torch.Tensor, delta: float) -> torch.Tensor:
 
 def _raw_reliabilities_jvp(model: nn.Module, x: torch.Tensor, noisy_labels: torch.Tensor,
                            pseudo_labels: torch.Tensor, meta_x: torch.Tensor, meta_y: torch.Tensor,
-                           lr: float, calibrated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                           lr: float, calibrated: bool = False,
+                           meta_batch_stats: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """−∂L_meta/∂ε^α, −∂L_meta/∂ε^β (before clamping) via the gradient-alignment identity.
 
     v = ∇_θ L_meta(θ); one JVP gives dz_i = (∂z_i/∂θ) v for the train-mode logits z_i, and
     ⟨v, ∇_θ ℓ(z_i, y)⟩ = (softmax(z_i) − onehot(y)) · dz_i for y = ỹ_i and y = ŷ_i alike.
     """
-    direction = meta_gradient(model, meta_x, meta_y, calibrated)
+    direction = meta_gradient(model, meta_x, meta_y, calibrated, meta_batch_stats)
     logits, dlogits = logit_changes(model, x, direction)
     scale = lr / global_count(x.shape[0])
     return scale * signed_alignment(logits, dlogits, noisy_labels), scale * signed_alignment(logits, dlogits,
@@ -214,7 +223,8 @@ def signed_alignment(logits: torch.Tensor, dlogits: torch.Tensor, labels: torch.
 
 def _raw_reliabilities_double_backward(model: nn.Module, x: torch.Tensor, noisy_labels: torch.Tensor,
                                        pseudo_labels: torch.Tensor, meta_x: torch.Tensor, meta_y: torch.Tensor,
-                                       lr: float, calibrated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                                       lr: float, calibrated: bool = False,
+                                       meta_batch_stats: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """−∂L_meta/∂ε^α, −∂L_meta/∂ε^β (before clamping) by differentiating through the virtual step."""
     params = _trainable_parameters(model)
     n = x.shape[0]
@@ -227,8 +237,7 @@ def _raw_reliabilities_double_backward(model: nn.Module, x: torch.Tensor, noisy_
     # ∇L_ε over the global batch: the mean of the ranks' gradients of their local means (equal n per rank)
     stepped = {name: p - lr * global_sum(grads[name]) / world_size() for name, p in params.items()}
 
-    model.eval()
-    meta_logits = _at_least_float32(functional_call(model, stepped, (meta_x,)))
+    meta_logits = _meta_logits(model, stepped, meta_x, meta_batch_stats)
     if calibrated:  # at ε = 0, θ̂ = θ: these logits are the ones to fit (s, b) on, held fixed for the derivative
         meta_logits = _calibrator(meta_logits.detach(), meta_y)(meta_logits)
     meta_loss = F.cross_entropy(meta_logits, meta_y)
@@ -237,18 +246,29 @@ def _raw_reliabilities_double_backward(model: nn.Module, x: torch.Tensor, noisy_
     return -d_alpha, -d_beta
 
 
-def meta_gradient(model: nn.Module, meta_x: torch.Tensor, meta_y: torch.Tensor,
-                  calibrated: bool = False) -> dict[str, torch.Tensor]:
-    """v = ∇_θ L_meta(θ) (Eq. 3 at ε = 0), eval mode, without touching ``.grad``; averaged over ranks.
-    ``calibrated``: the meta loss at the meta batch's fitted temperature and class biases (module docstring)."""
+def meta_gradient(model: nn.Module, meta_x: torch.Tensor, meta_y: torch.Tensor, calibrated: bool = False,
+                  meta_batch_stats: bool = False) -> dict[str, torch.Tensor]:
+    """v = ∇_θ L_meta(θ) (Eq. 3 at ε = 0) without touching ``.grad``; averaged over ranks. BN in eval mode, or
+    (``meta_batch_stats``) on the meta batch's own statistics with cloned buffers. ``calibrated``: the meta loss
+    at the meta batch's fitted temperature and class biases (module docstring)."""
     params = _trainable_parameters(model)
-    model.eval()
-    logits = _at_least_float32(model(meta_x))
+    logits = _meta_logits(model, params, meta_x, meta_batch_stats)
     if calibrated:
         logits = _calibrator(logits.detach(), meta_y)(logits)
     meta_loss = F.cross_entropy(logits, meta_y)
     grads = _grads_or_zeros(meta_loss, params, create_graph=False)
     return global_mean_of_grads({name: g.detach() for name, g in grads.items()})
+
+
+def _meta_logits(model: nn.Module, params: dict[str, torch.Tensor], meta_x: torch.Tensor,
+                 batch_stats: bool) -> torch.Tensor:
+    """The meta batch's logits at ``params``: BN on the running statistics (eval mode), or on the batch's own
+    statistics (train mode) with the running buffers cloned, so they never change."""
+    if batch_stats:
+        model.train()
+        return _at_least_float32(functional_call(model, (params, _cloned_buffers(model)), (meta_x,)))
+    model.eval()
+    return _at_least_float32(functional_call(model, params, (meta_x,)))
 
 
 def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, ridge: float = 1e-4,
