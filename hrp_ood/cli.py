@@ -167,6 +167,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from hrp_ood.eval.network import export_checkpoint
 
     check_output_file(args.out, "--out")
+    _check_not_a_run_file(Path(args.out), Path(args.ckpt))
     export = export_checkpoint(Path(args.ckpt), Path(args.out), net=args.net)
     print(f"wrote {export.weights} and its normalisation {export.normalization}")
     values = f"mean {_rounded(export.mean)}, std {_rounded(export.std)}"
@@ -176,6 +177,18 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"normalisation: {values}; this differs from OpenOOD's {export.openood_benchmark} constants, which "
               "OpenOOD would feed the network: give OpenOOD's preprocessor these values (see the .json)")
     return 0
+
+
+def _check_not_a_run_file(out: Path, ckpt: Path) -> None:
+    """export writes a new file: never the checkpoint it reads, nor a file of a run folder (a run's only
+    last.pt replaced by a plain state dict could not be resumed)."""
+    from hrp_ood.run_dir import CHECKPOINT, RUN_FILES
+
+    same = out.exists() and ckpt.exists() and out.resolve() == ckpt.resolve()
+    in_run = out.name in RUN_FILES and any((out.parent / name).exists() for name in ("config.yaml", CHECKPOINT))
+    if same or in_run:
+        raise UserError(f"--out {shown(out)} is {'the checkpoint being exported' if same else 'a file of a run folder'}; "
+                        "write the export elsewhere, e.g. --out net.pt")
 
 
 def _rounded(values: Sequence[float]) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import re
 import types
@@ -20,6 +21,8 @@ import yaml
 
 from hrp_ood.errors import UserError, shown
 from hrp_ood.io import atomic_write_text, read_text_file
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -336,15 +339,26 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+class _Null:
+    """An override that sets a key to null (`--set key=null`), unlike None, which means "not given"."""
+
+    def __repr__(self) -> str:
+        return "null"
+
+
+NULL = _Null()
+
+
 def parse_set_option(item: str) -> tuple[str, Any]:
-    """`key=value` from `--set`; the value is parsed as YAML (so 0.1 is a float, [1, 2] a list, null None)."""
+    """`key=value` from `--set`; the value is parsed as YAML (so 0.1 is a float, [1, 2] a list, null NULL)."""
     if "=" not in item:
         raise UserError(f"--set expects key=value, got {item!r}")
     key, raw = item.split("=", 1)
     try:
-        return key.strip(), yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
     except yaml.YAMLError:
         raise UserError(f"--set {item!r}: the value is not valid YAML") from None
+    return key.strip(), NULL if value is None else value
 
 
 def build_config(
@@ -352,20 +366,38 @@ def build_config(
     overrides: dict[str, Any] | None = None,
     base: dict[str, Any] | None = None,
 ) -> TrainConfig:
-    """Defaults ← `base` ← YAML file ← overrides (None values in overrides are ignored)."""
+    """Defaults ← `base` ← YAML file ← overrides (None values in overrides are ignored, NULL sets null).
+
+    An `epochs` override shorter than the file's milestones scales them to the shorter run (and says so), unless
+    the overrides set `lr_milestones` too: shortening a paper run is the first thing users do."""
     values: dict[str, Any] = dict(base or {})
     sources = [(values, "the built-in defaults")]
     if config_file is not None:
         sources.append((read_yaml(config_file), str(config_file)))
-    sources.append(({k: v for k, v in (overrides or {}).items() if v is not None}, "the command line"))
+    command_line = {k: v for k, v in (overrides or {}).items() if v is not None}
     merged: dict[str, Any] = {}
     valid = set(field_names())
-    for mapping, where in sources:
+    for mapping, where in [*sources, (command_line, "the command line")]:
         for key, value in mapping.items():
             if key not in valid:
                 raise _unknown_key_error(key, where)
-            merged[key] = value
+            if mapping is command_line and key == "epochs" and "lr_milestones" not in command_line:
+                _scale_milestones(merged, value)
+            merged[key] = None if value is NULL else value
     return TrainConfig(**merged)
+
+
+def _scale_milestones(values: dict[str, Any], epochs: Any) -> None:
+    """The milestones of `values` scaled from its epochs to `epochs` when one of them lies beyond `epochs`."""
+    milestones = values.get("lr_milestones", TrainConfig.__dataclass_fields__["lr_milestones"].default_factory())
+    before = values.get("epochs", TrainConfig.epochs)
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1 or not isinstance(milestones, list) \
+            or not isinstance(before, int) or before < 1 or all(isinstance(m, int) and m <= epochs for m in milestones):
+        return  # nothing to scale, or a type error TrainConfig reports
+    scaled = sorted({min(epochs, max(1, round(m * epochs / before))) for m in milestones if isinstance(m, int)})
+    log.warning("--epochs %d: the config's lr_milestones %s (for %d epochs) scaled to %s", epochs, milestones,
+                before, scaled)
+    values["lr_milestones"] = scaled
 
 
 # Keys added after runs had been saved without them, with the value that reproduces what those runs did: a saved

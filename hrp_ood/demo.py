@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hrp_ood.config import build_config, read_yaml
+from hrp_ood.config import build_config
 from hrp_ood.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -64,10 +64,7 @@ def run_demo(out_dir: Path, *, epochs: int | None = None, overwrite: bool = Fals
     if not DEMO_CONFIG.is_file():
         raise UserError(f"the demo's config {DEMO_CONFIG} is missing: hrp-ood demo runs from a checkout of the "
                         "repository (pip install -e .)")
-    # a shorter demo keeps the milestones that fall within it
-    milestones = [m for m in read_yaml(DEMO_CONFIG)["lr_milestones"] if epochs is None or m <= epochs]
-    cfg = build_config(DEMO_CONFIG, overrides={"out_dir": str(out_dir.parent), "name": out_dir.name,
-                                               "epochs": epochs, "lr_milestones": milestones})
+    cfg = build_config(DEMO_CONFIG, overrides={"out_dir": str(out_dir.parent), "name": out_dir.name, "epochs": epochs})
     result = train(cfg, overwrite=overwrite, progress=progress)
     run_dir = Path(result["run_dir"])
     report = evaluate_checkpoint(run_dir / "last.pt", demo_ood_sets(), DEMO_POSTPROCESSORS, net="ensemble")

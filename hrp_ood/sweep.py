@@ -147,12 +147,14 @@ def grid_runs(grid: dict[str, Any], path: Path) -> dict[str, dict[str, Any]]:
 
 def _evaluation(data: dict[str, Any], path: Path) -> Evaluation:
     from hrp_ood.eval.cli import FIT_LABELS
+    from hrp_ood.eval.evaluate import check_ood_set_names
     from hrp_ood.eval.network import NET_CHOICES
     from hrp_ood.eval.ood_data import FAR_OOD_SETS, NEAR_OOD_SETS
     from hrp_ood.postprocessors import list_postprocessors
 
     _known_keys(data, [f.name for f in dataclasses.fields(Evaluation)], "evaluation", path)
     ood_dirs = _mapping(data.get("ood_dirs"), "evaluation.ood_dirs", path)
+    check_ood_set_names(map(str, ood_dirs), f"experiment {shown(path)}: evaluation.ood_dirs")
     for name, folder in ood_dirs.items():
         if not Path(str(folder)).is_dir():
             raise UserError(f"experiment {shown(path)}: evaluation.ood_dirs {name}: folder {shown(str(folder))} "

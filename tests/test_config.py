@@ -82,6 +82,27 @@ def test_hrp_is_the_papers_form_and_hrp_meta_weighted_fixes_its_two_departures()
     assert build_config(overrides={"method": "coupled_meta"}).spec.ce_loss == "refined"
 
 
+def test_a_shorter_run_scales_the_configs_milestones_and_says_so(caplog):
+    paper = Path(__file__).resolve().parents[1] / "configs" / "cifar10_hrp.yaml"
+    with caplog.at_level("WARNING"):
+        assert build_config(paper, {"epochs": 45}).lr_milestones == [25, 40]
+    assert "lr_milestones [250, 400] (for 450 epochs) scaled to [25, 40]" in caplog.text
+    assert build_config(paper, {"epochs": 420}).lr_milestones == [250, 400]  # within the run: kept
+    explicit = build_config(paper, {"epochs": 20, "lr_milestones": [30]})  # given with the epochs: not scaled
+    with pytest.raises(UserError, match=r"lr_milestones \[30\] lie outside \[0, 20\]"):
+        explicit.check_schedule()
+
+
+def test_set_null_sets_an_optional_key_to_null_and_is_refused_for_the_others(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("forget_rate: 0.3\n")
+    assert build_config(path).forget_rate == 0.3
+    assert build_config(path, dict([parse_set_option("forget_rate=null")])).forget_rate is None
+    assert build_config(path, {"forget_rate": None}).forget_rate == 0.3  # a flag not given
+    with pytest.raises(UserError, match=r"config key 'lr' must be float, got None"):
+        build_config(path, dict([parse_set_option("lr=null")]))
+
+
 def test_int_is_accepted_for_float_and_null_for_optional():
     cfg = build_config(overrides={"lr": 1, "forget_rate": None, "image_size": 64})
     assert isinstance(cfg.lr, float) and cfg.forget_rate is None and cfg.image_size == 64

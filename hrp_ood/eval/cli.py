@@ -21,7 +21,7 @@ from hrp_ood.data.noise import load_noise
 from hrp_ood.data.sources import ImageSource
 from hrp_ood.errors import UserError
 from hrp_ood.eval.benchmarks import BENCHMARKS, Benchmark, check_checkpoint_fits, get_benchmark, load_benchmark_id_data
-from hrp_ood.eval.evaluate import run_evaluation, write_eval_outputs
+from hrp_ood.eval.evaluate import check_ood_set_names, run_evaluation, write_eval_outputs
 from hrp_ood.eval.network import NET_CHOICES, checkpoint_config, network_from_state
 from hrp_ood.eval.ood_data import FAR_OOD_SETS, NEAR_OOD_SETS, ood_source
 from hrp_ood.eval.validation import ValidationImages, find_validation, load_validation, require_tuning_split
@@ -94,6 +94,7 @@ def _parse_ood_dirs(items: list[str]) -> dict[str, Path]:
         if not sep or not name or not path:
             raise UserError(f"--ood-dir expects NAME=PATH, e.g. --ood-dir mine=/data/my_ood, got {item!r}")
         dirs[name.strip()] = Path(path)
+    check_ood_set_names(dirs, "--ood-dir")
     return dirs
 
 

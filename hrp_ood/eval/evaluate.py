@@ -24,7 +24,7 @@ import hashlib
 import io
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,18 @@ METRIC_KEYS = ("auroc", "fpr95", "aupr_in", "aupr_out", "fpr95_tpr_id")
 ROW_KEYS = ("postprocessor", "ood", *METRIC_KEYS)
 FIT_LABELS = ("clean", "noisy", "pred")
 MEAN_ROW = "mean"
+ID_SET = "id"  # the ID test set's name in scores.npz
+# names a results table or scores.npz uses for something else ("all" is --ood's keyword for every far-OOD set)
+RESERVED_SET_NAMES = (ID_SET, MEAN_ROW, "all")
 FIT_SUBSET_SEED = 0
+
+
+def check_ood_set_names(names: Iterable[str], where: str) -> None:
+    """A one-line error for an OOD set named like the ID set or a table's mean row."""
+    reserved = [name for name in names if name.strip().lower() in RESERVED_SET_NAMES]
+    if reserved:
+        raise UserError(f"{where}: OOD set name {reserved[0]!r} is reserved ({', '.join(RESERVED_SET_NAMES)} name the "
+                        "ID test set, the mean over OOD sets and every far-OOD set); give the set another name")
 
 
 @dataclass
@@ -124,10 +135,15 @@ def run_evaluation(net: nn.Module, id_bundle: DataBundle, ood_images: dict[str, 
                               labels=id_bundle.test_labels, **extract)
     ood = {name: cached_features(net, images, mean, std, key=ood_keys[name], **extract)
            for name, images in ood_images.items()}
-    datasets = {"id": (id_bundle.test_images, id_test), **{n: (ood_images[n], ood[n]) for n in ood_images}}
-    scores = {f"{method.name}/{set_name}": score(method, images, features)
-              for method in methods for set_name, (images, features) in datasets.items()}
-    rows = [row for method in methods for row in _metric_rows(method.name, scores, list(ood_images))]
+    check_ood_set_names(ood_images, "evaluate")
+    # ID and OOD apart by structure: the OOD sets' names never reach the ID scores
+    id_scores = {method.name: score(method, id_bundle.test_images, id_test) for method in methods}
+    ood_scores = {method.name: {name: score(method, ood_images[name], ood[name]) for name in ood_images}
+                  for method in methods}
+    rows = [row for method in methods for row in _metric_rows(method.name, id_scores[method.name],
+                                                              ood_scores[method.name])]
+    scores = {f"{method}/{ID_SET}": values for method, values in id_scores.items()}
+    scores.update({f"{method}/{name}": values for method, sets in ood_scores.items() for name, values in sets.items()})
     return EvalResult(rows=rows, id_accuracy=accuracy(id_test.logits, id_test.labels), scores=scores,
                       settings=settings)
 
@@ -249,12 +265,11 @@ def network_scores(method: Postprocessor, net: nn.Module, images_uint8: torch.Te
     return torch.cat(parts).numpy()
 
 
-def _metric_rows(method: str, scores: dict[str, np.ndarray], ood_sets: list[str]) -> list[dict[str, Any]]:
+def _metric_rows(method: str, id_scores: np.ndarray, ood_scores: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     """One row per OOD set, then the mean row (per-metric mean over sets)."""
-    id_scores = scores[f"{method}/id"]
     rows = []
-    for name in ood_sets:
-        values = ood_metrics(id_scores, scores[f"{method}/{name}"])
+    for name, scores in ood_scores.items():
+        values = ood_metrics(id_scores, scores)
         rows.append({"postprocessor": method, "ood": name, **{k: float(values[k]) for k in METRIC_KEYS}})
     mean = {k: float(np.mean([row[k] for row in rows])) for k in METRIC_KEYS}
     return [*rows, {"postprocessor": method, "ood": MEAN_ROW, **mean}]
