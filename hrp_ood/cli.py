@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", default="local", choices=["local", "slurm"],
                    help="local: worker processes on this machine; slurm: a job array through submitit")
     p.add_argument("--jobs", type=int, default=1,
-                   help="local runs in parallel (CPU threads are split between them; at most one per GPU)")
+                   help="local runs in parallel (CPU threads are split between them; more runs than GPUs share "
+                        "the GPUs round-robin, except data-parallel ones)")
     p.add_argument("--out", default=None, help="output folder (default: the experiment's out)")
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="processes per run: data-parallel training as `hrp-ood train --nproc` (one GPU each on "

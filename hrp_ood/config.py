@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import logging
 import math
 import re
@@ -395,9 +396,14 @@ def _scale_milestones(values: dict[str, Any], epochs: Any) -> None:
             or not isinstance(before, int) or before < 1 or all(isinstance(m, int) and m <= epochs for m in milestones):
         return  # nothing to scale, or a type error TrainConfig reports
     scaled = sorted({min(epochs, max(1, round(m * epochs / before))) for m in milestones if isinstance(m, int)})
-    log.warning("--epochs %d: the config's lr_milestones %s (for %d epochs) scaled to %s", epochs, milestones,
-                before, scaled)
+    _warn_once(f"--epochs {epochs}: the config's lr_milestones {milestones} (for {before} epochs) scaled to {scaled}")
     values["lr_milestones"] = scaled
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    """A warning said once per process (a sweep builds every grid point's config several times)."""
+    log.warning(message)
 
 
 # Keys added after runs had been saved without them, with the value that reproduces what those runs did: a saved

@@ -406,9 +406,19 @@ def _init_worker(threads: int, gpu_slots: Any) -> None:
     torch.set_num_threads(threads)
 
 
+def gpu_slots_of_jobs(gpus: int, nproc: int, jobs: int) -> list[str]:
+    """CUDA_VISIBLE_DEVICES of each local worker: `nproc` GPUs each; data-parallel runs (nproc > 1) never share a
+    GPU (fewer workers then), single-process runs share them round-robin when there are more jobs than GPUs."""
+    groups = gpus // nproc
+    if nproc > 1:
+        jobs = min(jobs, groups)
+    return [",".join(str(job % groups * nproc + k) for k in range(nproc)) for job in range(jobs)]
+
+
 def run_local(experiment: Experiment, names: list[str], jobs: int) -> dict[str, str]:
-    """Run `names` in `jobs` worker processes (at most one per `nproc` GPUs when the runs train on CUDA); returns
-    run → error."""
+    """Run `names` in `jobs` worker processes; returns run → error. On GPUs each worker gets its own `nproc` GPUs
+    while there are enough; with nproc 1, more jobs than GPUs share them round-robin (several small runs on one
+    GPU keep it busier than one)."""
     import multiprocessing
 
     import torch
@@ -418,12 +428,13 @@ def run_local(experiment: Experiment, names: list[str], jobs: int) -> dict[str, 
     nproc = experiment.nproc
     if 0 < gpus < nproc:
         raise UserError(f"nproc {nproc} trains every run on {nproc} GPUs; this machine has {gpus}")
-    jobs = min(jobs, gpus // nproc) if gpus else jobs
     gpu_slots = None
     if gpus:
+        slots = gpu_slots_of_jobs(gpus, nproc, jobs)
+        jobs = len(slots)
         gpu_slots = context.Queue()
-        for job in range(jobs):
-            gpu_slots.put(",".join(str(job * nproc + k) for k in range(nproc)))
+        for slot in slots:
+            gpu_slots.put(slot)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     errors = {}
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,

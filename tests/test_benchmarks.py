@@ -1,5 +1,6 @@
 """Every benchmark's --quick mode runs, so the benchmarks cannot rot (timings are not asserted)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,22 +20,22 @@ def test_quick_mode_runs_and_prints_ratios(name):
     assert "x" in last and any(ch.isdigit() for ch in last), result.stdout[-2000:]
 
 
-def test_noisy_cifar_quick_mode_trains_and_tabulates(tmp_path):
-    """The noisy-label benchmark on a generated image folder (the real one reads the shared CIFAR-10 JPEG copy)."""
+def test_gpu_session_quick_mode_times_prepares_sweeps_and_summarises(tmp_path):
+    """benchmarks/gpu_session.sh --quick: the GPU session's steps on CPU, on a generated image folder in the layout
+    of the CIFAR-10 JPEG copy (the real run reads the shared one)."""
     from fakes import write_image_folder
 
-    write_image_folder(tmp_path / "images", classes=tuple("abcd"), n_per_class=16, ext=".jpg")
-    command = [sys.executable, str(ROOT / "benchmarks" / "noisy_cifar.py"), "--quick", "--data", str(tmp_path / "images"),
-               "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
-               "--methods", "ce", "hrp_ema=hrp,reliability_momentum=0.5"]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    write_image_folder(tmp_path / "images", classes=tuple("abcdefghij"), n_per_class=12, ext=".jpg")
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "OMP_NUM_THREADS": "1",
+           "PY": sys.executable, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), "--quick", str(tmp_path / "images")],
+                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:] + result.stdout[-2000:]
-    assert "FAILED" not in result.stdout, result.stdout
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| sym50")]
-    assert [row.split("|")[2].strip() for row in rows] == ["ce", "hrp_ema"]
-    assert all(row.split("|")[3].strip() == "1" for row in rows)  # one seed finished for each
-    again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert again.stdout.count("done before, skipped") == 2  # finished runs are not trained again
+    assert "hrp/base" in result.stdout and "hrp/ce" in result.stdout
+    assert "6 done, 0 running, 0 pending, 0 failed" in result.stdout, result.stdout[-3000:]
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert all(f"| {noise} | {method} |" in summary for noise in ("sym50", "sym80")
+               for method in ("ce", "hrp", "hrp_meta_weighted"))
 
 
 def _load_benchmark(name):
@@ -74,43 +75,3 @@ def test_probe_anatomy_separates_the_sign_from_the_magnitude():
     assert float(mass) == pytest.approx(0.2 / 2.2, abs=0.005)  # the clamp hands most of the mass to a corrupted label
     assert signs == "0.67 / 0.50"
     assert float(magnitude) == 100.0
-
-
-def test_noisy_cifar_memorization_preset_sets_the_small_subset_and_keeps_explicit_flags():
-    parse_args = _load_benchmark("noisy_cifar").parse_args
-    preset = parse_args(["--memorization"])
-    assert (preset.train_per_class, preset.epochs, preset.model) == (300, 100, "small_cnn")
-    assert preset.set == ["meta_size=200"] and preset.out.name == "noisy_cifar_memorization"
-    explicit = parse_args(["--memorization", "--epochs", "60", "--train-per-class", "500", "--set", "meta_size=100"])
-    assert (explicit.train_per_class, explicit.epochs) == (500, 60)
-    assert explicit.set[-1] == "meta_size=100"  # the later override wins in `hrp-ood train --set`
-    default = parse_args([])
-    assert (default.train_per_class, default.epochs, default.set) == (1000, 30, [])
-    with pytest.raises(SystemExit):
-        parse_args(["--memorization", "--full"])
-
-
-def test_noisy_cifar_table_averages_finished_runs_only(tmp_path):
-    bench = _load_benchmark("noisy_cifar")
-    args = bench.parse_args(["--out", str(tmp_path), "--methods", "ce", "--noise", "sym80", "--seeds", "0", "1", "2",
-                             "--epochs", "3", "--warmup", "1"])
-    header = "epoch,acc_ensemble,meta_acc\n"
-    (tmp_path / "ce_sym80_s0").mkdir()
-    (tmp_path / "ce_sym80_s0" / "metrics.csv").write_text(header + "1,20,30\n2,40,50\n3,30,40\n")
-    (tmp_path / "ce_sym80_s1").mkdir()  # stopped at epoch 2 of 3: not in the mean
-    (tmp_path / "ce_sym80_s1" / "metrics.csv").write_text(header + "1,10,10\n2,90,90\n")
-    row = bench.summary_table(args).splitlines()[-1].split("|")
-    assert [cell.strip() for cell in row[1:6]] == ["sym80", "ce", "1 (+1 unfinished)", "30.0", "40.0"]
-
-
-def test_noisy_cifar_table_selects_on_the_meta_set_only_where_it_is_held_out(tmp_path):
-    """ce_meta trains on the meta set: its meta accuracy is a training accuracy, so no meta-selected column."""
-    bench = _load_benchmark("noisy_cifar")
-    args = bench.parse_args(["--out", str(tmp_path), "--methods", "ce", "ce_meta", "--noise", "sym80", "--seeds", "0",
-                             "--epochs", "2", "--warmup", "1"])
-    for method in ("ce", "ce_meta"):
-        (tmp_path / f"{method}_sym80_s0").mkdir()
-        (tmp_path / f"{method}_sym80_s0" / "metrics.csv").write_text("epoch,acc_ensemble,meta_acc\n1,20,90\n2,30,80\n")
-    rows = [line.split("|") for line in bench.summary_table(args).splitlines()[-2:]]
-    assert [[cell.strip() for cell in row[2:6]] for row in rows] == [["ce", "1", "30.0", "20.0"],
-                                                                    ["ce_meta", "1", "30.0", "–"]]

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from hrp_ood.cli import main
-from hrp_ood.sweep import load_experiment, run_sweep
+from hrp_ood.sweep import gpu_slots_of_jobs, load_experiment, run_sweep
 from hrp_ood.sweep_report import accuracy_table, run_summary, write_accuracy_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +59,13 @@ def test_sweep_trains_evaluates_and_reports_every_grid_point(swept):
 
 ACCURACY_FRAME = pd.DataFrame({"noise": ["sym20", "sym20", "sym80", "sym20"], "method": ["ce", "ce", "ce", "hrp"],
                                "seed": ["0", "1", "0", "0"], "test_acc": [90.0, 92.0, 40.0, 95.0]})
+
+
+def test_gpu_slots_share_gpus_round_robin_only_between_single_process_runs():
+    assert gpu_slots_of_jobs(gpus=1, nproc=1, jobs=3) == ["0", "0", "0"]
+    assert gpu_slots_of_jobs(gpus=2, nproc=1, jobs=3) == ["0", "1", "0"]
+    assert gpu_slots_of_jobs(gpus=4, nproc=2, jobs=3) == ["0,1", "2,3"]
+    assert gpu_slots_of_jobs(gpus=4, nproc=4, jobs=1) == ["0,1,2,3"]
 
 
 def test_run_summary_takes_last_peak_meta_selected_and_post_warmup_means():
