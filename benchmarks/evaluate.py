@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hrp_ood.postprocessors import create_postprocessor, list_postprocessors
 
 from hrp_ood.data import DataBundle
 from hrp_ood.eval.evaluate import run_evaluation
-from hrp_ood.eval.featureset import FeatureSet
 from hrp_ood.eval.features import extract_features
+from hrp_ood.eval.featureset import FeatureSet
 from hrp_ood.models import create_model
-from hrp_ood.postprocessors import create_postprocessor, list_postprocessors
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 
@@ -46,7 +46,7 @@ def bare_forward(net, images: torch.Tensor, batch_size: int, device: torch.devic
     mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
     for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size].to(device).float().div_(255).sub_(mean).div_(std)
+        x = images[start : start + batch_size].to(device).float().div_(255).sub_(mean).div_(std)
         net(x)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -66,12 +66,17 @@ def main() -> None:
 
     generator = torch.Generator().manual_seed(0)
     net = create_model(args.model, num_classes=10).to(device).eval()
-    bundle = DataBundle(name="random", classes=[str(c) for c in range(10)], image_size=32,
-                        train_images=random_images(n_train, generator),
-                        train_labels=torch.randint(0, 10, (n_train,), generator=generator).numpy(),
-                        test_images=random_images(n_test, generator),
-                        test_labels=torch.randint(0, 10, (n_test,), generator=generator).numpy(),
-                        mean=MEAN, std=STD)
+    bundle = DataBundle(
+        name="random",
+        classes=[str(c) for c in range(10)],
+        image_size=32,
+        train_images=random_images(n_train, generator),
+        train_labels=torch.randint(0, 10, (n_train,), generator=generator).numpy(),
+        test_images=random_images(n_test, generator),
+        test_labels=torch.randint(0, 10, (n_test,), generator=generator).numpy(),
+        mean=MEAN,
+        std=STD,
+    )
     ood = {"a": random_images(n_ood, generator), "b": random_images(n_ood, generator)}
     everything = torch.cat([bundle.train_images, bundle.test_images, *ood.values()])
     all_pps = [p for p in list_postprocessors() if not create_postprocessor(p).needs_network]
@@ -79,13 +84,20 @@ def main() -> None:
 
     def evaluate(postprocessors: list[str]) -> None:
         with tempfile.TemporaryDirectory() as cache:  # a fresh cache: the pass is paid for
-            run_evaluation(net, bundle, ood, postprocessors, cache_dir=Path(cache), cache_key="bench",
-                           device=device, batch_size=args.batch_size)
+            run_evaluation(
+                net,
+                bundle,
+                ood,
+                postprocessors,
+                cache_dir=Path(cache),
+                cache_key="bench",
+                device=device,
+                batch_size=args.batch_size,
+            )
 
-    bare_forward(net, everything[:args.batch_size], args.batch_size, device)  # warm-up
+    bare_forward(net, everything[: args.batch_size], args.batch_size, device)  # warm-up
     t_bare = timed(lambda: bare_forward(net, everything, args.batch_size, device))
-    t_extract = timed(lambda: extract_features(net, everything, MEAN, STD, batch_size=args.batch_size,
-                                               device=device))
+    t_extract = timed(lambda: extract_features(net, everything, MEAN, STD, batch_size=args.batch_size, device=device))
     t_single = timed(lambda: evaluate(["msp"]))
     t_all = timed(lambda: evaluate(all_pps))
     t_each = sum(timed(lambda p=p: evaluate([p])) for p in all_pps)
@@ -96,16 +108,28 @@ def main() -> None:
     fc = (np.zeros((10, mds_shape[1]), np.float32), np.zeros(10, np.float32))
     t_mds = timed(lambda: create_postprocessor("mds").fit(train, fc))
 
-    grow = {n: timed(lambda n=n: extract_features(net, random_images(n, generator), MEAN, STD,
-                                                  batch_size=args.batch_size, device=device)) for n in scaling}
+    grow = {
+        n: timed(
+            lambda n=n: extract_features(
+                net, random_images(n, generator), MEAN, STD, batch_size=args.batch_size, device=device
+            )
+        )
+        for n in scaling
+    }
 
     images = len(everything)
-    print(f"# evaluate: torch {torch.__version__}, device {device}, model {args.model}, {images} images "
-          f"({n_train} ID-train, {n_test} ID-test, 2 x {n_ood} OOD), threads {torch.get_num_threads()}")
+    print(
+        f"# evaluate: torch {torch.__version__}, device {device}, model {args.model}, {images} images "
+        f"({n_train} ID-train, {n_test} ID-test, 2 x {n_ood} OOD), threads {torch.get_num_threads()}"
+    )
     print(f"{'what':<44}{'seconds':>9}{'images/s':>10}")
-    rows = [("bare model(x) loop", t_bare), ("extract_features (one pass, no cache)", t_extract),
-            ("evaluate, msp only", t_single), (f"evaluate, all {len(all_pps)} cached postprocessors", t_all),
-            (f"one pass per postprocessor ({len(all_pps)} passes)", t_each)]
+    rows = [
+        ("bare model(x) loop", t_bare),
+        ("extract_features (one pass, no cache)", t_extract),
+        ("evaluate, msp only", t_single),
+        (f"evaluate, all {len(all_pps)} cached postprocessors", t_all),
+        (f"one pass per postprocessor ({len(all_pps)} passes)", t_each),
+    ]
     for name, t in rows:
         print(f"{name:<44}{t:>9.2f}{images / t:>10.0f}")
     print(f"{'MDS fit on %d x %d features' % mds_shape:<44}{t_mds:>9.2f}")
@@ -113,9 +137,11 @@ def main() -> None:
         print(f"{'extract_features, %d images' % n:<44}{t:>9.2f}{n / t:>10.0f}")
     print(f"(not in 'all': {', '.join(network_pps) or 'none'} — input-gradient methods need their own pass)")
     first, last = scaling[0], scaling[-1]
-    print(f"\nratios: all/single {t_all / t_single:.2f}x; all/one-pass-each {t_all / t_each:.2f}x; "
-          f"all/bare-forward {t_all / t_bare:.2f}x; extract throughput/bare {t_bare / t_extract:.2f}; "
-          f"time per image {last}/{first} images {(grow[last] / last) / (grow[first] / first):.2f}x")
+    print(
+        f"\nratios: all/single {t_all / t_single:.2f}x; all/one-pass-each {t_all / t_each:.2f}x; "
+        f"all/bare-forward {t_all / t_bare:.2f}x; extract throughput/bare {t_bare / t_extract:.2f}; "
+        f"time per image {last}/{first} images {(grow[last] / last) / (grow[first] / first):.2f}x"
+    )
 
 
 if __name__ == "__main__":

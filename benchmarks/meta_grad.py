@@ -37,11 +37,13 @@ class SmallCNN(nn.Module):
         super().__init__()
 
         def block(c_in: int, c_out: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
-                                 nn.MaxPool2d(2))
+            return nn.Sequential(
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)
+            )
 
-        self.body = nn.Sequential(block(3, width), block(width, 2 * width), block(2 * width, 4 * width),
-                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.body = nn.Sequential(
+            block(3, width), block(width, 2 * width), block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        )
         self.fc = nn.Linear(4 * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,8 +57,11 @@ class ResidualBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
-            nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        self.shortcut = (
+            nn.Identity()
+            if stride == 1 and c_in == c_out
+            else nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -83,6 +88,7 @@ class LocalResNet18(nn.Module):
 def resnet18() -> tuple[str, nn.Module]:
     try:
         from hrp_ood.models import create_model
+
         return "preact_resnet18", create_model("preact_resnet18", num_classes=NUM_CLASSES)
     except (ImportError, KeyError, ValueError):
         return "local_resnet18", LocalResNet18()
@@ -142,24 +148,30 @@ def benchmark(name: str, model: nn.Module, batch: int, device: torch.device, rep
         return meta_reliabilities(model, x, noisy, pseudo, meta_x, meta_y, LR, method=method)
 
     methods = ("jvp", "double_backward")
-    medians = interleaved_medians({"plain": plain_step, **{m: partial(reliabilities, m) for m in methods}},
-                                  repeats, device)
+    medians = interleaved_medians(
+        {"plain": plain_step, **{m: partial(reliabilities, m) for m in methods}}, repeats, device
+    )
     optimizer.zero_grad(set_to_none=True)
     base = medians.pop("plain")
     # The reference is 2n backward passes: one timed run (warm-up is negligible next to that).
     references: list[tuple[torch.Tensor, ...]] = []
     medians["reference"] = seconds(
-        lambda: references.append(reference_raw(model, x, noisy, pseudo, meta_x, meta_y, LR)), device)
+        lambda: references.append(reference_raw(model, x, noisy, pseudo, meta_x, meta_y, LR)), device
+    )
     ref_alpha, ref_beta = references[0]
 
-    print(f"{name}: batch {batch}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, "
-          f"plain train step {1e3 * base:.1f} ms")
+    print(
+        f"{name}: batch {batch}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, "
+        f"plain train step {1e3 * base:.1f} ms"
+    )
     for method, took in medians.items():
         error = ""
         if method != "reference":
             rel = reliabilities(method)
-            worst = max(((rel.alpha_raw - ref_alpha).abs().max() / ref_alpha.abs().max()).item(),
-                        ((rel.beta_raw - ref_beta).abs().max() / ref_beta.abs().max()).item())
+            worst = max(
+                ((rel.alpha_raw - ref_alpha).abs().max() / ref_alpha.abs().max()).item(),
+                ((rel.beta_raw - ref_beta).abs().max() / ref_beta.abs().max()).item(),
+            )
             error = f"  max rel err {worst:.2e}"
         print(f"  {method:16s} {1e3 * took:9.1f} ms  {took / base:6.2f}x plain step{error}")
     ratios = {method: took / base for method, took in medians.items()}
@@ -179,8 +191,10 @@ def main() -> None:
     batch = args.batch or (16 if args.quick else 128)
     torch.manual_seed(0)  # model initialisation; this is a script, not library code
 
-    print(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"torch {torch.__version__}, device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
+        f"{torch.get_num_threads()} threads"
+    )
     models = [("small_cnn", SmallCNN(width=16 if args.quick else 32))]
     if not args.quick:
         models.append(resnet18())

@@ -81,7 +81,7 @@ def prepare_cifar10(source: Path, out: Path, per_class: dict[str, int | None], s
                 sys.exit(f"prepare_data: {split}/{label} has {len(names)} images, fewer than {count}")
             folder = out / split / label
             folder.mkdir(parents=True, exist_ok=True)
-            for name in (sorted(rng.sample(names, count)) if count is not None else names):
+            for name in sorted(rng.sample(names, count)) if count is not None else names:
                 content = named[name]
                 (folder / name).write_bytes(content if isinstance(content, bytes) else content.read_bytes())
 
@@ -111,8 +111,12 @@ def main() -> None:
     if args.what == "mnist":
         prepare_mnist(args.source or SHARED / "MNIST" / "raw", args.out, args.train, args.seed)
     elif args.what == "cifar10":
-        prepare_cifar10(args.source or SHARED / "cifar10-jpeg.tar.gz", args.out,
-                        {"train": args.train_per_class, "test": args.test_per_class}, args.seed)
+        prepare_cifar10(
+            args.source or SHARED / "cifar10-jpeg.tar.gz",
+            args.out,
+            {"train": args.train_per_class, "test": args.test_per_class},
+            args.seed,
+        )
     else:
         prepare_cifar10_gray(args.source or SHARED / "cifar10-jpeg.tar.gz", args.out)
     (args.out / ".complete").touch()

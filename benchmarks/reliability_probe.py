@@ -31,25 +31,31 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from hrp_ood.train.trainer import Trainer, seed_everything
 from sklearn.metrics import roc_auc_score
 
 from hrp_ood.config import read_yaml, saved_config
 from hrp_ood.method.reliability import fit_calibration, logit_changes, meta_gradient, signed_alignment
-from hrp_ood.train.trainer import Trainer, seed_everything
 
 SIGNALS = ("alpha_batch", "alpha_meta_set", "alpha_calibrated", "small_loss")
 
 
 def load_run(run_dir: Path, checkpoint: str, device: str) -> Trainer:
     """The run's trainer (its data, noise file and meta set, read from the folder) at ``checkpoint``."""
-    config = {**read_yaml(run_dir / "config.yaml"), "device": device, "out_dir": str(run_dir.parent),
-              "name": run_dir.name}
+    config = {
+        **read_yaml(run_dir / "config.yaml"),
+        "device": device,
+        "out_dir": str(run_dir.parent),
+        "name": run_dir.name,
+    }
     trainer = Trainer(saved_config(config, run_dir), run_dir, progress=False)
     state = torch.load(run_dir / checkpoint, map_location=trainer.device, weights_only=False)
     for member, net in zip(trainer.members, state["nets"]):
         member.net.load_state_dict(net)
-    print(f"{run_dir.name}: {checkpoint} (epoch {state['epoch']}), noise {trainer.cfg.noise}, "
-          f"{trainer.data.is_clean.float().mean():.1%} of labels clean")
+    print(
+        f"{run_dir.name}: {checkpoint} (epoch {state['epoch']}), noise {trainer.cfg.noise}, "
+        f"{trainer.data.is_clean.float().mean():.1%} of labels clean"
+    )
     return trainer
 
 
@@ -64,21 +70,26 @@ def probe(trainer: Trainer, net_index: int, limit: int | None, seed: int) -> dic
     with torch.no_grad():
         scale, bias = fit_calibration(net(meta_x).float(), data.meta_labels)
     print(f"meta-set calibration: T* = {1 / scale:.2f}, |b*| max = {bias.abs().max():.2f}")
-    directions = {"alpha_meta_set": meta_gradient(net, meta_x, data.meta_labels),
-                  "alpha_calibrated": meta_gradient(net, meta_x, data.meta_labels, calibrated=True)}
+    directions = {
+        "alpha_meta_set": meta_gradient(net, meta_x, data.meta_labels),
+        "alpha_calibrated": meta_gradient(net, meta_x, data.meta_labels, calibrated=True),
+    }
     columns: dict[str, list[torch.Tensor]] = {name: [] for name in SIGNALS}
     for batch in order.to(data.images.device).split(cfg.batch_size):
         x, labels = augment.weak(data.images[batch]), data.noisy_labels[batch]
-        pick = torch.randperm(len(data.meta_labels), generator=generator)[:cfg.meta_batch_size].to(x.device)
-        batch_directions = dict(directions, alpha_batch=meta_gradient(net, augment.weak(data.meta_images[pick]),
-                                                                      data.meta_labels[pick]))
+        pick = torch.randperm(len(data.meta_labels), generator=generator)[: cfg.meta_batch_size].to(x.device)
+        batch_directions = dict(
+            directions, alpha_batch=meta_gradient(net, augment.weak(data.meta_images[pick]), data.meta_labels[pick])
+        )
         for name, direction in batch_directions.items():
             columns[name].append(signed_alignment(*logit_changes(net, x, direction), labels))
         net.eval()
         with torch.no_grad():
             columns["small_loss"].append(-F.cross_entropy(net(x).float(), labels, reduction="none"))
     return {name: torch.cat(values).cpu().double().numpy() for name, values in columns.items()} | {
-        "clean": data.is_clean[order].cpu().numpy(), "labels": data.noisy_labels[order].cpu().numpy()}
+        "clean": data.is_clean[order].cpu().numpy(),
+        "labels": data.noisy_labels[order].cpu().numpy(),
+    }
 
 
 def auroc(clean: np.ndarray, score: np.ndarray) -> float:
@@ -91,14 +102,19 @@ def class_mean_auroc(clean: np.ndarray, score: np.ndarray, labels: np.ndarray) -
 
 def table(signals: dict[str, np.ndarray]) -> str:
     clean, labels = signals["clean"], signals["labels"]
-    lines = ["| signal | AUROC | AUROC after the clamp | AUROC within each label class | clamped mass on clean labels "
-             "| positive: clean / corrupted | AUROC of −|signal| |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| signal | AUROC | AUROC after the clamp | AUROC within each label class | clamped mass on clean labels "
+        "| positive: clean / corrupted | AUROC of −|signal| |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name in SIGNALS:
         score = signals[name]
         anatomy = "– | – | –" if name == "small_loss" else sign_and_magnitude(clean, score)
         clamped = auroc(clean, np.maximum(score, 0)) if name != "small_loss" else math.nan
-        lines.append(f"| {name} | {auroc(clean, score):.1f} | {clamped:.1f} | "
-                     f"{class_mean_auroc(clean, score, labels):.1f} | {anatomy} |")
+        lines.append(
+            f"| {name} | {auroc(clean, score):.1f} | {clamped:.1f} | "
+            f"{class_mean_auroc(clean, score, labels):.1f} | {anatomy} |"
+        )
     return "\n".join(lines) + f"\n\n{clean.mean():.0%} of the probed labels are clean."
 
 
@@ -109,8 +125,10 @@ def sign_and_magnitude(clean: np.ndarray, score: np.ndarray) -> str:
     clean = clean.astype(bool)
     positive = np.maximum(score, 0)
     mass = positive[clean].sum() / positive.sum() if positive.sum() > 0 else math.nan
-    return (f"{mass:.2f} | {np.mean(score[clean] > 0):.2f} / {np.mean(score[~clean] > 0):.2f} | "
-            f"{auroc(clean, -np.abs(score)):.1f}")
+    return (
+        f"{mass:.2f} | {np.mean(score[clean] > 0):.2f} / {np.mean(score[~clean] > 0):.2f} | "
+        f"{auroc(clean, -np.abs(score)):.1f}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,7 +141,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not (args.run_dir / "config.yaml").is_file() or not (args.run_dir / args.checkpoint).is_file():
-        sys.exit(f"reliability_probe: {args.run_dir} needs config.yaml and {args.checkpoint} (a run folder of hrp-ood train)")
+        sys.exit(
+            f"reliability_probe: {args.run_dir} needs config.yaml and {args.checkpoint} (a run folder of hrp-ood train)"
+        )
     seed_everything(args.seed, False)
     trainer = load_run(args.run_dir, args.checkpoint, args.device)
     if not 1 <= args.net <= len(trainer.members):

@@ -20,20 +20,29 @@ import time
 from pathlib import Path
 
 import torch
+from hrp_ood.train.steps import STEPS, StepContext, StepInputs
+from hrp_ood.train.trainer import build_members
 
 from hrp_ood.config import build_config
 from hrp_ood.data.augment import BatchAugment
-from hrp_ood.train.steps import STEPS, StepContext, StepInputs
-from hrp_ood.train.trainer import build_members
 
 METHODS = ("hrp", "hrp_no_meta", "base", "coteach", "ce")
 
 
 def make_step(model: str, method: str, batch: int, device: torch.device, num_classes: int = 10):
     """A closure running one training iteration of `method` on a fixed random batch."""
-    cfg = build_config(overrides={"model": model, "method": method, "batch_size": batch, "meta_batch_size": batch,
-                                  "warmup_epochs": 0, "ramp_epochs": 0, "device": str(device),
-                                  "on_nonfinite": "skip"})
+    cfg = build_config(
+        overrides={
+            "model": model,
+            "method": method,
+            "batch_size": batch,
+            "meta_batch_size": batch,
+            "warmup_epochs": 0,
+            "ramp_epochs": 0,
+            "device": str(device),
+            "on_nonfinite": "skip",
+        }
+    )
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, generator=generator).to(device)
     labels = torch.randint(0, num_classes, (batch,), generator=generator).to(device)
@@ -87,13 +96,20 @@ def peak_memory_mb(model: str, method: str, batch: int, device: torch.device) ->
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     # CPU: a fresh process per method; the kernel's peak-RSS mark (VmHWM) is reset after the imports
     # (writing 5 to /proc/self/clear_refs), so the peak is the step's own
-    code = ("import torch, sys; sys.argv=['x'];"
-            "from benchmarks.train_step import make_step, rss_kb;"
-            "open('/proc/self/clear_refs', 'w').write('5'); base = rss_kb('VmRSS');"
-            f"s=make_step({model!r}, {method!r}, {batch}, torch.device('cpu')); s(); s();"
-            "print((rss_kb('VmHWM') - base) / 1024)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1])
+    code = (
+        "import torch, sys; sys.argv=['x'];"
+        "from benchmarks.train_step import make_step, rss_kb;"
+        "open('/proc/self/clear_refs', 'w').write('5'); base = rss_kb('VmRSS');"
+        f"s=make_step({model!r}, {method!r}, {batch}, torch.device('cpu')); s(); s();"
+        "print((rss_kb('VmHWM') - base) / 1024)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -110,22 +126,30 @@ def main() -> None:
     if args.quick:
         args.models, args.batch, args.rounds, args.no_memory = "small_cnn", 32, 3, True
     device = torch.device(args.device)
-    print(f"# train_step: torch {torch.__version__}, device {device}, batch {args.batch}, "
-          f"median of {args.rounds} interleaved rounds, threads {torch.get_num_threads()}")
+    print(
+        f"# train_step: torch {torch.__version__}, device {device}, batch {args.batch}, "
+        f"median of {args.rounds} interleaved rounds, threads {torch.get_num_threads()}"
+    )
     results = {}
     for model in args.models.split(","):
         times = time_methods(model, args.batch, device, args.rounds)
-        memory = {m: float("nan") if args.no_memory else peak_memory_mb(model, m, args.batch, device)
-                  for m in METHODS}
+        memory = {m: float("nan") if args.no_memory else peak_memory_mb(model, m, args.batch, device) for m in METHODS}
         print(f"\n{model}\n{'method':<14}{'ms/iter':>10}{'x ce':>8}{'peak MB':>10}")
         for m in METHODS:
             print(f"{m:<14}{1000 * times[m]:>10.1f}{times[m] / times['ce']:>8.2f}{memory[m]:>10.1f}")
-        results[model] = {"time_s": times, "peak_mb": memory,
-                          **{f"hrp_over_{m}": times["hrp"] / times[m] for m in METHODS if m != "hrp"}}
-    print("\nratios: " + "; ".join(
-        f"{model}: hrp/base {r['hrp_over_base']:.2f}x, hrp/ce {r['hrp_over_ce']:.2f}x, "
-        f"hrp/no-meta {r['hrp_over_hrp_no_meta']:.2f}x, hrp/coteach {r['hrp_over_coteach']:.2f}x"
-        for model, r in results.items()))
+        results[model] = {
+            "time_s": times,
+            "peak_mb": memory,
+            **{f"hrp_over_{m}": times["hrp"] / times[m] for m in METHODS if m != "hrp"},
+        }
+    print(
+        "\nratios: "
+        + "; ".join(
+            f"{model}: hrp/base {r['hrp_over_base']:.2f}x, hrp/ce {r['hrp_over_ce']:.2f}x, "
+            f"hrp/no-meta {r['hrp_over_hrp_no_meta']:.2f}x, hrp/coteach {r['hrp_over_coteach']:.2f}x"
+            for model, r in results.items()
+        )
+    )
     if args.json:
         print(json.dumps(results))
 

@@ -41,11 +41,18 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             warnings.simplefilter("ignore")
             state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - a torn/foreign file fails anywhere inside the unpickler
-        raise torch_load_error(path, err, "checkpoint", "use the previous last.pt/best.pt or retrain",
-                               "load only last.pt/best.pt written by `hrp-ood train`") from None
+        raise torch_load_error(
+            path,
+            err,
+            "checkpoint",
+            "use the previous last.pt/best.pt or retrain",
+            "load only last.pt/best.pt written by `hrp-ood train`",
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise UserError(f"{shown(path)} is not an hrp-ood checkpoint (no '{FORMAT}' format marker); "
-                        "`hrp-ood evaluate` expects last.pt/best.pt written by `hrp-ood train`")
+        raise UserError(
+            f"{shown(path)} is not an hrp-ood checkpoint (no '{FORMAT}' format marker); "
+            "`hrp-ood evaluate` expects last.pt/best.pt written by `hrp-ood train`"
+        )
     return state, hashlib.sha256(data).hexdigest()
 
 
@@ -66,16 +73,24 @@ def torch_load_error(path: Path, err: Exception, what: str, fix: str, safe_sourc
     message = str(err)
     refused = _REFUSED_GLOBAL.search(message) if isinstance(err, pickle.UnpicklingError) else None
     if refused:
-        return UserError(f"refusing to load {shown(path)}: unpickling it would call {refused[1]}, so it could run "
-                         f"code; {safe_source}")
+        return UserError(
+            f"refusing to load {shown(path)}: unpickling it would call {refused[1]}, so it could run "
+            f"code; {safe_source}"
+        )
     return UserError(f"{what} {shown(path)} is truncated or not a torch {what} ({torch_error_detail(err)}); {fix}")
 
 
 def torch_error_detail(err: Exception) -> str:
     """The first line of torch's message that says what failed, without its boilerplate and advice."""
     lines = [line.strip() for line in str(err).splitlines()]
-    useful = [line for line in lines if line and "weights_only" not in line and "safe_globals" not in line
-              and not line.startswith(_TORCH_BOILERPLATE)]
+    useful = [
+        line
+        for line in lines
+        if line
+        and "weights_only" not in line
+        and "safe_globals" not in line
+        and not line.startswith(_TORCH_BOILERPLATE)
+    ]
     return useful[0].split(". ")[0][:120] if useful else type(err).__name__
 
 

@@ -1,4 +1,4 @@
-"""`hrp-ood` command line: a thin layer over the library (train, demo, evaluate, report, export)."""
+"""`hrp-ood` command line: a thin layer over the library (train, demo, evaluate, report, export, sweep, plot)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,21 @@ log = logging.getLogger("hrp_ood")
 
 # flag name → config key for the few training options worth a flag; everything else goes through --set key=value
 TRAIN_FLAGS = {
-    "dataset": str, "data_root": str, "noise": str, "noisy_labels": str, "noisy_labels_key": str, "method": str,
-    "model": str, "epochs": int, "batch_size": int, "lr": float, "seed": int, "device": str, "out_dir": str,
-    "name": str, "meta_size": int,
+    "dataset": str,
+    "data_root": str,
+    "noise": str,
+    "noisy_labels": str,
+    "noisy_labels_key": str,
+    "method": str,
+    "model": str,
+    "epochs": int,
+    "batch_size": int,
+    "lr": float,
+    "seed": int,
+    "device": str,
+    "out_dir": str,
+    "name": str,
+    "meta_size": int,
 }
 
 
@@ -28,16 +40,35 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     for key, kind in TRAIN_FLAGS.items():
         p.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, default=None)
     p.add_argument("--download", action="store_true", default=None, help="download CIFAR into --data-root if missing")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, e.g. --set kappa=2 --set lr_milestones=[100,150]")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set kappa=2 --set lr_milestones=[100,150]",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in <out-dir>/<name> from last.pt")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="tqdm progress bars (default: only on a terminal)")
-    p.add_argument("--nproc", type=int, default=None, metavar="N",
-                   help="data-parallel training in N processes (one per GPU) through torchrun")
-    p.add_argument("--sync-bn", dest="sync_bn", action="store_true", default=None,
-                   help="with --nproc: batch-norm statistics over the global batch (same maths as one process)")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="tqdm progress bars (default: only on a terminal)",
+    )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="N",
+        help="data-parallel training in N processes (one per GPU) through torchrun",
+    )
+    p.add_argument(
+        "--sync-bn",
+        dest="sync_bn",
+        action="store_true",
+        default=None,
+        help="with --nproc: batch-norm statistics over the global batch (same maths as one process)",
+    )
 
 
 def _train_overrides(args: argparse.Namespace) -> dict:
@@ -94,14 +125,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
             return _launch_with_torchrun(args.nproc, args.argv)
         if "WORLD_SIZE" in os.environ and launched != args.nproc:
-            raise UserError(f"--nproc {args.nproc} differs from torchrun's {launched} processes; drop --nproc "
-                            "when launching with torchrun yourself")
+            raise UserError(
+                f"--nproc {args.nproc} differs from torchrun's {launched} processes; drop --nproc "
+                "when launching with torchrun yourself"
+            )
     result = train(cfg, resume=args.resume, overwrite=args.overwrite, explicit=explicit, progress=args.progress)
     if int(os.environ.get("RANK", "0")) == 0:
-        selection = "the last epoch: it trains on the meta set" if cfg.spec.trains_on_meta_set else \
-            "selected on the clean meta set"
-        print(f"done: {result['epochs']} epochs, ensemble test accuracy {result['last_test_acc']:.2f}% (last), "
-              f"{result['best_test_acc']:.2f}% (best.pt, {selection}) -> {result['run_dir']}")
+        selection = (
+            "the last epoch: it trains on the meta set"
+            if cfg.spec.trains_on_meta_set
+            else "selected on the clean meta set"
+        )
+        print(
+            f"done: {result['epochs']} epochs, ensemble test accuracy {result['last_test_acc']:.2f}% (last), "
+            f"{result['best_test_acc']:.2f}% (best.pt, {selection}) -> {result['run_dir']}"
+        )
     return 0
 
 
@@ -129,8 +167,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     from hrp_ood.eval.report import write_report
 
     check_output_folder(args.out, "--out")
-    paths = write_report([Path(p) for p in args.evals], Path(args.out), by=args.by, ood=args.ood,
-                         metrics=tuple(m.strip() for m in args.metrics.split(",")), plots=not args.no_plots)
+    paths = write_report(
+        [Path(p) for p in args.evals],
+        Path(args.out),
+        by=args.by,
+        ood=args.ood,
+        metrics=tuple(m.strip() for m in args.metrics.split(",")),
+        plots=not args.no_plots,
+    )
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0
@@ -149,8 +193,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     check_output_folder(experiment.out, "the experiment's out")
     failed = run_sweep(experiment, executor=args.executor, jobs=args.jobs)
     if failed:
-        print(f"{len(failed)} run(s) failed; see `hrp-ood sweep {args.experiment} --status` and "
-              f"{experiment.out / 'sweep'}/<run>.log", file=sys.stderr)
+        print(
+            f"{len(failed)} run(s) failed; see `hrp-ood sweep {args.experiment} --status` and "
+            f"{experiment.out / 'sweep'}/<run>.log",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -174,8 +221,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if export.matches_openood:
         print(f"normalisation: {values}, OpenOOD's {export.openood_benchmark} constants")
     else:
-        print(f"normalisation: {values}; this differs from OpenOOD's {export.openood_benchmark} constants, which "
-              "OpenOOD would feed the network: give OpenOOD's preprocessor these values (see the .json)")
+        print(
+            f"normalisation: {values}; this differs from OpenOOD's {export.openood_benchmark} constants, which "
+            "OpenOOD would feed the network: give OpenOOD's preprocessor these values (see the .json)"
+        )
     return 0
 
 
@@ -187,8 +236,10 @@ def _check_not_a_run_file(out: Path, ckpt: Path) -> None:
     same = out.exists() and ckpt.exists() and out.resolve() == ckpt.resolve()
     in_run = out.name in RUN_FILES and any((out.parent / name).exists() for name in ("config.yaml", CHECKPOINT))
     if same or in_run:
-        raise UserError(f"--out {shown(out)} is {'the checkpoint being exported' if same else 'a file of a run folder'}; "
-                        "write the export elsewhere, e.g. --out net.pt")
+        raise UserError(
+            f"--out {shown(out)} is {'the checkpoint being exported' if same else 'a file of a run folder'}; "
+            "write the export elsewhere, e.g. --out net.pt"
+        )
 
 
 def _rounded(values: Sequence[float]) -> str:
@@ -204,8 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train HRP, a baseline or an ablation on noisy labels",
-                       description=f"Methods: {', '.join(METHODS)}. Example: hrp-ood train --noise sym80")
+    p = sub.add_parser(
+        "train",
+        help="train HRP, a baseline or an ablation on noisy labels",
+        description=f"Methods: {', '.join(METHODS)}. Example: hrp-ood train --noise sym80",
+    )
     _add_train_arguments(p)
     p.set_defaults(func=cmd_train)
 
@@ -231,18 +285,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("sweep", help="train, evaluate and report a grid of runs from an experiment file "
-                       "(configs/experiments/), locally or on Slurm")
+    p = sub.add_parser(
+        "sweep",
+        help="train, evaluate and report a grid of runs from an experiment file "
+        "(configs/experiments/), locally or on Slurm",
+    )
     p.add_argument("experiment", help="experiment YAML: base config, grid, evaluation, report (see README, Sweeps)")
-    p.add_argument("--executor", default="local", choices=["local", "slurm"],
-                   help="local: worker processes on this machine; slurm: a job array through submitit")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="local runs in parallel (CPU threads are split between them; more runs than GPUs share "
-                        "the GPUs round-robin, except data-parallel ones)")
+    p.add_argument(
+        "--executor",
+        default="local",
+        choices=["local", "slurm"],
+        help="local: worker processes on this machine; slurm: a job array through submitit",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="local runs in parallel (CPU threads are split between them; more runs than GPUs share "
+        "the GPUs round-robin, except data-parallel ones)",
+    )
     p.add_argument("--out", default=None, help="output folder (default: the experiment's out)")
-    p.add_argument("--nproc", type=int, default=None, metavar="N",
-                   help="processes per run: data-parallel training as `hrp-ood train --nproc` (one GPU each on "
-                        "CUDA; a Slurm job gets N tasks); default: the experiment's nproc, else 1")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="N",
+        help="processes per run: data-parallel training as `hrp-ood train --nproc` (one GPU each on "
+        "CUDA; a Slurm job gets N tasks); default: the experiment's nproc, else 1",
+    )
     p.add_argument("--status", action="store_true", help="print every run's state and exit")
     p.set_defaults(func=cmd_sweep)
 
@@ -290,8 +360,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         where = f"{one_line(shown(err.filename))}: " if err.filename is not None else ""
-        print(f"hrp-ood {args.command}: error: {where}{os_error_text(err)}; check the path, its permissions and "
-              "the free space", file=sys.stderr)
+        print(
+            f"hrp-ood {args.command}: error: {where}{os_error_text(err)}; check the path, its permissions and "
+            "the free space",
+            file=sys.stderr,
+        )
         return 2
     except Interrupted as err:
         print(f"hrp-ood {args.command}: {err}", file=sys.stderr)

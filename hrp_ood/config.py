@@ -157,7 +157,9 @@ class TrainConfig:
     deterministic: bool = False
     compile: bool = False  # torch.compile the training passes (opt-in; helps on GPU, costs start-up time)
     channels_last: bool = False  # channels-last memory format for the backbones (opt-in; helps on tensor cores)
-    sync_bn: bool = False  # data-parallel runs: BN statistics over the global batch (hrp_ood.distributed.GlobalBatchNorm)
+    sync_bn: bool = (
+        False  # data-parallel runs: BN statistics over the global batch (hrp_ood.distributed.GlobalBatchNorm)
+    )
     on_nonfinite: str = "stop"  # stop | skip (skip the step and count it in metrics.csv)
     out_dir: str = "runs"
     name: str | None = None
@@ -172,13 +174,16 @@ class TrainConfig:
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
         from hrp_ood.data.augment import STRONG_POLICIES
-        from hrp_ood.method.reliability import META_BN_MODES, METHODS as META_METHODS, NORMALIZATIONS
+        from hrp_ood.method.reliability import META_BN_MODES, NORMALIZATIONS
+        from hrp_ood.method.reliability import METHODS as META_METHODS
 
         if self.meta_method not in META_METHODS:
             raise UserError(f"meta_method must be {' or '.join(map(repr, META_METHODS))}, got {self.meta_method!r}")
         if self.strong_policy not in STRONG_POLICIES:
-            raise UserError(f"strong_policy must be {', '.join(STRONG_POLICIES[:-1])} or {STRONG_POLICIES[-1]}, "
-                            f"got {self.strong_policy!r}")
+            raise UserError(
+                f"strong_policy must be {', '.join(STRONG_POLICIES[:-1])} or {STRONG_POLICIES[-1]}, "
+                f"got {self.strong_policy!r}"
+            )
         if self.ce_loss not in CE_LOSSES:
             raise UserError(f"ce_loss must be one of {', '.join(CE_LOSSES)}, got {self.ce_loss!r}")
         if self.normalization not in NORMALIZATIONS:
@@ -196,8 +201,10 @@ class TrainConfig:
 
             check_run_name(self.name)
         if self.noisy_labels_key is not None and not self.noisy_labels:
-            raise UserError(f"noisy_labels_key {self.noisy_labels_key!r} is set but noisy_labels is not; give the "
-                            "label file with --noisy-labels FILE or drop the key")
+            raise UserError(
+                f"noisy_labels_key {self.noisy_labels_key!r} is set but noisy_labels is not; give the "
+                "label file with --noisy-labels FILE or drop the key"
+            )
         if not self.noisy_labels:
             from hrp_ood.data.noise import check_noise_for_dataset, parse_noise
 
@@ -209,17 +216,21 @@ class TrainConfig:
         """0 (train on the whole training split) only for methods that do not use a clean meta set."""
         if self.meta_size < 0 or (self.meta_size == 0 and self.spec.needs_meta_set):
             without_meta = ", ".join(name for name, spec in METHODS.items() if not spec.needs_meta_set)
-            raise UserError(f"meta_size must be positive for {self.method} (it needs a clean meta set), "
-                            f"got {self.meta_size}; meta_size 0 is for methods without one: {without_meta}")
+            raise UserError(
+                f"meta_size must be positive for {self.method} (it needs a clean meta set), "
+                f"got {self.meta_size}; meta_size 0 is for methods without one: {without_meta}"
+            )
 
     def check_schedule(self) -> None:
         """The learning-rate milestones fall within the run (checked for the config a run trains with; a
         `--resume` command line carries only the keys it changes, so this is not part of `validate`)."""
         outside = [m for m in self.lr_milestones if not 0 <= m <= self.epochs]
         if outside:
-            raise UserError(f"lr_milestones {self.lr_milestones} lie outside [0, {self.epochs}] (epochs): the learning "
-                            f"rate would never decay at {', '.join(map(str, outside))}; give milestones within the "
-                            "run, e.g. --set lr_milestones=[...], or [] for a constant rate")
+            raise UserError(
+                f"lr_milestones {self.lr_milestones} lie outside [0, {self.epochs}] (epochs): the learning "
+                f"rate would never decay at {', '.join(map(str, outside))}; give milestones within the "
+                "run, e.g. --set lr_milestones=[...], or [] for a constant rate"
+            )
 
     @property
     def spec(self) -> MethodSpec:
@@ -228,8 +239,9 @@ class TrainConfig:
         spec = METHODS[self.method]
         if spec.normalization and spec.ce_loss:
             return spec
-        return dataclasses.replace(spec, normalization=spec.normalization or self.normalization,
-                                   ce_loss=spec.ce_loss or self.ce_loss)
+        return dataclasses.replace(
+            spec, normalization=spec.normalization or self.normalization, ce_loss=spec.ce_loss or self.ce_loss
+        )
 
     @property
     def run_name(self) -> str:
@@ -249,16 +261,39 @@ INF = math.inf
 # key → (lowest, highest, bounds): "[]" both included, "(]" lowest excluded, "[)" highest excluded.
 # A None value (optional keys) is not checked; every other value must also be finite.
 VALUE_RANGES: dict[str, tuple[float, float, str]] = {
-    "image_size": (1, 4096, "[]"), "crop_padding": (0, 4096, "[]"), "meta_size": (0, INF, "[)"), "proj_hidden_dim": (1, INF, "[)"),
-    "proj_dim": (1, INF, "[)"), "epochs": (1, MAX_EPOCHS, "[]"), "batch_size": (1, INF, "[)"),
-    "meta_batch_size": (1, INF, "[)"), "eval_batch_size": (1, INF, "[)"), "signals_every": (1, INF, "[)"),
-    "reliability_momentum": (0, 1, "[)"), "seed": (0, MAX_SEED, "[]"),
-    "warmup_epochs": (0, INF, "[)"), "ramp_epochs": (0, INF, "[)"), "coteach_ramp_epochs": (0, INF, "[)"),
-    "lr": (0, INF, "()"), "momentum": (0, 1, "[)"), "weight_decay": (0, INF, "[)"), "lr_gamma": (0, INF, "()"),
-    "kappa": (0, INF, "()"), "t_min": (0, INF, "()"), "t_max": (0, INF, "()"), "delta": (0, INF, "()"),
-    "cdcl_temperature": (0, INF, "()"), "tau_conf": (0, 1, "[]"), "tau_match": (0, 1, "[]"),
-    "sharpen_temperature": (0, INF, "()"), "gamma": (0, 1, "[]"), "lambda_cons": (0, INF, "[)"),
-    "lambda_c": (0, INF, "[)"), "lambda_prior": (0, INF, "[)"), "gce_q": (0, 1, "(]"), "forget_rate": (0, 1, "[)"),
+    "image_size": (1, 4096, "[]"),
+    "crop_padding": (0, 4096, "[]"),
+    "meta_size": (0, INF, "[)"),
+    "proj_hidden_dim": (1, INF, "[)"),
+    "proj_dim": (1, INF, "[)"),
+    "epochs": (1, MAX_EPOCHS, "[]"),
+    "batch_size": (1, INF, "[)"),
+    "meta_batch_size": (1, INF, "[)"),
+    "eval_batch_size": (1, INF, "[)"),
+    "signals_every": (1, INF, "[)"),
+    "reliability_momentum": (0, 1, "[)"),
+    "seed": (0, MAX_SEED, "[]"),
+    "warmup_epochs": (0, INF, "[)"),
+    "ramp_epochs": (0, INF, "[)"),
+    "coteach_ramp_epochs": (0, INF, "[)"),
+    "lr": (0, INF, "()"),
+    "momentum": (0, 1, "[)"),
+    "weight_decay": (0, INF, "[)"),
+    "lr_gamma": (0, INF, "()"),
+    "kappa": (0, INF, "()"),
+    "t_min": (0, INF, "()"),
+    "t_max": (0, INF, "()"),
+    "delta": (0, INF, "()"),
+    "cdcl_temperature": (0, INF, "()"),
+    "tau_conf": (0, 1, "[]"),
+    "tau_match": (0, 1, "[]"),
+    "sharpen_temperature": (0, INF, "()"),
+    "gamma": (0, 1, "[]"),
+    "lambda_cons": (0, INF, "[)"),
+    "lambda_c": (0, INF, "[)"),
+    "lambda_prior": (0, INF, "[)"),
+    "gce_q": (0, 1, "(]"),
+    "forget_rate": (0, 1, "[)"),
 }
 
 
@@ -277,12 +312,17 @@ def _check_range(key: str, value: float | None, low: float, high: float, bounds:
     if value is None:
         return
     finite = isinstance(value, int) or math.isfinite(value)  # a huge int does not convert to float
-    inside = (finite and (low <= value if bounds[0] == "[" else low < value)
-              and (value <= high if bounds[1] == "]" else value < high))
+    inside = (
+        finite
+        and (low <= value if bounds[0] == "[" else low < value)
+        and (value <= high if bounds[1] == "]" else value < high)
+    )
     if not inside:
         kind = "an integer" if isinstance(value, int) else "a finite number"
-        raise UserError(f"{key} must be {kind} {_range_text(low, high, bounds)}, got {value!r}; "
-                        f"fix it in the config or with --set {key}=...")
+        raise UserError(
+            f"{key} must be {kind} {_range_text(low, high, bounds)}, got {value!r}; "
+            f"fix it in the config or with --set {key}=..."
+        )
 
 
 def field_names() -> list[str]:
@@ -392,8 +432,15 @@ def _scale_milestones(values: dict[str, Any], epochs: Any) -> None:
     """The milestones of `values` scaled from its epochs to `epochs` when one of them lies beyond `epochs`."""
     milestones = values.get("lr_milestones", TrainConfig.__dataclass_fields__["lr_milestones"].default_factory())
     before = values.get("epochs", TrainConfig.epochs)
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1 or not isinstance(milestones, list) \
-            or not isinstance(before, int) or before < 1 or all(isinstance(m, int) and m <= epochs for m in milestones):
+    if (
+        not isinstance(epochs, int)
+        or isinstance(epochs, bool)
+        or epochs < 1
+        or not isinstance(milestones, list)
+        or not isinstance(before, int)
+        or before < 1
+        or all(isinstance(m, int) and m <= epochs for m in milestones)
+    ):
         return  # nothing to scale, or a type error TrainConfig reports
     scaled = sorted({min(epochs, max(1, round(m * epochs / before))) for m in milestones if isinstance(m, int)})
     _warn_once(f"--epochs {epochs}: the config's lr_milestones {milestones} (for {before} epochs) scaled to {scaled}")
@@ -408,16 +455,23 @@ def _warn_once(message: str) -> None:
 
 # Keys added after runs had been saved without them, with the value that reproduces what those runs did: a saved
 # config that lacks one resumes (and evaluates) as it trained, not with today's default.
-BEHAVIOUR_BEFORE_KEY = {"ce_loss": "refined", "normalization": "separate", "meta_bn": "eval", "crop_padding": 4,
-                        "flip": True}
+BEHAVIOUR_BEFORE_KEY = {
+    "ce_loss": "refined",
+    "normalization": "separate",
+    "meta_bn": "eval",
+    "crop_padding": 4,
+    "flip": True,
+}
 
 
 def saved_config(values: dict[str, Any], where: str | Path) -> TrainConfig:
     """The TrainConfig of a run's saved config (config.yaml, or a checkpoint's `config`) read from `where`."""
     unknown = sorted(set(values) - set(field_names()))
     if unknown:
-        raise UserError(f"{where}: its config has {', '.join(unknown)}, unknown to this version of hrp-ood (saved by "
-                        "a newer one?); use the version that wrote it, or start a new run")
+        raise UserError(
+            f"{where}: its config has {', '.join(unknown)}, unknown to this version of hrp-ood (saved by "
+            "a newer one?); use the version that wrote it, or start a new run"
+        )
     return TrainConfig(**{**BEHAVIOUR_BEFORE_KEY, **values})
 
 

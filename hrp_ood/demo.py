@@ -49,11 +49,15 @@ def uniform_noise(count: int, size: int, generator: torch.Generator) -> torch.Te
 
 def demo_ood_sets(size: int = 32, count: int = 500, seed: int = 0) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    return {"photo_patches": photo_patches(count, size, generator), "uniform_noise": uniform_noise(count, size, generator)}
+    return {
+        "photo_patches": photo_patches(count, size, generator),
+        "uniform_noise": uniform_noise(count, size, generator),
+    }
 
 
-def run_demo(out_dir: Path, *, epochs: int | None = None, overwrite: bool = False,
-             progress: bool | None = None) -> dict[str, Any]:
+def run_demo(
+    out_dir: Path, *, epochs: int | None = None, overwrite: bool = False, progress: bool | None = None
+) -> dict[str, Any]:
     """Train `configs/digits_hrp.yaml` into `out_dir` and print its OOD table. A run already in `out_dir` is
     replaced only with `overwrite` (the demo never deletes a run unasked)."""
     from hrp_ood.eval.cli import evaluate_checkpoint
@@ -62,14 +66,18 @@ def run_demo(out_dir: Path, *, epochs: int | None = None, overwrite: bool = Fals
 
     out_dir = Path(os.path.abspath(out_dir))  # the run folder itself: "." or "x/.." must name a folder
     if not DEMO_CONFIG.is_file():
-        raise UserError(f"the demo's config {DEMO_CONFIG} is missing: hrp-ood demo runs from a checkout of the "
-                        "repository (pip install -e .)")
+        raise UserError(
+            f"the demo's config {DEMO_CONFIG} is missing: hrp-ood demo runs from a checkout of the "
+            "repository (pip install -e .)"
+        )
     cfg = build_config(DEMO_CONFIG, overrides={"out_dir": str(out_dir.parent), "name": out_dir.name, "epochs": epochs})
     result = train(cfg, overwrite=overwrite, progress=progress)
     run_dir = Path(result["run_dir"])
     report = evaluate_checkpoint(run_dir / "last.pt", demo_ood_sets(), DEMO_POSTPROCESSORS, net="ensemble")
-    print(f"\nhrp-ood demo: HRP on noisy digits ({cfg.noise}), ensemble test accuracy "
-          f"{report['id_accuracy']:.2f}%; OOD detection (AUROC / FPR95, x100):")
+    print(
+        f"\nhrp-ood demo: HRP on noisy digits ({cfg.noise}), ensemble test accuracy "
+        f"{report['id_accuracy']:.2f}%; OOD detection (AUROC / FPR95, x100):"
+    )
     print(format_markdown_table(report["results"]))
     print(f"run folder: {run_dir}")
     return report

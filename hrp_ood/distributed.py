@@ -58,15 +58,23 @@ def launch(nproc: int, function: Callable[..., Any], *args: Any) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+    )
     try:
         elastic_launch(config, function)(*args)
     except ChildFailedError as err:
         failed_rank, failure = min(err.failures.items())
         message = str(failure.message or "").strip().splitlines() or ["no message; see the log"]
-        raise UserError(f"process {failed_rank} of {nproc} failed (exit code {failure.exitcode}): "
-                        f"{message[-1]}") from None
+        raise UserError(
+            f"process {failed_rank} of {nproc} failed (exit code {failure.exitcode}): {message[-1]}"
+        ) from None
 
 
 def shutdown() -> None:
@@ -206,8 +214,9 @@ def global_count(n: int) -> int:
     """Σ over ranks of a local count (a Python int, e.g. the local batch size)."""
     if world_size() == 1:
         return n
-    return int(_all_reduce_detached(torch.tensor(n, dtype=torch.int64, device=_collective_device()),
-                                    dist.ReduceOp.SUM).item())
+    return int(
+        _all_reduce_detached(torch.tensor(n, dtype=torch.int64, device=_collective_device()), dist.ReduceOp.SUM).item()
+    )
 
 
 def per_rank_count(count: torch.Tensor) -> torch.Tensor:
@@ -229,7 +238,7 @@ def global_mean_of_grads(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     flat = _all_reduce_detached(flat, dist.ReduceOp.SUM) / world_size()
     out, offset = {}, 0
     for name, g in grads.items():
-        out[name] = flat[offset:offset + g.numel()].view_as(g)
+        out[name] = flat[offset : offset + g.numel()].view_as(g)
         offset += g.numel()
     return out
 
@@ -330,9 +339,15 @@ def convert_to_global_batch_norm(module: nn.Module) -> nn.Module:
     """Replace every BatchNorm1d/2d/3d of ``module`` (in place) by a GlobalBatchNorm with the same state."""
     for name, child in module.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm):
-            replacement = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                          child.track_running_stats, device=_device_of(child),
-                                          dtype=_dtype_of(child))
+            replacement = GlobalBatchNorm(
+                child.num_features,
+                child.eps,
+                child.momentum,
+                child.affine,
+                child.track_running_stats,
+                device=_device_of(child),
+                dtype=_dtype_of(child),
+            )
             replacement.load_state_dict(child.state_dict())
             replacement.train(child.training)
             if child.affine:

@@ -20,8 +20,13 @@ from typing import IO
 from hrp_ood.errors import UserError, os_error_text, shown
 
 # Byte-order marks a text file may start with, longest first (UTF-32-LE's starts with UTF-16-LE's).
-_TEXT_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
-              (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+_TEXT_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _NOT_ALLOWED = {errno.EACCES, errno.EPERM, errno.EROFS}
 _NOT_A_FOLDER = {errno.ENOTDIR, errno.EEXIST, errno.EISDIR}
@@ -100,8 +105,10 @@ def read_text_file(path: str | Path, what: str) -> str:
     try:
         return data.decode(codec or "utf-8")
     except UnicodeDecodeError as err:
-        raise UserError(f"{what} {shown(path)} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
-                        f"{err.start}); save it as UTF-8") from None
+        raise UserError(
+            f"{what} {shown(path)} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
+            f"{err.start}); save it as UTF-8"
+        ) from None
 
 
 def check_output_folder(path: str | Path, option: str) -> None:
@@ -126,8 +133,10 @@ def _check_writable(folder: Path, option: str, given: Path) -> None:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
-        raise UserError(f"{option} {shown(given)}: cannot write in {shown(existing)} ({os_error_text(err)}); "
-                        f"choose a writable folder for {option}") from None
+        raise UserError(
+            f"{option} {shown(given)}: cannot write in {shown(existing)} ({os_error_text(err)}); "
+            f"choose a writable folder for {option}"
+        ) from None
 
 
 def read_csv_rows(path: str | Path) -> list[dict[str, str]]:

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from hrp_ood.errors import UserError
-from hrp_ood.io import csv_number, read_csv_rows
 from hrp_ood.eval.report import _new_figure, _save_png
+from hrp_ood.io import csv_number, read_csv_rows
 from hrp_ood.train.signals import PAIR_TYPES
 
 
@@ -47,11 +47,18 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> dict[str, Path]:
     epochs = saved_epochs(run_dir)
     figures = {
         "reliability_auroc": _auroc_figure(metrics),
-        "cdcl_purity": _series_figure(metrics, {"cdcl_purity": "positive pairs (pseudo-labels)",
-                                                "cdcl_purity_gated": "β̂-gated (CDCL)"},
-                                      "CDCL positive-pair purity", "share of one true class"),
-        "gate": _series_figure(metrics, {"gate": "mean GRG gate g", "T": "mean T = clip(α + β)"},
-                               "Global Reliability Gating", "mean over the epoch"),
+        "cdcl_purity": _series_figure(
+            metrics,
+            {"cdcl_purity": "positive pairs (pseudo-labels)", "cdcl_purity_gated": "β̂-gated (CDCL)"},
+            "CDCL positive-pair purity",
+            "share of one true class",
+        ),
+        "gate": _series_figure(
+            metrics,
+            {"gate": "mean GRG gate g", "T": "mean T = clip(α + β)"},
+            "Global Reliability Gating",
+            "mean over the epoch",
+        ),
     }
     if epochs:
         loaded = [(epoch, dict(np.load(path))) for epoch, path in epochs]
@@ -64,8 +71,12 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> dict[str, Path]:
 def _auroc_figure(metrics: dict[str, np.ndarray]):
     figure, axes = _new_figure(1, 2, 4.2, 3.2)
     epoch = metrics["epoch"]
-    for column, label in (("alpha_auroc", "α (given label)"), ("T_auroc", "T = α + β"),
-                          ("loss_auroc", "−loss (small-loss signal)"), ("beta_pseudo_auroc", "β (pseudo-label correct)")):
+    for column, label in (
+        ("alpha_auroc", "α (given label)"),
+        ("T_auroc", "T = α + β"),
+        ("loss_auroc", "−loss (small-loss signal)"),
+        ("beta_pseudo_auroc", "β (pseudo-label correct)"),
+    ):
         if column in metrics and not np.isnan(metrics[column]).all():
             axes[0, 0].plot(epoch, metrics[column], marker=".", label=label)
     axes[0, 0].axhline(50, color="grey", linestyle=":", linewidth=0.8)
@@ -108,8 +119,15 @@ def _reliability_histograms(loaded: list[tuple[int, dict[str, np.ndarray]]]):
             ax, values = axes[row, col], data[name]
             seen = ~np.isnan(values)
             if not seen.any():
-                ax.text(0.5, 0.5, f"no {name} (warm-up or no meta step)", ha="center", va="center",
-                        transform=ax.transAxes, fontsize=8)
+                ax.text(
+                    0.5,
+                    0.5,
+                    f"no {name} (warm-up or no meta step)",
+                    ha="center",
+                    va="center",
+                    transform=ax.transAxes,
+                    fontsize=8,
+                )
             else:
                 bins = np.histogram_bin_edges(values[seen], bins=40)
                 ax.hist(values[seen & clean], bins=bins, density=True, alpha=0.55, label="clean label")
@@ -126,11 +144,13 @@ def _lambda_figure(epoch: int, data: dict[str, np.ndarray]):
     if len(lam) == 0:
         ax.text(0.5, 0.5, "no RAM pairs logged", ha="center", va="center", transform=ax.transAxes)
     else:
-        toward_clean = np.r_[lam[kind == PAIR_TYPES.index("clean-noisy")],
-                             1 - lam[kind == PAIR_TYPES.index("noisy-clean")]]
+        toward_clean = np.r_[
+            lam[kind == PAIR_TYPES.index("clean-noisy")], 1 - lam[kind == PAIR_TYPES.index("noisy-clean")]
+        ]
         bins = np.linspace(0, 1, 26)
-        ax.hist(lam[kind == PAIR_TYPES.index("clean-clean")], bins=bins, density=True, alpha=0.55,
-                label="clean–clean (λ)")
+        ax.hist(
+            lam[kind == PAIR_TYPES.index("clean-clean")], bins=bins, density=True, alpha=0.55, label="clean–clean (λ)"
+        )
         ax.hist(toward_clean, bins=bins, density=True, alpha=0.55, label="clean–noisy (weight on the clean one)")
         ax.legend(fontsize=7)
     ax.set(title=f"RAM mixing coefficient, epoch {epoch}", xlabel="λ", ylabel="density")
@@ -140,12 +160,21 @@ def _lambda_figure(epoch: int, data: dict[str, np.ndarray]):
 def _class_figure(loaded: list[tuple[int, dict[str, np.ndarray]]]):
     figure, axes = _new_figure(1, 2, 4.2, 3.2)
     epochs = [epoch for epoch, _ in loaded]
-    for ax, key, title in ((axes[0, 0], "counts_targets_S", "refined targets in S"),
-                           (axes[0, 1], "counts_test_predictions", "test predictions (ensemble)")):
+    for ax, key, title in (
+        (axes[0, 0], "counts_targets_S", "refined targets in S"),
+        (axes[0, 1], "counts_test_predictions", "test predictions (ensemble)"),
+    ):
         counts = np.stack([data[key] for _, data in loaded]).astype(float)
         shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-        image = ax.imshow(shares.T, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis",
-                          extent=(min(epochs) - 0.5, max(epochs) + 0.5, -0.5, shares.shape[1] - 0.5))
+        image = ax.imshow(
+            shares.T,
+            aspect="auto",
+            origin="lower",
+            vmin=0,
+            vmax=1,
+            cmap="viridis",
+            extent=(min(epochs) - 0.5, max(epochs) + 0.5, -0.5, shares.shape[1] - 0.5),
+        )
         ax.set(title=f"class shares: {title}", xlabel="epoch", ylabel="class")
         figure.colorbar(image, ax=ax, fraction=0.046)
     return figure

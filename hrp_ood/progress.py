@@ -34,8 +34,17 @@ class ProgressLog:
     `interval` seconds have passed since the start or the last line. `steps_after` (steps still to run after this
     loop, e.g. the run's later epochs) adds the ETA of the whole run."""
 
-    def __init__(self, items: Iterable[Item], *, desc: str, total: int, initial: int = 0, steps_after: int = 0,
-                 interval: float | None = None, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        items: Iterable[Item],
+        *,
+        desc: str,
+        total: int,
+        initial: int = 0,
+        steps_after: int = 0,
+        interval: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.items, self.desc, self.total, self.initial = items, desc, total, initial
         self.steps_after = steps_after
         self.interval = LOG_INTERVAL_S if interval is None else interval
@@ -60,8 +69,9 @@ class ProgressLog:
         log.info("%s: step %d/%d, %.2f it/s, %s", self.desc, self.initial + done, self.total, rate, eta)
 
 
-def progress_steps(items: Iterable[Item], *, bar: bool, desc: str, total: int, initial: int = 0,
-                   steps_after: int = 0) -> Iterable[Item]:
+def progress_steps(
+    items: Iterable[Item], *, bar: bool, desc: str, total: int, initial: int = 0, steps_after: int = 0
+) -> Iterable[Item]:
     """A tqdm bar over `items` when `bar`, else a `ProgressLog`."""
     if bar:
         return tqdm(items, desc=desc, total=total, initial=initial, leave=False, dynamic_ncols=True)

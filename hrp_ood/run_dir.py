@@ -26,8 +26,19 @@ from hrp_ood.io import check_output_folder, write_error
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "last.pt"
-RUN_FILES = frozenset({"config.yaml", "noise.npz", "meta_indices.npz", "metrics.csv", "train.log", CHECKPOINT,
-                       "best.pt", "signals", "plots"})  # signals/: train's diagnostics; plots/: `hrp-ood plot`'s
+RUN_FILES = frozenset(
+    {
+        "config.yaml",
+        "noise.npz",
+        "meta_indices.npz",
+        "metrics.csv",
+        "train.log",
+        CHECKPOINT,
+        "best.pt",
+        "signals",
+        "plots",
+    }
+)  # signals/: train's diagnostics; plots/: `hrp-ood plot`'s
 EVALUATION_ENTRY = re.compile(r"eval_.+|cache")  # `hrp-ood evaluate`'s default output and feature-cache folders
 LOCK_FILE = ".lock"
 SET_ASIDE = ".replaced"
@@ -39,13 +50,19 @@ def check_run_name(name: str) -> None:
     """A run name is one folder name inside --out-dir: not empty, no path separator, not '.' or '..'."""
     separators = {os.sep, os.altsep} - {None}
     if not name or name in (".", "..") or any(s in name for s in separators) or "\0" in name:
-        raise UserError(f"run name {shown(name)} must be one folder name (no '/', not '.' or '..'): the run goes to "
-                        "<out-dir>/<name>; choose the parent folder with --out-dir")
+        raise UserError(
+            f"run name {shown(name)} must be one folder name (no '/', not '.' or '..'): the run goes to "
+            "<out-dir>/<name>; choose the parent folder with --out-dir"
+        )
 
 
 def _is_run_entry(name: str) -> bool:
-    return (name in RUN_FILES or name in (LOCK_FILE, SET_ASIDE) or EVALUATION_ENTRY.fullmatch(name) is not None
-            or STALE_TEMPORARY.fullmatch(name) is not None)
+    return (
+        name in RUN_FILES
+        or name in (LOCK_FILE, SET_ASIDE)
+        or EVALUATION_ENTRY.fullmatch(name) is not None
+        or STALE_TEMPORARY.fullmatch(name) is not None
+    )
 
 
 class RunFolder:
@@ -69,8 +86,10 @@ class RunFolder:
         nothing, when the folder holds a run that this command may not replace or files that are not a run.
         """
         if resume and not (self.path / CHECKPOINT).exists() and not self._entries_if_folder():
-            raise UserError(f"--resume: no checkpoint {shown(self.path / CHECKPOINT)} to resume from; drop --resume "
-                            "to start the run")
+            raise UserError(
+                f"--resume: no checkpoint {shown(self.path / CHECKPOINT)} to resume from; drop --resume "
+                "to start the run"
+            )
         check_output_folder(self.path.parent, "--out-dir")
         if os.path.lexists(self.path) and not self.path.is_dir():
             raise UserError(f"run folder {shown(self.path)} is a file; choose another --name or --out-dir")
@@ -104,8 +123,10 @@ class RunFolder:
             os.close(fd)
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise write_error(lock_path, err) from None
-            raise UserError(f"run folder {shown(self.path)} is in use by another `hrp-ood train` (pid {holder}); "
-                            "wait for it to end, or train under another --name") from None
+            raise UserError(
+                f"run folder {shown(self.path)} is in use by another `hrp-ood train` (pid {holder}); "
+                "wait for it to end, or train under another --name"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
         self._lock_fd = fd
@@ -115,8 +136,12 @@ class RunFolder:
         for name in stale:
             (self.path / name).unlink(missing_ok=True)
         if stale:
-            log.info("removed %d temporary file(s) left by an interrupted write in %s: %s", len(stale),
-                     shown(self.path), ", ".join(stale))
+            log.info(
+                "removed %d temporary file(s) left by an interrupted write in %s: %s",
+                len(stale),
+                shown(self.path),
+                ", ".join(stale),
+            )
 
     def _check_contents(self, *, resume: bool, overwrite: bool) -> bool:
         entries = self._entries_if_folder()
@@ -124,18 +149,24 @@ class RunFolder:
             if resume:
                 return True
             if not overwrite:
-                raise UserError(f"run folder {shown(self.path)} already holds a run; pass --resume to continue it "
-                                "or --overwrite to replace it")
+                raise UserError(
+                    f"run folder {shown(self.path)} already holds a run; pass --resume to continue it "
+                    "or --overwrite to replace it"
+                )
         foreign = [name for name in entries if not _is_run_entry(name)]
         if foreign:
             listed = ", ".join(map(shown, foreign[:3])) + (", …" if len(foreign) > 3 else "")
-            raise UserError(f"run folder {shown(self.path)} holds files that are not part of an hrp-ood run "
-                            f"({listed}); move them away or choose another --name or --out-dir")
+            raise UserError(
+                f"run folder {shown(self.path)} holds files that are not part of an hrp-ood run "
+                f"({listed}); move them away or choose another --name or --out-dir"
+            )
         if (self.path / CHECKPOINT).exists():
             self._replacing = f"--overwrite: replaced the run in {shown(self.path)}"
         elif entries:
-            self._replacing = (f"run folder {shown(self.path)} holds a run that stopped before its first checkpoint: "
-                               "starting it again" + (" (--resume has nothing to resume)" if resume else ""))
+            self._replacing = (
+                f"run folder {shown(self.path)} holds a run that stopped before its first checkpoint: "
+                "starting it again" + (" (--resume has nothing to resume)" if resume else "")
+            )
         return False
 
     # ---- a fresh start -------------------------------------------------------------------------------

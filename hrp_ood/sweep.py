@@ -42,8 +42,14 @@ log = logging.getLogger(__name__)
 EXPERIMENT_KEYS = ("base", "config", "grid", "out", "retries", "nproc", "evaluation", "report", "slurm")
 RESERVED_KEYS = ("name", "out_dir")  # the sweep names and places every run itself
 DEMO_OOD_SETS = ("photo_patches", "uniform_noise")  # hrp_ood.demo's generated sets, for the digits experiments
-SLURM_DEFAULTS = {"partition": None, "time_min": 60 * 24, "gpus_per_job": 1, "array_parallelism": 16,
-                  "cpus_per_task": 8, "mem_gb": 32}
+SLURM_DEFAULTS = {
+    "partition": None,
+    "time_min": 60 * 24,
+    "gpus_per_job": 1,
+    "array_parallelism": 16,
+    "cpus_per_task": 8,
+    "mem_gb": 32,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,23 +130,30 @@ def _value_text(value: Any) -> str:
 def grid_runs(grid: dict[str, Any], path: Path) -> dict[str, dict[str, Any]]:
     """Run name → overrides for every point of the grid, in the grid's order (the last key varies fastest)."""
     if not grid:
-        raise UserError(f"experiment {shown(path)}: grid must name at least one config key with a list of values, "
-                        "e.g. grid: {noise: [sym20, sym50]}")
+        raise UserError(
+            f"experiment {shown(path)}: grid must name at least one config key with a list of values, "
+            "e.g. grid: {noise: [sym20, sym50]}"
+        )
     valid = field_names()
     for key, values in grid.items():
         if key not in valid or key in RESERVED_KEYS:
-            raise UserError(f"experiment {shown(path)}: grid key {key!r} is not a config key the sweep may vary; "
-                            f"valid keys: {', '.join(k for k in valid if k not in RESERVED_KEYS)}")
+            raise UserError(
+                f"experiment {shown(path)}: grid key {key!r} is not a config key the sweep may vary; "
+                f"valid keys: {', '.join(k for k in valid if k not in RESERVED_KEYS)}"
+            )
         if not isinstance(values, list) or not values:
-            raise UserError(f"experiment {shown(path)}: grid key {key!r} needs a non-empty list of values, "
-                            f"got {values!r}")
+            raise UserError(
+                f"experiment {shown(path)}: grid key {key!r} needs a non-empty list of values, got {values!r}"
+            )
     runs: dict[str, dict[str, Any]] = {}
     for point in itertools.product(*grid.values()):
         overrides = dict(zip(grid, point))
         name = "__".join(f"{key}-{_value_text(value)}" for key, value in overrides.items())
         if name in runs:
-            raise UserError(f"experiment {shown(path)}: two grid points share the run name {name!r}; "
-                            "give every grid value a distinct name")
+            raise UserError(
+                f"experiment {shown(path)}: two grid points share the run name {name!r}; "
+                "give every grid value a distinct name"
+            )
         runs[name] = overrides
     return runs
 
@@ -157,22 +170,28 @@ def _evaluation(data: dict[str, Any], path: Path) -> Evaluation:
     check_ood_set_names(map(str, ood_dirs), f"experiment {shown(path)}: evaluation.ood_dirs")
     for name, folder in ood_dirs.items():
         if not Path(str(folder)).is_dir():
-            raise UserError(f"experiment {shown(path)}: evaluation.ood_dirs {name}: folder {shown(str(folder))} "
-                            "not found")
+            raise UserError(
+                f"experiment {shown(path)}: evaluation.ood_dirs {name}: folder {shown(str(folder))} not found"
+            )
     evaluation = Evaluation(**{**data, "ood_dirs": tuple((str(k), str(v)) for k, v in ood_dirs.items())})
     ood = _names(evaluation.ood, "evaluation.ood", path)
     postprocessors = _names(evaluation.postprocessors, "evaluation.postprocessors", path)
-    choices = {"ood set": (ood, [*FAR_OOD_SETS, *NEAR_OOD_SETS, *DEMO_OOD_SETS, *ood_dirs]),
-               "postprocessor": (postprocessors, list_postprocessors()),
-               "net": ((evaluation.net,), NET_CHOICES), "fit_labels": ((evaluation.fit_labels,), FIT_LABELS)}
+    choices = {
+        "ood set": (ood, [*FAR_OOD_SETS, *NEAR_OOD_SETS, *DEMO_OOD_SETS, *ood_dirs]),
+        "postprocessor": (postprocessors, list_postprocessors()),
+        "net": ((evaluation.net,), NET_CHOICES),
+        "fit_labels": ((evaluation.fit_labels,), FIT_LABELS),
+    }
     for what, (given, valid) in choices.items():
         bad = [name for name in given if name not in valid]
         if bad:
-            raise UserError(f"experiment {shown(path)}: unknown evaluation {what} {bad[0]!r}; "
-                            f"valid: {', '.join(valid)}")
+            raise UserError(
+                f"experiment {shown(path)}: unknown evaluation {what} {bad[0]!r}; valid: {', '.join(valid)}"
+            )
     if not isinstance(evaluation.batch_size, int) or evaluation.batch_size < 1:
-        raise UserError(f"experiment {shown(path)}: evaluation.batch_size must be a positive integer, "
-                        f"got {evaluation.batch_size!r}")
+        raise UserError(
+            f"experiment {shown(path)}: evaluation.batch_size must be a positive integer, got {evaluation.batch_size!r}"
+        )
     return dataclasses.replace(evaluation, ood=ood, postprocessors=postprocessors)
 
 
@@ -183,8 +202,9 @@ def _report(data: dict[str, Any], path: Path) -> Report:
     report = Report(**data)
     metrics = _names(report.metrics, "report.metrics", path)
     if report.by not in BY_CHOICES:
-        raise UserError(f"experiment {shown(path)}: report.by must be one of {', '.join(BY_CHOICES)}, "
-                        f"got {report.by!r}")
+        raise UserError(
+            f"experiment {shown(path)}: report.by must be one of {', '.join(BY_CHOICES)}, got {report.by!r}"
+        )
     bad = [m for m in metrics if m not in METRICS]
     if bad:
         raise UserError(f"experiment {shown(path)}: unknown report metric {bad[0]!r}; valid: {', '.join(METRICS)}")
@@ -209,14 +229,22 @@ def load_experiment(path: str | Path, out: str | Path | None = None, nproc: int 
     slurm = _mapping(data.get("slurm"), "slurm", path)
     _known_keys(slurm, list(SLURM_DEFAULTS), "slurm", path)
     if 0 < slurm.get("gpus_per_job", 0) < nproc:
-        raise UserError(f"experiment {shown(path)}: slurm.gpus_per_job is {slurm['gpus_per_job']} but nproc is "
-                        f"{nproc}: every process of a run trains on a GPU of its own")
+        raise UserError(
+            f"experiment {shown(path)}: slurm.gpus_per_job is {slurm['gpus_per_job']} but nproc is "
+            f"{nproc}: every process of a run trains on a GPU of its own"
+        )
     experiment = Experiment(
-        path=path, out=Path(os.path.abspath(out or data.get("out") or Path("runs/sweeps") / path.stem)),
-        runs=grid_runs(_mapping(data.get("grid"), "grid", path), path), base=base,
-        config=_mapping(data.get("config"), "config", path), retries=retries, nproc=nproc,
+        path=path,
+        out=Path(os.path.abspath(out or data.get("out") or Path("runs/sweeps") / path.stem)),
+        runs=grid_runs(_mapping(data.get("grid"), "grid", path), path),
+        base=base,
+        config=_mapping(data.get("config"), "config", path),
+        retries=retries,
+        nproc=nproc,
         evaluation=_evaluation(_mapping(data.get("evaluation"), "evaluation", path), path),
-        report=_report(_mapping(data.get("report"), "report", path), path), slurm={**SLURM_DEFAULTS, **slurm})
+        report=_report(_mapping(data.get("report"), "report", path), path),
+        slurm={**SLURM_DEFAULTS, **slurm},
+    )
     for name in experiment.runs:
         try:
             experiment.run_config(name).check_schedule()
@@ -263,8 +291,13 @@ def run_state(experiment: Experiment, name: str) -> dict[str, Any]:
     else:
         state = "failed" if error else "pending"
     accuracy = csv_number(row, "acc_ensemble")
-    return {"run": name, "state": state, "epoch": f"{row.get('epoch') or 0}/{epochs}", "test_acc": accuracy,
-            "error": error if state == "failed" else ""}
+    return {
+        "run": name,
+        "state": state,
+        "epoch": f"{row.get('epoch') or 0}/{epochs}",
+        "test_acc": accuracy,
+        "error": error if state == "failed" else "",
+    }
 
 
 def status_table(experiment: Experiment) -> str:
@@ -290,10 +323,15 @@ def _ood_images(evaluation: Evaluation, loaded: Any) -> dict[str, Any]:
     named = [name for name in evaluation.ood if name not in DEMO_OOD_SETS]
     images = {}
     if named:
-        images = load_ood_sets(named, Path(evaluation.data_root), id_dataset=loaded.cfg.dataset, image_size=size,
-                               ood_dirs={k: Path(v) for k, v in evaluation.ood_dirs},
-                               skip_missing=evaluation.skip_missing,
-                               skip_corrupt=False)
+        images = load_ood_sets(
+            named,
+            Path(evaluation.data_root),
+            id_dataset=loaded.cfg.dataset,
+            image_size=size,
+            ood_dirs={k: Path(v) for k, v in evaluation.ood_dirs},
+            skip_missing=evaluation.skip_missing,
+            skip_corrupt=False,
+        )
     if len(named) < len(evaluation.ood):
         generated = demo_ood_sets(size=size)
         images.update({name: generated[name] for name in evaluation.ood if name in DEMO_OOD_SETS})
@@ -319,9 +357,15 @@ def evaluate_run(experiment: Experiment, name: str) -> None:
     evaluation = experiment.evaluation
     ckpt = experiment.run_dir(name) / "last.pt"
     loaded = load_checkpoint_for_evaluation(ckpt, evaluation.net, experiment.run_config(name).device)
-    evaluate_loaded(loaded, _ood_images(evaluation, loaded), list(evaluation.postprocessors), net=evaluation.net,
-                    fit_labels=evaluation.fit_labels, batch_size=evaluation.batch_size,
-                    validation=_validation(evaluation, loaded))
+    evaluate_loaded(
+        loaded,
+        _ood_images(evaluation, loaded),
+        list(evaluation.postprocessors),
+        net=evaluation.net,
+        fit_labels=evaluation.fit_labels,
+        batch_size=evaluation.batch_size,
+        validation=_validation(evaluation, loaded),
+    )
 
 
 def train_run(experiment: Experiment, name: str) -> bool:
@@ -437,10 +481,8 @@ def run_local(experiment: Experiment, names: list[str], jobs: int) -> dict[str, 
             gpu_slots.put(slot)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     errors = {}
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
-                             initargs=(threads, gpu_slots)) as pool:
-        futures = {pool.submit(run_job, str(experiment.path), str(experiment.out), name, nproc): name
-                   for name in names}
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(threads, gpu_slots)) as pool:
+        futures = {pool.submit(run_job, str(experiment.path), str(experiment.out), name, nproc): name for name in names}
         for future in as_completed(futures):
             try:
                 line, error = future.result()
@@ -461,15 +503,20 @@ def run_submitit(experiment: Experiment, names: list[str], cluster: str = "slurm
 
     slurm = experiment.slurm
     executor = submitit.AutoExecutor(folder=experiment.out / "sweep" / "submitit", cluster=cluster)
-    executor.update_parameters(timeout_min=slurm["time_min"], gpus_per_node=slurm["gpus_per_job"],
-                               cpus_per_task=slurm["cpus_per_task"], mem_gb=slurm["mem_gb"],
-                               tasks_per_node=experiment.nproc,
-                               slurm_array_parallelism=slurm["array_parallelism"],
-                               **({"slurm_partition": slurm["partition"]} if slurm["partition"] else {}))
+    executor.update_parameters(
+        timeout_min=slurm["time_min"],
+        gpus_per_node=slurm["gpus_per_job"],
+        cpus_per_task=slurm["cpus_per_task"],
+        mem_gb=slurm["mem_gb"],
+        tasks_per_node=experiment.nproc,
+        slurm_array_parallelism=slurm["array_parallelism"],
+        **({"slurm_partition": slurm["partition"]} if slurm["partition"] else {}),
+    )
     job = SweepJob()
     n = len(names)
-    submitted = executor.map_array(job, [str(experiment.path)] * n, [str(experiment.out)] * n, names,
-                                   [experiment.nproc] * n)
+    submitted = executor.map_array(
+        job, [str(experiment.path)] * n, [str(experiment.out)] * n, names, [experiment.nproc] * n
+    )
     print(f"submitted {len(submitted)} jobs (array {submitted[0].job_id.split('_')[0]})", flush=True)
     errors = {}
     for name, sub in zip(names, submitted):
@@ -489,8 +536,7 @@ class SweepJob:
     last.pt. In a data-parallel job every task joins the run's process group; task 0 alone keeps the sweep's files
     and evaluates."""
 
-    def __call__(self, experiment_path: str, out: str, name: str,
-                 nproc: int | None = None) -> tuple[str, str | None]:
+    def __call__(self, experiment_path: str, out: str, name: str, nproc: int | None = None) -> tuple[str, str | None]:
         experiment = load_experiment(experiment_path, out, nproc)
         if experiment.nproc > 1:
             import submitit
@@ -513,14 +559,16 @@ def pending_runs(experiment: Experiment) -> list[str]:
     return [name for name in experiment.runs if run_state(experiment, name)["state"] != "done"]
 
 
-def run_sweep(experiment: Experiment, *, executor: str = "local", jobs: int = 1,
-              submitit_cluster: str = "slurm") -> dict[str, str]:
+def run_sweep(
+    experiment: Experiment, *, executor: str = "local", jobs: int = 1, submitit_cluster: str = "slurm"
+) -> dict[str, str]:
     """Bring every run to done (1 + retries attempts each), then write the report; returns run → error of the
     runs that still fail."""
     errors: dict[str, str] = {}
     names = pending_runs(experiment)
-    print(f"{len(experiment.runs)} runs, {len(experiment.runs) - len(names)} done before -> {experiment.out}",
-          flush=True)
+    print(
+        f"{len(experiment.runs)} runs, {len(experiment.runs) - len(names)} done before -> {experiment.out}", flush=True
+    )
     for _ in range(1 + experiment.retries):
         if not names:
             break
@@ -543,8 +591,14 @@ def report_is_current(experiment: Experiment) -> bool:
     """Whether every report file is newer than the experiment file and every run's metrics.csv and eval.json
     (a sweep command that changed nothing then rewrites nothing)."""
     report = [experiment.out / "report" / name for name in REPORT_FILES]
-    inputs = [experiment.path, *(path for name in experiment.runs for path in
-                                 (experiment.run_dir(name) / "metrics.csv", experiment.eval_json(name)))]
+    inputs = [
+        experiment.path,
+        *(
+            path
+            for name in experiment.runs
+            for path in (experiment.run_dir(name) / "metrics.csv", experiment.eval_json(name))
+        ),
+    ]
     if not all(path.is_file() for path in report):
         return False
     newest_input = max(path.stat().st_mtime_ns for path in inputs if path.is_file())
@@ -561,8 +615,11 @@ def write_sweep_report(experiment: Experiment) -> dict[str, Path]:
     evals = [experiment.eval_json(name) for name in experiment.runs if experiment.eval_json(name).exists()]
     configs = {name: experiment.run_config(name) for name in experiment.runs}
     histories = {name: read_csv_rows(experiment.run_dir(name) / "metrics.csv") for name in experiment.runs}
-    finished = {name: rows for name, rows in histories.items()  # an unfinished run's accuracy is not the table's
-                if rows and int(rows[-1].get("epoch") or 0) >= configs[name].epochs}
+    finished = {
+        name: rows
+        for name, rows in histories.items()  # an unfinished run's accuracy is not the table's
+        if rows and int(rows[-1].get("epoch") or 0) >= configs[name].epochs
+    }
     accuracy = accuracy_frame(experiment.runs, finished, configs)
     if not evals or accuracy.empty:
         log.warning("no run is trained and evaluated yet: no report")

@@ -16,8 +16,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from hrp_ood.eval.report import (METRIC_LABELS, STD_DDOF, _new_figure, _save_png, format_mean_std,
-                                 load_evaluations, noise_sort_key, ordered_values, to_latex, to_markdown)
+from hrp_ood.eval.report import (
+    METRIC_LABELS,
+    STD_DDOF,
+    _new_figure,
+    _save_png,
+    format_mean_std,
+    load_evaluations,
+    noise_sort_key,
+    ordered_values,
+    to_latex,
+    to_markdown,
+)
 from hrp_ood.io import atomic_write_text, csv_number
 
 ACCURACY = "test_acc"
@@ -26,10 +36,13 @@ ACCURACY = "test_acc"
 # AUROCs (×100) averaged over the epochs after the warm-up: α, and the per-sample CE loss, for telling clean given
 # labels from corrupted ones, β for correct pseudo-labels; "_batch": within each batch, then averaged
 SUMMARY_COLUMNS = {
-    ACCURACY: ("acc_ensemble", "last"), "test_acc_peak": ("acc_ensemble", "max"),
+    ACCURACY: ("acc_ensemble", "last"),
+    "test_acc_peak": ("acc_ensemble", "max"),
     "test_acc_meta_selected": ("acc_ensemble", "meta_selected"),
-    "alpha_auroc": ("alpha_auroc", "after_warmup"), "alpha_auroc_batch": ("alpha_auroc_batch", "after_warmup"),
-    "beta_auroc": ("beta_pseudo_auroc", "after_warmup"), "beta_auroc_batch": ("beta_auroc_batch", "after_warmup"),
+    "alpha_auroc": ("alpha_auroc", "after_warmup"),
+    "alpha_auroc_batch": ("alpha_auroc_batch", "after_warmup"),
+    "beta_auroc": ("beta_pseudo_auroc", "after_warmup"),
+    "beta_auroc_batch": ("beta_auroc_batch", "after_warmup"),
     "loss_auroc": ("loss_auroc", "after_warmup"),
 }
 
@@ -37,6 +50,7 @@ SUMMARY_COLUMNS = {
 def run_summary(rows: list[dict[str, str]], warmup_epochs: int, meta_held_out: bool = True) -> dict[str, float]:
     """SUMMARY_COLUMNS of one run from its metrics.csv rows (NaN where a column is absent, e.g. α for CE).
     Without a held-out meta set (ce_meta) best.pt is the last epoch."""
+
     def values(column: str, epochs: list[dict[str, str]]) -> np.ndarray:
         return np.array([csv_number(r, column) for r in epochs], dtype=float)
 
@@ -54,8 +68,9 @@ def run_summary(rows: list[dict[str, str]], warmup_epochs: int, meta_held_out: b
     return summary
 
 
-def accuracy_frame(runs: dict[str, dict[str, Any]], histories: dict[str, list[dict[str, str]]],
-                   configs: dict[str, Any]) -> pd.DataFrame:
+def accuracy_frame(
+    runs: dict[str, dict[str, Any]], histories: dict[str, list[dict[str, str]]], configs: dict[str, Any]
+) -> pd.DataFrame:
     """A row per run of `histories` (run → its metrics.csv rows): its grid values (as text) and SUMMARY_COLUMNS
     (`configs`: run → its TrainConfig, for the warm-up and whether the meta set is held out)."""
     rows = []
@@ -77,8 +92,13 @@ def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
     frame = frame.assign(all="all") if keys == ["all"] else frame
     columns = [c for c in SUMMARY_COLUMNS if c in frame and frame[c].notna().any()]
     grouped = frame.groupby(keys, sort=False)
-    cells = pd.DataFrame({c: [format_mean_std(v.mean(), v.std(ddof=STD_DDOF) if v.count() > 1 else np.nan)
-                              for _, v in grouped[c]] for c in columns}, index=grouped.size().index)
+    cells = pd.DataFrame(
+        {
+            c: [format_mean_std(v.mean(), v.std(ddof=STD_DDOF) if v.count() > 1 else np.nan) for _, v in grouped[c]]
+            for c in columns
+        },
+        index=grouped.size().index,
+    )
     cells["seeds"] = grouped.size().astype(str).to_numpy()
     if not isinstance(cells.index, pd.MultiIndex):
         cells.index = pd.MultiIndex.from_arrays([cells.index])
@@ -92,7 +112,8 @@ def accuracy_table(frame: pd.DataFrame, by: str) -> pd.DataFrame:
     rows = [key for key in keys if key != by] or ["all"]
     frame = frame.assign(all="all") if rows == ["all"] else frame
     stats = frame.groupby(keys if by in keys else rows, sort=False)[ACCURACY].agg(
-        mean="mean", std=lambda v: v.std(ddof=STD_DDOF), n_seeds="count")
+        mean="mean", std=lambda v: v.std(ddof=STD_DDOF), n_seeds="count"
+    )
     stats["cell"] = [format_mean_std(m, s, 2) for m, s in zip(stats["mean"], stats["std"])]
     if by not in keys:
         table = pd.concat({"cell": stats[["cell"]].rename(columns={"cell": "test acc"})}, axis=1)
@@ -108,8 +129,11 @@ def accuracy_table(frame: pd.DataFrame, by: str) -> pd.DataFrame:
 def write_accuracy_table(frame: pd.DataFrame, by: str, out_dir: Path) -> dict[str, Path]:
     table = accuracy_table(frame, by)
     caption = "Ensemble test accuracy (%) at the last epoch, mean ± std over seeds"
-    written = {"accuracy_csv": out_dir / "accuracy.csv", "accuracy_markdown": out_dir / "accuracy.md",
-               "accuracy_latex": out_dir / "accuracy.tex"}
+    written = {
+        "accuracy_csv": out_dir / "accuracy.csv",
+        "accuracy_markdown": out_dir / "accuracy.md",
+        "accuracy_latex": out_dir / "accuracy.tex",
+    }
     atomic_write_text(written["accuracy_csv"], frame.to_csv(index=False))
     atomic_write_text(written["accuracy_markdown"], to_markdown(table, caption))
     atomic_write_text(written["accuracy_latex"], to_latex(table, caption))
@@ -118,10 +142,12 @@ def write_accuracy_table(frame: pd.DataFrame, by: str, out_dir: Path) -> dict[st
     return written
 
 
-SUMMARY_CAPTION = ("Training summary, mean ± std over seeds: ensemble test accuracy (%) at the last epoch, at its "
-                   "peak and at the epoch the clean meta set selects (best.pt); AUROC (×100) over the epochs after "
-                   "the warm-up of α and of the per-sample loss for clean given labels, of β for correct "
-                   "pseudo-labels, pooled over the epoch and within each batch (_batch)")
+SUMMARY_CAPTION = (
+    "Training summary, mean ± std over seeds: ensemble test accuracy (%) at the last epoch, at its "
+    "peak and at the epoch the clean meta set selects (best.pt); AUROC (×100) over the epochs after "
+    "the warm-up of α and of the per-sample loss for clean given labels, of β for correct "
+    "pseudo-labels, pooled over the epoch and within each batch (_batch)"
+)
 
 
 def noise_rate(name: str) -> float:
@@ -134,14 +160,15 @@ def _curve(ax: Any, frame: pd.DataFrame, value: str) -> None:
     for method, runs in groups:
         stats = runs.assign(rate=runs["noise"].map(noise_rate)).groupby("rate")[value].agg(["mean", "std"])
         std = stats["std"].fillna(0.0)
-        line, = ax.plot(stats.index, stats["mean"], marker="o", label=method)
+        (line,) = ax.plot(stats.index, stats["mean"], marker="o", label=method)
         ax.fill_between(stats.index, stats["mean"] - std, stats["mean"] + std, color=line.get_color(), alpha=0.2)
     ax.set_xlabel("noise rate (%)", fontsize=8)
     ax.legend(fontsize=7)
 
 
-def noise_curve_figures(evals: list[Path], accuracy: pd.DataFrame, metrics: tuple[str, ...], ood: str,
-                        out_dir: Path) -> dict[str, Path]:
+def noise_curve_figures(
+    evals: list[Path], accuracy: pd.DataFrame, metrics: tuple[str, ...], ood: str, out_dir: Path
+) -> dict[str, Path]:
     """plots/noise_curves.png (a row per postprocessor, a column per metric, on the `ood` column of the OOD
     sets) and plots/accuracy_vs_noise.png."""
     df = load_evaluations(evals)
@@ -163,5 +190,8 @@ def noise_curve_figures(evals: list[Path], accuracy: pd.DataFrame, metrics: tupl
 
 
 def has_noise_curves(frame: pd.DataFrame) -> bool:
-    return "noise" in frame.columns and frame["noise"].nunique() > 1 and bool(
-        np.isfinite(frame["noise"].map(noise_rate)).all())
+    return (
+        "noise" in frame.columns
+        and frame["noise"].nunique() > 1
+        and bool(np.isfinite(frame["noise"].map(noise_rate)).all())
+    )

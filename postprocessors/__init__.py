@@ -27,7 +27,19 @@ from .react import ReAct
 from .vim import ViM
 
 __all__ = [
-    "KNN", "ODIN", "EnergyBased", "Mahalanobis", "MaxLogit", "MaxSoftmax", "Postprocessor", "ReAct", "ViM",
-    "create_openood_postprocessor", "create_postprocessor", "extract_featureset", "list_postprocessors",
-    "openood_available", "register_postprocessor",
+    "KNN",
+    "ODIN",
+    "EnergyBased",
+    "Mahalanobis",
+    "MaxLogit",
+    "MaxSoftmax",
+    "Postprocessor",
+    "ReAct",
+    "ViM",
+    "create_openood_postprocessor",
+    "create_postprocessor",
+    "extract_featureset",
+    "list_postprocessors",
+    "openood_available",
+    "register_postprocessor",
 ]

@@ -73,8 +73,10 @@ class Postprocessor(abc.ABC):
     def score(self, data: FeatureSet) -> np.ndarray:
         """(N,) scores, higher = more in-distribution, from cached logits/features."""
         if self.needs_network:
-            raise ValueError(f"{self.name} with these settings perturbs the input and needs the network: "
-                             "use score_batch(net, x), postprocess or inference instead of score(FeatureSet)")
+            raise ValueError(
+                f"{self.name} with these settings perturbs the input and needs the network: "
+                "use score_batch(net, x), postprocess or inference instead of score(FeatureSet)"
+            )
         logits = torch.from_numpy(np.ascontiguousarray(data.logits))
         features = torch.from_numpy(np.ascontiguousarray(data.features))
         with torch.no_grad():
@@ -114,8 +116,9 @@ class Postprocessor(abc.ABC):
         logits, features = forward_outputs(net, data, self.uses_features)
         return self.predict_tensors(logits, features), self.score_tensors(logits, features)
 
-    def inference(self, net: nn.Module, data_loader: Iterable,
-                  progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def inference(
+        self, net: nn.Module, data_loader: Iterable, progress: bool = True
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """OpenOOD hook: (pred, conf, label) numpy arrays over a loader of {"data", "label"} batches."""
         device = _device_of(net)
         preds, confs, labels = [], [], []
@@ -124,15 +127,16 @@ class Postprocessor(abc.ABC):
             preds.append(pred.cpu())
             confs.append(conf.cpu())
             labels.append(torch.as_tensor(batch["label"]).cpu())
-        return (torch.cat(preds).numpy().astype(int), torch.cat(confs).numpy(),
-                torch.cat(labels).numpy().astype(int))
+        return (torch.cat(preds).numpy().astype(int), torch.cat(confs).numpy(), torch.cat(labels).numpy().astype(int))
 
     # ---- helpers for subclasses ----------------------------------------------------------------------
 
     def _check_ready(self) -> None:
         if self.requires_fit and not self.is_fitted:
-            raise RuntimeError(f"{self.name} must be fitted on ID-train outputs first: "
-                               "call fit(train, fc) or setup(net, id_loader_dict, ood_loader_dict)")
+            raise RuntimeError(
+                f"{self.name} must be fitted on ID-train outputs first: "
+                "call fit(train, fc) or setup(net, id_loader_dict, ood_loader_dict)"
+            )
 
     def _check_features(self, features: torch.Tensor) -> None:
         self._check_ready()
@@ -158,6 +162,7 @@ class Postprocessor(abc.ABC):
 
 # ---- network plumbing ----------------------------------------------------------------------------------
 
+
 def forward_outputs(net: nn.Module, x: torch.Tensor, with_features: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, features) of one batch; features is (N, 0) when not asked for (logit-only networks work)."""
     if with_features:
@@ -178,8 +183,11 @@ def extract_featureset(net: nn.Module, loader: Iterable, progress: bool = True) 
         logits.append(batch_logits.float().cpu())
         features.append(batch_features.float().cpu())
         labels.append(torch.as_tensor(batch["label"]).cpu())
-    return FeatureSet(logits=torch.cat(logits).numpy(), features=torch.cat(features).numpy(),
-                      labels=torch.cat(labels).numpy().astype(np.int64))
+    return FeatureSet(
+        logits=torch.cat(logits).numpy(),
+        features=torch.cat(features).numpy(),
+        labels=torch.cat(labels).numpy().astype(np.int64),
+    )
 
 
 def _device_of(net: nn.Module) -> torch.device:
@@ -202,14 +210,17 @@ def _check_fc(fc: Fc, feature_dim: int) -> Fc:
 
 # ---- registry (timm's register_model / create_model / list_models) -------------------------------------
 
+
 def register_postprocessor(name: str) -> Callable[[type[Postprocessor]], type[Postprocessor]]:
     """Class decorator: register a Postprocessor subclass under `name` and set its ``name``."""
+
     def decorate(cls: type[Postprocessor]) -> type[Postprocessor]:
         if name in _REGISTRY:
             raise ValueError(f"postprocessor {name!r} is already registered ({_REGISTRY[name].__name__})")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
+
     return decorate
 
 
@@ -226,6 +237,8 @@ def create_postprocessor(name: str, **kwargs: Any) -> Postprocessor:
     accepted = list(inspect.signature(cls).parameters)
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise UserError(f"postprocessor {name!r} does not take {', '.join(unknown)}; "
-                        f"it accepts: {', '.join(accepted) or 'no arguments'}")
+        raise UserError(
+            f"postprocessor {name!r} does not take {', '.join(unknown)}; "
+            f"it accepts: {', '.join(accepted) or 'no arguments'}"
+        )
     return cls(**kwargs)

@@ -30,8 +30,9 @@ def class_means(features: np.ndarray, labels: np.ndarray, num_classes: int) -> t
     return sums[classes] / counts[classes, None], classes
 
 
-def shared_precision(features: np.ndarray, labels: np.ndarray, means: np.ndarray,
-                     classes: np.ndarray, num_classes: int) -> np.ndarray:
+def shared_precision(
+    features: np.ndarray, labels: np.ndarray, means: np.ndarray, classes: np.ndarray, num_classes: int
+) -> np.ndarray:
     """Σ⁺ for the tied covariance, exactly as OpenOOD's ``MDSPostprocessor.setup``.
 
     Σ = (1/N) Σ_i (f_i − μ_{y_i})(f_i − μ_{y_i})ᵀ is the maximum-likelihood estimate on
@@ -68,18 +69,21 @@ class Mahalanobis(Postprocessor):
         start = time.perf_counter()
         means, classes = class_means(features, labels, num_classes)
         if classes.size < num_classes:
-            log.warning("mds: %d of %d classes have no training sample and are left out",
-                        num_classes - classes.size, num_classes)
+            log.warning(
+                "mds: %d of %d classes have no training sample and are left out",
+                num_classes - classes.size,
+                num_classes,
+            )
         precision = shared_precision(features, labels, means, classes, num_classes)
         self.class_means = torch.from_numpy(means.astype(np.float32))
         self.precision = torch.from_numpy(precision.astype(np.float32))
         self.classes = classes
-        log.info("mds: fitted %d classes on %s features in %.2f s", classes.size, features.shape,
-                 time.perf_counter() - start)
+        log.info(
+            "mds: fitted %d classes on %s features in %.2f s", classes.size, features.shape, time.perf_counter() - start
+        )
 
     @staticmethod
-    def mahalanobis_score(features: torch.Tensor, class_means: torch.Tensor,
-                          precision: torch.Tensor) -> torch.Tensor:
+    def mahalanobis_score(features: torch.Tensor, class_means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
         """s(f) = max_c −d_c(f),  d_c(f) = (f − μ_c)ᵀ Σ⁺ (f − μ_c).
 
         Expanded as d_c = fᵀΣ⁺f − 2 (Σ⁺f)ᵀμ_c + μ_cᵀΣ⁺μ_c (matrix products, no (N, C, D)
@@ -91,14 +95,14 @@ class Mahalanobis(Postprocessor):
         f = features - centre
         means = class_means - centre
         pf = f @ precision
-        distances = ((pf * f).sum(dim=1, keepdim=True) - 2.0 * pf @ means.T
-                     + ((means @ precision) * means).sum(dim=1))
+        distances = (pf * f).sum(dim=1, keepdim=True) - 2.0 * pf @ means.T + ((means @ precision) * means).sum(dim=1)
         return -distances.min(dim=1).values
 
     def score_tensors(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         self._check_features(features)
-        return self.mahalanobis_score(features, self._fitted("class_means", features),
-                                      self._fitted("precision", features))
+        return self.mahalanobis_score(
+            features, self._fitted("class_means", features), self._fitted("precision", features)
+        )
 
 
 def _check_labels(labels: np.ndarray | None, num_classes: int, n: int) -> np.ndarray:

@@ -36,8 +36,9 @@ class ODIN(Postprocessor):
     # and `noise` [0.0014, 0.0028], in that order (set_hyperparam takes [temperature, noise]).
     openood_sweep = {"temperature": (1, 10, 100, 1000), "noise": (0.0014, 0.0028)}
 
-    def __init__(self, temperature: float = 1000.0, noise: float = 0.0014,
-                 input_std: Sequence[float] = DEFAULT_INPUT_STD) -> None:
+    def __init__(
+        self, temperature: float = 1000.0, noise: float = 0.0014, input_std: Sequence[float] = DEFAULT_INPUT_STD
+    ) -> None:
         super().__init__()
         if not temperature > 0:
             raise UserError(f"odin temperature must be > 0, got {temperature}")

@@ -47,7 +47,8 @@ OPENOOD_CLASS_COUNTS = {"cifar10": 10, "cifar100": 100, "imagenet200": 200, "ima
 OPENOOD_BACKEND_HELP = (
     "openood: OpenOOD's own postprocessors (needs the openood package). On CPU: msp, ebo, maxlogit, odin; "
     "mds, knn, vim, react need a GPU (their setup calls .cuda()). mds needs a dataset OpenOOD knows "
-    f"({', '.join(OPENOOD_CLASS_COUNTS)}): give --benchmark for other checkpoints")
+    f"({', '.join(OPENOOD_CLASS_COUNTS)}): give --benchmark for other checkpoints"
+)
 
 
 def check_openood_backend(postprocessors: Iterable[str], device_type: str, dataset: str | None = None) -> None:
@@ -56,16 +57,22 @@ def check_openood_backend(postprocessors: Iterable[str], device_type: str, datas
     device_type: "cuda" or "cpu"; dataset: the name OpenOOD's tables will be asked about (None: not known yet).
     """
     if not openood_available():
-        raise UserError("--backend openood needs the openood package: pip install "
-                        "'git+https://github.com/Jingkang50/OpenOOD', or use --backend ours")
+        raise UserError(
+            "--backend openood needs the openood package: pip install "
+            "'git+https://github.com/Jingkang50/OpenOOD', or use --backend ours"
+        )
     for name in postprocessors:
         if device_type != "cuda" and name in OPENOOD_NEEDS_CUDA:
-            raise UserError(f"--backend openood cannot run {name} on CPU: OpenOOD's {OPENOOD_NEEDS_CUDA[name]}; "
-                            f"use a GPU, --backend ours, or leave {name} out")
+            raise UserError(
+                f"--backend openood cannot run {name} on CPU: OpenOOD's {OPENOOD_NEEDS_CUDA[name]}; "
+                f"use a GPU, --backend ours, or leave {name} out"
+            )
         if name == "mds" and dataset is not None and dataset not in OPENOOD_CLASS_COUNTS:
-            raise UserError(f"--backend openood cannot run mds on {dataset}: OpenOOD's MDSPostprocessor looks its "
-                            f"class count up by dataset name ({', '.join(OPENOOD_CLASS_COUNTS)}); give --benchmark "
-                            "or use --backend ours")
+            raise UserError(
+                f"--backend openood cannot run mds on {dataset}: OpenOOD's MDSPostprocessor looks its "
+                f"class count up by dataset name ({', '.join(OPENOOD_CLASS_COUNTS)}); give --benchmark "
+                "or use --backend ours"
+            )
 
 
 def openood_available() -> bool:
@@ -73,16 +80,19 @@ def openood_available() -> bool:
     return importlib.util.find_spec("openood") is not None
 
 
-def openood_config(name: str, overrides: Mapping[str, Any] | None = None, dataset: str = "cifar10",
-                   num_classes: int | None = None) -> dict[str, Any]:
+def openood_config(
+    name: str, overrides: Mapping[str, Any] | None = None, dataset: str = "cifar10", num_classes: int | None = None
+) -> dict[str, Any]:
     """The nested config dict OpenOOD's postprocessor `name` (hrp-ood name) is built from."""
     if name not in OPENOOD_DEFAULTS:
         raise UserError(f"no OpenOOD counterpart for {name!r}; choose one of: {', '.join(OPENOOD_DEFAULTS)}")
     openood_name, defaults = OPENOOD_DEFAULTS[name]
     unknown = sorted(set(overrides or {}) - set(defaults))
     if unknown:
-        raise UserError(f"OpenOOD's {openood_name} does not take {', '.join(unknown)}; "
-                        f"it accepts: {', '.join(defaults) or 'no arguments'}")
+        raise UserError(
+            f"OpenOOD's {openood_name} does not take {', '.join(unknown)}; "
+            f"it accepts: {', '.join(defaults) or 'no arguments'}"
+        )
     args = {**defaults, **(overrides or {})}
     return {
         "dataset": {"name": dataset, **({} if num_classes is None else {"num_classes": num_classes})},
@@ -96,9 +106,14 @@ def openood_config(name: str, overrides: Mapping[str, Any] | None = None, datase
     }
 
 
-def create_openood_postprocessor(name: str, config: Mapping[str, Any] | None = None, *,
-                                 dataset: str = "cifar10", num_classes: int | None = None,
-                                 input_std: Sequence[float] | None = None) -> Any:
+def create_openood_postprocessor(
+    name: str,
+    config: Mapping[str, Any] | None = None,
+    *,
+    dataset: str = "cifar10",
+    num_classes: int | None = None,
+    input_std: Sequence[float] | None = None,
+) -> Any:
     """OpenOOD's postprocessor for hrp-ood method `name`; `config` overrides its ``postprocessor_args``.
 
     num_classes / input_std replace what OpenOOD looks up by dataset name (MDS's class count, ODIN's
@@ -106,8 +121,10 @@ def create_openood_postprocessor(name: str, config: Mapping[str, Any] | None = N
     not installed.
     """
     if not openood_available():
-        raise UserError("OpenOOD is not installed: pip install 'git+https://github.com/Jingkang50/OpenOOD' "
-                        "(or pip install 'hrp-ood[openood]') to build its postprocessors")
+        raise UserError(
+            "OpenOOD is not installed: pip install 'git+https://github.com/Jingkang50/OpenOOD' "
+            "(or pip install 'hrp-ood[openood]') to build its postprocessors"
+        )
     from openood.evaluation_api.postprocessor import postprocessors
     from openood.utils.config import Config
 

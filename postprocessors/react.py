@@ -45,14 +45,14 @@ class ReAct(Postprocessor):
         self.bias = torch.from_numpy(bias)
 
     @staticmethod
-    def clipped_logits(features: torch.Tensor, threshold: float, weight: torch.Tensor,
-                       bias: torch.Tensor) -> torch.Tensor:
+    def clipped_logits(
+        features: torch.Tensor, threshold: float, weight: torch.Tensor, bias: torch.Tensor
+    ) -> torch.Tensor:
         """z̄ = W · min(f, c) + b (activations clipped from above only)."""
         return features.clamp(max=threshold) @ weight.T + bias
 
     @staticmethod
-    def react_score(features: torch.Tensor, threshold: float, weight: torch.Tensor,
-                    bias: torch.Tensor) -> torch.Tensor:
+    def react_score(features: torch.Tensor, threshold: float, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """s(f) = log Σ_c exp(z̄_c)."""
         return EnergyBased.energy_score(ReAct.clipped_logits(features, threshold, weight, bias))
 

@@ -62,8 +62,9 @@ class ViM(Postprocessor):
         if self.dim is None:  # OpenOOD's 256 for 512-d ResNet-18 features: half the feature dimension
             self.dim = features.shape[1] // 2
         if self.dim >= features.shape[1]:
-            raise UserError(f"vim dim={self.dim} must be smaller than the feature dimension "
-                            f"{features.shape[1]}; pass a smaller dim")
+            raise UserError(
+                f"vim dim={self.dim} must be smaller than the feature dimension {features.shape[1]}; pass a smaller dim"
+            )
         origin = -np.linalg.pinv(weight.astype(np.float64)) @ bias.astype(np.float64)
         basis = residual_basis(features, origin, self.dim)
         train_logits = features @ weight.T.astype(np.float64) + bias
@@ -76,8 +77,14 @@ class ViM(Postprocessor):
         log.info("vim: alpha=%.4f (dim=%d of %d)", self.alpha, self.dim, features.shape[1])
 
     @staticmethod
-    def vim_score(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, origin: torch.Tensor,
-                  basis: torch.Tensor, alpha: float) -> torch.Tensor:
+    def vim_score(
+        features: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        origin: torch.Tensor,
+        basis: torch.Tensor,
+        alpha: float,
+    ) -> torch.Tensor:
         """s(f) = log Σ_c exp(W_c f + b_c) − α ‖(f − u) R‖₂."""
         energy = EnergyBased.energy_score(features @ weight.T + bias)
         virtual_logit = alpha * ((features - origin) @ basis).norm(dim=1)
@@ -85,5 +92,11 @@ class ViM(Postprocessor):
 
     def score_tensors(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         self._check_features(features)
-        return self.vim_score(features, self._fitted("weight", features), self._fitted("bias", features),
-                              self._fitted("origin", features), self._fitted("basis", features), self.alpha)
+        return self.vim_score(
+            features,
+            self._fitted("weight", features),
+            self._fitted("bias", features),
+            self._fitted("origin", features),
+            self._fitted("basis", features),
+            self.alpha,
+        )

@@ -20,13 +20,111 @@ from PIL import Image
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # Superclass of each CIFAR-100 fine label (fine ids 0..99, alphabetical), as in the real release's pickles.
-CIFAR100_COARSE_OF_FINE = np.array([
-    4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11,
-    6, 11, 5, 10, 7, 6, 13, 15, 3, 15, 0, 11, 1, 10, 12, 14, 16, 9, 11, 5,
-    5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4, 17, 4, 2, 0, 17, 4, 18, 17,
-    10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13, 15, 13,
-    16, 19, 2, 4, 6, 19, 5, 5, 8, 19, 18, 1, 2, 15, 6, 0, 17, 8, 14, 13,
-], dtype=np.int64)
+CIFAR100_COARSE_OF_FINE = np.array(
+    [
+        4,
+        1,
+        14,
+        8,
+        0,
+        6,
+        7,
+        7,
+        18,
+        3,
+        3,
+        14,
+        9,
+        18,
+        7,
+        11,
+        3,
+        9,
+        7,
+        11,
+        6,
+        11,
+        5,
+        10,
+        7,
+        6,
+        13,
+        15,
+        3,
+        15,
+        0,
+        11,
+        1,
+        10,
+        12,
+        14,
+        16,
+        9,
+        11,
+        5,
+        5,
+        19,
+        8,
+        8,
+        15,
+        13,
+        14,
+        17,
+        18,
+        10,
+        16,
+        4,
+        17,
+        4,
+        2,
+        0,
+        17,
+        4,
+        18,
+        17,
+        10,
+        3,
+        2,
+        12,
+        12,
+        16,
+        12,
+        1,
+        9,
+        19,
+        2,
+        10,
+        0,
+        1,
+        16,
+        12,
+        9,
+        13,
+        15,
+        13,
+        16,
+        19,
+        2,
+        4,
+        6,
+        19,
+        5,
+        5,
+        8,
+        19,
+        18,
+        1,
+        2,
+        15,
+        6,
+        0,
+        17,
+        8,
+        14,
+        13,
+    ],
+    dtype=np.int64,
+)
 
 
 @dataclass
@@ -44,8 +142,9 @@ def cycling_labels(n: int, num_classes: int, rng: np.random.Generator) -> np.nda
     return rng.permutation(np.arange(n) % num_classes).astype(np.int64)
 
 
-def class_coloured_images(labels: np.ndarray, num_classes: int, size: int, rng: np.random.Generator,
-                          colours: np.ndarray | None = None) -> np.ndarray:
+def class_coloured_images(
+    labels: np.ndarray, num_classes: int, size: int, rng: np.random.Generator, colours: np.ndarray | None = None
+) -> np.ndarray:
     """Per-class base colour (drawn here unless `colours` (C, 3, 1, 1) are given) plus uniform noise."""
     colours = rng.integers(40, 216, (num_classes, 3, 1, 1)) if colours is None else colours
     noise = rng.integers(-40, 41, (len(labels), 3, size, size))
@@ -55,8 +154,12 @@ def class_coloured_images(labels: np.ndarray, num_classes: int, size: int, rng: 
 def _split(n_train: int, n_test: int, num_classes: int, size: int, seed: int):
     rng = np.random.default_rng(seed)
     train_labels, test_labels = cycling_labels(n_train, num_classes, rng), cycling_labels(n_test, num_classes, rng)
-    return (class_coloured_images(train_labels, num_classes, size, rng), train_labels,
-            class_coloured_images(test_labels, num_classes, size, rng), test_labels)
+    return (
+        class_coloured_images(train_labels, num_classes, size, rng),
+        train_labels,
+        class_coloured_images(test_labels, num_classes, size, rng),
+        test_labels,
+    )
 
 
 def _pickle(path: Path, content: dict) -> None:
@@ -65,8 +168,11 @@ def _pickle(path: Path, content: dict) -> None:
 
 
 def _cifar_batch(images: np.ndarray, name: str, **labels: np.ndarray) -> dict:
-    batch = {b"batch_label": name.encode(), b"data": images.reshape(len(images), -1),
-             b"filenames": [f"img_{i:05d}.png".encode() for i in range(len(images))]}
+    batch = {
+        b"batch_label": name.encode(),
+        b"data": images.reshape(len(images), -1),
+        b"filenames": [f"img_{i:05d}.png".encode() for i in range(len(images))],
+    }
     batch.update({key.encode(): value.tolist() for key, value in labels.items()})
     return batch
 
@@ -80,8 +186,10 @@ def write_cifar10(root: str | Path, n_train: int = 100, n_test: int = 50, seed: 
         batch = _cifar_batch(train_x[part], f"training batch {i} of 5", labels=train_y[part])
         _pickle(folder / f"data_batch_{i}", batch)
     _pickle(folder / "test_batch", _cifar_batch(test_x, "testing batch 1 of 1", labels=test_y))
-    _pickle(folder / "batches.meta", {b"label_names": [c.encode() for c in CIFAR10_CLASSES],
-                                      b"num_cases_per_batch": 10000, b"num_vis": 3072})
+    _pickle(
+        folder / "batches.meta",
+        {b"label_names": [c.encode() for c in CIFAR10_CLASSES], b"num_cases_per_batch": 10000, b"num_vis": 3072},
+    )
     return FakeSplit(train_x, train_y, test_x, test_y, list(CIFAR10_CLASSES))
 
 
@@ -93,8 +201,13 @@ def write_cifar100(root: str | Path, n_train: int = 300, n_test: int = 100, seed
     fine_names = [f"fine_{i:02d}" for i in range(100)]
     for name, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
         _pickle(folder / name, _cifar_batch(x, name, fine_labels=y, coarse_labels=CIFAR100_COARSE_OF_FINE[y]))
-    _pickle(folder / "meta", {b"fine_label_names": [n.encode() for n in fine_names],
-                              b"coarse_label_names": [f"coarse_{i:02d}".encode() for i in range(20)]})
+    _pickle(
+        folder / "meta",
+        {
+            b"fine_label_names": [n.encode() for n in fine_names],
+            b"coarse_label_names": [f"coarse_{i:02d}".encode() for i in range(20)],
+        },
+    )
     return FakeSplit(train_x, train_y, test_x, test_y, fine_names, CIFAR100_COARSE_OF_FINE[train_y])
 
 
@@ -103,9 +216,15 @@ def save_image(path: Path, image_chw: np.ndarray, quality: int = 95) -> None:
     picture.save(path, quality=quality) if path.suffix.lower() in (".jpg", ".jpeg") else picture.save(path)
 
 
-def write_image_folder(root: str | Path, classes: tuple[str, ...] = ("a", "b", "c"), n_per_class: int = 5,
-                       size: int = 32, splits: tuple[str, ...] = ("train", "test"), seed: int = 0,
-                       ext: str = ".png") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def write_image_folder(
+    root: str | Path,
+    classes: tuple[str, ...] = ("a", "b", "c"),
+    n_per_class: int = 5,
+    size: int = 32,
+    splits: tuple[str, ...] = ("train", "test"),
+    seed: int = 0,
+    ext: str = ".png",
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """root/<split>/<class>/<i>.png; returns {split: (images, labels)}, labels indexing sorted(classes)."""
     rng = np.random.default_rng(seed)
     classes = tuple(sorted(classes))
@@ -121,8 +240,14 @@ def write_image_folder(root: str | Path, classes: tuple[str, ...] = ("a", "b", "
     return written
 
 
-def write_animal10n(root: str | Path, n_train: int = 30, n_test: int = 10, seed: int = 0, size: int = 64,
-                    dirs: tuple[str, str] = ("training", "testing")) -> FakeSplit:
+def write_animal10n(
+    root: str | Path,
+    n_train: int = 30,
+    n_test: int = 10,
+    seed: int = 0,
+    size: int = 64,
+    dirs: tuple[str, str] = ("training", "testing"),
+) -> FakeSplit:
     """root/training/<label>_<id>.jpg and root/testing/<label>_<id>.jpg, as Animal-10N ships them."""
     from hrp_ood.data.folder import ANIMAL10N_CLASSES
 
@@ -148,8 +273,15 @@ def random_images(n: int, size: int = 32, seed: int = 0, channels: int = 3) -> n
     return np.random.default_rng(seed).integers(0, 256, (n, channels, size, size), dtype=np.uint8)
 
 
-def write_openood_imglist(root: str | Path, id_dataset: str, name: str, images: np.ndarray,
-                          list_name: str | None = None, labels: np.ndarray | None = None, split: str = "test") -> Path:
+def write_openood_imglist(
+    root: str | Path,
+    id_dataset: str,
+    name: str,
+    images: np.ndarray,
+    list_name: str | None = None,
+    labels: np.ndarray | None = None,
+    split: str = "test",
+) -> Path:
     """OpenOOD's layout: `benchmark_imglist/<id_dataset>/test_<stem>.txt` with one "relative/path label" line per
     image (label -1 unless `labels` are given), and the PNGs under `images_classic/<name>/<split>/`. images: uint8
     (N, 3, H, W), written in list order. list_name overrides the list's file name (default OpenOOD's
@@ -176,8 +308,10 @@ def write_svhn_mat(root: str | Path, n: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
     (Path(root) / "svhn").mkdir(parents=True, exist_ok=True)
-    scipy.io.savemat(Path(root) / "svhn" / "test_32x32.mat",
-                     {"X": images.transpose(2, 3, 1, 0), "y": rng.integers(1, 11, size=(n, 1))})
+    scipy.io.savemat(
+        Path(root) / "svhn" / "test_32x32.mat",
+        {"X": images.transpose(2, 3, 1, 0), "y": rng.integers(1, 11, size=(n, 1))},
+    )
     return images
 
 
@@ -197,8 +331,9 @@ def write_mnist_idx(root: str | Path, n: int, compress: bool = False, seed: int 
     return digits
 
 
-def write_ood_folder(folder: str | Path, images: np.ndarray, subfolders: tuple[str, ...] = (),
-                     ext: str = ".png") -> list[Path]:
+def write_ood_folder(
+    folder: str | Path, images: np.ndarray, subfolders: tuple[str, ...] = (), ext: str = ".png"
+) -> list[Path]:
     """Images (N, 3, H, W) as `<folder>/[<sub>/]<k>.png`, spread round-robin over `subfolders` (if any).
     Returns the paths in the order the images were given."""
     paths = []
@@ -211,17 +346,20 @@ def write_ood_folder(folder: str | Path, images: np.ndarray, subfolders: tuple[s
     return paths
 
 
-def write_far_ood_sets(root: str | Path, n: int = 40, id_dataset: str = "cifar10",
-                       seed: int = 0) -> dict[str, np.ndarray]:
+def write_far_ood_sets(
+    root: str | Path, n: int = 40, id_dataset: str = "cifar10", seed: int = 0
+) -> dict[str, np.ndarray]:
     """The paper's five OOD sets under `root`, each in a different supported format: svhn as `svhn/test_32x32.mat`,
     lsun and places365 (48x48, so the loader resizes) as OpenOOD image lists, textures as the
     `dtd/images/<category>/` folder, mnist as gzip idx. Returns {set name: the images written, in writing order}:
     (N, 3, H, W), mnist (N, 28, 28); the folder loader reads textures back sorted by path, not in this order."""
     root = Path(root)
-    written = {"svhn": write_svhn_mat(root, n, seed=seed),
-               "lsun": random_images(n, seed=seed + 1),
-               "places365": random_images(n, size=48, seed=seed + 2),
-               "textures": random_images(n, seed=seed + 3)}
+    written = {
+        "svhn": write_svhn_mat(root, n, seed=seed),
+        "lsun": random_images(n, seed=seed + 1),
+        "places365": random_images(n, size=48, seed=seed + 2),
+        "textures": random_images(n, seed=seed + 3),
+    }
     write_openood_imglist(root, id_dataset, "lsun", written["lsun"])
     write_openood_imglist(root, id_dataset, "places365", written["places365"])
     write_ood_folder(root / "dtd" / "images", written["textures"], subfolders=DTD_CATEGORIES)
@@ -229,8 +367,9 @@ def write_far_ood_sets(root: str | Path, n: int = 40, id_dataset: str = "cifar10
     return written
 
 
-def write_openood_cifar10_root(root: str | Path, n_train: int = 1000, n_val: int = 60, n_test: int = 50,
-                               n_ood: int = 40, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+def write_openood_cifar10_root(
+    root: str | Path, n_train: int = 1000, n_val: int = 60, n_test: int = 50, n_ood: int = 40, seed: int = 0
+) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
     """An OpenOOD data root for the cifar10 benchmark, as OpenOOD's download script lays it out:
     `benchmark_imglist/cifar10/{train,val,test}_cifar10.txt` (class-coloured images, one palette, labels 0-9),
     `val_tin.txt` (OOD-val: class-coloured images in another palette, near-OOD-like) and the far-OOD test lists
@@ -254,13 +393,21 @@ def write_openood_cifar10_root(root: str | Path, n_train: int = 1000, n_val: int
 class CountingNet(torch.nn.Module):
     """OpenOOD's network contract (return_feature, get_fc) on a tiny seeded MLP; counts its forward calls."""
 
-    def __init__(self, num_classes: int = 3, size: int = 8, width: int = 6, activation: str = "relu",
-                 dropout: float = 0.5, scale: float = 0.3) -> None:
+    def __init__(
+        self,
+        num_classes: int = 3,
+        size: int = 8,
+        width: int = 6,
+        activation: str = "relu",
+        dropout: float = 0.5,
+        scale: float = 0.3,
+    ) -> None:
         super().__init__()
         generator = torch.Generator().manual_seed(0)
         act = {"relu": torch.nn.ReLU(), "tanh": torch.nn.Tanh()}[activation]
-        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * size * size, width), act,
-                                        torch.nn.Dropout(dropout))
+        self.body = torch.nn.Sequential(
+            torch.nn.Flatten(), torch.nn.Linear(3 * size * size, width), act, torch.nn.Dropout(dropout)
+        )
         self.fc = torch.nn.Linear(width, num_classes)
         with torch.no_grad():
             for p in self.parameters():

@@ -25,7 +25,7 @@ def test_crop_with_offsets_equals_a_per_image_reference():
     crops = crop_with_offsets(images, top, left, size=12, padding=4)
     for i in range(16):
         padded = F.pad(images[i], (4, 4, 4, 4))
-        assert torch.equal(crops[i], padded[:, top[i]:top[i] + 12, left[i]:left[i] + 12])
+        assert torch.equal(crops[i], padded[:, top[i] : top[i] + 12, left[i] : left[i] + 12])
     corner = crop_with_offsets(images[:1], torch.tensor([0]), torch.tensor([0]), size=12, padding=4)
     assert (corner[0, :, :4] == 0).all() and torch.equal(corner[0, :, 4:, 4:], images[0, :, :8, :8])
 

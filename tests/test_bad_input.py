@@ -20,15 +20,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from fakes import write_animal10n, write_cifar10, write_cifar100, write_image_folder
+
 from hrp_ood.checkpoint import load_checkpoint
 from hrp_ood.cli import main
 from hrp_ood.errors import UserError
 from hrp_ood.models import create_model
 
-TINY = ["--model", "small_cnn", "--epochs", "1", "--batch-size", "32", "--meta-size", "20", "--set",
-        "meta_batch_size=16", "--set", "lr_milestones=[]", "--no-progress"]
+TINY = [
+    "--model",
+    "small_cnn",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "32",
+    "--meta-size",
+    "20",
+    "--set",
+    "meta_batch_size=16",
+    "--set",
+    "lr_milestones=[]",
+    "--no-progress",
+]
 CIFAR10_TRAIN = 100
 
 
@@ -50,13 +63,37 @@ class Workspace:
         return self.root / relative
 
     def train(self, *extra: str, data: str = "cifar10") -> list[str]:
-        return ["train", "--data-root", str(self.path(data)), "--out-dir", str(self.path("runs")),
-                "--name", "rejected", *TINY, *extra]
+        return [
+            "train",
+            "--data-root",
+            str(self.path(data)),
+            "--out-dir",
+            str(self.path("runs")),
+            "--name",
+            "rejected",
+            *TINY,
+            *extra,
+        ]
 
     def evaluate(self, ckpt: str, *extra: str, ood: str = "clean_ood") -> list[str]:
-        return ["evaluate", "--ckpt", str(self.path(ckpt)), "--postprocessor", "msp", "--device", "cpu",
-                "--ood-dir", f"mine={self.path(ood)}", "--ood", "mine",
-                "--out", str(self.path("eval_out")), "--cache-dir", str(self.path("cache")), *extra]
+        return [
+            "evaluate",
+            "--ckpt",
+            str(self.path(ckpt)),
+            "--postprocessor",
+            "msp",
+            "--device",
+            "cpu",
+            "--ood-dir",
+            f"mine={self.path(ood)}",
+            "--ood",
+            "mine",
+            "--out",
+            str(self.path("eval_out")),
+            "--cache-dir",
+            str(self.path("cache")),
+            *extra,
+        ]
 
 
 def _write_label_files(ws: Workspace) -> None:
@@ -138,10 +175,46 @@ def ws(tmp_path_factory) -> Workspace:
     ws = Workspace(tmp_path_factory.mktemp("bad_input"))
     _write_data(ws)
     runs = str(ws.path("runs"))
-    assert main(["train", "--data-root", str(ws.path("cifar10")), "--out-dir", runs, "--name", "existing",
-                 "--noise", "sym50", *TINY]) == 0
-    assert main(["train", "--dataset", "cifar100", "--data-root", str(ws.path("cifar100")), "--out-dir", runs,
-                 "--name", "c100", "--method", "ce", "--noise", "sym20", *TINY, "--meta-size", "100"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data-root",
+                str(ws.path("cifar10")),
+                "--out-dir",
+                runs,
+                "--name",
+                "existing",
+                "--noise",
+                "sym50",
+                *TINY,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "cifar100",
+                "--data-root",
+                str(ws.path("cifar100")),
+                "--out-dir",
+                runs,
+                "--name",
+                "c100",
+                "--method",
+                "ce",
+                "--noise",
+                "sym20",
+                *TINY,
+                "--meta-size",
+                "100",
+            ]
+        )
+        == 0
+    )
     _write_label_files(ws)
     _write_configs(ws)
     _write_checkpoints(ws)
@@ -175,202 +248,530 @@ ROWS = [
     ("noise-rate-above-100", "train", lambda ws: ws.train("--noise", "sym120"), ["120", "above 100", "sym80"]),
     ("noise-negative-rate", "train", lambda ws: ws.train("--noise", "sym-5"), ["'sym-5'", "valid forms", "symR"]),
     ("noise-unknown-mode", "train", lambda ws: ws.train("--noise", "foo40"), ["'foo40'", "valid forms", "asymR"]),
-    ("noise-asym-without-class-map", "train",
-     lambda ws: ws.train("--dataset", "folder", "--noise", "asym40", data="folder"),
-     ["asymmetric noise", "'folder'", "symR"]),
-    ("labels-wrong-length", "train", lambda ws: ws.train("--noisy-labels", str(ws.path("labels/short.npy"))),
-     ["short.npy", "7 labels", f"has {CIFAR10_TRAIN}"]),
-    ("labels-out-of-range", "train", lambda ws: ws.train("--noisy-labels", str(ws.path("labels/out_of_range.npy"))),
-     ["out_of_range.npy", "[12, 12]", "10 classes [0, 9]"]),
-    ("labels-float-dtype", "train", lambda ws: ws.train("--noisy-labels", str(ws.path("labels/floats.npy"))),
-     ["floats.npy", "must be integers", "float32"]),
-    ("labels-pt-without-key", "train",
-     lambda ws: ws.train("--noisy-labels", str(ws.path("labels/cifar10n.pt")), "--noisy-labels-key", "aggre_label"),
-     ["cifar10n.pt", "no key 'aggre_label'", "choose one of: worse_label"]),
+    (
+        "noise-asym-without-class-map",
+        "train",
+        lambda ws: ws.train("--dataset", "folder", "--noise", "asym40", data="folder"),
+        ["asymmetric noise", "'folder'", "symR"],
+    ),
+    (
+        "labels-wrong-length",
+        "train",
+        lambda ws: ws.train("--noisy-labels", str(ws.path("labels/short.npy"))),
+        ["short.npy", "7 labels", f"has {CIFAR10_TRAIN}"],
+    ),
+    (
+        "labels-out-of-range",
+        "train",
+        lambda ws: ws.train("--noisy-labels", str(ws.path("labels/out_of_range.npy"))),
+        ["out_of_range.npy", "[12, 12]", "10 classes [0, 9]"],
+    ),
+    (
+        "labels-float-dtype",
+        "train",
+        lambda ws: ws.train("--noisy-labels", str(ws.path("labels/floats.npy"))),
+        ["floats.npy", "must be integers", "float32"],
+    ),
+    (
+        "labels-pt-without-key",
+        "train",
+        lambda ws: ws.train("--noisy-labels", str(ws.path("labels/cifar10n.pt")), "--noisy-labels-key", "aggre_label"),
+        ["cifar10n.pt", "no key 'aggre_label'", "choose one of: worse_label"],
+    ),
     # ---- configs
-    ("config-unknown-key", "train", lambda ws: ws.train("--config", str(ws.path("configs/unknown_key.yaml"))),
-     ["unknown config key 'kapa'", "unknown_key.yaml", "did you mean 'kappa'"]),
-    ("set-unknown-key", "train", lambda ws: ws.train("--set", "kapa=2"),
-     ["unknown config key 'kapa'", "did you mean 'kappa'"]),
-    ("config-wrong-type", "train", lambda ws: ws.train("--config", str(ws.path("configs/wrong_type.yaml"))),
-     ["'kappa'", "must be float", "'high'"]),
-    ("config-missing-file", "train", lambda ws: ws.train("--config", str(ws.path("configs/missing.yaml"))),
-     ["missing.yaml", "not found", "configs/"]),
-    ("config-invalid-yaml", "train", lambda ws: ws.train("--config", str(ws.path("configs/invalid.yaml"))),
-     ["invalid.yaml", "not valid YAML", "line"]),
+    (
+        "config-unknown-key",
+        "train",
+        lambda ws: ws.train("--config", str(ws.path("configs/unknown_key.yaml"))),
+        ["unknown config key 'kapa'", "unknown_key.yaml", "did you mean 'kappa'"],
+    ),
+    (
+        "set-unknown-key",
+        "train",
+        lambda ws: ws.train("--set", "kapa=2"),
+        ["unknown config key 'kapa'", "did you mean 'kappa'"],
+    ),
+    (
+        "config-wrong-type",
+        "train",
+        lambda ws: ws.train("--config", str(ws.path("configs/wrong_type.yaml"))),
+        ["'kappa'", "must be float", "'high'"],
+    ),
+    (
+        "config-missing-file",
+        "train",
+        lambda ws: ws.train("--config", str(ws.path("configs/missing.yaml"))),
+        ["missing.yaml", "not found", "configs/"],
+    ),
+    (
+        "config-invalid-yaml",
+        "train",
+        lambda ws: ws.train("--config", str(ws.path("configs/invalid.yaml"))),
+        ["invalid.yaml", "not valid YAML", "line"],
+    ),
     # ---- data
-    ("cifar10-missing", "train", lambda ws: ws.train(data="empty_root"),
-     ["cifar10 not found", "cifar-10-batches-py", "data_batch_1", "cifar-10-python.tar.gz", "--download"]),
-    ("cifar100-files-missing", "train", lambda ws: ws.train("--dataset", "cifar100", data="cifar100_partial"),
-     ["cifar-100-python", "missing: test, meta", "--download"]),
-    ("image-folder-missing", "train", lambda ws: ws.train("--dataset", "folder", data="empty_root"),
-     ["not found", "empty_root/train", "--data-root"]),
-    ("animal10n-test-split-missing", "train", lambda ws: ws.train("--dataset", "animal10n", data="animal10n_no_test"),
-     ["Animal-10N test split not found", "animal10n_no_test/testing", "<label>_<id>.jpg", "--data-root"]),
-    ("ood-image-list-missing-images", "evaluate",
-     lambda ws: ["evaluate", "--ckpt", str(ws.path("runs/existing/last.pt")), "--postprocessor", "msp",
-                 "--data-root", str(ws.path("openood")), "--ood", "svhn", "--out", str(ws.path("eval_out")),
-                 "--cache-dir", str(ws.path("cache"))],
-     ["test_svhn.txt", "2 image(s) missing", "images_classic", "--data-root"]),
-    ("ood-corrupt-image", "evaluate", lambda ws: ws.evaluate("runs/existing/last.pt", ood="corrupt_ood"),
-     ["cannot decode image", "bad.png", "--skip-corrupt"]),
-    ("ood-empty-set", "evaluate", lambda ws: ws.evaluate("runs/existing/last.pt", ood="empty_ood"),
-     ["'mine'", "empty_ood", "holds no images", "--ood-dir"]),
+    (
+        "cifar10-missing",
+        "train",
+        lambda ws: ws.train(data="empty_root"),
+        ["cifar10 not found", "cifar-10-batches-py", "data_batch_1", "cifar-10-python.tar.gz", "--download"],
+    ),
+    (
+        "cifar100-files-missing",
+        "train",
+        lambda ws: ws.train("--dataset", "cifar100", data="cifar100_partial"),
+        ["cifar-100-python", "missing: test, meta", "--download"],
+    ),
+    (
+        "image-folder-missing",
+        "train",
+        lambda ws: ws.train("--dataset", "folder", data="empty_root"),
+        ["not found", "empty_root/train", "--data-root"],
+    ),
+    (
+        "animal10n-test-split-missing",
+        "train",
+        lambda ws: ws.train("--dataset", "animal10n", data="animal10n_no_test"),
+        ["Animal-10N test split not found", "animal10n_no_test/testing", "<label>_<id>.jpg", "--data-root"],
+    ),
+    (
+        "ood-image-list-missing-images",
+        "evaluate",
+        lambda ws: [
+            "evaluate",
+            "--ckpt",
+            str(ws.path("runs/existing/last.pt")),
+            "--postprocessor",
+            "msp",
+            "--data-root",
+            str(ws.path("openood")),
+            "--ood",
+            "svhn",
+            "--out",
+            str(ws.path("eval_out")),
+            "--cache-dir",
+            str(ws.path("cache")),
+        ],
+        ["test_svhn.txt", "2 image(s) missing", "images_classic", "--data-root"],
+    ),
+    (
+        "ood-corrupt-image",
+        "evaluate",
+        lambda ws: ws.evaluate("runs/existing/last.pt", ood="corrupt_ood"),
+        ["cannot decode image", "bad.png", "--skip-corrupt"],
+    ),
+    (
+        "ood-empty-set",
+        "evaluate",
+        lambda ws: ws.evaluate("runs/existing/last.pt", ood="empty_ood"),
+        ["'mine'", "empty_ood", "holds no images", "--ood-dir"],
+    ),
     # ---- checkpoints
-    ("ood-set-named-id", "evaluate", lambda ws: ws.evaluate("runs/existing/last.pt", "--ood-dir",
-                                                            f"id={ws.path('clean_ood')}"),
-     ["--ood-dir: OOD set name 'id' is reserved", "give the set another name"]),
-    ("ood-set-named-mean", "evaluate", lambda ws: ws.evaluate("runs/existing/last.pt", "--ood-dir",
-                                                              f"Mean={ws.path('clean_ood')}"),
-     ["OOD set name 'Mean' is reserved"]),
-    ("export-over-its-checkpoint", "export", lambda ws: ["export", "--ckpt", str(ws.path("runs/existing/last.pt")),
-                                                         "--out", str(ws.path("runs/existing/last.pt"))],
-     ["is the checkpoint being exported", "write the export elsewhere"]),
-    ("export-over-a-run-file", "export", lambda ws: ["export", "--ckpt", str(ws.path("runs/existing/last.pt")),
-                                                     "--out", str(ws.path("runs/existing/best.pt"))],
-     ["is a file of a run folder"]),
+    (
+        "ood-set-named-id",
+        "evaluate",
+        lambda ws: ws.evaluate("runs/existing/last.pt", "--ood-dir", f"id={ws.path('clean_ood')}"),
+        ["--ood-dir: OOD set name 'id' is reserved", "give the set another name"],
+    ),
+    (
+        "ood-set-named-mean",
+        "evaluate",
+        lambda ws: ws.evaluate("runs/existing/last.pt", "--ood-dir", f"Mean={ws.path('clean_ood')}"),
+        ["OOD set name 'Mean' is reserved"],
+    ),
+    (
+        "export-over-its-checkpoint",
+        "export",
+        lambda ws: [
+            "export",
+            "--ckpt",
+            str(ws.path("runs/existing/last.pt")),
+            "--out",
+            str(ws.path("runs/existing/last.pt")),
+        ],
+        ["is the checkpoint being exported", "write the export elsewhere"],
+    ),
+    (
+        "export-over-a-run-file",
+        "export",
+        lambda ws: [
+            "export",
+            "--ckpt",
+            str(ws.path("runs/existing/last.pt")),
+            "--out",
+            str(ws.path("runs/existing/best.pt")),
+        ],
+        ["is a file of a run folder"],
+    ),
     ("ckpt-missing", "evaluate", lambda ws: ws.evaluate("ckpts/nope.pt"), ["nope.pt", "not found", "last.pt"]),
-    ("ckpt-truncated", "evaluate", lambda ws: ws.evaluate("ckpts/truncated.pt"),
-     ["truncated.pt", "truncated or not a torch checkpoint", "retrain"]),
-    ("ckpt-random-bytes", "evaluate", lambda ws: ws.evaluate("ckpts/random.pt"),
-     ["random.pt", "not a torch checkpoint"]),
-    ("ckpt-plain-torch-dict", "evaluate", lambda ws: ws.evaluate("ckpts/plain_dict.pt"),
-     ["plain_dict.pt", "not an hrp-ood checkpoint", "hrp-ood train"]),
-    ("ckpt-pickle-runs-code", "evaluate", lambda ws: ws.evaluate("ckpts/runs_code.pt"),
-     ["refusing to load", "runs_code.pt", "system", "could run code"]),
-    ("ckpt-raw-pickle-runs-code", "evaluate", lambda ws: ws.evaluate("ckpts/runs_code.pkl"),
-     ["refusing to load", "runs_code.pkl", "could run code"]),
-    ("ckpt-other-backbone", "evaluate", lambda ws: ws.evaluate("ckpts/other_backbone.pt"),
-     ["other_backbone.pt", "small_cnn", "another backbone"]),
-    ("ckpt-other-class-count", "evaluate", lambda ws: ws.evaluate("ckpts/other_class_count.pt"),
-     ["other_class_count.pt", "10 classes", "another class count", "fc has 5 outputs"]),
-    ("ckpt-cifar100-with-cifar10-id-files", "evaluate",
-     lambda ws: ws.evaluate("runs/c100/last.pt", "--id-data-root", str(ws.path("cifar10"))),
-     ["trained on cifar100", "cifar-100-python", "--id-data-root"]),
+    (
+        "ckpt-truncated",
+        "evaluate",
+        lambda ws: ws.evaluate("ckpts/truncated.pt"),
+        ["truncated.pt", "truncated or not a torch checkpoint", "retrain"],
+    ),
+    (
+        "ckpt-random-bytes",
+        "evaluate",
+        lambda ws: ws.evaluate("ckpts/random.pt"),
+        ["random.pt", "not a torch checkpoint"],
+    ),
+    (
+        "ckpt-plain-torch-dict",
+        "evaluate",
+        lambda ws: ws.evaluate("ckpts/plain_dict.pt"),
+        ["plain_dict.pt", "not an hrp-ood checkpoint", "hrp-ood train"],
+    ),
+    (
+        "ckpt-pickle-runs-code",
+        "evaluate",
+        lambda ws: ws.evaluate("ckpts/runs_code.pt"),
+        ["refusing to load", "runs_code.pt", "system", "could run code"],
+    ),
+    (
+        "ckpt-raw-pickle-runs-code",
+        "evaluate",
+        lambda ws: ws.evaluate("ckpts/runs_code.pkl"),
+        ["refusing to load", "runs_code.pkl", "could run code"],
+    ),
+    (
+        "ckpt-other-backbone",
+        "evaluate",
+        lambda ws: ws.evaluate("ckpts/other_backbone.pt"),
+        ["other_backbone.pt", "small_cnn", "another backbone"],
+    ),
+    (
+        "ckpt-other-class-count",
+        "evaluate",
+        lambda ws: ws.evaluate("ckpts/other_class_count.pt"),
+        ["other_class_count.pt", "10 classes", "another class count", "fc has 5 outputs"],
+    ),
+    (
+        "ckpt-cifar100-with-cifar10-id-files",
+        "evaluate",
+        lambda ws: ws.evaluate("runs/c100/last.pt", "--id-data-root", str(ws.path("cifar10"))),
+        ["trained on cifar100", "cifar-100-python", "--id-data-root"],
+    ),
     # ---- command line
-    ("unknown-postprocessor", "evaluate",
-     lambda ws: [*ws.evaluate("runs/existing/last.pt"), "--postprocessor", "foo"],
-     ["unknown postprocessor foo", "msp", "ebo", "mds"]),
-    ("unknown-ood-set", "evaluate", lambda ws: [*ws.evaluate("runs/existing/last.pt"), "--ood", "foo"],
-     ["unknown OOD set foo", "svhn", "textures", "mnist", "--ood-dir NAME=PATH"]),
-    ("ood-dir-without-equals", "evaluate",
-     lambda ws: [*ws.evaluate("runs/existing/last.pt"), "--ood-dir", str(ws.path("clean_ood"))],
-     ["--ood-dir expects NAME=PATH", "clean_ood"]),
-    ("report-missing-eval-json", "report", lambda ws: ["report", str(ws.path("nope/eval.json")), "--out",
-                                                       str(ws.path("report_out"))], ["nope/eval.json", "no such file"]),
-    ("report-corrupt-eval-json", "report", lambda ws: ["report", str(ws.path("corrupt_eval.json")), "--out",
-                                                       str(ws.path("report_out"))],
-     ["corrupt_eval.json", "not a readable JSON", "hrp-ood evaluate"]),
-    ("export-missing-checkpoint", "export",
-     lambda ws: ["export", "--ckpt", str(ws.path("ckpts/nope.pt")), "--out", str(ws.path("exported.pt"))],
-     ["nope.pt", "not found"]),
+    (
+        "unknown-postprocessor",
+        "evaluate",
+        lambda ws: [*ws.evaluate("runs/existing/last.pt"), "--postprocessor", "foo"],
+        ["unknown postprocessor foo", "msp", "ebo", "mds"],
+    ),
+    (
+        "unknown-ood-set",
+        "evaluate",
+        lambda ws: [*ws.evaluate("runs/existing/last.pt"), "--ood", "foo"],
+        ["unknown OOD set foo", "svhn", "textures", "mnist", "--ood-dir NAME=PATH"],
+    ),
+    (
+        "ood-dir-without-equals",
+        "evaluate",
+        lambda ws: [*ws.evaluate("runs/existing/last.pt"), "--ood-dir", str(ws.path("clean_ood"))],
+        ["--ood-dir expects NAME=PATH", "clean_ood"],
+    ),
+    (
+        "report-missing-eval-json",
+        "report",
+        lambda ws: ["report", str(ws.path("nope/eval.json")), "--out", str(ws.path("report_out"))],
+        ["nope/eval.json", "no such file"],
+    ),
+    (
+        "report-corrupt-eval-json",
+        "report",
+        lambda ws: ["report", str(ws.path("corrupt_eval.json")), "--out", str(ws.path("report_out"))],
+        ["corrupt_eval.json", "not a readable JSON", "hrp-ood evaluate"],
+    ),
+    (
+        "export-missing-checkpoint",
+        "export",
+        lambda ws: ["export", "--ckpt", str(ws.path("ckpts/nope.pt")), "--out", str(ws.path("exported.pt"))],
+        ["nope.pt", "not found"],
+    ),
     # ---- issue 11: the run folder never reaches outside --out-dir, and --overwrite removes only a run of ours
-    ("run-name-climbs-out-of-out-dir", "train", lambda ws: ws.train("--name", "../outside", "--overwrite"),
-     ["run name ../outside must be one folder name", "--out-dir"]),
-    ("run-name-is-an-absolute-path", "train", lambda ws: ws.train("--name", str(ws.path("outside")), "--overwrite"),
-     ["run name /", "outside must be one folder name"]),
-    ("overwrite-folder-holding-other-files", "train", lambda ws: ws.train("--name", "foreign", "--overwrite"),
-     ["runs/foreign holds files that are not part of an hrp-ood run (notes.txt)", "another --name"]),
-    ("start-in-folder-holding-other-files", "train", lambda ws: ws.train("--name", "foreign"),
-     ["runs/foreign holds files that are not part of an hrp-ood run (notes.txt)"]),
-    ("overwrite-with-missing-data-keeps-the-old-run", "train",
-     lambda ws: ws.train("--name", "existing", "--overwrite", data="empty_root"), ["cifar10 not found"]),
+    (
+        "run-name-climbs-out-of-out-dir",
+        "train",
+        lambda ws: ws.train("--name", "../outside", "--overwrite"),
+        ["run name ../outside must be one folder name", "--out-dir"],
+    ),
+    (
+        "run-name-is-an-absolute-path",
+        "train",
+        lambda ws: ws.train("--name", str(ws.path("outside")), "--overwrite"),
+        ["run name /", "outside must be one folder name"],
+    ),
+    (
+        "overwrite-folder-holding-other-files",
+        "train",
+        lambda ws: ws.train("--name", "foreign", "--overwrite"),
+        ["runs/foreign holds files that are not part of an hrp-ood run (notes.txt)", "another --name"],
+    ),
+    (
+        "start-in-folder-holding-other-files",
+        "train",
+        lambda ws: ws.train("--name", "foreign"),
+        ["runs/foreign holds files that are not part of an hrp-ood run (notes.txt)"],
+    ),
+    (
+        "overwrite-with-missing-data-keeps-the-old-run",
+        "train",
+        lambda ws: ws.train("--name", "existing", "--overwrite", data="empty_root"),
+        ["cifar10 not found"],
+    ),
     # ---- issue 11: every config value checked before anything is written
     ("lr-not-a-number", "train", lambda ws: ws.train("--lr", "nan"), ["lr must be a finite number > 0, got nan"]),
-    ("lr-negative", "train", lambda ws: ws.train("--lr", "-0.1"), ["lr must be a finite number > 0, got -0.1",
-                                                                   "--set lr="]),
-    ("momentum-above-1", "train", lambda ws: ws.train("--set", "momentum=1.5"),
-     ["momentum must be a finite number in [0, 1), got 1.5"]),
-    ("weight-decay-negative", "train", lambda ws: ws.train("--set", "weight_decay=-0.0001"),
-     ["weight_decay must be a finite number >= 0, got -0.0001"]),
-    ("weight-decay-infinite", "train", lambda ws: ws.train("--set", "weight_decay=.inf"),
-     ["weight_decay must be a finite number >= 0, got inf"]),
+    (
+        "lr-negative",
+        "train",
+        lambda ws: ws.train("--lr", "-0.1"),
+        ["lr must be a finite number > 0, got -0.1", "--set lr="],
+    ),
+    (
+        "momentum-above-1",
+        "train",
+        lambda ws: ws.train("--set", "momentum=1.5"),
+        ["momentum must be a finite number in [0, 1), got 1.5"],
+    ),
+    (
+        "weight-decay-negative",
+        "train",
+        lambda ws: ws.train("--set", "weight_decay=-0.0001"),
+        ["weight_decay must be a finite number >= 0, got -0.0001"],
+    ),
+    (
+        "weight-decay-infinite",
+        "train",
+        lambda ws: ws.train("--set", "weight_decay=.inf"),
+        ["weight_decay must be a finite number >= 0, got inf"],
+    ),
     ("kappa-negative", "train", lambda ws: ws.train("--set", "kappa=-4"), ["kappa must be a finite number > 0"]),
     ("t-min-zero", "train", lambda ws: ws.train("--set", "t_min=0"), ["t_min must be a finite number > 0"]),
-    ("t-min-above-t-max", "train", lambda ws: ws.train("--set", "t_min=5"),
-     ["t_min (5.0) must not exceed t_max (3.0)"]),
-    ("tau-conf-above-1", "train", lambda ws: ws.train("--set", "tau_conf=1.5"),
-     ["tau_conf must be a finite number in [0, 1], got 1.5"]),
-    ("gamma-negative", "train", lambda ws: ws.train("--set", "gamma=-0.5"),
-     ["gamma must be a finite number in [0, 1]"]),
+    (
+        "t-min-above-t-max",
+        "train",
+        lambda ws: ws.train("--set", "t_min=5"),
+        ["t_min (5.0) must not exceed t_max (3.0)"],
+    ),
+    (
+        "tau-conf-above-1",
+        "train",
+        lambda ws: ws.train("--set", "tau_conf=1.5"),
+        ["tau_conf must be a finite number in [0, 1], got 1.5"],
+    ),
+    (
+        "gamma-negative",
+        "train",
+        lambda ws: ws.train("--set", "gamma=-0.5"),
+        ["gamma must be a finite number in [0, 1]"],
+    ),
     ("gce-q-zero", "train", lambda ws: ws.train("--set", "gce_q=0"), ["gce_q must be a finite number in (0, 1]"]),
-    ("forget-rate-one", "train", lambda ws: ws.train("--set", "forget_rate=1"),
-     ["forget_rate must be a finite number in [0, 1)"]),
-    ("batch-size-zero", "train", lambda ws: ws.train("--batch-size", "0"),
-     ["batch_size must be an integer >= 1, got 0"]),
+    (
+        "forget-rate-one",
+        "train",
+        lambda ws: ws.train("--set", "forget_rate=1"),
+        ["forget_rate must be a finite number in [0, 1)"],
+    ),
+    (
+        "batch-size-zero",
+        "train",
+        lambda ws: ws.train("--batch-size", "0"),
+        ["batch_size must be an integer >= 1, got 0"],
+    ),
     ("proj-dim-zero", "train", lambda ws: ws.train("--set", "proj_dim=0"), ["proj_dim must be an integer >= 1"]),
-    ("warmup-negative", "train", lambda ws: ws.train("--set", "warmup_epochs=-1"),
-     ["warmup_epochs must be an integer >= 0"]),
-    ("image-size-zero", "train", lambda ws: ws.train("--set", "image_size=0"),
-     ["image_size must be an integer in [1, 4096], got 0"]),
-    ("seed-negative", "train", lambda ws: ws.train("--seed", "-1"),
-     ["seed must be an integer in [0, 4294967295], got -1"]),
+    (
+        "warmup-negative",
+        "train",
+        lambda ws: ws.train("--set", "warmup_epochs=-1"),
+        ["warmup_epochs must be an integer >= 0"],
+    ),
+    (
+        "image-size-zero",
+        "train",
+        lambda ws: ws.train("--set", "image_size=0"),
+        ["image_size must be an integer in [1, 4096], got 0"],
+    ),
+    (
+        "seed-negative",
+        "train",
+        lambda ws: ws.train("--seed", "-1"),
+        ["seed must be an integer in [0, 4294967295], got -1"],
+    ),
     ("seed-beyond-numpy", "train", lambda ws: ws.train("--seed", str(2**32)), ["seed must be", "got 4294967296"]),
-    ("epochs-absurd", "train", lambda ws: ws.train("--epochs", "1000000000"),
-     ["epochs must be an integer in [1, 100000], got 1000000000"]),
-    ("milestones-beyond-epochs", "train", lambda ws: ws.train("--epochs", "2", "--set", "lr_milestones=[1, 5]"),
-     ["lr_milestones [1, 5] lie outside [0, 2]", "never decay at 5", "or [] for a constant rate"]),
-    ("milestone-negative", "train", lambda ws: ws.train("--set", "lr_milestones=[-1]"),
-     ["lr_milestones [-1] lie outside [0, 1]"]),
-    ("device-unknown", "train", lambda ws: ws.train("--device", "gpu"),
-     ["device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"]),
-    ("labels-key-without-label-file", "train", lambda ws: ws.train("--noisy-labels-key", "worse_label"),
-     ["noisy_labels_key 'worse_label' is set but noisy_labels is not", "--noisy-labels FILE"]),
-    ("meta-set-smaller-than-class-count", "train", lambda ws: ws.train("--meta-size", "5"),
-     ["meta_size 5 is smaller than the 10 classes of cifar10", "--meta-size 10"]),
-    ("meta-set-smaller-than-class-count-no-meta-step", "train",
-     lambda ws: ws.train("--method", "ce", "--meta-size", "5"),
-     ["meta_size 5 is smaller than the 10 classes of cifar10", "--meta-size 10 or more, or --meta-size 0"]),
-    ("meta-size-zero-with-a-meta-step", "train", lambda ws: ws.train("--method", "hrp", "--meta-size", "0"),
-     ["meta_size must be positive for hrp", "meta_size 0 is for methods without one: ce, gce, coteach"]),
-    ("batch-larger-than-training-set", "train", lambda ws: ws.train("--batch-size", "500"),
-     ["batch_size 500 exceeds the 80 training images left after the 20-image meta set", "--batch-size"]),
+    (
+        "epochs-absurd",
+        "train",
+        lambda ws: ws.train("--epochs", "1000000000"),
+        ["epochs must be an integer in [1, 100000], got 1000000000"],
+    ),
+    (
+        "milestones-beyond-epochs",
+        "train",
+        lambda ws: ws.train("--epochs", "2", "--set", "lr_milestones=[1, 5]"),
+        ["lr_milestones [1, 5] lie outside [0, 2]", "never decay at 5", "or [] for a constant rate"],
+    ),
+    (
+        "milestone-negative",
+        "train",
+        lambda ws: ws.train("--set", "lr_milestones=[-1]"),
+        ["lr_milestones [-1] lie outside [0, 1]"],
+    ),
+    (
+        "device-unknown",
+        "train",
+        lambda ws: ws.train("--device", "gpu"),
+        ["device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"],
+    ),
+    (
+        "labels-key-without-label-file",
+        "train",
+        lambda ws: ws.train("--noisy-labels-key", "worse_label"),
+        ["noisy_labels_key 'worse_label' is set but noisy_labels is not", "--noisy-labels FILE"],
+    ),
+    (
+        "meta-set-smaller-than-class-count",
+        "train",
+        lambda ws: ws.train("--meta-size", "5"),
+        ["meta_size 5 is smaller than the 10 classes of cifar10", "--meta-size 10"],
+    ),
+    (
+        "meta-set-smaller-than-class-count-no-meta-step",
+        "train",
+        lambda ws: ws.train("--method", "ce", "--meta-size", "5"),
+        ["meta_size 5 is smaller than the 10 classes of cifar10", "--meta-size 10 or more, or --meta-size 0"],
+    ),
+    (
+        "meta-size-zero-with-a-meta-step",
+        "train",
+        lambda ws: ws.train("--method", "hrp", "--meta-size", "0"),
+        ["meta_size must be positive for hrp", "meta_size 0 is for methods without one: ce, gce, coteach"],
+    ),
+    (
+        "batch-larger-than-training-set",
+        "train",
+        lambda ws: ws.train("--batch-size", "500"),
+        ["batch_size 500 exceeds the 80 training images left after the 20-image meta set", "--batch-size"],
+    ),
     # ---- issue 11: text files in other encodings or binary, torch's advice never repeated
-    ("config-binary", "train", lambda ws: ws.train("--config", str(ws.path("configs/binary.yaml"))),
-     ["config file", "binary.yaml is a binary file", "UTF-8"]),
-    ("config-latin1", "train", lambda ws: ws.train("--config", str(ws.path("configs/latin1.yaml"))),
-     ["config file", "latin1.yaml is not UTF-8 text (byte 0xe9 at offset 5)", "save it as UTF-8"]),
-    ("image-list-latin1", "evaluate",
-     lambda ws: ["evaluate", "--ckpt", str(ws.path("runs/existing/last.pt")), "--postprocessor", "msp",
-                 "--data-root", str(ws.path("openood_latin1")), "--ood", "svhn", "--out", str(ws.path("eval_out")),
-                 "--cache-dir", str(ws.path("cache"))],
-     ["image list", "test_svhn.txt is not UTF-8 text", "save it as UTF-8"]),
-    ("labels-pt-random-bytes", "train", lambda ws: ws.train("--noisy-labels", str(ws.path("labels/random.pt"))),
-     ["label file", "random.pt is truncated or not a torch label file"]),
+    (
+        "config-binary",
+        "train",
+        lambda ws: ws.train("--config", str(ws.path("configs/binary.yaml"))),
+        ["config file", "binary.yaml is a binary file", "UTF-8"],
+    ),
+    (
+        "config-latin1",
+        "train",
+        lambda ws: ws.train("--config", str(ws.path("configs/latin1.yaml"))),
+        ["config file", "latin1.yaml is not UTF-8 text (byte 0xe9 at offset 5)", "save it as UTF-8"],
+    ),
+    (
+        "image-list-latin1",
+        "evaluate",
+        lambda ws: [
+            "evaluate",
+            "--ckpt",
+            str(ws.path("runs/existing/last.pt")),
+            "--postprocessor",
+            "msp",
+            "--data-root",
+            str(ws.path("openood_latin1")),
+            "--ood",
+            "svhn",
+            "--out",
+            str(ws.path("eval_out")),
+            "--cache-dir",
+            str(ws.path("cache")),
+        ],
+        ["image list", "test_svhn.txt is not UTF-8 text", "save it as UTF-8"],
+    ),
+    (
+        "labels-pt-random-bytes",
+        "train",
+        lambda ws: ws.train("--noisy-labels", str(ws.path("labels/random.pt"))),
+        ["label file", "random.pt is truncated or not a torch label file"],
+    ),
     # ---- issue 11: output paths that cannot be written are refused before any work
-    ("train-out-dir-is-a-file", "train", lambda ws: ws.train("--out-dir", str(ws.path("afile"))),
-     ["--out-dir", "afile is a file, not a folder"]),
-    ("train-out-dir-below-a-file", "train", lambda ws: ws.train("--out-dir", str(ws.path("afile/runs"))),
-     ["--out-dir", "afile/runs:", "afile is a file, not a folder"]),
-    ("evaluate-out-is-a-file", "evaluate", lambda ws: [*ws.evaluate("runs/existing/last.pt"), "--out",
-                                                      str(ws.path("afile"))], ["--out", "afile is a file"]),
-    ("evaluate-cache-dir-is-a-file", "evaluate",
-     lambda ws: [*ws.evaluate("runs/existing/last.pt"), "--cache-dir", str(ws.path("afile/cache"))],
-     ["--cache-dir", "afile is a file"]),
-    ("ood-dir-missing-with-skip-missing", "evaluate",
-     lambda ws: [*ws.evaluate("runs/existing/last.pt", ood="no_such_folder"), "--skip-missing"],
-     ["--ood-dir mine=", "no_such_folder: no such folder", "mine images"]),
-    ("evaluate-batch-size-zero", "evaluate", lambda ws: [*ws.evaluate("runs/existing/last.pt"), "--batch-size", "0"],
-     ["--batch-size must be at least 1, got 0"]),
-    ("evaluate-device-unknown", "evaluate", lambda ws: [*ws.evaluate("runs/existing/last.pt"), "--device", "gpu"],
-     ["device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"]),
-    ("report-out-is-a-file", "report",
-     lambda ws: ["report", str(ws.path("corrupt_eval.json")), "--out", str(ws.path("afile"))],
-     ["--out", "afile is a file"]),
-    ("export-out-is-a-folder", "export",
-     lambda ws: ["export", "--ckpt", str(ws.path("runs/existing/last.pt")), "--out", str(ws.path("configs"))],
-     ["--out", "configs is a folder; give the path of a file"]),
-    ("export-out-below-a-file", "export",
-     lambda ws: ["export", "--ckpt", str(ws.path("runs/existing/last.pt")), "--out", str(ws.path("afile/net.pt"))],
-     ["--out", "afile/net.pt: ", "afile is a file, not a folder"]),
+    (
+        "train-out-dir-is-a-file",
+        "train",
+        lambda ws: ws.train("--out-dir", str(ws.path("afile"))),
+        ["--out-dir", "afile is a file, not a folder"],
+    ),
+    (
+        "train-out-dir-below-a-file",
+        "train",
+        lambda ws: ws.train("--out-dir", str(ws.path("afile/runs"))),
+        ["--out-dir", "afile/runs:", "afile is a file, not a folder"],
+    ),
+    (
+        "evaluate-out-is-a-file",
+        "evaluate",
+        lambda ws: [*ws.evaluate("runs/existing/last.pt"), "--out", str(ws.path("afile"))],
+        ["--out", "afile is a file"],
+    ),
+    (
+        "evaluate-cache-dir-is-a-file",
+        "evaluate",
+        lambda ws: [*ws.evaluate("runs/existing/last.pt"), "--cache-dir", str(ws.path("afile/cache"))],
+        ["--cache-dir", "afile is a file"],
+    ),
+    (
+        "ood-dir-missing-with-skip-missing",
+        "evaluate",
+        lambda ws: [*ws.evaluate("runs/existing/last.pt", ood="no_such_folder"), "--skip-missing"],
+        ["--ood-dir mine=", "no_such_folder: no such folder", "mine images"],
+    ),
+    (
+        "evaluate-batch-size-zero",
+        "evaluate",
+        lambda ws: [*ws.evaluate("runs/existing/last.pt"), "--batch-size", "0"],
+        ["--batch-size must be at least 1, got 0"],
+    ),
+    (
+        "evaluate-device-unknown",
+        "evaluate",
+        lambda ws: [*ws.evaluate("runs/existing/last.pt"), "--device", "gpu"],
+        ["device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"],
+    ),
+    (
+        "report-out-is-a-file",
+        "report",
+        lambda ws: ["report", str(ws.path("corrupt_eval.json")), "--out", str(ws.path("afile"))],
+        ["--out", "afile is a file"],
+    ),
+    (
+        "export-out-is-a-folder",
+        "export",
+        lambda ws: ["export", "--ckpt", str(ws.path("runs/existing/last.pt")), "--out", str(ws.path("configs"))],
+        ["--out", "configs is a folder; give the path of a file"],
+    ),
+    (
+        "export-out-below-a-file",
+        "export",
+        lambda ws: ["export", "--ckpt", str(ws.path("runs/existing/last.pt")), "--out", str(ws.path("afile/net.pt"))],
+        ["--out", "afile/net.pt: ", "afile is a file, not a folder"],
+    ),
     # ---- issue 11: paths in messages show what is really in them
-    ("ckpt-path-with-a-bom", "evaluate", lambda ws: ws.evaluate("ckpts/\ufeffnope.pt"),
-     ["checkpoint '", "ckpts/\\ufeffnope.pt' not found"]),
-    ("ckpt-path-with-a-trailing-space", "evaluate", lambda ws: ws.evaluate("ckpts/nope.pt "),
-     ["checkpoint '", "ckpts/nope.pt ' not found"]),
-    ("config-path-with-a-zero-width-space", "train",
-     lambda ws: ws.train("--config", str(ws.path("configs/\u200bmissing.yaml"))),
-     ["config file '", "configs/\\u200bmissing.yaml' not found"]),
+    (
+        "ckpt-path-with-a-bom",
+        "evaluate",
+        lambda ws: ws.evaluate("ckpts/\ufeffnope.pt"),
+        ["checkpoint '", "ckpts/\\ufeffnope.pt' not found"],
+    ),
+    (
+        "ckpt-path-with-a-trailing-space",
+        "evaluate",
+        lambda ws: ws.evaluate("ckpts/nope.pt "),
+        ["checkpoint '", "ckpts/nope.pt ' not found"],
+    ),
+    (
+        "config-path-with-a-zero-width-space",
+        "train",
+        lambda ws: ws.train("--config", str(ws.path("configs/\u200bmissing.yaml"))),
+        ["config file '", "configs/\\u200bmissing.yaml' not found"],
+    ),
 ]
 PARAMS = [pytest.param(*row, id=row[0]) for row in ROWS]
 
@@ -436,15 +837,23 @@ def read_only(monkeypatch, folder: Path) -> None:
     monkeypatch.setattr(os, "mkdir", guarded_mkdir)
 
 
-@pytest.mark.parametrize("command, argv", [
-    ("train", lambda ws, ro: ws.train("--out-dir", str(ro / "runs"))),
-    ("evaluate", lambda ws, ro: [*ws.evaluate("runs/existing/last.pt"), "--out", str(ro / "eval")]),
-    ("evaluate", lambda ws, ro: [*ws.evaluate("runs/existing/last.pt"), "--cache-dir", str(ro / "cache")]),
-    ("report", lambda ws, ro: ["report", str(ws.path("corrupt_eval.json")), "--out", str(ro / "report")]),
-    ("export", lambda ws, ro: ["export", "--ckpt", str(ws.path("runs/existing/last.pt")), "--out", str(ro / "n.pt")]),
-], ids=["train-out-dir", "evaluate-out", "evaluate-cache-dir", "report-out", "export-out"])
-def test_a_read_only_output_folder_is_one_line_naming_it_before_any_work(command, argv, ws, tmp_path, monkeypatch,
-                                                                          capsys):
+@pytest.mark.parametrize(
+    "command, argv",
+    [
+        ("train", lambda ws, ro: ws.train("--out-dir", str(ro / "runs"))),
+        ("evaluate", lambda ws, ro: [*ws.evaluate("runs/existing/last.pt"), "--out", str(ro / "eval")]),
+        ("evaluate", lambda ws, ro: [*ws.evaluate("runs/existing/last.pt"), "--cache-dir", str(ro / "cache")]),
+        ("report", lambda ws, ro: ["report", str(ws.path("corrupt_eval.json")), "--out", str(ro / "report")]),
+        (
+            "export",
+            lambda ws, ro: ["export", "--ckpt", str(ws.path("runs/existing/last.pt")), "--out", str(ro / "n.pt")],
+        ),
+    ],
+    ids=["train-out-dir", "evaluate-out", "evaluate-cache-dir", "report-out", "export-out"],
+)
+def test_a_read_only_output_folder_is_one_line_naming_it_before_any_work(
+    command, argv, ws, tmp_path, monkeypatch, capsys
+):
     read_only_folder = tmp_path / "read_only"
     read_only_folder.mkdir()
     args = argv(ws, read_only_folder)
@@ -462,8 +871,11 @@ def test_a_read_only_output_folder_is_one_line_naming_it_before_any_work(command
 def test_a_full_disk_while_training_is_one_line_and_keeps_the_last_checkpoint(ws, tmp_path, monkeypatch, capsys):
     shutil.copytree(ws.path("runs/existing"), tmp_path / "existing")
     run = tmp_path / "existing"
-    before = {p.name: p.read_bytes() for p in run.iterdir()
-              if p.is_file() and p.name not in (".lock", "train.log", "config.yaml")}
+    before = {
+        p.name: p.read_bytes()
+        for p in run.iterdir()
+        if p.is_file() and p.name not in (".lock", "train.log", "config.yaml")
+    }
     signals_before = sorted(p.name for p in (run / "signals").iterdir())
 
     fsync = os.fsync
@@ -475,14 +887,21 @@ def test_a_full_disk_while_training_is_one_line_and_keeps_the_last_checkpoint(ws
 
     monkeypatch.setattr(os, "fsync", full_disk_for_checkpoints)
     capsys.readouterr()
-    assert main(["train", "--out-dir", str(tmp_path), "--name", "existing", "--resume", "--epochs", "2",
-                 "--no-progress"]) == 2
+    assert (
+        main(["train", "--out-dir", str(tmp_path), "--name", "existing", "--resume", "--epochs", "2", "--no-progress"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert err.splitlines()[-1] == (f"hrp-ood train: error: cannot write {run / 'last.pt'}: No space left on device "
-                                    "(ENOSPC); free some space or choose another output folder")
+    assert err.splitlines()[-1] == (
+        f"hrp-ood train: error: cannot write {run / 'last.pt'}: No space left on device "
+        "(ENOSPC); free some space or choose another output folder"
+    )
     monkeypatch.undo()
-    after = {p.name: p.read_bytes() for p in run.iterdir()
-             if p.is_file() and p.name not in (".lock", "train.log", "config.yaml")}
+    after = {
+        p.name: p.read_bytes()
+        for p in run.iterdir()
+        if p.is_file() and p.name not in (".lock", "train.log", "config.yaml")
+    }
     assert after == before, "the last checkpoint and metrics are kept, and no temporary file is left"
     assert sorted(p.name for p in (run / "signals").iterdir()) == signals_before  # nor signals of the lost epoch

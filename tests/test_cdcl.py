@@ -21,8 +21,11 @@ def reference_cdcl(z, pseudo, beta_hat, confident, tau, skip_pull_of=()):
     total, anchors = 0.0, 0
     for a in range(rows):
         sa = sample[a]
-        positives = [p for p in range(rows) if p != a and confident[sa] and confident[sample[p]]
-                     and pseudo[sample[p]] == pseudo[sa]]
+        positives = [
+            p
+            for p in range(rows)
+            if p != a and confident[sa] and confident[sample[p]] and pseudo[sample[p]] == pseudo[sa]
+        ]
         if not positives:
             continue
         denominator = sum(math.exp(float(z[a] @ z[k]) / tau) for k in range(rows) if k != a)
@@ -89,8 +92,13 @@ def test_positives_come_from_pseudo_labels_only_and_unconfident_rows_are_negativ
     moved = z.clone()
     moved[3] = z[0]  # ... but it is a negative: moving it onto an anchor changes that anchor's denominator
     assert abs(cdcl_loss(moved, pseudo, beta_hat, confident, 0.1).item() - base.item()) > 1e-6
-    assert abs(cdcl_loss(moved, pseudo, beta_hat, confident, 0.1).item()
-               - reference_cdcl(moved, pseudo, beta_hat, confident, 0.1)) < 1e-10
+    assert (
+        abs(
+            cdcl_loss(moved, pseudo, beta_hat, confident, 0.1).item()
+            - reference_cdcl(moved, pseudo, beta_hat, confident, 0.1)
+        )
+        < 1e-10
+    )
 
 
 def test_stable_for_small_temperature_and_identical_vectors():

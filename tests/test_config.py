@@ -53,20 +53,26 @@ def test_unknown_key_names_it_and_suggests_the_closest(tmp_path):
         build_config(overrides={"epoch": 3})
 
 
-@pytest.mark.parametrize("values, words", [
-    ({"lr": "fast"}, "'lr' must be float"),
-    ({"epochs": 2.5}, "'epochs' must be int"),
-    ({"download": 1}, "'download' must be bool"),
-    ({"lr_milestones": [10, "x"]}, "list of int"),
-    ({"method": "hrp2"}, "unknown method 'hrp2'"),
-    ({"batch_size": 0}, "batch_size must be an integer >= 1"),
-    ({"t_min": 4.0}, "t_min"),
-    ({"ce_loss": "weighted"}, "ce_loss must be one of refined, meta_weighted, meta_weighted_peer, meta_weighted_s, got 'weighted'"),
-    ({"normalization": "joint"}, "normalization must be one of separate, coupled, got 'joint'"),
-    ({"meta_bn": "train"}, "meta_bn must be one of eval, batch, eval_weak_stats, got 'train'"),
-    ({"crop_padding": -1}, "crop_padding must be an integer in"),
-    ({"flip": "no"}, "'flip' must be bool"),
-])
+@pytest.mark.parametrize(
+    "values, words",
+    [
+        ({"lr": "fast"}, "'lr' must be float"),
+        ({"epochs": 2.5}, "'epochs' must be int"),
+        ({"download": 1}, "'download' must be bool"),
+        ({"lr_milestones": [10, "x"]}, "list of int"),
+        ({"method": "hrp2"}, "unknown method 'hrp2'"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+        ({"t_min": 4.0}, "t_min"),
+        (
+            {"ce_loss": "weighted"},
+            "ce_loss must be one of refined, meta_weighted, meta_weighted_peer, meta_weighted_s, got 'weighted'",
+        ),
+        ({"normalization": "joint"}, "normalization must be one of separate, coupled, got 'joint'"),
+        ({"meta_bn": "train"}, "meta_bn must be one of eval, batch, eval_weak_stats, got 'train'"),
+        ({"crop_padding": -1}, "crop_padding must be an integer in"),
+        ({"flip": "no"}, "'flip' must be bool"),
+    ],
+)
 def test_wrong_values_are_one_line_errors(values, words):
     with pytest.raises(UserError, match=words) as info:
         build_config(overrides=values)
@@ -76,8 +82,9 @@ def test_wrong_values_are_one_line_errors(values, words):
 def test_hrp_is_the_papers_form_and_hrp_meta_weighted_fixes_its_two_departures():
     spec = build_config().spec
     assert (spec.ce_loss, spec.normalization, build_config().meta_bn) == ("refined", "separate", "eval")
-    variant = build_config(overrides={"method": "hrp_meta_weighted", "ce_loss": "refined",
-                                      "normalization": "separate"}).spec
+    variant = build_config(
+        overrides={"method": "hrp_meta_weighted", "ce_loss": "refined", "normalization": "separate"}
+    ).spec
     assert (variant.ce_loss, variant.normalization) == ("meta_weighted", "coupled")
     assert build_config(overrides={"method": "coupled_meta"}).spec.ce_loss == "refined"
 
@@ -170,8 +177,11 @@ def _outside(key: str) -> list:
 @pytest.mark.parametrize("key", sorted(VALUE_RANGES))
 def test_every_numeric_key_is_range_checked_with_a_one_line_error(key):
     for value in _outside(key):
-        with pytest.raises(UserError, match=rf"^{key} must be .*, got {re.escape(repr(value))}; fix it in the config "
-                                            rf"or with --set {key}=\.\.\.$"):
+        with pytest.raises(
+            UserError,
+            match=rf"^{key} must be .*, got {re.escape(repr(value))}; fix it in the config "
+            rf"or with --set {key}=\.\.\.$",
+        ):
             build_config(overrides={key: value})
 
 

@@ -8,7 +8,6 @@ import pickle
 import numpy as np
 import pytest
 import torch
-
 from fakes import (
     CIFAR100_COARSE_OF_FINE,
     save_image,
@@ -17,6 +16,7 @@ from fakes import (
     write_cifar100,
     write_image_folder,
 )
+
 from hrp_ood.data import DATASETS, load_dataset
 from hrp_ood.data.bundle import channel_stats
 from hrp_ood.data.cifar import CIFAR10_MEAN, CIFAR10_STD

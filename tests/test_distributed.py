@@ -6,13 +6,16 @@ from __future__ import annotations
 import csv
 import socket
 
+import hrp_ood.train.steps as steps_module
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-import hrp_ood.train.steps as steps_module
 from fakes import write_cifar10
+from hrp_ood.train.signals import EpochSignals
+from hrp_ood.train.steps import StepContext, StepInputs, hrp_step
+from hrp_ood.train.trainer import build_members, wrap_data_parallel
+
 from hrp_ood import distributed
 from hrp_ood.checkpoint import load_checkpoint
 from hrp_ood.cli import main
@@ -20,9 +23,6 @@ from hrp_ood.config import build_config
 from hrp_ood.data.augment import BatchAugment
 from hrp_ood.eval.network import load_network
 from hrp_ood.method import reliability_mixup
-from hrp_ood.train.signals import EpochSignals
-from hrp_ood.train.steps import StepContext, StepInputs, hrp_step
-from hrp_ood.train.trainer import build_members, wrap_data_parallel
 
 RANKS, LOCAL_BATCH, META = 2, 12, 8
 CLASSES = 10
@@ -32,8 +32,14 @@ CLASSES = 10
 def test_helpers_are_identities_in_one_process():
     assert not dist.is_initialized()
     t = torch.randn(5, 3, requires_grad=True)
-    for reduce in (distributed.global_sum, distributed.global_min, distributed.global_max,
-                   distributed.all_gather_with_grad, distributed.all_gather, distributed.broadcast_from_main):
+    for reduce in (
+        distributed.global_sum,
+        distributed.global_min,
+        distributed.global_max,
+        distributed.all_gather_with_grad,
+        distributed.all_gather,
+        distributed.broadcast_from_main,
+    ):
         assert reduce(t) is t
     grads = {"w": torch.randn(3, 3)}
     assert distributed.global_mean_of_grads(grads) is grads
@@ -50,7 +56,8 @@ def test_global_batch_norm_is_batch_norm_in_one_process():
     torch.manual_seed(0)
     plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     converted = distributed.convert_to_global_batch_norm(
-        torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)))
+        torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    )
     converted.load_state_dict(plain.state_dict())
     assert isinstance(converted[1], distributed.GlobalBatchNorm)
     x = torch.randn(6, 3, 8, 8)
@@ -86,18 +93,34 @@ def step_inputs():
 
 # name -> config overrides: the calibrated meta loss fits (s, b) on the whole meta batch; the meta-weighted CE
 # trains on every sample with globally normalised α, β
-VARIANTS = {"jvp": {"meta_method": "jvp"}, "double_backward": {"meta_method": "double_backward"},
-            "jvp_calibrated": {"meta_method": "jvp", "meta_calibration": True},
-            "jvp_meta_weighted": {"meta_method": "jvp", "ce_loss": "meta_weighted"}}
+VARIANTS = {
+    "jvp": {"meta_method": "jvp"},
+    "double_backward": {"meta_method": "double_backward"},
+    "jvp_calibrated": {"meta_method": "jvp", "meta_calibration": True},
+    "jvp_meta_weighted": {"meta_method": "jvp", "ce_loss": "meta_weighted"},
+}
 
 
 def run_step(variant, ranks_slice, perms, lams):
     """One hrp_step; returns per-parameter gradients and new values, logs, per-sample α/T and the RAM draws."""
     images, labels, meta_images, meta_labels, _, _ = step_inputs()
-    cfg = build_config(overrides={
-        "model": "small_cnn", "batch_size": RANKS * LOCAL_BATCH, "meta_batch_size": META, "warmup_epochs": 0,
-        "ramp_epochs": 0, "proj_hidden_dim": 32, "proj_dim": 16, "tau_conf": 0.13, "tau_match": 0.5,
-        "strong_policy": "none", "sync_bn": True, "device": "cpu", **VARIANTS[variant]})
+    cfg = build_config(
+        overrides={
+            "model": "small_cnn",
+            "batch_size": RANKS * LOCAL_BATCH,
+            "meta_batch_size": META,
+            "warmup_epochs": 0,
+            "ramp_epochs": 0,
+            "proj_hidden_dim": 32,
+            "proj_dim": 16,
+            "tau_conf": 0.13,
+            "tau_match": 0.5,
+            "strong_policy": "none",
+            "sync_bn": True,
+            "device": "cpu",
+            **VARIANTS[variant],
+        }
+    )
     torch.manual_seed(0)  # the same initial weights in every process (DDP would broadcast rank 0's anyway)
     members = build_members(cfg, CLASSES, torch.device("cpu"))
     for m in members:  # float64, so that the comparison sees the maths, not float32 summation order
@@ -120,12 +143,20 @@ def run_step(variant, ranks_slice, perms, lams):
         logs = hrp_step(ctx, members, StepInputs(images[index], labels[index], index, epoch=1.0))
     finally:
         steps_module.reliability_mixup = original
-    params = [(f"{k}.{name}", p) for k, m in enumerate(members)
-              for name, p in [*m.net.named_parameters(), *m.head.named_parameters()]]
-    return {"grads": {name: p.grad.clone() for name, p in params}, "params": {name: p.detach().clone() for name, p in params},
-            "logs": {k: v.item() for k, v in logs.items()}, "alpha": ctx.signals.values["alpha"][index], "T": ctx.signals.values["T"][index],
-            "draws": draws,
-            "buffers": {f"{k}.{name}": b.clone() for k, m in enumerate(members) for name, b in m.net.named_buffers()}}
+    params = [
+        (f"{k}.{name}", p)
+        for k, m in enumerate(members)
+        for name, p in [*m.net.named_parameters(), *m.head.named_parameters()]
+    ]
+    return {
+        "grads": {name: p.grad.clone() for name, p in params},
+        "params": {name: p.detach().clone() for name, p in params},
+        "logs": {k: v.item() for k, v in logs.items()},
+        "alpha": ctx.signals.values["alpha"][index],
+        "T": ctx.signals.values["T"][index],
+        "draws": draws,
+        "buffers": {f"{k}.{name}": b.clone() for k, m in enumerate(members) for name, b in m.net.named_buffers()},
+    }
 
 
 def rank_worker(rank, port, out_dir):
@@ -134,9 +165,10 @@ def rank_worker(rank, port, out_dir):
     try:
         _, _, _, _, perms, lams = step_inputs()
         local = torch.arange(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-        results = {method: run_step(method, local, [perms[0][rank], perms[1][rank]],
-                                    [lams[0][rank], lams[1][rank]])
-                   for method in VARIANTS}
+        results = {
+            method: run_step(method, local, [perms[0][rank], perms[1][rank]], [lams[0][rank], lams[1][rank]])
+            for method in VARIANTS
+        }
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -159,7 +191,9 @@ def two_rank_results(tmp_path_factory):
 def test_two_ranks_make_the_one_process_update(meta_method, two_rank_results):
     _, _, _, _, perms, lams = step_inputs()
     block_perm = [torch.cat([p + r * LOCAL_BATCH for r, p in enumerate(perms[k])]) for k in range(2)]
-    single = run_step(meta_method, torch.arange(RANKS * LOCAL_BATCH), block_perm, [torch.cat(lams[k]) for k in range(2)])
+    single = run_step(
+        meta_method, torch.arange(RANKS * LOCAL_BATCH), block_perm, [torch.cat(lams[k]) for k in range(2)]
+    )
     ranks = [r[meta_method] for r in two_rank_results]
     close = {"rtol": 1e-7, "atol": 1e-10}
 
@@ -184,9 +218,29 @@ def test_two_ranks_make_the_one_process_update(meta_method, two_rank_results):
 
 
 # ---- `hrp-ood train --nproc 2`, resume, load into one process ------------------------------------------
-TINY = ["--model", "small_cnn", "--batch-size", "32", "--meta-size", "20", "--set", "meta_batch_size=16",
-        "--set", "warmup_epochs=1", "--set", "ramp_epochs=1", "--set", "lr_milestones=[1]",
-        "--set", "proj_hidden_dim=32", "--set", "proj_dim=16", "--set", "tau_conf=0.3", "--no-progress"]
+TINY = [
+    "--model",
+    "small_cnn",
+    "--batch-size",
+    "32",
+    "--meta-size",
+    "20",
+    "--set",
+    "meta_batch_size=16",
+    "--set",
+    "warmup_epochs=1",
+    "--set",
+    "ramp_epochs=1",
+    "--set",
+    "lr_milestones=[1]",
+    "--set",
+    "proj_hidden_dim=32",
+    "--set",
+    "proj_dim=16",
+    "--set",
+    "tau_conf=0.3",
+    "--no-progress",
+]
 
 
 def read_metrics(run):
@@ -196,19 +250,60 @@ def read_metrics(run):
 
 def test_two_process_training_resumes_and_loads_into_one_process(tmp_path, capsys):
     split = write_cifar10(tmp_path / "data", n_train=200, n_test=60, seed=0)
-    args = ["train", "--data-root", str(tmp_path / "data"), "--noise", "sym50", "--epochs", "2",
-            "--out-dir", str(tmp_path / "runs"), "--name", "run", "--nproc", "2", "--sync-bn", *TINY]
+    args = [
+        "train",
+        "--data-root",
+        str(tmp_path / "data"),
+        "--noise",
+        "sym50",
+        "--epochs",
+        "2",
+        "--out-dir",
+        str(tmp_path / "runs"),
+        "--name",
+        "run",
+        "--nproc",
+        "2",
+        "--sync-bn",
+        *TINY,
+    ]
     assert main(args) == 0
     run = tmp_path / "runs" / "run"
     assert sorted(p.name for p in run.iterdir()) == sorted(
-        [".lock", "config.yaml", "noise.npz", "meta_indices.npz", "metrics.csv", "train.log", "last.pt", "best.pt",
-         "signals"])
+        [
+            ".lock",
+            "config.yaml",
+            "noise.npz",
+            "meta_indices.npz",
+            "metrics.csv",
+            "train.log",
+            "last.pt",
+            "best.pt",
+            "signals",
+        ]
+    )
     assert [p.name for p in (run / "signals").iterdir()] == ["epoch_0002.npz"]  # written once, by rank 0
     assert [r["epoch"] for r in read_metrics(run)] == ["1", "2"]  # one writer: no duplicated rows
     assert (run / "train.log").read_text().count("epoch 2/2") == 1
 
-    assert main(["train", "--out-dir", str(tmp_path / "runs"), "--name", "run", "--resume", "--epochs", "3",
-                 "--nproc", "2", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--out-dir",
+                str(tmp_path / "runs"),
+                "--name",
+                "run",
+                "--resume",
+                "--epochs",
+                "3",
+                "--nproc",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     rows = read_metrics(run)
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     state = load_checkpoint(run / "last.pt")
@@ -218,7 +313,8 @@ def test_two_process_training_resumes_and_loads_into_one_process(tmp_path, capsy
     # the 2-process checkpoint in a one-process network reproduces the accuracy the 2 ranks measured together
     net, state = load_network(run / "last.pt", "ensemble")
     x = BatchAugment(state["dataset"]["mean"], state["dataset"]["std"], 32).normalize(
-        torch.as_tensor(split.test_images))
+        torch.as_tensor(split.test_images)
+    )
     with torch.no_grad():
         accuracy = 100.0 * (net(x).argmax(dim=1) == torch.as_tensor(split.test_labels)).float().mean().item()
     assert accuracy == pytest.approx(float(rows[-1]["acc_ensemble"]), abs=1e-3)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 
+import fakes
 import numpy as np
 import pytest
 import torch
@@ -13,7 +14,6 @@ import torchvision.transforms.v2.functional as TF
 from scipy.special import logsumexp, softmax
 from torch import nn
 
-import fakes
 from hrp_ood.data import DataBundle
 from hrp_ood.errors import UserError
 from hrp_ood.eval import evaluate as evaluate_module
@@ -40,10 +40,17 @@ def _uint8(n: int, seed: int, low: int = 0, high: int = 256) -> torch.Tensor:
 
 def _bundle() -> DataBundle:
     rng = np.random.default_rng(0)
-    return DataBundle(name="toy", classes=["a", "b", "c"], image_size=SIZE,
-                      train_images=_uint8(N_TRAIN, 1), train_labels=rng.integers(0, NUM_CLASSES, N_TRAIN),
-                      test_images=_uint8(N_TEST, 2), test_labels=rng.integers(0, NUM_CLASSES, N_TEST),
-                      mean=MEAN, std=STD)
+    return DataBundle(
+        name="toy",
+        classes=["a", "b", "c"],
+        image_size=SIZE,
+        train_images=_uint8(N_TRAIN, 1),
+        train_labels=rng.integers(0, NUM_CLASSES, N_TRAIN),
+        test_images=_uint8(N_TEST, 2),
+        test_labels=rng.integers(0, NUM_CLASSES, N_TEST),
+        mean=MEAN,
+        std=STD,
+    )
 
 
 def _ood() -> dict[str, torch.Tensor]:
@@ -52,8 +59,9 @@ def _ood() -> dict[str, torch.Tensor]:
 
 def _reference_outputs(net: CountingNet, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     with torch.no_grad():
-        logits, feature = nn.Module.__call__(net.eval(), TF.normalize(images.float() / 255, list(MEAN), list(STD)),
-                                             return_feature=True)
+        logits, feature = nn.Module.__call__(
+            net.eval(), TF.normalize(images.float() / 255, list(MEAN), list(STD)), return_feature=True
+        )
     return logits.double().numpy(), feature.double().numpy()
 
 
@@ -69,22 +77,27 @@ def _reference_mds(train_features: np.ndarray, train_labels: np.ndarray, feature
 def _reference_scores(net: CountingNet, bundle: DataBundle, images: torch.Tensor) -> dict[str, np.ndarray]:
     logits, features = _reference_outputs(net, images)
     train_features = _reference_outputs(net, bundle.train_images)[1]
-    return {"msp": softmax(logits, axis=1).max(axis=1), "ebo": logsumexp(logits, axis=1),
-            "mds": _reference_mds(train_features, bundle.train_labels, features)}
+    return {
+        "msp": softmax(logits, axis=1).max(axis=1),
+        "ebo": logsumexp(logits, axis=1),
+        "mds": _reference_mds(train_features, bundle.train_labels, features),
+    }
 
 
 def test_rows_equal_metrics_of_independently_recomputed_scores(tmp_path):
     net, bundle, ood = CountingNet(), _bundle(), _ood()
-    result = run_evaluation(net, bundle, ood, ["msp", "ebo", "mds"], cache_dir=tmp_path, cache_key="ck",
-                            batch_size=16)
-    reference = {"id": _reference_scores(net, bundle, bundle.test_images),
-                 **{name: _reference_scores(net, bundle, images) for name, images in ood.items()}}
+    result = run_evaluation(net, bundle, ood, ["msp", "ebo", "mds"], cache_dir=tmp_path, cache_key="ck", batch_size=16)
+    reference = {
+        "id": _reference_scores(net, bundle, bundle.test_images),
+        **{name: _reference_scores(net, bundle, images) for name, images in ood.items()},
+    }
     rows = {(r["postprocessor"], r["ood"]): r for r in result.rows}
     assert len(result.rows) == 3 * (2 + 1)
     for method in ("msp", "ebo", "mds"):
         for set_name in ("id", "dark", "bright"):
-            np.testing.assert_allclose(result.scores[f"{method}/{set_name}"], reference[set_name][method],
-                                       rtol=1e-3, atol=1e-5)
+            np.testing.assert_allclose(
+                result.scores[f"{method}/{set_name}"], reference[set_name][method], rtol=1e-3, atol=1e-5
+            )
         per_set = []
         for set_name in ood:
             expected = ood_metrics(reference["id"][method], reference[set_name][method])
@@ -158,8 +171,16 @@ def test_fit_labels_choose_what_the_postprocessor_is_fitted_with(tmp_path, monke
     made = _with_stand_ins(monkeypatch)
     net, bundle = CountingNet(), _bundle()
     noisy = (bundle.train_labels + 1) % NUM_CLASSES
-    run_evaluation(net, bundle, _ood(), ["recorder"], cache_dir=tmp_path, cache_key="ck", fit_labels=fit_labels,
-                   noisy_train_labels=noisy)
+    run_evaluation(
+        net,
+        bundle,
+        _ood(),
+        ["recorder"],
+        cache_dir=tmp_path,
+        cache_key="ck",
+        fit_labels=fit_labels,
+        noisy_train_labels=noisy,
+    )
     logits, features = _reference_outputs(net, bundle.train_images)
     expected = {"clean": bundle.train_labels, "noisy": noisy, "pred": logits.argmax(axis=1)}[fit_labels]
     train = made["recorder"].train
@@ -173,19 +194,30 @@ def test_fit_subset_keeps_images_and_labels_aligned(tmp_path, monkeypatch):
     net, bundle = CountingNet(), _bundle()
     bundle.train_labels = np.arange(N_TRAIN) % NUM_CLASSES
     noisy = np.arange(N_TRAIN)  # unique labels: each one names the image it belongs to
-    run_evaluation(net, bundle, _ood(), ["recorder"], cache_dir=tmp_path, cache_key="ck", fit_labels="noisy",
-                   noisy_train_labels=noisy, fit_subset=20)
+    run_evaluation(
+        net,
+        bundle,
+        _ood(),
+        ["recorder"],
+        cache_dir=tmp_path,
+        cache_key="ck",
+        fit_labels="noisy",
+        noisy_train_labels=noisy,
+        fit_subset=20,
+    )
     train = made["recorder"].train
     assert len(train) == 20 and len(set(train.labels.tolist())) == 20
-    np.testing.assert_allclose(train.features, _reference_outputs(net, bundle.train_images[train.labels])[1],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        train.features, _reference_outputs(net, bundle.train_images[train.labels])[1], rtol=1e-5, atol=1e-6
+    )
 
 
 def test_needs_network_postprocessor_gets_its_own_normalised_pass(tmp_path, monkeypatch):
     _with_stand_ins(monkeypatch)
     bundle, ood = _bundle(), _ood()
-    result = run_evaluation(CountingNet(), bundle, ood, ["inputmean"], cache_dir=tmp_path, cache_key="ck",
-                            batch_size=16)
+    result = run_evaluation(
+        CountingNet(), bundle, ood, ["inputmean"], cache_dir=tmp_path, cache_key="ck", batch_size=16
+    )
     for set_name, images in {"id": bundle.test_images, **ood}.items():
         expected = TF.normalize(images.float() / 255, list(MEAN), list(STD)).mean(dim=(1, 2, 3)).numpy()
         np.testing.assert_allclose(result.scores[f"inputmean/{set_name}"], expected, rtol=1e-5, atol=1e-6)
@@ -193,12 +225,15 @@ def test_needs_network_postprocessor_gets_its_own_normalised_pass(tmp_path, monk
     assert {(r["ood"], r["auroc"]) for r in result.rows if r["ood"] == "bright"} == {("bright", 0.0)}
 
 
-@pytest.mark.parametrize(("kwargs", "words"), [
-    ({"fit_labels": "noisy"}, "noisy training labels"),
-    ({"fit_labels": "noisy", "noisy_train_labels": np.zeros(5, dtype=np.int64)}, "5 entries"),
-    ({"fit_labels": "guess"}, "fit_labels must be one of"),
-    ({"fit_subset": 0}, "fit_subset"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"fit_labels": "noisy"}, "noisy training labels"),
+        ({"fit_labels": "noisy", "noisy_train_labels": np.zeros(5, dtype=np.int64)}, "5 entries"),
+        ({"fit_labels": "guess"}, "fit_labels must be one of"),
+        ({"fit_subset": 0}, "fit_subset"),
+    ],
+)
 def test_bad_fit_options_are_user_errors(tmp_path, kwargs, words):
     with pytest.raises(UserError, match=words):
         run_evaluation(CountingNet(), _bundle(), _ood(), ["mds"], cache_dir=tmp_path, cache_key="ck", **kwargs)
@@ -212,14 +247,42 @@ def test_unknown_postprocessor_and_no_ood_set_are_user_errors(tmp_path):
 
 
 ROWS = [
-    {"postprocessor": "msp", "ood": "svhn", "auroc": 91.234, "fpr95": 40.0, "aupr_in": 90.0, "aupr_out": 88.0,
-     "fpr95_tpr_id": 39.0},
-    {"postprocessor": "msp", "ood": "mean", "auroc": 91.234, "fpr95": 40.0, "aupr_in": 90.0, "aupr_out": 88.0,
-     "fpr95_tpr_id": 39.0},
-    {"postprocessor": "mds", "ood": "svhn", "auroc": 80.5, "fpr95": 55.556, "aupr_in": 70.0, "aupr_out": 75.0,
-     "fpr95_tpr_id": 60.0},
-    {"postprocessor": "mds", "ood": "mean", "auroc": 80.5, "fpr95": 55.556, "aupr_in": 70.0, "aupr_out": 75.0,
-     "fpr95_tpr_id": 60.0},
+    {
+        "postprocessor": "msp",
+        "ood": "svhn",
+        "auroc": 91.234,
+        "fpr95": 40.0,
+        "aupr_in": 90.0,
+        "aupr_out": 88.0,
+        "fpr95_tpr_id": 39.0,
+    },
+    {
+        "postprocessor": "msp",
+        "ood": "mean",
+        "auroc": 91.234,
+        "fpr95": 40.0,
+        "aupr_in": 90.0,
+        "aupr_out": 88.0,
+        "fpr95_tpr_id": 39.0,
+    },
+    {
+        "postprocessor": "mds",
+        "ood": "svhn",
+        "auroc": 80.5,
+        "fpr95": 55.556,
+        "aupr_in": 70.0,
+        "aupr_out": 75.0,
+        "fpr95_tpr_id": 60.0,
+    },
+    {
+        "postprocessor": "mds",
+        "ood": "mean",
+        "auroc": 80.5,
+        "fpr95": 55.556,
+        "aupr_in": 70.0,
+        "aupr_out": 75.0,
+        "fpr95_tpr_id": 60.0,
+    },
 ]
 
 
@@ -235,8 +298,13 @@ def test_markdown_table_known_answer():
 def test_write_eval_outputs_files_parse_back(tmp_path):
     scores = {"msp/id": np.array([0.9, 0.8]), "msp/svhn": np.array([0.1, 0.2, 0.3])}
     result = EvalResult(rows=ROWS, id_accuracy=93.5, scores=scores)
-    meta = {"checkpoint": tmp_path / "last.pt", "checkpoint_sha256": "ab" * 32, "seed": np.int64(3),
-            "postprocessors": ["msp", "mds"], "ood_sets": ["svhn"]}
+    meta = {
+        "checkpoint": tmp_path / "last.pt",
+        "checkpoint_sha256": "ab" * 32,
+        "seed": np.int64(3),
+        "postprocessors": ["msp", "mds"],
+        "ood_sets": ["svhn"],
+    }
     report = write_eval_outputs(result, tmp_path / "out", meta)
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["eval.csv", "eval.json", "eval.md", "scores.npz"]

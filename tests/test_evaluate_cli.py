@@ -14,10 +14,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from fakes import FakeSplit, save_image, write_cifar10, write_far_ood_sets
+from hrp_ood.postprocessors import create_postprocessor, list_postprocessors
 from scipy.special import logsumexp, softmax
 from sklearn.metrics import roc_auc_score
+from test_models import openood_expected_shapes
 
-from fakes import FakeSplit, save_image, write_cifar10, write_far_ood_sets
 from hrp_ood.checkpoint import load_checkpoint
 from hrp_ood.cli import main
 from hrp_ood.data.noise import load_noise
@@ -27,17 +29,34 @@ from hrp_ood.eval.featureset import FeatureSet
 from hrp_ood.eval.metrics import ood_metrics
 from hrp_ood.models import create_model
 from hrp_ood.models.small_cnn import SmallCNN
-from hrp_ood.postprocessors import create_postprocessor, list_postprocessors
-from test_models import openood_expected_shapes
 
 OOD_SETS = ("svhn", "lsun", "places365", "textures", "mnist")
 METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out", "fpr95_tpr_id")
 N_TRAIN, N_TEST, N_OOD = 200, 60, 40
-TINY_TRAIN = ["--model", "small_cnn", "--epochs", "2", "--batch-size", "32", "--meta-size", "20",
-              "--set", "meta_batch_size=16", "--set", "warmup_epochs=1", "--set", "lr_milestones=[1]", "--no-progress"]
+TINY_TRAIN = [
+    "--model",
+    "small_cnn",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "32",
+    "--meta-size",
+    "20",
+    "--set",
+    "meta_batch_size=16",
+    "--set",
+    "warmup_epochs=1",
+    "--set",
+    "lr_milestones=[1]",
+    "--no-progress",
+]
 # run name → (method, noise, seed): two noise levels, a second seed for the mean over seeds, a baseline
-RUNS = {"hrp_sym20_s0": ("hrp", "sym20", 0), "hrp_sym20_s1": ("hrp", "sym20", 1),
-        "hrp_sym50_s0": ("hrp", "sym50", 0), "ce_sym20_s0": ("ce", "sym20", 0)}
+RUNS = {
+    "hrp_sym20_s0": ("hrp", "sym20", 0),
+    "hrp_sym20_s1": ("hrp", "sym20", 1),
+    "hrp_sym50_s0": ("hrp", "sym50", 0),
+    "ce_sym20_s0": ("ce", "sym20", 0),
+}
 REPORT_POSTPROCESSORS = "msp,ebo,mds"
 
 
@@ -60,14 +79,34 @@ def world(tmp_path_factory) -> World:
     split = write_cifar10(root / "cifar", n_train=N_TRAIN, n_test=N_TEST, seed=0)
     ood_images = write_far_ood_sets(root / "ood", n=N_OOD, seed=0)
     for name, (method, noise, seed) in RUNS.items():
-        assert main(["train", "--data-root", str(root / "cifar"), "--method", method, "--noise", noise,
-                     "--seed", str(seed), "--out-dir", str(root / "runs"), "--name", name, *TINY_TRAIN]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--data-root",
+                    str(root / "cifar"),
+                    "--method",
+                    method,
+                    "--noise",
+                    noise,
+                    "--seed",
+                    str(seed),
+                    "--out-dir",
+                    str(root / "runs"),
+                    "--name",
+                    name,
+                    *TINY_TRAIN,
+                ]
+            )
+            == 0
+        )
     return World(split, root / "ood", ood_images, root / "runs")
 
 
 def evaluate(world: World, run: str, *extra: str) -> int:
-    return main(["evaluate", "--ckpt", str(world.ckpt(run)), "--data-root", str(world.ood_root), "--no-progress",
-                 *extra])
+    return main(
+        ["evaluate", "--ckpt", str(world.ckpt(run)), "--data-root", str(world.ood_root), "--no-progress", *extra]
+    )
 
 
 def read_eval(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -145,8 +184,9 @@ def test_outputs_hold_one_row_per_postprocessor_and_set_equal_to_metrics_of_the_
 
     with (main_eval / "eval.csv").open() as f:
         csv_rows = list(csv.DictReader(f))
-    assert [(r["postprocessor"], r["ood"]) for r in csv_rows] == [(r["postprocessor"], r["ood"])
-                                                                  for r in report["results"]]
+    assert [(r["postprocessor"], r["ood"]) for r in csv_rows] == [
+        (r["postprocessor"], r["ood"]) for r in report["results"]
+    ]
     for csv_row, row in zip(csv_rows, report["results"]):
         assert all(float(csv_row[m]) == pytest.approx(row[m], abs=1e-9) for m in METRICS)
     markdown = (main_eval / "eval.md").read_text()
@@ -166,8 +206,7 @@ def test_id_accuracy_and_scores_equal_a_forward_pass_of_the_checkpoint(world, ma
     # the two 32×32 RGB sets pass the eval transform unchanged: their scores pin the OOD data path down too
     for name in ("svhn", "lsun"):
         ood_logits = ensemble_logits(ckpt, world.ood_images[name])
-        np.testing.assert_allclose(scores[f"msp/{name}"], softmax(ood_logits, axis=1).max(axis=1),
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(scores[f"msp/{name}"], softmax(ood_logits, axis=1).max(axis=1), rtol=1e-5, atol=1e-6)
 
 
 def test_second_evaluation_reads_the_feature_cache_and_runs_no_forward_pass(world, main_eval, monkeypatch, tmp_path):
@@ -187,14 +226,22 @@ def test_second_evaluation_reads_the_feature_cache_and_runs_no_forward_pass(worl
     assert evaluate(world, "hrp_sym20_s0", "--postprocessor", REPORT_POSTPROCESSORS, "--out", str(out)) == 0
     assert forward_calls == []
     with pytest.raises(AssertionError, match="extract_features"):  # control: an empty cache does need the pass
-        evaluate(world, "hrp_sym20_s0", "--postprocessor", REPORT_POSTPROCESSORS, "--out", str(tmp_path / "o"),
-                 "--cache-dir", str(tmp_path / "empty_cache"))
+        evaluate(
+            world,
+            "hrp_sym20_s0",
+            "--postprocessor",
+            REPORT_POSTPROCESSORS,
+            "--out",
+            str(tmp_path / "o"),
+            "--cache-dir",
+            str(tmp_path / "empty_cache"),
+        )
 
     first, first_scores = read_eval(main_eval)
     second, second_scores = read_eval(out)
     assert second["id_accuracy"] == first["id_accuracy"]
     first_rows = {(row["postprocessor"], row["ood"]): row for row in first["results"]}
-    assert [row["postprocessor"] for row in second["results"]][::len(OOD_SETS) + 1] == REPORT_POSTPROCESSORS.split(",")
+    assert [row["postprocessor"] for row in second["results"]][:: len(OOD_SETS) + 1] == REPORT_POSTPROCESSORS.split(",")
     assert all(row == first_rows[row["postprocessor"], row["ood"]] for row in second["results"])
     for key, values in second_scores.items():
         np.testing.assert_array_equal(values, first_scores[key])
@@ -220,8 +267,16 @@ def warm_cache(world: World, tmp_path: Path) -> tuple[list[str], Path]:
     import shutil
 
     shutil.copytree(world.ood_root, tmp_path / "ood")
-    args = ["--ood", "all", "--postprocessor", REPORT_POSTPROCESSORS, "--data-root", str(tmp_path / "ood"),
-            "--cache-dir", str(tmp_path / "cache")]
+    args = [
+        "--ood",
+        "all",
+        "--postprocessor",
+        REPORT_POSTPROCESSORS,
+        "--data-root",
+        str(tmp_path / "ood"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     assert evaluate(world, "ce_sym20_s0", *args, "--out", str(tmp_path / "cold")) == 0
     return args, tmp_path / "cold"
 
@@ -247,8 +302,11 @@ def test_a_changed_image_file_is_decoded_again_and_only_new_pixels_are_scored_ag
     decoded, passes = [], []
     decode_one, extract = ood_data_module._decode_one, features_module.extract_features
     monkeypatch.setattr(ood_data_module, "_decode_one", lambda path, *a: decoded.append(path) or decode_one(path, *a))
-    monkeypatch.setattr(features_module, "extract_features",
-                        lambda net, images, *a, **kw: passes.append(len(images)) or extract(net, images, *a, **kw))
+    monkeypatch.setattr(
+        features_module,
+        "extract_features",
+        lambda net, images, *a, **kw: passes.append(len(images)) or extract(net, images, *a, **kw),
+    )
     assert evaluate(world, "ce_sym20_s0", *args, "--out", str(tmp_path / "changed")) == 0
     assert sorted(decoded) == sorted([*textures, *sorted(lsun.parent.glob("*.png"))])
     assert passes == [N_OOD]  # textures only: lsun's pixels are those its features were made from
@@ -265,12 +323,14 @@ def test_net_1_net_2_and_ensemble_of_a_two_network_checkpoint(world, main_eval):
     nets = checkpoint_nets(ckpt)
     id_scores = {}
     for which in ("1", "2", "ensemble"):
-        assert evaluate(world, "hrp_sym20_s0", "--net", which, "--ood", "svhn,mnist",
-                        "--postprocessor", "msp,mds") == 0
+        assert evaluate(world, "hrp_sym20_s0", "--net", which, "--ood", "svhn,mnist", "--postprocessor", "msp,mds") == 0
         report, scores = read_eval(world.runs / "hrp_sym20_s0" / f"eval_{which}")
         assert report["net"] == which and report["ood_sets"] == ["svhn", "mnist"]
-        logits = (ensemble_logits(ckpt, world.split.test_images) if which == "ensemble"
-                  else forward(nets[int(which) - 1], world.split.test_images, ckpt)[0])
+        logits = (
+            ensemble_logits(ckpt, world.split.test_images)
+            if which == "ensemble"
+            else forward(nets[int(which) - 1], world.split.test_images, ckpt)[0]
+        )
         assert report["id_accuracy"] == pytest.approx(accuracy(logits, world.split.test_labels), abs=1e-9)
         np.testing.assert_allclose(scores["msp/id"], softmax(logits, axis=1).max(axis=1), rtol=1e-5, atol=1e-6)
         id_scores[which] = scores["msp/id"]
@@ -292,8 +352,23 @@ def test_fit_labels_reach_the_mahalanobis_fit(world, fit_labels):
     """MDS fitted on net 1's ID-train features with the run's noisy labels (noise.npz) or its own predictions."""
     run = "hrp_sym20_s0"
     out = world.runs / run / f"eval_fit_{fit_labels}"
-    assert evaluate(world, run, "--net", "1", "--ood", "svhn", "--postprocessor", "msp,mds",
-                    "--fit-labels", fit_labels, "--out", str(out)) == 0
+    assert (
+        evaluate(
+            world,
+            run,
+            "--net",
+            "1",
+            "--ood",
+            "svhn",
+            "--postprocessor",
+            "msp,mds",
+            "--fit-labels",
+            fit_labels,
+            "--out",
+            str(out),
+        )
+        == 0
+    )
     report, scores = read_eval(out)
     assert report["fit_labels"] == fit_labels
 
@@ -304,8 +379,10 @@ def test_fit_labels_reach_the_mahalanobis_fit(world, fit_labels):
     labels = noisy_labels if fit_labels == "noisy" else train_logits.argmax(axis=1)
     assert len(labels) == N_TRAIN and (labels != world.split.train_labels).any()  # the fit labels matter
     mds = create_postprocessor("mds")
-    mds.fit(FeatureSet(train_logits.astype(np.float32), train_features.astype(np.float32), labels.astype(np.int64)),
-            tuple(p.detach().numpy() for p in (net.fc.weight, net.fc.bias)))
+    mds.fit(
+        FeatureSet(train_logits.astype(np.float32), train_features.astype(np.float32), labels.astype(np.int64)),
+        tuple(p.detach().numpy() for p in (net.fc.weight, net.fc.bias)),
+    )
     for name, images in (("id", world.split.test_images), ("svhn", world.ood_images["svhn"])):
         logits, features = forward(net, images, ckpt)
         expected = mds.score(FeatureSet(logits.astype(np.float32), features.astype(np.float32)))
@@ -320,8 +397,10 @@ def report_inputs(world) -> list[Path]:
     """eval.json of every run: ensemble, msp/ebo/mds, two OOD sets (fewer panels to draw: plotting dominates)."""
     for run in RUNS:
         out = world.runs / run / "eval_report"
-        assert evaluate(world, run, "--ood", "svhn,mnist", "--postprocessor", REPORT_POSTPROCESSORS,
-                        "--out", str(out)) == 0
+        assert (
+            evaluate(world, run, "--ood", "svhn,mnist", "--postprocessor", REPORT_POSTPROCESSORS, "--out", str(out))
+            == 0
+        )
     return [world.runs / run / "eval_report" / "eval.json" for run in RUNS]
 
 
@@ -357,8 +436,10 @@ def test_report_by_noise_cells_are_the_means_over_seeds_of_the_eval_files(report
     rows_expected = {(m, pp) for (m, pp, _, _) in values}
     assert set(body) == rows_expected and len(table) - 1 == len(rows_expected)
     hrp_mds = [cell.strip() for cell in body["hrp", "mds"].strip("|").split("|")[2:]]
-    assert hrp_mds == [" / ".join(_mean_std(values["hrp", "mds", noise, m]) for m in ("auroc", "fpr95"))
-                       for noise in ("sym20", "sym50")]
+    assert hrp_mds == [
+        " / ".join(_mean_std(values["hrp", "mds", noise, m]) for m in ("auroc", "fpr95"))
+        for noise in ("sym20", "sym50")
+    ]
     ce_msp = [cell.strip() for cell in body["ce", "msp"].strip("|").split("|")[2:]]
     assert ce_msp == [" / ".join(_mean_std(values["ce", "msp", "sym20", m]) for m in ("auroc", "fpr95")), "–"]
 
@@ -376,9 +457,33 @@ def _mean_std(seeds: list[float]) -> str:
 
 def test_export_of_resnet18_32x32_loads_strictly_into_openood_layout(tmp_path):
     write_cifar10(tmp_path / "cifar", n_train=30, n_test=10, seed=2)
-    assert main(["train", "--data-root", str(tmp_path / "cifar"), "--method", "ce", "--model", "resnet18_32x32",
-                 "--epochs", "1", "--batch-size", "16", "--meta-size", "10", "--out-dir", str(tmp_path / "runs"),
-                 "--name", "r18", "--set", "lr_milestones=[]", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data-root",
+                str(tmp_path / "cifar"),
+                "--method",
+                "ce",
+                "--model",
+                "resnet18_32x32",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "16",
+                "--meta-size",
+                "10",
+                "--out-dir",
+                str(tmp_path / "runs"),
+                "--name",
+                "r18",
+                "--set",
+                "lr_milestones=[]",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     ckpt, exported = tmp_path / "runs" / "r18" / "last.pt", tmp_path / "r18_openood.ckpt"
     assert main(["export", "--ckpt", str(ckpt), "--out", str(exported)]) == 0
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
+from fakes import CountingNet
 from torch import nn
 
-from fakes import CountingNet
 from hrp_ood.errors import UserError
 from hrp_ood.eval import features as features_module
 from hrp_ood.eval.features import cached_features, extract_features
@@ -57,8 +57,9 @@ def test_amp_on_cpu_gives_float32_close_to_full_precision():
 def test_second_call_reads_the_cache_without_a_forward_pass(tmp_path):
     net, images = CountingNet(), _images(12)
     labels = np.arange(12) % 3
-    first = cached_features(net, images, MEAN, STD, cache_dir=tmp_path, key="abc-net1-cifar10-test", labels=labels,
-                            batch_size=5)
+    first = cached_features(
+        net, images, MEAN, STD, cache_dir=tmp_path, key="abc-net1-cifar10-test", labels=labels, batch_size=5
+    )
     calls = net.calls
     second = cached_features(net, images, MEAN, STD, cache_dir=tmp_path, key="abc-net1-cifar10-test", labels=labels)
     assert net.calls == calls == 3

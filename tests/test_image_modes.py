@@ -54,12 +54,17 @@ OPENED_AS = {"I;16B-tiff": "I;16B", "I-pgm-16-bit": "I", "I;16-png": "I;16"}
 
 def write_png_rgb16(path: Path, rgb: tuple[int, int, int]) -> None:
     """A 16-bit-per-channel RGB PNG (Pillow cannot write one): IHDR bit depth 16, colour type 2."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     row = b"\x00" + struct.pack(">" + "H" * 3 * SIZE, *(rgb * SIZE))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", SIZE, SIZE, 16, 2, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(row * SIZE)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", SIZE, SIZE, 16, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(row * SIZE))
+        + chunk(b"IEND", b"")
+    )
 
 
 def loaded_both_ways(path: Path) -> list[np.ndarray]:

@@ -63,10 +63,13 @@ def test_text_files_in_unicode_encodings_with_a_byte_order_mark_are_read(tmp_pat
     assert read_text_file(path, "config file") == "lr: 0.1  # über\n"
 
 
-@pytest.mark.parametrize("content, words", [
-    (b"lr: 0.1\x00\x01\x02", ["binary file", "UTF-8"]),
-    ("lr: 0.1  # caf\u00e9\n".encode("latin-1"), ["not UTF-8 text", "0xe9 at offset 14", "save it as UTF-8"]),
-])
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (b"lr: 0.1\x00\x01\x02", ["binary file", "UTF-8"]),
+        ("lr: 0.1  # caf\u00e9\n".encode("latin-1"), ["not UTF-8 text", "0xe9 at offset 14", "save it as UTF-8"]),
+    ],
+)
 def test_binary_or_other_encodings_are_refused_by_name(tmp_path, content, words):
     path = tmp_path / "odd.yaml"
     path.write_bytes(content)
@@ -93,13 +96,16 @@ def test_output_paths_that_are_files_or_read_only_fail_before_anything_is_create
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "afolder"]
 
 
-@pytest.mark.parametrize("path, expected", [
-    ("runs/a/last.pt", "runs/a/last.pt"),
-    ("\ufeffruns/last.pt", "'\\ufeffruns/last.pt'"),
-    ("runs/last.pt ", "'runs/last.pt '"),
-    ("my runs/last.pt", "'my runs/last.pt'"),
-    ("runs/\u200blast.pt", "'runs/\\u200blast.pt'"),
-])
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        ("runs/a/last.pt", "runs/a/last.pt"),
+        ("\ufeffruns/last.pt", "'\\ufeffruns/last.pt'"),
+        ("runs/last.pt ", "'runs/last.pt '"),
+        ("my runs/last.pt", "'my runs/last.pt'"),
+        ("runs/\u200blast.pt", "'runs/\\u200blast.pt'"),
+    ],
+)
 def test_paths_in_messages_show_invisible_characters_and_spaces(path, expected):
     assert shown(path) == expected
 

@@ -35,8 +35,9 @@ def test_remainder_goes_one_each_to_random_classes():
     meta, _ = split_meta_set(labels, 10, size=103, seed=5)
     counts = np.bincount(labels[meta], minlength=10)
     assert counts.sum() == 103 and sorted(counts.tolist()) == [10] * 7 + [11] * 3
-    extra_classes = {tuple(np.flatnonzero(np.bincount(labels[split_meta_set(labels, 10, 103, seed)[0]]) == 11))
-                     for seed in range(6)}
+    extra_classes = {
+        tuple(np.flatnonzero(np.bincount(labels[split_meta_set(labels, 10, 103, seed)[0]]) == 11)) for seed in range(6)
+    }
     assert len(extra_classes) > 1  # which classes get the extra sample depends on the seed
 
 

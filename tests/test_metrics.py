@@ -13,6 +13,7 @@ KEYS = {"auroc", "fpr95", "aupr_in", "aupr_out", "fpr95_tpr_id"}
 
 # ---- an independent reference: threshold sweeps over the raw definitions -------------------------------
 
+
 def reference_auroc(id_s: np.ndarray, ood_s: np.ndarray) -> float:
     """Mann-Whitney: P(ID score > OOD score) + ½ P(tie)."""
     diff = id_s[:, None] - ood_s[None, :]
@@ -43,7 +44,7 @@ def reference_aupr(negatives: np.ndarray, positives: np.ndarray) -> float:
 def reference_metrics(id_s: np.ndarray, ood_s: np.ndarray) -> dict[str, float]:
     return {
         "auroc": reference_auroc(id_s, ood_s),
-        "fpr95": reference_fpr_at_recall(-id_s, -ood_s),       # OOD positive, score negated
+        "fpr95": reference_fpr_at_recall(-id_s, -ood_s),  # OOD positive, score negated
         "aupr_in": reference_aupr(ood_s, id_s),
         "aupr_out": reference_aupr(-id_s, -ood_s),
         "fpr95_tpr_id": reference_fpr_at_recall(ood_s, id_s),  # ID positive
@@ -52,13 +53,14 @@ def reference_metrics(id_s: np.ndarray, ood_s: np.ndarray) -> dict[str, float]:
 
 # ---- known answers ------------------------------------------------------------------------------------
 
+
 def test_hand_computed_toy_case():
     # sorted: .9 I, .8 I, .75 O, .7 I, .6 I, .5 O, .2 O, .1 O
     m = ood_metrics([0.9, 0.8, 0.7, 0.6], [0.5, 0.75, 0.1, 0.2])
     assert set(m) == KEYS
-    assert m["auroc"] == pytest.approx(100 * 14 / 16)      # 14 of 16 (ID, OOD) pairs ordered right
-    assert m["fpr95"] == pytest.approx(50.0)               # all 4 OOD caught at score <= .75: .7, .6 lost
-    assert m["fpr95_tpr_id"] == pytest.approx(25.0)        # all 4 ID kept at score >= .6: .75 let in
+    assert m["auroc"] == pytest.approx(100 * 14 / 16)  # 14 of 16 (ID, OOD) pairs ordered right
+    assert m["fpr95"] == pytest.approx(50.0)  # all 4 OOD caught at score <= .75: .7, .6 lost
+    assert m["fpr95_tpr_id"] == pytest.approx(25.0)  # all 4 ID kept at score >= .6: .75 let in
     # ID positive: (R, P) = (0,1) (.25,1) (.5,1) (.5,2/3) (.75,.75) (1,.8)
     assert m["aupr_in"] == pytest.approx(100 * (0.25 + 0.25 + 0.25 * (2 / 3 + 0.75) / 2 + 0.25 * (0.75 + 0.8) / 2))
     # OOD positive: (0,1) (.25,1) (.5,1) (.75,1) (.75,.75) (.75,.6) (1,2/3)
@@ -66,20 +68,19 @@ def test_hand_computed_toy_case():
 
 
 def test_ties_are_counted_half_and_share_one_threshold():
-    id_s = np.r_[np.ones(19), 0.0]   # 19 ID at 1, one at 0
+    id_s = np.r_[np.ones(19), 0.0]  # 19 ID at 1, one at 0
     ood_s = np.r_[1.0, np.zeros(19)]  # one OOD at 1, 19 at 0
     m = ood_metrics(id_s, ood_s)
     assert m["auroc"] == pytest.approx(100 * (361 + 0.5 * 19 + 0.5 * 19) / 400)  # = 95
-    assert m["fpr95"] == pytest.approx(5.0)          # threshold 0 catches 19/20 OOD and 1/20 ID
-    assert m["fpr95_tpr_id"] == pytest.approx(5.0)   # threshold 1 keeps 19/20 ID and 1/20 OOD
+    assert m["fpr95"] == pytest.approx(5.0)  # threshold 0 catches 19/20 OOD and 1/20 ID
+    assert m["fpr95_tpr_id"] == pytest.approx(5.0)  # threshold 1 keeps 19/20 ID and 1/20 OOD
     assert m["aupr_in"] == pytest.approx(100 * (0.95 * (1 + 0.95) / 2 + 0.05 * (0.95 + 0.5) / 2))  # 96.25
     assert m["aupr_out"] == pytest.approx(96.25)
 
 
 def test_perfect_separation():
     m = ood_metrics([5.0, 6.0, 7.0], [1.0, 2.0])
-    assert m == pytest.approx({"auroc": 100.0, "fpr95": 0.0, "aupr_in": 100.0, "aupr_out": 100.0,
-                               "fpr95_tpr_id": 0.0})
+    assert m == pytest.approx({"auroc": 100.0, "fpr95": 0.0, "aupr_in": 100.0, "aupr_out": 100.0, "fpr95_tpr_id": 0.0})
 
 
 def test_reversed_scores_give_auroc_zero():
@@ -99,8 +100,8 @@ def test_matches_numpy_threshold_sweep(seed):
 
 def test_fpr95_and_fpr95_tpr_id_differ_for_asymmetric_scores():
     rng = np.random.default_rng(7)
-    id_s = rng.normal(0.0, 0.2, size=2000)      # tight ID scores
-    ood_s = rng.normal(-1.0, 1.0, size=2000)    # broad OOD scores
+    id_s = rng.normal(0.0, 0.2, size=2000)  # tight ID scores
+    ood_s = rng.normal(-1.0, 1.0, size=2000)  # broad OOD scores
     m = ood_metrics(id_s, ood_s)
     # OOD recall 95% needs a threshold near the OOD 95th percentile (≈ 0.64): almost no ID is above it.
     assert m["fpr95"] == pytest.approx(100 * np.mean(id_s <= np.quantile(ood_s, 0.95)), abs=0.1)
@@ -123,8 +124,9 @@ def test_huge_magnitudes_do_not_break_it():
     id_s, ood_s = rng.normal(1, 1, 100), rng.normal(0, 1, 80)
     base = ood_metrics(id_s, ood_s)
     assert ood_metrics(id_s * 1e300, ood_s * 1e300) == pytest.approx(base)
-    assert ood_metrics(id_s.astype(np.float32) * np.float32(1e37), ood_s.astype(np.float32) * np.float32(1e37)) \
-        == pytest.approx(base)
+    assert ood_metrics(
+        id_s.astype(np.float32) * np.float32(1e37), ood_s.astype(np.float32) * np.float32(1e37)
+    ) == pytest.approx(base)
     assert ood_metrics([1e308, 1.7e308], [-1e308, -1.7e308])["auroc"] == pytest.approx(100.0)
 
 

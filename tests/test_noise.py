@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from fakes import CIFAR100_COARSE_OF_FINE
+
 from hrp_ood.data.noise import (
     NoiseSpec,
     load_label_file,
@@ -25,11 +25,19 @@ def balanced_labels(num_classes: int, n: int = N) -> np.ndarray:
     return np.random.default_rng(123).permutation(np.arange(n) % num_classes)
 
 
-@pytest.mark.parametrize("text, mode, rate, canonical", [
-    ("sym80", "sym", 0.8, "sym80"), ("symflip40", "symflip", 0.4, "symflip40"), ("asym40", "asym", 0.4, "asym40"),
-    ("sym12.5", "sym", 0.125, "sym12.5"), ("none", "none", 0.0, "none"), (" SYM0 ", "sym", 0.0, "sym0"),
-    ("sym100", "sym", 1.0, "sym100"), ("file", "file", 0.0, "file"),
-])
+@pytest.mark.parametrize(
+    "text, mode, rate, canonical",
+    [
+        ("sym80", "sym", 0.8, "sym80"),
+        ("symflip40", "symflip", 0.4, "symflip40"),
+        ("asym40", "asym", 0.4, "asym40"),
+        ("sym12.5", "sym", 0.125, "sym12.5"),
+        ("none", "none", 0.0, "none"),
+        (" SYM0 ", "sym", 0.0, "sym0"),
+        ("sym100", "sym", 1.0, "sym100"),
+        ("file", "file", 0.0, "file"),
+    ],
+)
 def test_parse_noise_and_canonical_string(text, mode, rate, canonical):
     spec = parse_noise(text)
     assert (spec.mode, spec.rate) == (mode, pytest.approx(rate))
@@ -166,10 +174,13 @@ def test_load_label_file_npy_and_cifar_n_pt(tmp_path):
 
     content = cifar_n_dict(40)
     torch.save(content, tmp_path / "CIFAR-10_human.pt")
-    np.testing.assert_array_equal(load_label_file(tmp_path / "CIFAR-10_human.pt", 10, 40, key="worse_label"),
-                                  content["worse_label"])
-    torch.save({"noisy_label": torch.arange(40) % 100, "clean_label": torch.zeros(40, dtype=torch.long)},
-               tmp_path / "CIFAR-100_human.pt")
+    np.testing.assert_array_equal(
+        load_label_file(tmp_path / "CIFAR-10_human.pt", 10, 40, key="worse_label"), content["worse_label"]
+    )
+    torch.save(
+        {"noisy_label": torch.arange(40) % 100, "clean_label": torch.zeros(40, dtype=torch.long)},
+        tmp_path / "CIFAR-100_human.pt",
+    )
     np.testing.assert_array_equal(load_label_file(tmp_path / "CIFAR-100_human.pt", 100, 40), np.arange(40))
 
 

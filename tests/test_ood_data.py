@@ -8,10 +8,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fakes import (
+    random_images,
+    write_cifar100,
+    write_idx_images,
+    write_mnist_idx,
+    write_ood_folder,
+    write_openood_imglist,
+    write_svhn_mat,
+)
 from PIL import Image
 
-from fakes import (random_images, write_cifar100, write_idx_images, write_mnist_idx, write_ood_folder,
-                   write_openood_imglist, write_svhn_mat)
 from hrp_ood.errors import UserError
 from hrp_ood.eval.ood_data import FAR_OOD_SETS, NEAR_OOD_SETS, load_ood_images
 
@@ -33,8 +40,15 @@ def test_set_names_are_the_papers_five_plus_near_ood():
     assert NEAR_OOD_SETS == ("cifar10", "cifar100", "tin")
 
 
-@pytest.mark.parametrize(("name", "list_name"), [("svhn", "test_svhn.txt"), ("textures", "test_texture.txt"),
-                                                 ("lsun", "test_lsun.txt"), ("places365", "test_places365.txt")])
+@pytest.mark.parametrize(
+    ("name", "list_name"),
+    [
+        ("svhn", "test_svhn.txt"),
+        ("textures", "test_texture.txt"),
+        ("lsun", "test_lsun.txt"),
+        ("places365", "test_places365.txt"),
+    ],
+)
 def test_openood_image_list_loads_images_in_list_order(tmp_path, name, list_name):
     rng = np.random.default_rng(0)
     arrays = [_rgb(rng) for _ in range(5)]
@@ -61,8 +75,11 @@ def test_mnist_idx_grey_to_rgb_and_resized(tmp_path, compress):
     assert all(torch.equal(native[:, c], torch.from_numpy(digits)) for c in range(3))
 
     upsized = load_ood_images("mnist", tmp_path, id_dataset="cifar10", image_size=32)
-    reference = F.interpolate(torch.from_numpy(digits).float()[:, None], size=(32, 32), mode="bilinear",
-                              align_corners=False).round().clamp(0, 255)  # upsampling: antialias plays no part
+    reference = (
+        F.interpolate(torch.from_numpy(digits).float()[:, None], size=(32, 32), mode="bilinear", align_corners=False)
+        .round()
+        .clamp(0, 255)
+    )  # upsampling: antialias plays no part
     assert upsized.shape == (6, 3, 32, 32)
     assert (upsized[:, 1:2].float() - reference).abs().max() <= 1
 
@@ -78,11 +95,15 @@ def test_image_folder_recursive_with_grey_rgba_and_non_square(tmp_path):
     rng = np.random.default_rng(3)
     grey = rng.integers(0, 256, size=(32, 32), dtype=np.uint8)
     rgba = rng.integers(0, 256, size=(32, 32, 4), dtype=np.uint8)
-    wide = _rgb(rng, 32, 64)    # shorter side already 32: only the centre crop acts
-    large = _rgb(rng, 64, 96)   # resize 64×96 → 32×48, then crop columns 8..40
+    wide = _rgb(rng, 32, 64)  # shorter side already 32: only the centre crop acts
+    large = _rgb(rng, 64, 96)  # resize 64×96 → 32×48, then crop columns 8..40
     root = tmp_path / "dtd" / "images"
-    for rel, array, mode in [("a/grey.png", grey, "L"), ("b/c/rgba.png", rgba, "RGBA"),
-                             ("b/wide.jpg", wide, "RGB"), ("d/large.bmp", large, "RGB")]:
+    for rel, array, mode in [
+        ("a/grey.png", grey, "L"),
+        ("b/c/rgba.png", rgba, "RGBA"),
+        ("b/wide.jpg", wide, "RGB"),
+        ("d/large.bmp", large, "RGB"),
+    ]:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(array, mode).save(root / rel, **({"quality": 100} if rel.endswith(".jpg") else {}))
     (root / "a" / "notes.txt").write_text("not an image")

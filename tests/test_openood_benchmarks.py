@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from fakes import random_images, write_ood_folder, write_openood_cifar10_root, write_openood_imglist
 from PIL import Image
 
-from fakes import random_images, write_ood_folder, write_openood_cifar10_root, write_openood_imglist
 from hrp_ood.errors import UserError
 from hrp_ood.eval.benchmarks import BENCHMARKS, check_checkpoint_fits, get_benchmark, load_benchmark_id_data
 from hrp_ood.eval.ood_data import load_image_list, load_labelled_image_list, load_ood_images
@@ -19,13 +19,22 @@ def test_tables_are_openood_v15s():
     """openood/evaluation_api/preprocessor.py default_preprocessing_dict and datasets.py DATA_INFO."""
     cifar10, cifar100, imagenet200 = (BENCHMARKS[n] for n in ("cifar10", "cifar100", "imagenet200"))
     assert (cifar10.pre_size, cifar10.img_size, cifar10.mean, cifar10.std) == (
-        32, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
-    assert (cifar100.mean, cifar100.std, cifar100.num_classes) == ((0.5071, 0.4867, 0.4408),
-                                                                   (0.2675, 0.2565, 0.2761), 100)
+        32,
+        32,
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
+    )
+    assert (cifar100.mean, cifar100.std, cifar100.num_classes) == (
+        (0.5071, 0.4867, 0.4408),
+        (0.2675, 0.2565, 0.2761),
+        100,
+    )
     assert (imagenet200.pre_size, imagenet200.img_size, imagenet200.num_classes) == (256, 224, 200)
     assert list(cifar10.far) == ["mnist", "svhn", "textures", "places365"] and list(cifar10.near) == ["cifar100", "tin"]
     assert cifar10.far["textures"][0] == "test_texture.txt" and imagenet200.far["textures"] == (
-        "test_textures.txt", "images_classic")
+        "test_textures.txt",
+        "images_classic",
+    )
     assert cifar10.ood_val == ("val_tin.txt", "images_classic")
     assert imagenet200.ood_val == ("val_openimage_o.txt", "images_largescale")
     with pytest.raises(UserError, match="unknown OpenOOD benchmark 'cifar'"):
@@ -53,7 +62,7 @@ def test_resize_then_centre_crop_is_openoods_transform(tmp_path):
     images = load_image_list(list_file, tmp_path / "imgs", 28, pre_size=32)
     resized = np.asarray(Image.fromarray(array).resize((42, 32), Image.BILINEAR))  # 48 → 32, 64 → int(42.7)
     top, left = 2, 7  # torchvision's CenterCrop: round((32 − 28) / 2), round((42 − 28) / 2)
-    expected = resized[top:top + 28, left:left + 28]
+    expected = resized[top : top + 28, left : left + 28]
     assert images.shape == (1, 3, 28, 28)
     assert (images[0].int() - torch.from_numpy(expected.transpose(2, 0, 1).copy()).int()).abs().max() <= 1
 
@@ -96,8 +105,7 @@ def test_validation_from_lists_or_folders_and_what_tune_needs(tmp_path):
     cifar10 = BENCHMARKS["cifar10"]
     written = write_openood_cifar10_root(tmp_path, n_train=10, n_val=12, n_test=10, n_ood=7)
     found = find_validation(tmp_path, cifar10)
-    assert {part: source.path.name for part, source in found.items()} == {"id": "val_cifar10.txt",
-                                                                          "ood": "val_tin.txt"}
+    assert {part: source.path.name for part, source in found.items()} == {"id": "val_cifar10.txt", "ood": "val_tin.txt"}
     validation = load_validation(found, 32)
     assert torch.equal(validation.id_images, torch.from_numpy(written["val"][0]))
     assert torch.equal(validation.ood_images, torch.from_numpy(written["val_tin"][0]))
@@ -105,8 +113,10 @@ def test_validation_from_lists_or_folders_and_what_tune_needs(tmp_path):
     folder = tmp_path / "my_ood_val"
     write_ood_folder(folder, random_images(4, seed=6), subfolders=("a", "b"))
     found = find_validation(tmp_path, cifar10, ood_dir=folder)  # a folder given explicitly wins over the list
-    assert found["ood"].path == folder and load_validation(found, 32).describe()["ood"] == {"source": str(folder),
-                                                                                            "images": 4}
+    assert found["ood"].path == folder and load_validation(found, 32).describe()["ood"] == {
+        "source": str(folder),
+        "images": 4,
+    }
     assert find_validation(tmp_path, None) == {} and load_validation({}, 32) is None
     with pytest.raises(UserError, match=r"missing ID-val: --val-id-dir; OOD-val: --val-ood-dir"):
         require_tuning_split({}, tmp_path, None)

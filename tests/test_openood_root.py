@@ -11,17 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fakes import CIFAR10_CLASSES, save_image, write_openood_cifar10_root
 from PIL import Image
 from scipy.spatial.distance import cdist
 from scipy.special import logsumexp, softmax
 from sklearn.metrics import roc_auc_score
+from test_postprocessors import reference_odin
+from test_tuning import OPENOOD_V15_SWEEPS, openood_hyperparam_search, recursive_generator
 
-from fakes import CIFAR10_CLASSES, save_image, write_openood_cifar10_root
 from hrp_ood.checkpoint import load_checkpoint
 from hrp_ood.cli import main
 from hrp_ood.models import create_model
-from test_postprocessors import reference_odin
-from test_tuning import OPENOOD_V15_SWEEPS, openood_hyperparam_search, recursive_generator
 
 OPENOOD_CIFAR10_MEAN, OPENOOD_CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 FAR = ["mnist", "svhn", "textures", "places365"]  # OpenOOD's far-OOD order for cifar10
@@ -48,16 +48,56 @@ def root(tmp_path_factory) -> Root:
     written = write_openood_cifar10_root(base / "data")
     for split in ("train", "test"):
         write_class_folders(base / "folder" / split, *written[split])
-    assert main(["train", "--dataset", "folder", "--data-root", str(base / "folder"), "--method", "ce",
-                 "--meta-size", "0", "--noise", "none", "--model", "small_cnn", "--epochs", "2", "--batch-size", "64",
-                 "--out-dir", str(base / "runs"), "--name", "ce", "--set", "lr_milestones=[]",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "folder",
+                "--data-root",
+                str(base / "folder"),
+                "--method",
+                "ce",
+                "--meta-size",
+                "0",
+                "--noise",
+                "none",
+                "--model",
+                "small_cnn",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "64",
+                "--out-dir",
+                str(base / "runs"),
+                "--name",
+                "ce",
+                "--set",
+                "lr_milestones=[]",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return Root(base / "data", written, base / "runs" / "ce" / "last.pt")
 
 
 def evaluate(root: Root, out: Path, *extra: str) -> int:
-    return main(["evaluate", "--ckpt", str(root.ckpt), "--benchmark", "cifar10", "--data-root", str(root.data),
-                 "--out", str(out), "--no-progress", *extra])
+    return main(
+        [
+            "evaluate",
+            "--ckpt",
+            str(root.ckpt),
+            "--benchmark",
+            "cifar10",
+            "--data-root",
+            str(root.data),
+            "--out",
+            str(out),
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def network(ckpt: Path) -> torch.nn.Module:
@@ -69,11 +109,14 @@ def network(ckpt: Path) -> torch.nn.Module:
 def openood_input(images: np.ndarray) -> torch.Tensor:
     """OpenOOD's cifar10 test transform on uint8 (N, 3, H, W): Resize(32) bilinear (PIL), CenterCrop(32),
     ToTensor, Normalize with OpenOOD's cifar10 statistics."""
-    resized = [np.asarray(Image.fromarray(np.ascontiguousarray(im.transpose(1, 2, 0))).resize((32, 32),
-                                                                                             Image.BILINEAR))
-               for im in images]
+    resized = [
+        np.asarray(Image.fromarray(np.ascontiguousarray(im.transpose(1, 2, 0))).resize((32, 32), Image.BILINEAR))
+        for im in images
+    ]
     x = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).float() / 255
-    return (x - torch.tensor(OPENOOD_CIFAR10_MEAN).view(1, 3, 1, 1)) / torch.tensor(OPENOOD_CIFAR10_STD).view(1, 3, 1, 1)
+    return (x - torch.tensor(OPENOOD_CIFAR10_MEAN).view(1, 3, 1, 1)) / torch.tensor(OPENOOD_CIFAR10_STD).view(
+        1, 3, 1, 1
+    )
 
 
 def outputs(net: torch.nn.Module, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -87,16 +130,20 @@ def candidate_scores(net, root: Root, name: str, params: dict) -> tuple[np.ndarr
     weight, bias = (p.detach().double().numpy() for p in (net.fc.weight, net.fc.bias))
     val_id, val_ood = root.written["val"][0], root.written["val_tin"][0]
     if name == "odin":
-        return tuple(reference_odin(net, openood_input(images), params["temperature"], params["noise"],
-                                    OPENOOD_CIFAR10_STD) for images in (val_id, val_ood))
+        return tuple(
+            reference_odin(net, openood_input(images), params["temperature"], params["noise"], OPENOOD_CIFAR10_STD)
+            for images in (val_id, val_ood)
+        )
     id_features, ood_features = outputs(net, val_id)[1], outputs(net, val_ood)[1]
     if name == "react":  # OpenOOD: the percentile of the ID-val activations
         threshold = np.percentile(id_features, params["percentile"])
         return tuple(logsumexp(np.minimum(f, threshold) @ weight.T + bias, axis=1) for f in (id_features, ood_features))
     bank = outputs(net, root.written["train"][0])[1]  # knn: the ID-train list
     unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
-    return tuple(-np.sort(cdist(unit(f), unit(bank), "sqeuclidean"), axis=1)[:, params["K"] - 1]
-                 for f in (id_features, ood_features))
+    return tuple(
+        -np.sort(cdist(unit(f), unit(bank), "sqeuclidean"), axis=1)[:, params["K"] - 1]
+        for f in (id_features, ood_features)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +155,13 @@ def tuned(root, tmp_path_factory) -> dict:
 
 def test_the_benchmarks_lists_and_preprocessing_are_used(root, tuned):
     assert tuned["benchmark"] == "cifar10" and tuned["dataset"] == "folder" and tuned["ood_sets"] == FAR
-    assert tuned["preprocessing"] == {"source": "openood:cifar10", "resize": 32, "crop": 32,
-                                      "mean": list(OPENOOD_CIFAR10_MEAN), "std": list(OPENOOD_CIFAR10_STD)}
+    assert tuned["preprocessing"] == {
+        "source": "openood:cifar10",
+        "resize": 32,
+        "crop": 32,
+        "mean": list(OPENOOD_CIFAR10_MEAN),
+        "std": list(OPENOOD_CIFAR10_STD),
+    }
     net = network(root.ckpt)
     test_images, test_labels = root.written["test"]
     logits = outputs(net, test_images)[0]
@@ -127,8 +179,10 @@ def test_tuned_values_equal_openoods_rule_on_recomputed_validation_scores(root, 
     sweep = OPENOOD_V15_SWEEPS[name]
     combinations = recursive_generator([list(v) for v in sweep.values()], len(sweep))
     is_ood = np.r_[np.zeros(len(root.written["val"][0])), np.ones(len(root.written["val_tin"][0]))]
-    aurocs = [roc_auc_score(is_ood, -np.r_[candidate_scores(net, root, name, dict(zip(sweep, values)))])
-              for values in combinations]
+    aurocs = [
+        roc_auc_score(is_ood, -np.r_[candidate_scores(net, root, name, dict(zip(sweep, values)))])
+        for values in combinations
+    ]
     searched = tuned["tuning"]["searched"][name]
     assert searched["chosen"] == dict(zip(sweep, openood_hyperparam_search(combinations, aurocs)))
     assert [c["val_auroc"] for c in searched["candidates"]] == pytest.approx([100 * a for a in aurocs], abs=1e-4)
@@ -137,8 +191,10 @@ def test_tuned_values_equal_openoods_rule_on_recomputed_validation_scores(root, 
 
 def test_validation_split_and_fit_splits_are_recorded(root, tuned, capsys):
     lists = root.data / "benchmark_imglist" / "cifar10"
-    assert tuned["validation"] == {"id": {"source": str(lists / "val_cifar10.txt"), "images": 60},
-                                   "ood": {"source": str(lists / "val_tin.txt"), "images": 40}}
+    assert tuned["validation"] == {
+        "id": {"source": str(lists / "val_cifar10.txt"), "images": 60},
+        "ood": {"source": str(lists / "val_tin.txt"), "images": 40},
+    }
     assert tuned["fit_on"] == {"react": "id_val", "knn": "id_train"}
 
 
@@ -151,11 +207,14 @@ def test_without_tune_the_output_says_openood_would_tune(root, tmp_path, capsys)
     assert report["hyperparameters"]["odin"]["temperature"] == 1000.0 and report["fit_on"] == {"react": "id_val"}
 
 
-@pytest.mark.parametrize("extra, words", [
-    (["--benchmark", "cifar100"], "classifies 10 classes but OpenOOD's cifar100 benchmark has 100"),
-    (["--val-ood-dir", "nowhere"], "--val-ood-dir nowhere is not a folder"),
-    (["--ood", "lsun"], "unknown OOD set lsun"),
-])
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--benchmark", "cifar100"], "classifies 10 classes but OpenOOD's cifar100 benchmark has 100"),
+        (["--val-ood-dir", "nowhere"], "--val-ood-dir nowhere is not a folder"),
+        (["--ood", "lsun"], "unknown OOD set lsun"),
+    ],
+)
 def test_bad_benchmark_input_is_a_one_line_error(root, tmp_path, capsys, extra, words):
     assert evaluate(root, tmp_path / "bad", "--ood", "svhn", *extra) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -166,8 +225,24 @@ def test_bad_benchmark_input_is_a_one_line_error(root, tmp_path, capsys, extra, 
 def test_tune_without_validation_lists_names_what_is_missing(root, tmp_path, capsys):
     bare = tmp_path / "bare"
     (bare / "benchmark_imglist" / "cifar10").mkdir(parents=True)
-    assert main(["evaluate", "--ckpt", str(root.ckpt), "--benchmark", "cifar10", "--data-root", str(bare), "--tune",
-                 "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--ckpt",
+                str(root.ckpt),
+                "--benchmark",
+                "cifar10",
+                "--data-root",
+                str(bare),
+                "--tune",
+                "--out",
+                str(tmp_path / "o"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--tune needs a validation split" in err[0] and "val_cifar10.txt" in err[0]
     assert "val_tin.txt" in err[0]

@@ -5,15 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy.spatial.distance import cdist, mahalanobis
-from scipy.special import logsumexp, softmax
-from sklearn.covariance import EmpiricalCovariance
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
-
-from hrp_ood.errors import UserError
-from hrp_ood.eval.featureset import FeatureSet
-from hrp_ood.eval.metrics import ood_metrics
 from hrp_ood.postprocessors import (
     Postprocessor,
     create_openood_postprocessor,
@@ -23,11 +14,21 @@ from hrp_ood.postprocessors import (
     register_postprocessor,
 )
 from hrp_ood.postprocessors.openood_adapter import OPENOOD_DEFAULTS, openood_config
+from scipy.spatial.distance import cdist, mahalanobis
+from scipy.special import logsumexp, softmax
+from sklearn.covariance import EmpiricalCovariance
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from hrp_ood.errors import UserError
+from hrp_ood.eval.featureset import FeatureSet
+from hrp_ood.eval.metrics import ood_metrics
 
 ALL = ["ebo", "knn", "maxlogit", "mds", "msp", "odin", "react", "vim"]
 
 
 # ---- synthetic problems --------------------------------------------------------------------------------
+
 
 def random_problem(seed: int = 0, n_train: int = 400, n_test: int = 60, dim: int = 24, classes: int = 4):
     """Non-negative (post-ReLU-like) random features, a random fc head, logits consistent with both."""
@@ -57,8 +58,12 @@ def separable_problem(seed: int = 0, n_train: int = 1500, n_test: int = 300, dim
         features = (centre + rng.normal(size=(n, dim))).astype(np.float32)
         return FeatureSet(features @ weight.T, features, None if ood else labels)
 
-    return featureset(n_train), featureset(n_test), featureset(n_test, ood=True), (weight, np.zeros(classes,
-                                                                                                    np.float32))
+    return (
+        featureset(n_train),
+        featureset(n_test),
+        featureset(n_test, ood=True),
+        (weight, np.zeros(classes, np.float32)),
+    )
 
 
 class LinearHead(nn.Module):
@@ -96,6 +101,7 @@ def fitted(name: str, train: FeatureSet, fc, **kwargs) -> Postprocessor:
 
 # ---- every registered postprocessor --------------------------------------------------------------------
 
+
 def test_registry_lists_every_method():
     assert list_postprocessors() == ALL
 
@@ -130,14 +136,16 @@ def test_every_postprocessor_runs_on_random_featuresets(name):
 
 # ---- scores vs independent references -------------------------------------------------------------------
 
+
 def test_msp_maxlogit_and_energy_match_scipy():
     _, test, fc = random_problem()
     z = test.logits.astype(np.float64)
     np.testing.assert_allclose(create_postprocessor("msp").score(test), softmax(z, axis=1).max(axis=1), rtol=1e-5)
     np.testing.assert_allclose(create_postprocessor("maxlogit").score(test), z.max(axis=1), rtol=1e-6)
     np.testing.assert_allclose(create_postprocessor("ebo").score(test), logsumexp(z, axis=1), rtol=1e-5)
-    np.testing.assert_allclose(create_postprocessor("ebo", temperature=2.5).score(test),
-                               2.5 * logsumexp(z / 2.5, axis=1), rtol=1e-5)
+    np.testing.assert_allclose(
+        create_postprocessor("ebo", temperature=2.5).score(test), 2.5 * logsumexp(z / 2.5, axis=1), rtol=1e-5
+    )
 
 
 def reference_mds(train: FeatureSet, queries: np.ndarray) -> np.ndarray:
@@ -147,14 +155,13 @@ def reference_mds(train: FeatureSet, queries: np.ndarray) -> np.ndarray:
     means = {c: features[train.labels == c].mean(axis=0) for c in classes}
     centred = np.concatenate([features[train.labels == c] - means[c] for c in classes])
     precision = EmpiricalCovariance(assume_centered=False).fit(centred).precision_
-    return np.array([max(-mahalanobis(f, means[c], precision) ** 2 for c in classes) for f in queries])
+    return np.array([max(-(mahalanobis(f, means[c], precision) ** 2) for c in classes) for f in queries])
 
 
 def test_mds_matches_sklearn_and_scipy_mahalanobis():
     train, test, fc = random_problem()
     scores = fitted("mds", train, fc).score(test)
-    np.testing.assert_allclose(scores[:6], reference_mds(train, test.features[:6].astype(np.float64)),
-                               rtol=2e-4)
+    np.testing.assert_allclose(scores[:6], reference_mds(train, test.features[:6].astype(np.float64)), rtol=2e-4)
 
 
 def test_mds_uses_the_labels_it_is_given_and_skips_empty_classes():
@@ -162,8 +169,7 @@ def test_mds_uses_the_labels_it_is_given_and_skips_empty_classes():
     relabelled = FeatureSet(train.logits, train.features, np.where(train.labels == 3, 0, train.labels))
     scores = fitted("mds", relabelled, fc).score(test)  # class 3 has no sample now
     assert np.isfinite(scores).all()
-    np.testing.assert_allclose(scores[:4], reference_mds(relabelled, test.features[:4].astype(np.float64)),
-                               rtol=2e-4)
+    np.testing.assert_allclose(scores[:4], reference_mds(relabelled, test.features[:4].astype(np.float64)), rtol=2e-4)
     assert not np.allclose(scores, fitted("mds", train, fc).score(test))
 
 
@@ -190,11 +196,11 @@ def test_react_matches_numpy_clip_then_energy():
 def test_knn_matches_scipy_cdist(chunk_size):
     train, test, fc = random_problem()
     normalise = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
-    distances = cdist(normalise(test.features.astype(np.float64)), normalise(train.features.astype(np.float64)),
-                      "sqeuclidean")
+    distances = cdist(
+        normalise(test.features.astype(np.float64)), normalise(train.features.astype(np.float64)), "sqeuclidean"
+    )
     expected = -np.sort(distances, axis=1)[:, 9]
-    np.testing.assert_allclose(fitted("knn", train, fc, K=10, chunk_size=chunk_size).score(test), expected,
-                               atol=1e-5)
+    np.testing.assert_allclose(fitted("knn", train, fc, K=10, chunk_size=chunk_size).score(test), expected, atol=1e-5)
 
 
 def reference_vim(train: FeatureSet, test: FeatureSet, weight: np.ndarray, bias: np.ndarray, dim: int) -> np.ndarray:
@@ -263,19 +269,23 @@ def test_odin_without_noise_is_tempered_msp_of_cached_logits():
 
 # ---- registry and argument checks ---------------------------------------------------------------------
 
+
 def test_unknown_name_lists_valid_names():
     with pytest.raises(UserError, match="ebo, knn, maxlogit, mds, msp, odin, react, vim"):
         create_postprocessor("mahalanobis")
 
 
-@pytest.mark.parametrize("name, kwargs, match", [
-    ("knn", {"k": 5}, "accepts: K"),
-    ("knn", {"K": 0}, "K must be"),
-    ("ebo", {"temperature": -1.0}, "temperature"),
-    ("react", {"percentile": 0}, "percentile"),
-    ("odin", {"noise": -0.1}, "noise"),
-    ("vim", {"dim": 0}, "dim"),
-])
+@pytest.mark.parametrize(
+    "name, kwargs, match",
+    [
+        ("knn", {"k": 5}, "accepts: K"),
+        ("knn", {"K": 0}, "K must be"),
+        ("ebo", {"temperature": -1.0}, "temperature"),
+        ("react", {"percentile": 0}, "percentile"),
+        ("odin", {"noise": -0.1}, "noise"),
+        ("vim", {"dim": 0}, "dim"),
+    ],
+)
 def test_bad_arguments_raise_user_error(name, kwargs, match):
     with pytest.raises(UserError, match=match):
         create_postprocessor(name, **kwargs)
@@ -298,6 +308,7 @@ def test_scoring_before_fit_and_with_other_features_fails_clearly():
 
 
 # ---- OpenOOD's postprocessor interface -------------------------------------------------------------------
+
 
 class LinearFeatureNet(nn.Module):
     """forward(x, return_feature) with the identity as the feature extractor and a given fc."""
@@ -381,6 +392,7 @@ def test_openood_interface_setup_postprocess_inference(name):
 
 
 # ---- the OpenOOD adapter ------------------------------------------------------------------------------
+
 
 def test_openood_config_mirrors_openoods_yaml_defaults():
     config = openood_config("odin", {"noise": 0.0})

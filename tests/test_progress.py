@@ -9,14 +9,29 @@ import subprocess
 import sys
 
 import pytest
-
 from fakes import write_cifar10
+
 from hrp_ood import progress as progress_module
 from hrp_ood.cli import main
 from hrp_ood.progress import ProgressLog, format_duration
 
-TINY = ["--model", "small_cnn", "--batch-size", "16", "--meta-size", "20", "--set", "meta_batch_size=16",
-        "--set", "lr_milestones=[]", "--set", "proj_hidden_dim=32", "--set", "proj_dim=16", "--no-progress"]
+TINY = [
+    "--model",
+    "small_cnn",
+    "--batch-size",
+    "16",
+    "--meta-size",
+    "20",
+    "--set",
+    "meta_batch_size=16",
+    "--set",
+    "lr_milestones=[]",
+    "--set",
+    "proj_hidden_dim=32",
+    "--set",
+    "proj_dim=16",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +52,9 @@ class FakeClock:
 
 def test_progress_log_writes_a_line_each_interval_with_rate_and_eta(caplog):
     # every call of the clock advances 10 s: the start, then once per step
-    steps = ProgressLog(range(2, 10), desc="epoch 3/5", total=10, initial=2, steps_after=20, interval=30,
-                        clock=FakeClock(10.0))
+    steps = ProgressLog(
+        range(2, 10), desc="epoch 3/5", total=10, initial=2, steps_after=20, interval=30, clock=FakeClock(10.0)
+    )
     with caplog.at_level(logging.INFO, logger="hrp_ood.progress"):
         assert list(steps) == list(range(2, 10))
     assert caplog.messages == [
@@ -54,8 +70,25 @@ def test_durations_read_as_hours_minutes_seconds(seconds, text):
 
 def test_training_off_a_terminal_logs_progress_lines_without_carriage_returns(cifar_root, tmp_path, monkeypatch):
     monkeypatch.setattr(progress_module, "LOG_INTERVAL_S", 0.0)  # a line after every step
-    assert main(["train", "--data-root", str(cifar_root), "--out-dir", str(tmp_path), "--name", "run", "--method",
-                 "ce", "--epochs", "2", *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data-root",
+                str(cifar_root),
+                "--out-dir",
+                str(tmp_path),
+                "--name",
+                "run",
+                "--method",
+                "ce",
+                "--epochs",
+                "2",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     log_text = (tmp_path / "run" / "train.log").read_text()
     steps = (100 - 20) // 16
     assert "\r" not in log_text
@@ -69,9 +102,25 @@ def test_training_off_a_terminal_logs_progress_lines_without_carriage_returns(ci
 def test_the_meta_step_prints_no_torch_jit_deprecation_warning(cifar_root, tmp_path):
     """A fresh process: torch warns once per process, when forward-mode AD first loads its decompositions (HRP's
     meta step, from the first step with warmup_epochs=0)."""
-    command = [sys.executable, "-W", "always::FutureWarning", "-m", "hrp_ood", "train", "--data-root",
-               str(cifar_root), "--out-dir", str(tmp_path), "--name", "run", "--epochs", "1",
-               "--set", "warmup_epochs=0", *TINY]
+    command = [
+        sys.executable,
+        "-W",
+        "always::FutureWarning",
+        "-m",
+        "hrp_ood",
+        "train",
+        "--data-root",
+        str(cifar_root),
+        "--out-dir",
+        str(tmp_path),
+        "--name",
+        "run",
+        "--epochs",
+        "1",
+        "--set",
+        "warmup_epochs=0",
+        *TINY,
+    ]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
     assert "torch.jit.script" not in done.stderr and "FutureWarning" not in done.stderr, done.stderr

@@ -10,13 +10,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hrp_ood.postprocessors import create_postprocessor
 from pytorch_ood import detector as pod
+from test_postprocessors import random_problem, seeded, separable_problem
 from torch import nn
 
 from hrp_ood.eval.featureset import FeatureSet
 from hrp_ood.eval.metrics import ood_metrics
-from hrp_ood.postprocessors import create_postprocessor
-from test_postprocessors import random_problem, seeded, separable_problem
 
 
 def tensors(data: FeatureSet) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,13 +33,18 @@ def test_msp_energy_and_maxlogit_are_pytorch_oods_negated():
     (OpenOOD's ebo). MaxLogit: theirs −max z. Sign only: ours = −theirs."""
     _, test, _ = random_problem()
     logits, _ = tensors(test)
-    np.testing.assert_allclose(create_postprocessor("msp").score(test),
-                               -pod.MaxSoftmax(None).predict_logits(logits).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        create_postprocessor("msp").score(test), -pod.MaxSoftmax(None).predict_logits(logits).numpy(), rtol=1e-6
+    )
     for temperature in (1.0, 2.5):
-        np.testing.assert_allclose(create_postprocessor("ebo", temperature=temperature).score(test),
-                                   -pod.EnergyBased(None, t=temperature).predict_logits(logits).numpy(), rtol=1e-6)
-    np.testing.assert_allclose(create_postprocessor("maxlogit").score(test),
-                               -pod.MaxLogit(None).predict_logits(logits).numpy(), rtol=1e-6)
+        np.testing.assert_allclose(
+            create_postprocessor("ebo", temperature=temperature).score(test),
+            -pod.EnergyBased(None, t=temperature).predict_logits(logits).numpy(),
+            rtol=1e-6,
+        )
+    np.testing.assert_allclose(
+        create_postprocessor("maxlogit").score(test), -pod.MaxLogit(None).predict_logits(logits).numpy(), rtol=1e-6
+    )
 
 
 def test_mahalanobis_is_pytorch_oods_up_to_its_scatter_scale_half_and_sign():
@@ -51,8 +56,9 @@ def test_mahalanobis_is_pytorch_oods_up_to_its_scatter_scale_half_and_sign():
     ours = create_postprocessor("mds").fit(train, fc)
     theirs = pod.Mahalanobis(None).fit_features(torch.from_numpy(train.features), torch.from_numpy(train.labels))
     for data in (id_test, ood_test):
-        np.testing.assert_allclose(ours.score(data), -2 * len(train) * theirs.predict_features(tensors(data)[1]).numpy(),
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            ours.score(data), -2 * len(train) * theirs.predict_features(tensors(data)[1]).numpy(), rtol=1e-5
+        )
     ours_auroc = ood_metrics(ours.score(id_test), ours.score(ood_test))["auroc"]
     their_scores = [-theirs.predict_features(tensors(d)[1]).numpy() for d in (id_test, ood_test)]
     assert ours_auroc == pytest.approx(ood_metrics(*their_scores)["auroc"], abs=1e-9)
@@ -66,7 +72,7 @@ def test_knn_is_pytorch_oods_distance_squared_and_negated(k):
     train, test, fc = random_problem()
     ours = create_postprocessor("knn", K=k).fit(train, fc).score(test)
     theirs = pod.KNN(None, k=k).fit_features(torch.from_numpy(train.features), torch.from_numpy(train.labels))
-    np.testing.assert_allclose(ours, -theirs.predict_features(tensors(test)[1]).numpy() ** 2, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(ours, -(theirs.predict_features(tensors(test)[1]).numpy() ** 2), rtol=1e-4, atol=1e-6)
 
 
 def test_vim_is_pytorch_oods_negated():
@@ -79,8 +85,9 @@ def test_vim_is_pytorch_oods_negated():
     theirs = pod.ViM(None, d=10, w=torch.from_numpy(weight), b=torch.from_numpy(bias))
     theirs.fit_features(torch.from_numpy(train.features), torch.from_numpy(train.labels))
     assert ours.alpha == pytest.approx(theirs.alpha, rel=1e-4)
-    np.testing.assert_allclose(ours.score(test), -theirs.predict_features(tensors(test)[1]).numpy(), rtol=1e-5,
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        ours.score(test), -theirs.predict_features(tensors(test)[1]).numpy(), rtol=1e-5, atol=1e-4
+    )
 
 
 def test_react_is_pytorch_oods_negated_when_fitted_on_the_same_activations():
@@ -102,7 +109,8 @@ def test_knn_and_react_search_grids_are_the_ones_pytorch_ood_also_takes_from_ope
     our grids (ReAct's percentiles as fractions there)."""
     assert list(create_postprocessor("knn").openood_sweep["K"]) == pod.KNN.hyperparameter_space["k"]
     assert [p / 100 for p in create_postprocessor("react").openood_sweep["percentile"]] == pytest.approx(
-        pod.ReAct.hyperparameter_space["percentile"])
+        pod.ReAct.hyperparameter_space["percentile"]
+    )
 
 
 class NegativeReluNet(nn.Module):

@@ -21,8 +21,14 @@ class TinyBNNet(nn.Module):
     def __init__(self, num_classes: int = NUM_CLASSES):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-            nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(),
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(16, 8),
+            nn.BatchNorm1d(8),
+            nn.ReLU(),
         )
         self.fc = nn.Linear(8, num_classes)
         self.unused = nn.Linear(2, 2)  # never called: its meta-gradient must be treated as zero
@@ -62,13 +68,13 @@ def brute_force_raw(model, x, noisy, pseudo, meta_x, meta_y, lr, meta_bn="eval")
     model.train()
     buffers = {k: b.clone() for k, b in model.named_buffers()}
     logits = functional_call(model, {**params, **buffers}, (x,))
-    inner = (eps_a * F.cross_entropy(logits, noisy, reduction="none")).sum() / n \
-        + (eps_b * F.cross_entropy(logits, pseudo, reduction="none")).sum() / n
+    inner = (eps_a * F.cross_entropy(logits, noisy, reduction="none")).sum() / n + (
+        eps_b * F.cross_entropy(logits, pseudo, reduction="none")
+    ).sum() / n
     grads = torch.autograd.grad(inner, list(params.values()), create_graph=True, allow_unused=True)
     stepped = {k: p if g is None else p - lr * g for (k, p), g in zip(params.items(), grads)}
     if meta_bn == "batch":
-        meta_logits = functional_call(model, {**stepped, **{k: b.clone() for k, b in model.named_buffers()}},
-                                      (meta_x,))
+        meta_logits = functional_call(model, {**stepped, **{k: b.clone() for k, b in model.named_buffers()}}, (meta_x,))
     else:
         model.eval()
         meta_logits = functional_call(model, stepped, (meta_x,))
@@ -232,8 +238,9 @@ def scipy_calibrated_meta_loss(logits: torch.Tensor, labels: torch.Tensor, ridge
         return value.item(), t.grad.numpy()
 
     start = [1.0] + [0.0] * z.shape[1]
-    return minimize(objective, start, jac=True, method="L-BFGS-B",
-                    options={"maxiter": 10_000, "gtol": 1e-14, "ftol": 1e-16}).fun
+    return minimize(
+        objective, start, jac=True, method="L-BFGS-B", options={"maxiter": 10_000, "gtol": 1e-14, "ftol": 1e-16}
+    ).fun
 
 
 @pytest.mark.parametrize("scale", [0.2, 1.0, 8.0])
@@ -243,7 +250,7 @@ def test_fit_calibration_matches_scipy(scale):
     informative = (torch.rand(64, 1, generator=gen) < 0.6) * F.one_hot(labels, 10)
     logits = scale * (torch.randn(64, 10, generator=gen, dtype=torch.float64) + 3 * informative)
     s, b = fit_calibration(logits, labels)
-    ours = F.cross_entropy(s * logits + b, labels) + 1e-4 / 2 * ((s - 1) ** 2 + (b ** 2).sum())
+    ours = F.cross_entropy(s * logits + b, labels) + 1e-4 / 2 * ((s - 1) ** 2 + (b**2).sum())
     assert abs(ours.item() - scipy_calibrated_meta_loss(logits, labels)) < 1e-10
 
 
@@ -268,8 +275,10 @@ def test_calibrated_reliabilities_are_finite_differences_of_the_calibrated_meta_
         train_params = {k: p.clone().requires_grad_() for k, p in params.items()}
         model.train()
         logits = functional_call(model, {**train_params, **{k: b.clone() for k, b in buffers.items()}}, (x,))
-        inner = (eps_alpha * F.cross_entropy(logits, noisy, reduction="none")
-                 + eps_beta * F.cross_entropy(logits, pseudo, reduction="none")).mean()
+        inner = (
+            eps_alpha * F.cross_entropy(logits, noisy, reduction="none")
+            + eps_beta * F.cross_entropy(logits, pseudo, reduction="none")
+        ).mean()
         grads = torch.autograd.grad(inner, list(train_params.values()), allow_unused=True)
         stepped = {k: p if g is None else p - lr * g for (k, p), g in zip(params.items(), grads)}
         model.eval()
@@ -334,8 +343,9 @@ def test_training_on_the_meta_weighted_loss_lowers_the_meta_loss(seed):
 
     meta_grads = torch.autograd.grad(meta_loss(), params, allow_unused=True)  # before a train-mode pass moves BN stats
     model.train()
-    train_grads = torch.autograd.grad(weighted_label_ce(model(x), noisy, pseudo, rel.alpha, rel.beta), params,
-                                      allow_unused=True)
+    train_grads = torch.autograd.grad(
+        weighted_label_ce(model(x), noisy, pseudo, rel.alpha, rel.beta), params, allow_unused=True
+    )
     inner = sum((a * b).sum() for a, b in zip(train_grads, meta_grads) if a is not None and b is not None)
     expected = ((rel.alpha * rel.alpha_signed).sum() + (rel.beta * rel.beta_signed).sum()) / lr
     assert inner.item() == pytest.approx(expected.item(), rel=1e-6)

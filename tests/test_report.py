@@ -37,17 +37,31 @@ def _write_evaluation(folder: Path, method: str, noise: str, seed: int, rng: np.
         per_set = []
         for name in OOD_SETS:
             scores[f"{pp}/{name}"] = rng.normal(-1.0, 1.0, size=40).astype(np.float32)
-            metrics = {"auroc": float(rng.uniform(60, 99)), "fpr95": float(rng.uniform(5, 90)),
-                       "aupr_in": float(rng.uniform(60, 99)), "aupr_out": float(rng.uniform(60, 99)),
-                       "fpr95_tpr_id": float(rng.uniform(5, 90))}
+            metrics = {
+                "auroc": float(rng.uniform(60, 99)),
+                "fpr95": float(rng.uniform(5, 90)),
+                "aupr_in": float(rng.uniform(60, 99)),
+                "aupr_out": float(rng.uniform(60, 99)),
+                "fpr95_tpr_id": float(rng.uniform(5, 90)),
+            }
             per_set.append(metrics)
             results.append({"postprocessor": pp, "ood": name, **metrics})
         mean = {k: float(np.mean([m[k] for m in per_set])) for k in per_set[0]}
         results.append({"postprocessor": pp, "ood": "mean", **mean})
-    data = {"checkpoint": str(folder / "last.pt"), "checkpoint_sha256": "0" * 64, "method": method,
-            "dataset": "cifar10", "noise": noise, "seed": seed, "net": "ensemble",
-            "id_accuracy": float(rng.uniform(80, 96)), "versions": {"torch": "2.14.1", "hrp_ood": "0.1.0"},
-            "postprocessors": list(POSTPROCESSORS), "ood_sets": list(OOD_SETS), "results": results}
+    data = {
+        "checkpoint": str(folder / "last.pt"),
+        "checkpoint_sha256": "0" * 64,
+        "method": method,
+        "dataset": "cifar10",
+        "noise": noise,
+        "seed": seed,
+        "net": "ensemble",
+        "id_accuracy": float(rng.uniform(80, 96)),
+        "versions": {"torch": "2.14.1", "hrp_ood": "0.1.0"},
+        "postprocessors": list(POSTPROCESSORS),
+        "ood_sets": list(OOD_SETS),
+        "results": results,
+    }
     (folder / "eval.json").write_text(json.dumps(data))
     np.savez(folder / "scores.npz", **scores)
     return data
@@ -80,11 +94,31 @@ def test_load_evaluations_is_long_with_meta_columns(evaluations):
     paths, data = evaluations
     df = load_evaluations(paths)
     assert len(df) == len(paths) * len(POSTPROCESSORS) * (len(OOD_SETS) + 1)
-    for column in ("path", "checkpoint", "method", "dataset", "noise", "seed", "net", "id_accuracy",
-                   "postprocessor", "ood", "auroc", "fpr95", "aupr_in", "aupr_out", "fpr95_tpr_id"):
+    for column in (
+        "path",
+        "checkpoint",
+        "method",
+        "dataset",
+        "noise",
+        "seed",
+        "net",
+        "id_accuracy",
+        "postprocessor",
+        "ood",
+        "auroc",
+        "fpr95",
+        "aupr_in",
+        "aupr_out",
+        "fpr95_tpr_id",
+    ):
         assert column in df.columns
-    row = df[(df.method == "hrp") & (df.noise == "sym20") & (df.seed == 1) & (df.postprocessor == "ebo")
-             & (df.ood == "places365")].iloc[0]
+    row = df[
+        (df.method == "hrp")
+        & (df.noise == "sym20")
+        & (df.seed == 1)
+        & (df.postprocessor == "ebo")
+        & (df.ood == "places365")
+    ].iloc[0]
     source = data["hrp", "sym20", 1]
     assert row["auroc"] == pytest.approx(_metric(source, "ebo", "places365", "auroc"))
     assert row["id_accuracy"] == pytest.approx(source["id_accuracy"])
@@ -92,8 +126,16 @@ def test_load_evaluations_is_long_with_meta_columns(evaluations):
 
 def test_noise_levels_sort_naturally():
     names = ["asym40", "sym80", "sym100", "none", "symflip20", "sym20", "real", "sym50"]
-    assert sorted(names, key=noise_sort_key) == ["none", "sym20", "sym50", "sym80", "sym100",
-                                                  "symflip20", "asym40", "real"]
+    assert sorted(names, key=noise_sort_key) == [
+        "none",
+        "sym20",
+        "sym50",
+        "sym80",
+        "sym100",
+        "symflip20",
+        "asym40",
+        "real",
+    ]
 
 
 def test_comparison_table_by_noise_shape_labels_and_cells(evaluations):
@@ -102,8 +144,14 @@ def test_comparison_table_by_noise_shape_labels_and_cells(evaluations):
     cells = table["cell"]
     assert list(cells.columns) == ["none", "sym20", "sym80"]
     assert list(cells.index.names) == ["method", "postprocessor"]
-    assert list(cells.index) == [("hrp", "msp"), ("hrp", "ebo"), ("hrp_no_ram", "msp"), ("hrp_no_ram", "ebo"),
-                                 ("hrp", "ID acc."), ("hrp_no_ram", "ID acc.")]
+    assert list(cells.index) == [
+        ("hrp", "msp"),
+        ("hrp", "ebo"),
+        ("hrp_no_ram", "msp"),
+        ("hrp_no_ram", "ebo"),
+        ("hrp", "ID acc."),
+        ("hrp_no_ram", "ID acc."),
+    ]
 
     auroc = [_metric(data["hrp_no_ram", "sym80", s], "msp", "mean", "auroc") for s in SEEDS]
     fpr = [_metric(data["hrp_no_ram", "sym80", s], "msp", "mean", "fpr95") for s in SEEDS]
@@ -158,8 +206,9 @@ def test_write_report_writes_csv_markdown_latex_and_pngs(evaluations, tmp_path):
 
     csv = pd.read_csv(written["csv"])
     assert len(csv) == 2 * len(POSTPROCESSORS) * (len(OOD_SETS) + 1)
-    assert csv["auroc"].sum() == pytest.approx(sum(r["auroc"] for p in chosen
-                                                   for r in json.loads(p.read_text())["results"]))
+    assert csv["auroc"].sum() == pytest.approx(
+        sum(r["auroc"] for p in chosen for r in json.loads(p.read_text())["results"])
+    )
 
     markdown = written["markdown"].read_text()
     assert "| method | postprocessor | sym80 |" in markdown
@@ -209,8 +258,19 @@ def test_missing_and_corrupt_eval_files_are_user_errors(evaluations, tmp_path):
     with pytest.raises(UserError, match="corrupt.json"):
         load_evaluations([corrupt])
     incomplete = tmp_path / "incomplete.json"
-    incomplete.write_text(json.dumps({"method": "hrp", "dataset": "cifar10", "noise": "sym20", "seed": 0,
-                                      "net": "1", "id_accuracy": 90.0, "results": [{"postprocessor": "msp"}]}))
+    incomplete.write_text(
+        json.dumps(
+            {
+                "method": "hrp",
+                "dataset": "cifar10",
+                "noise": "sym20",
+                "seed": 0,
+                "net": "1",
+                "id_accuracy": 90.0,
+                "results": [{"postprocessor": "msp"}],
+            }
+        )
+    )
     with pytest.raises(UserError, match="incomplete.json"):
         load_evaluations([incomplete])
     with pytest.raises(UserError, match="no eval.json"):

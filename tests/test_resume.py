@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 import yaml
-
 from fakes import write_cifar10
+
 from hrp_ood.checkpoint import load_checkpoint
 from hrp_ood.config import build_config
 from hrp_ood.errors import UserError
@@ -20,10 +20,33 @@ from hrp_ood.eval.network import checkpoint_config
 from train.trainer import resume_config
 
 EPOCHS = 4
-ARGS = ["--model", "small_cnn", "--batch-size", "16", "--meta-size", "20", "--set", "meta_batch_size=16",
-        "--set", "warmup_epochs=1", "--set", "ramp_epochs=2", "--set", "lr_milestones=[3]",
-        "--set", "proj_hidden_dim=32", "--set", "proj_dim=16", "--set", "tau_conf=0.3",
-        "--set", "deterministic=true", "--epochs", str(EPOCHS), "--no-progress"]
+ARGS = [
+    "--model",
+    "small_cnn",
+    "--batch-size",
+    "16",
+    "--meta-size",
+    "20",
+    "--set",
+    "meta_batch_size=16",
+    "--set",
+    "warmup_epochs=1",
+    "--set",
+    "ramp_epochs=2",
+    "--set",
+    "lr_milestones=[3]",
+    "--set",
+    "proj_hidden_dim=32",
+    "--set",
+    "proj_dim=16",
+    "--set",
+    "tau_conf=0.3",
+    "--set",
+    "deterministic=true",
+    "--epochs",
+    str(EPOCHS),
+    "--no-progress",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -35,8 +58,20 @@ def data_root(tmp_path_factory):
 
 
 def train_command(data_root, out_dir, *extra):
-    return [sys.executable, "-m", "hrp_ood", "train", "--data-root", str(data_root), "--out-dir", str(out_dir),
-            "--name", "run", *ARGS, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "hrp_ood",
+        "train",
+        "--data-root",
+        str(data_root),
+        "--out-dir",
+        str(out_dir),
+        "--name",
+        "run",
+        *ARGS,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +98,9 @@ def assert_identical(nets_a, nets_b):
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
 def test_interrupt_then_resume_is_bit_identical(how, data_root, reference_weights, tmp_path):
-    process = subprocess.Popen(train_command(data_root, tmp_path), env=ENV, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        train_command(data_root, tmp_path), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     # epoch 1 is done (its log line comes after last.pt and metrics.csv); kill inside epoch 2: a signal
     # that lands before its first step checkpoints at the epoch boundary (step 0), so give the epoch a moment to start
     log = tmp_path / "run" / "train.log"
@@ -100,8 +136,14 @@ def test_a_run_saved_with_earlier_defaults_resumes_with_what_it_trained_with(tmp
     assert (resumed.spec.ce_loss, resumed.spec.normalization) == ("meta_weighted", "coupled")
     assert (resumed.meta_bn, resumed.crop_padding, resumed.flip) == ("eval", 4, True)  # BEHAVIOUR_BEFORE_KEY
     # a sweep names every key: the old run matches an experiment that asks for meta_weighted, and no other
-    assert resume_config(tmp_path, build_config(overrides={"ce_loss": "meta_weighted", "normalization": "coupled"}),
-                         explicit={"ce_loss", "normalization"}).ce_loss == "meta_weighted"
+    assert (
+        resume_config(
+            tmp_path,
+            build_config(overrides={"ce_loss": "meta_weighted", "normalization": "coupled"}),
+            explicit={"ce_loss", "normalization"},
+        ).ce_loss
+        == "meta_weighted"
+    )
     with pytest.raises(UserError, match="ce_loss differ"):
         resume_config(tmp_path, build_config(), explicit={"ce_loss"})
 

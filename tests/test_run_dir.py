@@ -9,16 +9,29 @@ import os
 import stat
 
 import pytest
-
 from fakes import write_cifar10
+from hrp_ood.train import trainer as trainer_module
+
 from hrp_ood.checkpoint import load_checkpoint
 from hrp_ood.cli import main
 from hrp_ood.data.noise import load_noise
 from hrp_ood.run_dir import RunFolder
-from hrp_ood.train import trainer as trainer_module
 
-TINY = ["--model", "small_cnn", "--method", "ce", "--batch-size", "32", "--meta-size", "20", "--set",
-        "meta_batch_size=16", "--set", "lr_milestones=[]", "--no-progress"]
+TINY = [
+    "--model",
+    "small_cnn",
+    "--method",
+    "ce",
+    "--batch-size",
+    "32",
+    "--meta-size",
+    "20",
+    "--set",
+    "meta_batch_size=16",
+    "--set",
+    "lr_milestones=[]",
+    "--no-progress",
+]
 
 
 class Crash(Exception):
@@ -33,8 +46,19 @@ def cifar_root(tmp_path_factory):
 
 
 def train_args(cifar_root, out_dir, *extra, epochs=1):
-    return ["train", "--data-root", str(cifar_root), "--out-dir", str(out_dir), "--name", "run",
-            "--epochs", str(epochs), *TINY, *extra]
+    return [
+        "train",
+        "--data-root",
+        str(cifar_root),
+        "--out-dir",
+        str(out_dir),
+        "--name",
+        "run",
+        "--epochs",
+        str(epochs),
+        *TINY,
+        *extra,
+    ]
 
 
 def files(folder):
@@ -107,8 +131,10 @@ def test_a_second_process_on_the_run_folder_fails_naming_the_holders_pid(cifar_r
         for extra in (["--resume"], ["--overwrite"]):
             assert main(train_args(cifar_root, tmp_path, *extra, epochs=2)) == 2
             err = capsys.readouterr().err.strip()
-            assert err == (f"hrp-ood train: error: run folder {run} is in use by another `hrp-ood train` "
-                           f"(pid {os.getpid()}); wait for it to end, or train under another --name")
+            assert err == (
+                f"hrp-ood train: error: run folder {run} is in use by another `hrp-ood train` "
+                f"(pid {os.getpid()}); wait for it to end, or train under another --name"
+            )
             assert files(run) == before
     finally:
         holder.release()
@@ -126,8 +152,11 @@ def test_a_run_killed_before_its_first_checkpoint_is_started_again(second, cifar
     capsys.readouterr()
     # starting again takes the new command's config; --resume the saved one (there is no checkpoint to read it from)
     noise = "sym20" if not second else "sym50"
-    command = train_args(cifar_root, tmp_path, "--noise", "sym20") if not second else \
-        ["train", "--out-dir", str(tmp_path), "--name", "run", "--resume", "--no-progress"]
+    command = (
+        train_args(cifar_root, tmp_path, "--noise", "sym20")
+        if not second
+        else ["train", "--out-dir", str(tmp_path), "--name", "run", "--resume", "--no-progress"]
+    )
     assert main(command) == 0
     err = capsys.readouterr().err
     assert f"run folder {run} holds a run that stopped before its first checkpoint: starting it again" in err

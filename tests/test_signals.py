@@ -8,11 +8,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from hrp_ood.train.signals import EpochSignals, auroc, batch_auroc, class_share_max
+from hrp_ood.train.steps import _cdcl_purity, _ram_diagnostics
 from sklearn.metrics import roc_auc_score
 
 from hrp_ood.method import ReliabilityMemory, meta_reliabilities, reliabilities_from_signed
-from hrp_ood.train.signals import EpochSignals, auroc, batch_auroc, class_share_max
-from hrp_ood.train.steps import _cdcl_purity, _ram_diagnostics
 
 
 def test_batch_auroc_matches_sklearn_with_ties_and_is_nan_for_one_class():
@@ -80,7 +80,9 @@ class _Ctx:
 def test_ram_diagnostics_by_pair_type():
     noisy = torch.tensor([0, 1, 2, 3])
     clean = torch.tensor([0, 1, 9, 9])  # samples 0, 1 clean; 2, 3 corrupted
-    perm = torch.tensor([1, 2, 3, 0])  # pairs (0,1) clean-clean, (1,2) clean-noisy, (2,3) noisy-noisy, (3,0) noisy-clean
+    perm = torch.tensor(
+        [1, 2, 3, 0]
+    )  # pairs (0,1) clean-clean, (1,2) clean-noisy, (2,3) noisy-noisy, (3,0) noisy-clean
     lam = torch.tensor([0.9, 0.7, 0.5, 0.2])
     signals = EpochSignals(4, 10)
     got = _ram_diagnostics(_Ctx(signals), lam, perm, _Batch(noisy, clean))
@@ -140,7 +142,9 @@ def test_memory_is_an_ema_of_scale_free_meta_gradients():
     alpha = m * scale_free(first[0]) + (1 - m) * scale_free(second[0])
     beta = m * scale_free(first[1]) + (1 - m) * scale_free(second[1])
     beta[2] = scale_free(second[1])[2]
-    expected = reliabilities_from_signed(torch.tensor(alpha, dtype=torch.float32), torch.tensor(beta, dtype=torch.float32))
+    expected = reliabilities_from_signed(
+        torch.tensor(alpha, dtype=torch.float32), torch.tensor(beta, dtype=torch.float32)
+    )
     assert torch.allclose(got.alpha, expected.alpha, atol=1e-6)
     assert torch.allclose(got.beta, expected.beta, atol=1e-6)
     assert torch.isnan(memory.alpha[3])  # never visited

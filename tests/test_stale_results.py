@@ -14,14 +14,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from fakes import random_images, write_cifar10, write_image_folder, write_ood_folder
+
 from hrp_ood.checkpoint import load_checkpoint
 from hrp_ood.cli import main
 from hrp_ood.eval import evaluate as evaluate_module
 
-TINY = ["--model", "small_cnn", "--method", "ce", "--batch-size", "16", "--meta-size", "10", "--set",
-        "meta_batch_size=16", "--set", "lr_milestones=[]", "--no-progress"]
+TINY = [
+    "--model",
+    "small_cnn",
+    "--method",
+    "ce",
+    "--batch-size",
+    "16",
+    "--meta-size",
+    "10",
+    "--set",
+    "meta_batch_size=16",
+    "--set",
+    "lr_milestones=[]",
+    "--no-progress",
+]
 N_OOD = 151  # more than the 64 images the cache once fingerprinted; image 1 was not among them
 
 
@@ -34,9 +47,27 @@ class World:
     ood: Path
 
     def evaluate(self, ckpt: Path, out: Path, cache: Path, *extra: str) -> int:
-        return main(["evaluate", "--ckpt", str(ckpt), "--postprocessor", "msp,ebo", "--device", "cpu",
-                     "--ood-dir", f"mine={self.ood}", "--ood", "mine", "--out", str(out), "--cache-dir", str(cache),
-                     "--no-progress", *extra])
+        return main(
+            [
+                "evaluate",
+                "--ckpt",
+                str(ckpt),
+                "--postprocessor",
+                "msp,ebo",
+                "--device",
+                "cpu",
+                "--ood-dir",
+                f"mine={self.ood}",
+                "--ood",
+                "mine",
+                "--out",
+                str(out),
+                "--cache-dir",
+                str(cache),
+                "--no-progress",
+                *extra,
+            ]
+        )
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +80,31 @@ def world(tmp_path_factory) -> World:
     shutil.copy(root / "runs" / "r" / "last.pt", root / "epoch1.pt")
     assert main([*train, "--epochs", "2", "--resume"]) == 0
     write_image_folder(root / "folder", classes=("a", "b", "c"), n_per_class=12, seed=5)
-    assert main(["train", "--dataset", "folder", "--data-root", str(root / "folder"), "--out-dir", runs,
-                 "--name", "f", "--epochs", "1", *TINY, "--meta-size", "6"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "folder",
+                "--data-root",
+                str(root / "folder"),
+                "--out-dir",
+                runs,
+                "--name",
+                "f",
+                "--epochs",
+                "1",
+                *TINY,
+                "--meta-size",
+                "6",
+            ]
+        )
+        == 0
+    )
     write_ood_folder(root / "ood", random_images(N_OOD, seed=7))
-    return World(root, root / "epoch1.pt", root / "runs" / "r" / "last.pt", root / "runs" / "f" / "last.pt",
-                 root / "ood")
+    return World(
+        root, root / "epoch1.pt", root / "runs" / "r" / "last.pt", root / "runs" / "f" / "last.pt", root / "ood"
+    )
 
 
 def read_eval(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -88,8 +139,9 @@ def test_a_checkpoint_replaced_while_it_is_loaded_is_named_by_the_bytes_loaded(w
         patch.setattr(torch, "load", load_then_training_writes_the_next_epoch)
         assert world.evaluate(ckpt, tmp_path / "first", cache) == 0
     first, _ = read_eval(tmp_path / "first")
-    assert (first["epoch"], first["checkpoint_sha256"]) == (1, sha256(world.epoch1)), \
+    assert (first["epoch"], first["checkpoint_sha256"]) == (1, sha256(world.epoch1)), (
         "eval.json names the epoch and the hash of the bytes that were evaluated"
+    )
     assert_same_numbers(tmp_path / "first", _fresh(world, world.epoch1, tmp_path / "fresh1"))
 
     assert world.evaluate(ckpt, tmp_path / "second", cache) == 0  # the file now holds epoch 2
@@ -134,8 +186,9 @@ def test_report_refuses_an_eval_json_beside_the_scores_of_another_evaluation(wor
 
 
 @pytest.mark.parametrize("failing_write", [1, 2, 3, 4])
-def test_an_evaluation_failing_part_way_never_pairs_new_and_old_files(world, tmp_path, monkeypatch, capsys,
-                                                                      failing_write):
+def test_an_evaluation_failing_part_way_never_pairs_new_and_old_files(
+    world, tmp_path, monkeypatch, capsys, failing_write
+):
     """The disk fills up at the k-th of the four output files of a second evaluation into the same folder: `report`
     then either plots the first evaluation, whole, or refuses the folder; it never pairs files of the two."""
     out, cache = tmp_path / "eval", tmp_path / "cache"
@@ -159,6 +212,7 @@ def test_an_evaluation_failing_part_way_never_pairs_new_and_old_files(world, tmp
 
 def _disk_full_at(write, writes: list, failing_write: int):
     """`write` (atomic_write or atomic_write_text), failing with a full disk at the `failing_write`-th output write."""
+
     def wrapper(path, content):
         writes.append(path)
         if len(writes) == failing_write:

@@ -3,25 +3,38 @@ its *peer* computed), the ablation switches (each changes exactly its term), and
 
 from __future__ import annotations
 
+import hrp_ood.train.steps as steps_module
 import pytest
 import torch
 import torch.nn.functional as F
+from hrp_ood.train.steps import StepContext, StepInputs, hrp_step
+from hrp_ood.train.trainer import build_members
 
-import hrp_ood.train.steps as steps_module
 from hrp_ood.config import build_config
 from hrp_ood.data.augment import BatchAugment
 from hrp_ood.method import normalize_beta, refine_targets, reweighted_ce, total_reliability
 from hrp_ood.method.reliability import Reliabilities
-from hrp_ood.train.steps import StepContext, StepInputs, hrp_step
-from hrp_ood.train.trainer import build_members
 
 N, META, CLASSES = 8, 8, 4
 
 
 def make_step(method="hrp", **overrides):
-    cfg = build_config(overrides={"model": "small_cnn", "method": method, "batch_size": N, "meta_batch_size": META,
-                                  "warmup_epochs": 0, "ramp_epochs": 0, "proj_hidden_dim": 16, "proj_dim": 8,
-                                  "strong_policy": "none", "device": "cpu", "tau_conf": 0.3, **overrides})
+    cfg = build_config(
+        overrides={
+            "model": "small_cnn",
+            "method": method,
+            "batch_size": N,
+            "meta_batch_size": META,
+            "warmup_epochs": 0,
+            "ramp_epochs": 0,
+            "proj_hidden_dim": 16,
+            "proj_dim": 8,
+            "strong_policy": "none",
+            "device": "cpu",
+            "tau_conf": 0.3,
+            **overrides,
+        }
+    )
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (N, 3, 32, 32), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, CLASSES, (N,), generator=g)
@@ -37,9 +50,11 @@ def make_step(method="hrp", **overrides):
 
 def given_reliabilities(monkeypatch, per_network):
     """Replace the meta step: network k's α, β are per_network[k] (a pair of (N,) tensors)."""
+
     def fake(ctx, k, *args):
         alpha, beta = per_network[k]
         return Reliabilities(alpha, beta, alpha, beta, alpha, beta)
+
     monkeypatch.setattr(steps_module, "_reliabilities", fake)
 
 
@@ -61,10 +76,12 @@ def record_forwards(members):
     """Each network's first training pass (weak and strong views stacked): inputs and detached logits."""
     seen = [[] for _ in members]
     for k, m in enumerate(members):
+
         def forward(x, return_feature=False, net=m.net, k=k):
             out = net(x, return_feature=return_feature)
             seen[k].append((x.detach().clone(), (out[0] if return_feature else out).detach().clone()))
             return out
+
         m.forward = forward
     return seen
 
@@ -86,7 +103,10 @@ def record_ce_terms(monkeypatch):
 def test_each_network_trains_with_its_peers_targets_and_reliabilities(monkeypatch):
     ctx, members, batch = make_step()
     forwards = record_forwards(members)
-    reliabilities = {0: (torch.full((N,), 0.25), torch.full((N,), 0.5)), 1: (torch.full((N,), 2.0), torch.full((N,), 0.75))}
+    reliabilities = {
+        0: (torch.full((N,), 0.25), torch.full((N,), 0.5)),
+        1: (torch.full((N,), 2.0), torch.full((N,), 0.75)),
+    }
     given_reliabilities(monkeypatch, reliabilities)
     targets = Recorder(monkeypatch, "refine_targets")
     totals = Recorder(monkeypatch, "total_reliability")
@@ -109,21 +129,25 @@ def test_reweighted_ce_of_the_step_equals_a_hand_computation(monkeypatch):
     logits = [forwards[k][0][1][:N] for k in range(2)]
     for k in range(2):
         peer_probs = logits[1 - k].softmax(dim=1)
-        targets, high_conf = refine_targets(peer_probs, batch.noisy_labels, cfg.tau_match, cfg.tau_conf,
-                                            cfg.sharpen_temperature)
+        targets, high_conf = refine_targets(
+            peer_probs, batch.noisy_labels, cfg.tau_match, cfg.tau_conf, cfg.sharpen_temperature
+        )
         T = total_reliability(torch.ones(N), torch.ones(N), cfg.t_min, cfg.t_max)  # no meta: α = β = 1
         expected = reweighted_ce(logits[k], targets, T, high_conf, cfg.gamma)
         torch.testing.assert_close(ce_terms[k], expected)
 
 
-@pytest.mark.parametrize("method, present, absent", [
-    ("hrp", {"loss_ram", "loss_cdcl", "gate"}, set()),
-    ("hrp_no_ram", {"loss_cdcl"}, {"loss_ram", "gate"}),
-    ("hrp_no_cdcl", {"loss_ram", "gate"}, {"loss_cdcl"}),
-    ("base", set(), {"loss_ram", "loss_cdcl", "gate"}),
-    ("base_cdcl", {"loss_cdcl"}, {"loss_ram"}),
-    ("base_ram_grg", {"loss_ram", "gate"}, {"loss_cdcl"}),
-])
+@pytest.mark.parametrize(
+    "method, present, absent",
+    [
+        ("hrp", {"loss_ram", "loss_cdcl", "gate"}, set()),
+        ("hrp_no_ram", {"loss_cdcl"}, {"loss_ram", "gate"}),
+        ("hrp_no_cdcl", {"loss_ram", "gate"}, {"loss_cdcl"}),
+        ("base", set(), {"loss_ram", "loss_cdcl", "gate"}),
+        ("base_cdcl", {"loss_cdcl"}, {"loss_ram"}),
+        ("base_ram_grg", {"loss_ram", "gate"}, {"loss_cdcl"}),
+    ],
+)
 def test_ablation_switches_remove_exactly_their_terms(method, present, absent):
     ctx, members, batch = make_step(method)
     logs = hrp_step(ctx, members, batch)
@@ -137,12 +161,15 @@ def test_the_uniform_prior_adds_its_weighted_term_only_when_on(monkeypatch, lamb
     ctx, members, batch = make_step(method="base", lambda_prior=lambda_prior)
     member_terms = []
     member_loss = steps_module._hrp_member_loss
-    monkeypatch.setattr(steps_module, "_hrp_member_loss",
-                        lambda *a, **k: member_terms.append(member_loss(*a, **k)) or member_terms[-1])
+    monkeypatch.setattr(
+        steps_module, "_hrp_member_loss", lambda *a, **k: member_terms.append(member_loss(*a, **k)) or member_terms[-1]
+    )
     logs = hrp_step(ctx, members, batch)
     assert ("loss_prior" in logs) == (lambda_prior > 0)
-    expected = sum(t["loss_ce"] + ctx.cfg.lambda_cons * t["loss_cons"] + lambda_prior * t.get("loss_prior", 0)
-                   for t in member_terms)
+    expected = sum(
+        t["loss_ce"] + ctx.cfg.lambda_cons * t["loss_cons"] + lambda_prior * t.get("loss_prior", 0)
+        for t in member_terms
+    )
     torch.testing.assert_close(logs["loss"], expected.detach())
 
 
@@ -158,10 +185,16 @@ def test_grg_and_symmetric_ram_switches(monkeypatch):
     assert calls["hrp_sym_ram"][0]["symmetric"] and calls["hrp_sym_ram"][0]["gated"]
 
 
-@pytest.mark.parametrize("method, normalization, expected", [
-    ("hrp", None, "separate"), ("hrp", "coupled", "coupled"), ("coupled_meta", None, "coupled"),
-    ("coupled_meta", "separate", "coupled"), ("hrp_meta_weighted", "separate", "coupled"),
-])
+@pytest.mark.parametrize(
+    "method, normalization, expected",
+    [
+        ("hrp", None, "separate"),
+        ("hrp", "coupled", "coupled"),
+        ("coupled_meta", None, "coupled"),
+        ("coupled_meta", "separate", "coupled"),
+        ("hrp_meta_weighted", "separate", "coupled"),
+    ],
+)
 def test_normalization_reaches_the_meta_step(monkeypatch, method, normalization, expected):
     """The config's `normalization` (default separate, Eq. 5) reaches both networks' reliabilities; coupled_meta
     and hrp_meta_weighted fix it to coupled.
@@ -229,8 +262,9 @@ def test_meta_weighted_ce_trains_on_both_labels_with_the_chosen_networks_weights
         expected = -(alpha * log_p[rows, batch.noisy_labels] + beta * log_p[rows, pseudo]).mean()
         torch.testing.assert_close(ce_terms[k], expected)
         other = reliabilities[1 - weights_from]
-        assert not torch.allclose(expected, -(other[0] * log_p[rows, batch.noisy_labels]
-                                              + other[1] * log_p[rows, pseudo]).mean())
+        assert not torch.allclose(
+            expected, -(other[0] * log_p[rows, batch.noisy_labels] + other[1] * log_p[rows, pseudo]).mean()
+        )
 
 
 def test_meta_weighted_s_trains_only_on_s_with_each_rules_label(monkeypatch):
@@ -248,8 +282,10 @@ def test_meta_weighted_s_trains_only_on_s_with_each_rules_label(monkeypatch):
         log_p = logits[k].log_softmax(dim=1)
         alpha, beta = reliabilities[k]
         own_pseudo = logits[k].argmax(dim=1)
-        expected = -(alpha * endorsed * log_p[rows, labels] + beta * confident * log_p[rows, own_pseudo]).sum() \
+        expected = (
+            -(alpha * endorsed * log_p[rows, labels] + beta * confident * log_p[rows, own_pseudo]).sum()
             / (endorsed | confident).sum()
+        )
         torch.testing.assert_close(ce_terms[k], expected)
 
 
@@ -262,7 +298,7 @@ def test_ce_meta_step_adds_a_clean_meta_batch_with_its_true_labels():
     ctx.sample_meta_batch = lambda: drawn.append(draw()) or drawn[-1]
     forwards = record_forwards(members)
     logs = steps_module.STEPS["ce_meta"](ctx, members, batch)
-    (inputs, logits), = forwards[0]
+    ((inputs, logits),) = forwards[0]
     meta_x, meta_y = drawn[0]
     assert len(inputs) == N + len(meta_y) and torch.equal(inputs[N:], meta_x)
     expected = F.cross_entropy(logits, torch.cat([batch.noisy_labels, meta_y]))
@@ -307,8 +343,9 @@ def test_each_networks_l_ce_ram_and_cdcl_use_the_peers_reliabilities_and_pseudo_
     probs = [forwards[k][0][1][:N].softmax(dim=1) for k in range(2)]
     for k in range(2):
         peer = 1 - k
-        targets, _ = refine_targets(probs[peer], batch.noisy_labels, cfg.tau_match, cfg.tau_conf,
-                                    cfg.sharpen_temperature)
+        targets, _ = refine_targets(
+            probs[peer], batch.noisy_labels, cfg.tau_match, cfg.tau_conf, cfg.sharpen_temperature
+        )
         T = total_reliability(*reliabilities[peer], cfg.t_min, cfg.t_max)
         ce_args, mix_args, cdcl_args = ce.calls[k][0], mixup.calls[k][0], cdcl.calls[k][0]
         torch.testing.assert_close(ce_args[1], targets)
@@ -324,27 +361,33 @@ def test_each_networks_l_ce_ram_and_cdcl_use_the_peers_reliabilities_and_pseudo_
 def test_eq15_weighs_each_term_with_its_lambda_and_the_ramp(monkeypatch):
     """L = Σ_k L_CE + λ_cons L_cons + λ_prior L_prior + w(t) (L_RAM + λ_c L_CDCL), with w(t) < 1 inside the ramp
     (epoch 1.5 of warm-up 1 + ramp 2: w = 0.25) and every λ ≠ 1."""
-    ctx, members, batch = make_step(warmup_epochs=1, ramp_epochs=2, lambda_cons=0.7, lambda_c=0.3,
-                                    lambda_prior=0.4, tau_conf=0.0)
+    ctx, members, batch = make_step(
+        warmup_epochs=1, ramp_epochs=2, lambda_cons=0.7, lambda_c=0.3, lambda_prior=0.4, tau_conf=0.0
+    )
     batch.epoch = 1.5
     g = torch.Generator().manual_seed(3)
-    given_reliabilities(monkeypatch, {k: (torch.rand(N, generator=g) * 2, torch.rand(N, generator=g) * 2)
-                                      for k in range(2)})
+    given_reliabilities(
+        monkeypatch, {k: (torch.rand(N, generator=g) * 2, torch.rand(N, generator=g) * 2) for k in range(2)}
+    )
     member_terms = []
     member_loss = steps_module._hrp_member_loss
-    monkeypatch.setattr(steps_module, "_hrp_member_loss",
-                        lambda *a, **k: member_terms.append(member_loss(*a, **k)) or member_terms[-1])
+    monkeypatch.setattr(
+        steps_module, "_hrp_member_loss", lambda *a, **k: member_terms.append(member_loss(*a, **k)) or member_terms[-1]
+    )
     logs = hrp_step(ctx, members, batch)
     assert logs["ramp"].item() == pytest.approx(0.25)
-    expected = sum(t["loss_ce"] + 0.7 * t["loss_cons"] + 0.4 * t["loss_prior"]
-                   + 0.25 * (t["loss_ram"] + 0.3 * t["loss_cdcl"]) for t in member_terms)
+    expected = sum(
+        t["loss_ce"] + 0.7 * t["loss_cons"] + 0.4 * t["loss_prior"] + 0.25 * (t["loss_ram"] + 0.3 * t["loss_cdcl"])
+        for t in member_terms
+    )
     assert all(t["loss_cdcl"].item() > 0 and t["loss_ram"].item() > 0 for t in member_terms)
     torch.testing.assert_close(logs["loss"], expected.detach())
 
 
 @pytest.mark.parametrize("meta_bn", ["eval", "batch", "eval_weak_stats"])
 def test_meta_bn_reaches_the_meta_step_and_weak_stats_feeds_running_statistics_the_weak_views_only(
-        monkeypatch, meta_bn):
+    monkeypatch, meta_bn
+):
     """`meta_bn` reaches both networks' meta step; with eval_weak_stats the running statistics after the step are
     those one train-mode pass of the weak view gives (the updated weights, the statistics from before the step),
     with the others they also saw the strong view."""

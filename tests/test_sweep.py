@@ -14,18 +14,39 @@ from hrp_ood.sweep import gpu_slots_of_jobs, load_experiment, run_sweep
 from hrp_ood.sweep_report import accuracy_table, run_summary, write_accuracy_table
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_CONFIG = {"dataset": "digits", "model": "small_cnn", "device": "cpu", "meta_size": 50, "epochs": 1,
-               "batch_size": 64, "meta_batch_size": 50, "lr_milestones": [], "warmup_epochs": 1, "ramp_epochs": 0,
-               "proj_hidden_dim": 32, "proj_dim": 16, "strong_policy": "none"}
-RUNS = ["noise-sym20__method-ce__seed-0", "noise-sym20__method-hrp__seed-0",
-        "noise-sym50__method-ce__seed-0", "noise-sym50__method-hrp__seed-0"]
+TINY_CONFIG = {
+    "dataset": "digits",
+    "model": "small_cnn",
+    "device": "cpu",
+    "meta_size": 50,
+    "epochs": 1,
+    "batch_size": 64,
+    "meta_batch_size": 50,
+    "lr_milestones": [],
+    "warmup_epochs": 1,
+    "ramp_epochs": 0,
+    "proj_hidden_dim": 32,
+    "proj_dim": 16,
+    "strong_policy": "none",
+}
+RUNS = [
+    "noise-sym20__method-ce__seed-0",
+    "noise-sym20__method-hrp__seed-0",
+    "noise-sym50__method-ce__seed-0",
+    "noise-sym50__method-hrp__seed-0",
+]
 
 
 def write_experiment(folder: Path, **changes) -> Path:
-    experiment = {"config": TINY_CONFIG, "grid": {"noise": ["sym20", "sym50"], "method": ["ce", "hrp"], "seed": [0]},
-                  "out": str(folder / "out"), "retries": 0,
-                  "evaluation": {"ood": ["uniform_noise"], "postprocessors": ["msp", "ebo"]},
-                  "report": {"by": "noise", "metrics": ["auroc", "fpr95"]}, **changes}
+    experiment = {
+        "config": TINY_CONFIG,
+        "grid": {"noise": ["sym20", "sym50"], "method": ["ce", "hrp"], "seed": [0]},
+        "out": str(folder / "out"),
+        "retries": 0,
+        "evaluation": {"ood": ["uniform_noise"], "postprocessors": ["msp", "ebo"]},
+        "report": {"by": "noise", "metrics": ["auroc", "fpr95"]},
+        **changes,
+    }
     path = folder / "experiment.yaml"
     path.write_text(yaml.safe_dump(experiment, sort_keys=False))
     return path
@@ -57,8 +78,14 @@ def test_sweep_trains_evaluates_and_reports_every_grid_point(swept):
     assert summary[2].startswith("| noise | method | test_acc | test_acc_peak | test_acc_meta_selected |")
 
 
-ACCURACY_FRAME = pd.DataFrame({"noise": ["sym20", "sym20", "sym80", "sym20"], "method": ["ce", "ce", "ce", "hrp"],
-                               "seed": ["0", "1", "0", "0"], "test_acc": [90.0, 92.0, 40.0, 95.0]})
+ACCURACY_FRAME = pd.DataFrame(
+    {
+        "noise": ["sym20", "sym20", "sym80", "sym20"],
+        "method": ["ce", "ce", "ce", "hrp"],
+        "seed": ["0", "1", "0", "0"],
+        "test_acc": [90.0, 92.0, 40.0, 95.0],
+    }
+)
 
 
 def test_gpu_slots_share_gpus_round_robin_only_between_single_process_runs():
@@ -71,10 +98,12 @@ def test_gpu_slots_share_gpus_round_robin_only_between_single_process_runs():
 def test_run_summary_takes_last_peak_meta_selected_and_post_warmup_means():
     """best.pt is the first epoch of highest meta accuracy (ce_meta: the last); AUROCs average the epochs after the
     warm-up that have a value."""
-    rows = [{"epoch": "1", "acc_ensemble": "50", "meta_acc": "40", "alpha_auroc": "", "loss_auroc": "60"},
-            {"epoch": "2", "acc_ensemble": "70", "meta_acc": "65", "alpha_auroc": "55", "loss_auroc": "70"},
-            {"epoch": "3", "acc_ensemble": "60", "meta_acc": "65", "alpha_auroc": "", "loss_auroc": "80"},
-            {"epoch": "4", "acc_ensemble": "45", "meta_acc": "50", "alpha_auroc": "61", "loss_auroc": "90"}]
+    rows = [
+        {"epoch": "1", "acc_ensemble": "50", "meta_acc": "40", "alpha_auroc": "", "loss_auroc": "60"},
+        {"epoch": "2", "acc_ensemble": "70", "meta_acc": "65", "alpha_auroc": "55", "loss_auroc": "70"},
+        {"epoch": "3", "acc_ensemble": "60", "meta_acc": "65", "alpha_auroc": "", "loss_auroc": "80"},
+        {"epoch": "4", "acc_ensemble": "45", "meta_acc": "50", "alpha_auroc": "61", "loss_auroc": "90"},
+    ]
     summary = run_summary(rows, warmup_epochs=1)
     assert (summary["test_acc"], summary["test_acc_peak"], summary["test_acc_meta_selected"]) == (45, 70, 70)
     assert summary["alpha_auroc"] == 58 and summary["loss_auroc"] == 80 and math.isnan(summary["beta_auroc"])
@@ -92,8 +121,7 @@ def test_the_accuracy_table_is_written_as_latex_too(tmp_path):
     latex = write_accuracy_table(ACCURACY_FRAME, "noise", tmp_path)["accuracy_latex"].read_text().splitlines()
     assert latex[0].startswith("% Ensemble test accuracy (\\%)")
     assert latex[2:6] == [r"\begin{tabular}{lcc}", r"\toprule", r"method & sym20 & sym80 \\", r"\midrule"]
-    assert latex[6:] == [r"ce & 91.00 $\pm$ 1.41 & 40.00 \\", r"hrp & 95.00 & -- \\", r"\bottomrule",
-                         r"\end{tabular}"]
+    assert latex[6:] == [r"ce & 91.00 $\pm$ 1.41 & 40.00 \\", r"hrp & 95.00 & -- \\", r"\bottomrule", r"\end{tabular}"]
 
 
 def test_rerun_trains_nothing_and_a_missing_eval_is_redone_alone(swept, capsys):
@@ -184,25 +212,28 @@ def test_a_slurm_job_stopped_by_its_time_limit_is_requeued_with_the_same_run():
     assert again.function is job and again.args == ("experiment.yaml", "out", "noise-sym50__method-hrp__seed-0")
 
 
-@pytest.mark.parametrize("changes, words", [
-    ({"grids": {}}, "unknown top-level key 'grids'"),
-    ({"grid": {"noise": ["sym20", "sym999"]}}, "run noise-sym999"),
-    ({"grid": {"methd": ["ce"]}}, "grid key 'methd'"),
-    ({"grid": {"name": ["a"]}}, "grid key 'name'"),
-    ({"grid": {"seed": []}}, "non-empty list"),
-    ({"grid": {"method": ["ce", "nope"]}}, "unknown method 'nope'"),
-    ({"config": {"epochs": 0}}, "epochs must be"),
-    ({"evaluation": {"ood": ["nowhere"]}}, "unknown evaluation ood set 'nowhere'"),
-    ({"evaluation": {"postprocessors": ["msp", "magic"]}}, "postprocessor 'magic'"),
-    ({"evaluation": {"ood_dirs": {"mine": "/no/such/folder"}}}, "not found"),
-    ({"report": {"by": "colour"}}, "report.by"),
-    ({"report": {"metrics": ["auroc", "speed"]}}, "report metric 'speed'"),
-    ({"slurm": {"partitions": "gpu"}}, "unknown slurm key"),
-    ({"retries": -1}, "retries"),
-    ({"nproc": 0}, "nproc must be an integer of at least 1"),
-    ({"nproc": 2, "slurm": {"gpus_per_job": 1}}, "gpus_per_job is 1 but nproc is 2"),
-    ({"base": "missing.yaml"}, "not found"),
-])
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"grids": {}}, "unknown top-level key 'grids'"),
+        ({"grid": {"noise": ["sym20", "sym999"]}}, "run noise-sym999"),
+        ({"grid": {"methd": ["ce"]}}, "grid key 'methd'"),
+        ({"grid": {"name": ["a"]}}, "grid key 'name'"),
+        ({"grid": {"seed": []}}, "non-empty list"),
+        ({"grid": {"method": ["ce", "nope"]}}, "unknown method 'nope'"),
+        ({"config": {"epochs": 0}}, "epochs must be"),
+        ({"evaluation": {"ood": ["nowhere"]}}, "unknown evaluation ood set 'nowhere'"),
+        ({"evaluation": {"postprocessors": ["msp", "magic"]}}, "postprocessor 'magic'"),
+        ({"evaluation": {"ood_dirs": {"mine": "/no/such/folder"}}}, "not found"),
+        ({"report": {"by": "colour"}}, "report.by"),
+        ({"report": {"metrics": ["auroc", "speed"]}}, "report metric 'speed'"),
+        ({"slurm": {"partitions": "gpu"}}, "unknown slurm key"),
+        ({"retries": -1}, "retries"),
+        ({"nproc": 0}, "nproc must be an integer of at least 1"),
+        ({"nproc": 2, "slurm": {"gpus_per_job": 1}}, "gpus_per_job is 1 but nproc is 2"),
+        ({"base": "missing.yaml"}, "not found"),
+    ],
+)
 def test_bad_experiment_files_are_one_line_errors_and_start_nothing(changes, words, tmp_path, capsys):
     path = write_experiment(tmp_path, **changes)
     assert main(["sweep", str(path)]) == 2
@@ -238,12 +269,18 @@ def test_a_sweep_killed_mid_run_resumes_to_the_weights_of_an_uninterrupted_one(t
     experiments = {}
     for folder in ("reference", "killed"):
         (tmp_path / folder).mkdir()
-        experiments[folder] = write_experiment(tmp_path / folder, grid=grid, config={**TINY_CONFIG, "epochs": 2},
-                                               report={"plots": False})
+        experiments[folder] = write_experiment(
+            tmp_path / folder, grid=grid, config={**TINY_CONFIG, "epochs": 2}, report={"plots": False}
+        )
     assert main(["sweep", str(experiments["reference"]), "--jobs", "2"]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    sweep = subprocess.Popen([sys.executable, "-m", "hrp_ood", "sweep", str(experiments["killed"]), "--jobs", "2"],
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "hrp_ood", "sweep", str(experiments["killed"]), "--jobs", "2"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     metrics = [tmp_path / "killed" / "out" / "runs" / name / "metrics.csv" for name in names]
     try:
         deadline = time.monotonic() + 120
@@ -271,7 +308,9 @@ def test_a_run_trains_data_parallel_in_nproc_processes_then_is_evaluated_once(tm
 
     path = write_experiment(tmp_path, grid={"noise": ["sym50"], "method": ["ce"], "seed": [0]}, nproc=2)
     assert run_job(str(path), str(tmp_path / "out"), "noise-sym50__method-ce__seed-0") == (
-        "noise-sym50__method-ce__seed-0: trained and evaluated", None)
+        "noise-sym50__method-ce__seed-0: trained and evaluated",
+        None,
+    )
     run = tmp_path / "out" / "runs" / "noise-sym50__method-ce__seed-0"
     assert load_checkpoint(run / "last.pt")["world_size"] == 2
     assert (run / "metrics.csv").read_text().count("\n") == 2  # one writer: the header and epoch 1
@@ -337,8 +376,11 @@ def test_a_submitit_job_signalled_before_its_time_limit_is_requeued_and_resumes_
     from hrp_ood.sweep import SweepJob
 
     epochs = 8
-    path = write_experiment(tmp_path, config={**TINY_CONFIG, "method": "ce", "epochs": epochs, "batch_size": 128},
-                            grid={"noise": ["sym50"], "seed": [0]})
+    path = write_experiment(
+        tmp_path,
+        config={**TINY_CONFIG, "method": "ce", "epochs": epochs, "batch_size": 128},
+        grid={"noise": ["sym50"], "seed": [0]},
+    )
     experiment = load_experiment(path)
     name = "noise-sym50__seed-0"
     executor = submitit.LocalExecutor(folder=tmp_path / "submitit")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,12 +24,14 @@ from hrp_ood.method import (
 
 
 def test_refine_targets_rules_in_order():
-    probs = torch.tensor([
-        [0.60, 0.30, 0.10],  # argmax = ỹ = 0                  → endorsed, one-hot 0
-        [0.45, 0.35, 0.20],  # ỹ = 1, p[ỹ] = 0.35 ≥ τ_match=0.3 → endorsed, one-hot 1
-        [0.97, 0.02, 0.01],  # ỹ = 2, peer confident           → one-hot 0
-        [0.50, 0.10, 0.40],  # ỹ = 1, neither                   → sharpened p
-    ])
+    probs = torch.tensor(
+        [
+            [0.60, 0.30, 0.10],  # argmax = ỹ = 0                  → endorsed, one-hot 0
+            [0.45, 0.35, 0.20],  # ỹ = 1, p[ỹ] = 0.35 ≥ τ_match=0.3 → endorsed, one-hot 1
+            [0.97, 0.02, 0.01],  # ỹ = 2, peer confident           → one-hot 0
+            [0.50, 0.10, 0.40],  # ỹ = 1, neither                   → sharpened p
+        ]
+    )
     noisy = torch.tensor([0, 1, 2, 1])
     targets, high_conf = refine_targets(probs, noisy, tau_match=0.3, tau_conf=0.95, sharpen_temperature=0.5)
     assert high_conf.tolist() == [True, True, True, False]
@@ -40,8 +41,9 @@ def test_refine_targets_rules_in_order():
 
 
 def test_refine_targets_sharpening_survives_tiny_temperature():
-    targets, _ = refine_targets(torch.tensor([[0.5, 0.3, 0.2]]), torch.tensor([1]), tau_match=0.9,
-                                tau_conf=0.99, sharpen_temperature=0.01)
+    targets, _ = refine_targets(
+        torch.tensor([[0.5, 0.3, 0.2]]), torch.tensor([1]), tau_match=0.9, tau_conf=0.99, sharpen_temperature=0.01
+    )
     torch.testing.assert_close(targets, torch.tensor([[1.0, 0.0, 0.0]]))
 
 
@@ -61,8 +63,10 @@ def test_reweighted_ce_matches_loop_reference():
     gamma = 0.5
     members = [i for i in range(6) if high_conf[i]]
     mean_T = sum(T[i].item() for i in members) / len(members)
-    expected = sum((1 + gamma * (T[i].item() / mean_T - 1))
-                   * -(targets[i] * logits[i].detach().log_softmax(0)).sum().item() for i in members) / len(members)
+    expected = sum(
+        (1 + gamma * (T[i].item() / mean_T - 1)) * -(targets[i] * logits[i].detach().log_softmax(0)).sum().item()
+        for i in members
+    ) / len(members)
     loss = reweighted_ce(logits, targets, T, high_conf, gamma)
     assert abs(loss.item() - expected) < 1e-12
     loss.backward()
@@ -95,7 +99,7 @@ def test_consistency_loss_is_kl_weak_to_strong_with_stopgrad():
 
 def test_gce_known_values():
     # Uniform prediction over C classes: p_y = 1/C, loss = (1 − C^−q)/q.
-    assert gce_loss(torch.zeros(3, 4), torch.tensor([0, 1, 3]), q=0.7).item() == pytest.approx((1 - 4 ** -0.7) / 0.7)
+    assert gce_loss(torch.zeros(3, 4), torch.tensor([0, 1, 3]), q=0.7).item() == pytest.approx((1 - 4**-0.7) / 0.7)
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
     p = logits.softmax(1)
     expected = ((1 - p[0, 0] ** 0.5) / 0.5 + (1 - p[1, 0] ** 0.5) / 0.5) / 2
@@ -164,8 +168,14 @@ def test_prior_penalty_stays_finite_when_a_class_underflows():
     logits = torch.tensor([[0.0, 0.0, -200.0], [0.0, 1.0, -200.0]])
     penalty = prior_penalty(logits)
     assert torch.isfinite(penalty) and penalty.item() > 60
-    expected = (torch.full((3,), 1 / 3, dtype=torch.float64) * (torch.log(torch.tensor(1 / 3, dtype=torch.float64))
-                - torch.logsumexp(logits.double().log_softmax(1), 0) + math.log(2))).sum()
+    expected = (
+        torch.full((3,), 1 / 3, dtype=torch.float64)
+        * (
+            torch.log(torch.tensor(1 / 3, dtype=torch.float64))
+            - torch.logsumexp(logits.double().log_softmax(1), 0)
+            + math.log(2)
+        )
+    ).sum()
     assert penalty.item() == pytest.approx(expected.item(), rel=1e-5)
 
 

@@ -4,16 +4,36 @@ import csv
 
 import pytest
 import torch
-
 from fakes import write_cifar10, write_image_folder
+
 from hrp_ood.checkpoint import load_checkpoint
 from hrp_ood.cli import main
 from hrp_ood.config import METHODS
 from hrp_ood.data.noise import load_noise
 
-TINY = ["--model", "small_cnn", "--batch-size", "32", "--meta-size", "20", "--set", "meta_batch_size=16",
-        "--set", "warmup_epochs=1", "--set", "ramp_epochs=1", "--set", "lr_milestones=[1]",
-        "--set", "proj_hidden_dim=32", "--set", "proj_dim=16", "--set", "tau_conf=0.3", "--no-progress"]
+TINY = [
+    "--model",
+    "small_cnn",
+    "--batch-size",
+    "32",
+    "--meta-size",
+    "20",
+    "--set",
+    "meta_batch_size=16",
+    "--set",
+    "warmup_epochs=1",
+    "--set",
+    "ramp_epochs=1",
+    "--set",
+    "lr_milestones=[1]",
+    "--set",
+    "proj_hidden_dim=32",
+    "--set",
+    "proj_dim=16",
+    "--set",
+    "tau_conf=0.3",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +49,20 @@ def read_metrics(run):
 
 
 def test_train_two_epochs_on_cifar_pickles_then_resume(cifar_root, tmp_path, capsys):
-    args = ["train", "--data-root", str(cifar_root), "--noise", "sym50", "--epochs", "2",
-            "--out-dir", str(tmp_path), "--name", "run", *TINY]
+    args = [
+        "train",
+        "--data-root",
+        str(cifar_root),
+        "--noise",
+        "sym50",
+        "--epochs",
+        "2",
+        "--out-dir",
+        str(tmp_path),
+        "--name",
+        "run",
+        *TINY,
+    ]
     assert main(args) == 0
     run = tmp_path / "run"
     for name in ("config.yaml", "noise.npz", "meta_indices.npz", "metrics.csv", "train.log", "last.pt", "best.pt"):
@@ -38,8 +70,23 @@ def test_train_two_epochs_on_cifar_pickles_then_resume(cifar_root, tmp_path, cap
     rows = read_metrics(run)
     assert [r["epoch"] for r in rows] == ["1", "2"]
     hrp_row = rows[1]  # epoch 2 is past the warm-up: every HRP term is logged
-    for column in ("loss_ce", "loss_cons", "loss_ram", "loss_cdcl", "loss_prior", "alpha", "beta", "T", "gate",
-                   "alpha_auroc", "T_auroc", "acc_net1", "acc_net2", "acc_ensemble", "lr"):
+    for column in (
+        "loss_ce",
+        "loss_cons",
+        "loss_ram",
+        "loss_cdcl",
+        "loss_prior",
+        "alpha",
+        "beta",
+        "T",
+        "gate",
+        "alpha_auroc",
+        "T_auroc",
+        "acc_net1",
+        "acc_net2",
+        "acc_ensemble",
+        "lr",
+    ):
         assert column in hrp_row and hrp_row[column] != "", column
     assert 0 <= float(hrp_row["acc_ensemble"]) <= 100
     noisy, clean, _ = load_noise(run / "noise.npz")
@@ -47,8 +94,9 @@ def test_train_two_epochs_on_cifar_pickles_then_resume(cifar_root, tmp_path, cap
 
     before = load_checkpoint(run / "last.pt")
     assert before["epoch"] == 2 and len(before["nets"]) == 2
-    assert main(["train", "--out-dir", str(tmp_path), "--name", "run", "--resume", "--epochs", "3",
-                 "--no-progress"]) == 0
+    assert (
+        main(["train", "--out-dir", str(tmp_path), "--name", "run", "--resume", "--epochs", "3", "--no-progress"]) == 0
+    )
     after = load_checkpoint(run / "last.pt")
     assert after["epoch"] == 3
     assert [r["epoch"] for r in read_metrics(run)] == ["1", "2", "3"]
@@ -58,15 +106,41 @@ def test_train_two_epochs_on_cifar_pickles_then_resume(cifar_root, tmp_path, cap
 
 
 def test_diagnostics_columns_signals_file_and_meta_selected_best(cifar_root, tmp_path):
-    args = ["train", "--data-root", str(cifar_root), "--noise", "sym50", "--epochs", "3", "--out-dir", str(tmp_path),
-            "--name", "diag", "--set", "signals_every=2", "--set", "reliability_momentum=0.5", *TINY]
+    args = [
+        "train",
+        "--data-root",
+        str(cifar_root),
+        "--noise",
+        "sym50",
+        "--epochs",
+        "3",
+        "--out-dir",
+        str(tmp_path),
+        "--name",
+        "diag",
+        "--set",
+        "signals_every=2",
+        "--set",
+        "reliability_momentum=0.5",
+        *TINY,
+    ]
     assert main(args) == 0
     run = tmp_path / "diag"
     warmup, hrp = read_metrics(run)[0], read_metrics(run)[1]
     # warm-up (CE): the loss signal applies, the reliabilities do not and are left empty (never "nan")
     assert warmup["loss_auroc"] != "" and warmup["alpha_auroc"] == "" and warmup["beta_pseudo_auroc"] == ""
-    for column in ("alpha_auroc", "T_auroc", "loss_auroc", "beta_pseudo_auroc", "pseudo_acc", "targets_S_class_max",
-                   "ram_lambda_clean_noisy", "cdcl_purity", "meta_acc", "test_pred_class_max"):
+    for column in (
+        "alpha_auroc",
+        "T_auroc",
+        "loss_auroc",
+        "beta_pseudo_auroc",
+        "pseudo_acc",
+        "targets_S_class_max",
+        "ram_lambda_clean_noisy",
+        "cdcl_purity",
+        "meta_acc",
+        "test_pred_class_max",
+    ):
         assert hrp[column] != "", column
     assert "nan" not in (run / "metrics.csv").read_text()
     assert sorted(p.name for p in (run / "signals").iterdir()) == ["epoch_0002.npz", "epoch_0003.npz"]
@@ -85,17 +159,57 @@ def test_diagnostics_columns_signals_file_and_meta_selected_best(cifar_root, tmp
 def test_train_on_an_image_folder(tmp_path):
     root = tmp_path / "folder"
     write_image_folder(root, classes=("a", "b", "c"), n_per_class=30, size=32)
-    assert main(["train", "--dataset", "folder", "--data-root", str(root), "--noise", "sym20", "--epochs", "2",
-                 "--out-dir", str(tmp_path / "runs"), "--name", "f", "--meta-size", "9",
-                 *TINY[:2], "--batch-size", "16", *TINY[6:]]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "folder",
+                "--data-root",
+                str(root),
+                "--noise",
+                "sym20",
+                "--epochs",
+                "2",
+                "--out-dir",
+                str(tmp_path / "runs"),
+                "--name",
+                "f",
+                "--meta-size",
+                "9",
+                *TINY[:2],
+                "--batch-size",
+                "16",
+                *TINY[6:],
+            ]
+        )
+        == 0
+    )
     state = load_checkpoint(tmp_path / "runs" / "f" / "last.pt")
     assert state["dataset"]["classes"] == ["a", "b", "c"]
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_trains(method, cifar_root, tmp_path, capsys):
-    assert main(["train", "--data-root", str(cifar_root), "--method", method, "--epochs", "2",
-                 "--out-dir", str(tmp_path), "--name", method, *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data-root",
+                str(cifar_root),
+                "--method",
+                method,
+                "--epochs",
+                "2",
+                "--out-dir",
+                str(tmp_path),
+                "--name",
+                method,
+                *TINY,
+            ]
+        )
+        == 0
+    )
     state = load_checkpoint(tmp_path / method / "last.pt")
     assert len(state["nets"]) == (2 if METHODS[method].dual else 1)
     weights = torch.cat([p.flatten() for p in state["nets"][0].values() if p.is_floating_point()])
@@ -107,8 +221,20 @@ def test_every_method_trains(method, cifar_root, tmp_path, capsys):
 
 
 def test_existing_run_folder_is_not_overwritten_silently(cifar_root, tmp_path, capsys):
-    args = ["train", "--data-root", str(cifar_root), "--epochs", "1", "--out-dir", str(tmp_path), "--name", "r",
-            "--method", "ce", *TINY]
+    args = [
+        "train",
+        "--data-root",
+        str(cifar_root),
+        "--epochs",
+        "1",
+        "--out-dir",
+        str(tmp_path),
+        "--name",
+        "r",
+        "--method",
+        "ce",
+        *TINY,
+    ]
     assert main(args) == 0
     stamp = (tmp_path / "r" / "last.pt").stat().st_mtime_ns
     assert main(args) == 2
@@ -117,12 +243,15 @@ def test_existing_run_folder_is_not_overwritten_silently(cifar_root, tmp_path, c
     assert main([*args, "--overwrite"]) == 0
 
 
-@pytest.mark.parametrize("flags, words", [
-    (["--noise", "sym120"], "sym120"),
-    (["--noise", "foo40"], "foo40"),
-    (["--set", "kappaa=3"], "did you mean 'kappa'"),
-    (["--method", "hrpp"], "unknown method"),
-])
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--noise", "sym120"], "sym120"),
+        (["--noise", "foo40"], "foo40"),
+        (["--set", "kappaa=3"], "did you mean 'kappa'"),
+        (["--method", "hrpp"], "unknown method"),
+    ],
+)
 def test_bad_input_is_a_one_line_error(flags, words, cifar_root, tmp_path, capsys):
     assert main(["train", "--data-root", str(cifar_root), "--out-dir", str(tmp_path), *TINY, *flags]) == 2
     err = capsys.readouterr().err.strip()
@@ -131,8 +260,7 @@ def test_bad_input_is_a_one_line_error(flags, words, cifar_root, tmp_path, capsy
 
 
 def test_missing_dataset_names_the_files(tmp_path, capsys):
-    assert main(["train", "--data-root", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "runs"),
-                 *TINY]) == 2
+    assert main(["train", "--data-root", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "runs"), *TINY]) == 2
     assert "cifar-10-batches-py" in capsys.readouterr().err
 
 
@@ -153,8 +281,7 @@ def nan_cross_entropy(monkeypatch):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cifar_root, tmp_path, capsys, monkeypatch):
-    args = ["train", "--data-root", str(cifar_root), "--method", "ce", "--out-dir", str(tmp_path), "--name", "r",
-            *TINY]
+    args = ["train", "--data-root", str(cifar_root), "--method", "ce", "--out-dir", str(tmp_path), "--name", "r", *TINY]
     assert main([*args, "--epochs", "1"]) == 0
     good = (tmp_path / "r" / "last.pt").read_bytes()
     nan_cross_entropy(monkeypatch)
@@ -165,8 +292,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cifar_root, tm
 
 
 def test_non_finite_steps_can_be_skipped_and_counted(cifar_root, tmp_path, monkeypatch):
-    args = ["train", "--data-root", str(cifar_root), "--method", "ce", "--out-dir", str(tmp_path), "--name", "r",
-            *TINY]
+    args = ["train", "--data-root", str(cifar_root), "--method", "ce", "--out-dir", str(tmp_path), "--name", "r", *TINY]
     assert main([*args, "--epochs", "1"]) == 0
     before = load_checkpoint(tmp_path / "r" / "last.pt")["nets"][0]
     nan_cross_entropy(monkeypatch)
@@ -175,8 +301,9 @@ def test_non_finite_steps_can_be_skipped_and_counted(cifar_root, tmp_path, monke
     steps = (200 - 20) // 32
     assert rows[1]["skipped_steps"] == str(steps)
     after = load_checkpoint(tmp_path / "r" / "last.pt")["nets"][0]
-    assert all(torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point()
-               and "running" not in k), "a skipped step leaves the weights alone"
+    assert all(
+        torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point() and "running" not in k
+    ), "a skipped step leaves the weights alone"
 
 
 def test_compile_and_channels_last_are_opt_in(cifar_root, tmp_path, monkeypatch):
@@ -187,8 +314,27 @@ def test_compile_and_channels_last_are_opt_in(cifar_root, tmp_path, monkeypatch)
         return module
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    assert main(["train", "--data-root", str(cifar_root), "--epochs", "1", "--out-dir", str(tmp_path), "--name", "c",
-                 *TINY, "--set", "compile=true", "--set", "channels_last=true"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data-root",
+                str(cifar_root),
+                "--epochs",
+                "1",
+                "--out-dir",
+                str(tmp_path),
+                "--name",
+                "c",
+                *TINY,
+                "--set",
+                "compile=true",
+                "--set",
+                "channels_last=true",
+            ]
+        )
+        == 0
+    )
     assert len(compiled) == 2, "both networks' training passes are compiled"
     conv_weights = [p for m in compiled for p in m.parameters() if p.dim() == 4]
     assert conv_weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights)

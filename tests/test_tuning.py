@@ -4,21 +4,21 @@ the values chosen on a validation split equal that rule applied to independently
 
 from __future__ import annotations
 
+import fakes
 import numpy as np
 import pytest
 import torch
+from hrp_ood.postprocessors import create_postprocessor, list_postprocessors
 from scipy.spatial.distance import cdist
 from scipy.special import logsumexp
 from sklearn.metrics import roc_auc_score
+from test_evaluate import MEAN, SIZE, STD, CountingNet, _bundle, _ood, _reference_outputs, _uint8
+from test_postprocessors import reference_odin
 
 from hrp_ood.errors import UserError
 from hrp_ood.eval.evaluate import run_evaluation
 from hrp_ood.eval.tuning import openood_candidates, openood_choice, search_openood
 from hrp_ood.eval.validation import ValidationImages
-from hrp_ood.postprocessors import create_postprocessor, list_postprocessors
-import fakes
-from test_evaluate import MEAN, SIZE, STD, CountingNet, _bundle, _ood, _reference_outputs, _uint8
-from test_postprocessors import reference_odin
 
 # postprocessor_sweep of OpenOOD v1.5's configs/postprocessors/<name>.yml for the methods whose search changes
 # the scores (APS_mode True); ebo's list is under APS_mode False and vim's set_hyperparam cannot change its scores.
@@ -60,11 +60,14 @@ def test_every_postprocessor_declares_openood_v15s_grid():
 @pytest.mark.parametrize("sweep", [OPENOOD_V15_SWEEPS["odin"], {"a": (1, 2), "b": ("x", "y", "z"), "c": (0.5, 7)}])
 def test_candidates_come_in_the_order_of_openoods_recursive_generator(sweep):
     names = list(sweep)
-    expected = [dict(zip(names, values)) for values in recursive_generator([list(v) for v in sweep.values()],
-                                                                            len(names))]
+    expected = [
+        dict(zip(names, values)) for values in recursive_generator([list(v) for v in sweep.values()], len(names))
+    ]
     assert openood_candidates(sweep) == expected
-    assert openood_candidates(OPENOOD_V15_SWEEPS["odin"])[:2] == [{"temperature": 1, "noise": 0.0014},
-                                                                  {"temperature": 10, "noise": 0.0014}]
+    assert openood_candidates(OPENOOD_V15_SWEEPS["odin"])[:2] == [
+        {"temperature": 1, "noise": 0.0014},
+        {"temperature": 10, "noise": 0.0014},
+    ]
 
 
 @pytest.mark.parametrize("aurocs", [[0.6, 0.9, 0.9, 0.7], [0.9, 0.6, 0.9], [0.3, 0.2, 0.31], [0.5], [0.7, 0.8, 0.8]])
@@ -106,32 +109,39 @@ def _validation() -> ValidationImages:
 def _reference_val_scores(net, bundle, validation, name: str, params: dict) -> tuple[np.ndarray, np.ndarray]:
     """Scores of one candidate computed from scratch (numpy / scipy / OpenOOD's ODIN procedure)."""
     weight, bias = (v.astype(np.float64) for v in net.get_fc())
-    (id_logits, id_features), (ood_logits, ood_features) = (_reference_outputs(net, images) for images in
-                                                            (validation.id_images, validation.ood_images))
+    (id_logits, id_features), (ood_logits, ood_features) = (
+        _reference_outputs(net, images) for images in (validation.id_images, validation.ood_images)
+    )
     if name == "react":  # threshold: the percentile of the ID-val activations, as OpenOOD's ReAct
         threshold = np.percentile(id_features, params["percentile"])
         return tuple(logsumexp(np.minimum(f, threshold) @ weight.T + bias, axis=1) for f in (id_features, ood_features))
     if name == "knn":
         bank = _reference_outputs(net, bundle.train_images)[1]
         unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
-        return tuple(-np.sort(cdist(unit(f), unit(bank), "sqeuclidean"), axis=1)[:, params["K"] - 1]
-                     for f in (id_features, ood_features))
+        return tuple(
+            -np.sort(cdist(unit(f), unit(bank), "sqeuclidean"), axis=1)[:, params["K"] - 1]
+            for f in (id_features, ood_features)
+        )
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
-    return tuple(reference_odin(net.eval(), (images.float() / 255 - mean) / std, params["temperature"],
-                                params["noise"], STD) for images in (validation.id_images, validation.ood_images))
+    return tuple(
+        reference_odin(net.eval(), (images.float() / 255 - mean) / std, params["temperature"], params["noise"], STD)
+        for images in (validation.id_images, validation.ood_images)
+    )
 
 
-@pytest.mark.parametrize("name, grid, make_net", [("react", None, relu_net), ("odin", None, relu_net),
-                                                  ("knn", {"K": (5, 10, 20, 40, 80)}, CountingNet)])
-def test_tuned_values_equal_openoods_rule_on_independent_validation_scores(tmp_path, monkeypatch, name, grid,
-                                                                           make_net):
+@pytest.mark.parametrize(
+    "name, grid, make_net",
+    [("react", None, relu_net), ("odin", None, relu_net), ("knn", {"K": (5, 10, 20, 40, 80)}, CountingNet)],
+)
+def test_tuned_values_equal_openoods_rule_on_independent_validation_scores(tmp_path, monkeypatch, name, grid, make_net):
     """knn's grid is scaled down with the 90-sample training bank (OpenOOD's K up to 1000 needs ≥ 1000); it runs
     on tanh features, which are never all zero (OpenOOD's normaliser turns a zero feature into NaN)."""
     if grid is not None:
         monkeypatch.setattr(type(create_postprocessor(name)), "openood_sweep", grid)
     net, bundle, validation = make_net(), _bundle(), _validation()
-    result = run_evaluation(net, bundle, _ood(), [name], cache_dir=tmp_path, cache_key="ck", batch_size=32,
-                            validation=validation, tune=True)
+    result = run_evaluation(
+        net, bundle, _ood(), [name], cache_dir=tmp_path, cache_key="ck", batch_size=32, validation=validation, tune=True
+    )
     sweep = grid or OPENOOD_V15_SWEEPS[name]
     combinations = recursive_generator([list(v) for v in sweep.values()], len(sweep))
     is_ood = np.r_[np.zeros(60), np.ones(50)]
@@ -152,8 +162,9 @@ def test_tuned_values_equal_openoods_rule_on_independent_validation_scores(tmp_p
 
 def test_react_fits_on_id_val_when_there_is_one_and_says_so(tmp_path):
     net, bundle, validation = relu_net(), _bundle(), _validation()
-    with_val = run_evaluation(net, bundle, _ood(), ["react", "knn"], cache_dir=tmp_path, cache_key="ck",
-                              validation=validation)
+    with_val = run_evaluation(
+        net, bundle, _ood(), ["react", "knn"], cache_dir=tmp_path, cache_key="ck", validation=validation
+    )
     without = run_evaluation(net, bundle, _ood(), ["react", "knn"], cache_dir=tmp_path, cache_key="ck")
     assert with_val.settings["fit_on"] == {"react": "id_val", "knn": "id_train"}
     assert without.settings["fit_on"] == {"react": "id_train", "knn": "id_train"}
@@ -163,8 +174,10 @@ def test_react_fits_on_id_val_when_there_is_one_and_says_so(tmp_path):
         threshold = np.percentile(_reference_outputs(net, fit_images)[1], 90)
         expected = logsumexp(np.minimum(test_features, threshold) @ weight.T + bias, axis=1)
         np.testing.assert_allclose(result.scores["react/id"], expected, rtol=1e-5)
-    assert with_val.settings["validation"] == {"id": {"source": "id-val", "images": 60},
-                                               "ood": {"source": "ood-val", "images": 50}}
+    assert with_val.settings["validation"] == {
+        "id": {"source": "id-val", "images": 60},
+        "ood": {"source": "ood-val", "images": 50},
+    }
     assert without.settings["tuning"] == {"enabled": False, "openood_would_tune": ["react", "knn"]}
 
 
@@ -172,5 +185,13 @@ def test_tuning_without_both_validation_parts_is_a_user_error(tmp_path):
     only_id = ValidationImages(_uint8(10, 1), None, {"id": "x"})
     for validation in (None, only_id):
         with pytest.raises(UserError, match="both ID-val and OOD-val"):
-            run_evaluation(relu_net(), _bundle(), _ood(), ["react"], cache_dir=tmp_path, cache_key="ck",
-                           validation=validation, tune=True)
+            run_evaluation(
+                relu_net(),
+                _bundle(),
+                _ood(),
+                ["react"],
+                cache_dir=tmp_path,
+                cache_key="ck",
+                validation=validation,
+                tune=True,
+            )

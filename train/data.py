@@ -58,25 +58,34 @@ class TrainingData:
 def _noisy_labels(cfg: TrainConfig, clean: np.ndarray, num_classes: int, coarse: np.ndarray | None) -> np.ndarray:
     if cfg.noisy_labels:
         return load_label_file(cfg.noisy_labels, num_classes, len(clean), key=cfg.noisy_labels_key)
-    return make_noisy_labels(clean, num_classes, parse_noise(cfg.noise), cfg.seed,
-                             dataset=cfg.dataset, coarse_labels=coarse)
+    return make_noisy_labels(
+        clean, num_classes, parse_noise(cfg.noise), cfg.seed, dataset=cfg.dataset, coarse_labels=coarse
+    )
 
 
 def check_sizes(cfg: TrainConfig, num_classes: int, num_train: int) -> None:
     """The meta set holds every class (or, for a method that does not use it, is empty: meta_size 0), and a
     training batch fits in what the meta set leaves."""
     if cfg.meta_size < num_classes and (cfg.meta_size > 0 or cfg.spec.needs_meta_set):
-        zero = "" if cfg.spec.needs_meta_set else f", or --meta-size 0 to train {cfg.method} on the whole training split"
-        raise UserError(f"meta_size {cfg.meta_size} is smaller than the {num_classes} classes of {cfg.dataset}: the "
-                        f"clean meta set needs every class; use --meta-size {num_classes} or more{zero}")
+        zero = (
+            "" if cfg.spec.needs_meta_set else f", or --meta-size 0 to train {cfg.method} on the whole training split"
+        )
+        raise UserError(
+            f"meta_size {cfg.meta_size} is smaller than the {num_classes} classes of {cfg.dataset}: the "
+            f"clean meta set needs every class; use --meta-size {num_classes} or more{zero}"
+        )
     left = num_train - cfg.meta_size
     if left <= 0:
-        raise UserError(f"meta_size {cfg.meta_size} leaves none of the {num_train} images of {cfg.dataset} to train "
-                        "on; lower --meta-size")
+        raise UserError(
+            f"meta_size {cfg.meta_size} leaves none of the {num_train} images of {cfg.dataset} to train "
+            "on; lower --meta-size"
+        )
     if cfg.batch_size > left:
-        raise UserError(f"batch_size {cfg.batch_size} exceeds the {left} training images left after the "
-                        f"{cfg.meta_size}-image meta set ({num_train} in {cfg.dataset}); lower --batch-size "
-                        "or --meta-size")
+        raise UserError(
+            f"batch_size {cfg.batch_size} exceeds the {left} training images left after the "
+            f"{cfg.meta_size}-image meta set ({num_train} in {cfg.dataset}); lower --batch-size "
+            "or --meta-size"
+        )
 
 
 def prepare_training_data(cfg: TrainConfig, run_dir: Path, device: torch.device) -> TrainingData:
@@ -91,8 +100,10 @@ def prepare_training_data(cfg: TrainConfig, run_dir: Path, device: torch.device)
     if noise_path.exists():
         noisy, saved_clean, _ = load_noise(noise_path)
         if len(noisy) != len(clean) or not np.array_equal(saved_clean, clean):
-            raise UserError(f"{noise_path} does not belong to dataset {cfg.dataset!r} at {cfg.data_root}; "
-                            "point --data-root at the run's dataset or start a new run")
+            raise UserError(
+                f"{noise_path} does not belong to dataset {cfg.dataset!r} at {cfg.data_root}; "
+                "point --data-root at the run's dataset or start a new run"
+            )
     else:
         noisy = _noisy_labels(cfg, clean, bundle.num_classes, bundle.train_coarse_labels)
         save_noise(noise_path, noisy, clean, spec="file" if cfg.noisy_labels else cfg.noise, seed=cfg.seed)
@@ -102,13 +113,21 @@ def prepare_training_data(cfg: TrainConfig, run_dir: Path, device: torch.device)
         split = load_indices(meta_path)
         meta_idx, train_idx = split["meta_indices"], split["train_indices"]
     else:
-        meta_idx, train_idx = split_meta_set(clean, bundle.num_classes, cfg.meta_size, cfg.seed,
-                                             balanced=cfg.meta_balanced)
+        meta_idx, train_idx = split_meta_set(
+            clean, bundle.num_classes, cfg.meta_size, cfg.seed, balanced=cfg.meta_balanced
+        )
         save_indices(meta_path, meta_indices=meta_idx, train_indices=train_idx)
 
     rate = realised_noise_rate(noisy[train_idx], clean[train_idx])
-    log.info("dataset %s: %d train / %d meta / %d test, %d classes; realised label-noise rate %.4f",
-             bundle.name, len(train_idx), len(meta_idx), len(bundle.test_labels), bundle.num_classes, rate)
+    log.info(
+        "dataset %s: %d train / %d meta / %d test, %d classes; realised label-noise rate %.4f",
+        bundle.name,
+        len(train_idx),
+        len(meta_idx),
+        len(bundle.test_labels),
+        bundle.num_classes,
+        rate,
+    )
 
     def labels(a: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.asarray(a, dtype=np.int64), device=device)
@@ -116,11 +135,17 @@ def prepare_training_data(cfg: TrainConfig, run_dir: Path, device: torch.device)
     train_t = torch.as_tensor(train_idx)
     meta_t = torch.as_tensor(meta_idx)
     return TrainingData(
-        dataset=bundle.name, classes=list(bundle.classes), mean=tuple(bundle.mean), std=tuple(bundle.std),
+        dataset=bundle.name,
+        classes=list(bundle.classes),
+        mean=tuple(bundle.mean),
+        std=tuple(bundle.std),
         image_size=bundle.image_size,
         images=bundle.train_images[train_t].to(device),
-        noisy_labels=labels(noisy[train_idx]), clean_labels=labels(clean[train_idx]),
-        meta_images=bundle.train_images[meta_t].to(device), meta_labels=labels(clean[meta_idx]),
-        test_images=bundle.test_images.to(device), test_labels=labels(bundle.test_labels),
+        noisy_labels=labels(noisy[train_idx]),
+        clean_labels=labels(clean[train_idx]),
+        meta_images=bundle.train_images[meta_t].to(device),
+        meta_labels=labels(clean[meta_idx]),
+        test_images=bundle.test_images.to(device),
+        test_labels=labels(bundle.test_labels),
         noise_rate=rate,
     )

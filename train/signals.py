@@ -54,10 +54,12 @@ def class_share_max(counts: torch.Tensor) -> float:
 
 
 class EpochSignals:
-    def __init__(self, num_samples: int, num_classes: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32):
-        self.values = {name: torch.full((num_samples,), float("nan"), device=device, dtype=dtype)
-                       for name in PER_SAMPLE}
+    def __init__(
+        self, num_samples: int, num_classes: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ):
+        self.values = {
+            name: torch.full((num_samples,), float("nan"), device=device, dtype=dtype) for name in PER_SAMPLE
+        }
         self.class_counts = {name: torch.zeros(num_classes, device=device) for name in ("targets_S",)}
         self.lambdas: list[torch.Tensor] = []  # rows (λ, pair type)
 
@@ -66,14 +68,15 @@ class EpochSignals:
 
     def count_classes(self, name: str, labels: torch.Tensor) -> None:
         self.class_counts[name] += torch.bincount(labels, minlength=self.class_counts[name].numel()).to(
-            self.class_counts[name].dtype)
+            self.class_counts[name].dtype
+        )
 
     def add_lambdas(self, lam: torch.Tensor, first_clean: torch.Tensor, second_clean: torch.Tensor) -> None:
         kept = sum(len(rows) for rows in self.lambdas)
         if kept >= LAMBDA_SAMPLES:
             return
         pair_type = 2 * (~first_clean).long() + (~second_clean).long()  # index into PAIR_TYPES
-        self.lambdas.append(torch.stack([lam.detach().float(), pair_type.float()], dim=1)[:LAMBDA_SAMPLES - kept])
+        self.lambdas.append(torch.stack([lam.detach().float(), pair_type.float()], dim=1)[: LAMBDA_SAMPLES - kept])
 
     def merged(self) -> "EpochSignals":
         """Every rank's per-sample values and class counts combined (identity in one process)."""

@@ -14,13 +14,14 @@ are rank-local (the trainer averages them over ranks), the non-finite check is g
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from hrp_ood.train.signals import EpochSignals, batch_auroc
 from torch import nn
 
 from hrp_ood.config import TrainConfig
@@ -28,8 +29,8 @@ from hrp_ood.data.augment import BatchAugment
 from hrp_ood.distributed import broadcast_from_main, global_sum, rank, world_size
 from hrp_ood.method import (
     ReliabilityMemory,
-    consistency_loss,
     cdcl_loss,
+    consistency_loss,
     coteaching_forget_rate,
     coteaching_select,
     gce_loss,
@@ -46,7 +47,6 @@ from hrp_ood.method import (
 )
 from hrp_ood.method.reliability import Reliabilities
 from hrp_ood.models import frozen_batchnorm_stats
-from hrp_ood.train.signals import EpochSignals, batch_auroc
 
 
 @dataclass
@@ -151,12 +151,13 @@ def ce_meta_step(ctx: StepContext, members: list[Member], batch: StepInputs) -> 
     return _ce_update(ctx, members, batch, x, torch.cat([batch.noisy_labels, meta_y]))
 
 
-def _ce_update(ctx: StepContext, members: list[Member], batch: StepInputs, x: torch.Tensor,
-               labels: torch.Tensor) -> dict[str, torch.Tensor]:
+def _ce_update(
+    ctx: StepContext, members: list[Member], batch: StepInputs, x: torch.Tensor, labels: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """One step of every network on the mean CE of (x, labels), whose first rows are the training batch."""
     with ctx.autocast():
         per_sample = [F.cross_entropy(m.forward(x).float(), labels, reduction="none") for m in members]
-    _record_loss(ctx, batch, [ps[:len(batch.noisy_labels)] for ps in per_sample])
+    _record_loss(ctx, batch, [ps[: len(batch.noisy_labels)] for ps in per_sample])
     loss = torch.stack([ps.mean() for ps in per_sample]).sum()
     _update(ctx, members, loss, {"loss_ce": loss})
     return {"loss": loss.detach(), "loss_ce": loss.detach() / len(members)}
@@ -182,8 +183,7 @@ def coteach_step(ctx: StepContext, members: list[Member], batch: StepInputs) -> 
     keep_a, keep_b = coteaching_select(per_sample[0].detach(), per_sample[1].detach(), rate)
     loss = per_sample[0][keep_a].mean() + per_sample[1][keep_b].mean()
     _update(ctx, members, loss, {"loss_ce": loss})
-    return {"loss": loss.detach(), "loss_ce": loss.detach() / 2,
-            "forget_rate": torch.tensor(rate, device=loss.device)}
+    return {"loss": loss.detach(), "loss_ce": loss.detach() / 2, "forget_rate": torch.tensor(rate, device=loss.device)}
 
 
 def _record_loss(ctx: StepContext, batch: StepInputs, per_sample: list[torch.Tensor]) -> None:
@@ -192,25 +192,44 @@ def _record_loss(ctx: StepContext, batch: StepInputs, per_sample: list[torch.Ten
         ctx.signals.record("loss", batch.index, torch.stack(per_sample).detach().mean(dim=0))
 
 
-def _reliabilities(ctx: StepContext, k: int, member: Member, x_weak: torch.Tensor, batch: StepInputs,
-                   pseudo: torch.Tensor) -> Reliabilities | None:
+def _reliabilities(
+    ctx: StepContext, k: int, member: Member, x_weak: torch.Tensor, batch: StepInputs, pseudo: torch.Tensor
+) -> Reliabilities | None:
     """α, β of SPEC §3.1 computed on network k's parameters from the weak view and the given labels (None for
     the no-meta variants), averaged per sample across visits when the run keeps a reliability memory."""
     cfg = ctx.cfg
     if not cfg.spec.meta:
         return None
     meta_x, meta_y = ctx.sample_meta_batch()
-    rel = meta_reliabilities(member.net, x_weak, batch.noisy_labels, pseudo, meta_x, meta_y, member.lr,
-                             normalization=cfg.spec.normalization, method=cfg.meta_method, delta=cfg.delta,
-                             calibrated=cfg.meta_calibration, meta_bn=cfg.meta_bn)
+    rel = meta_reliabilities(
+        member.net,
+        x_weak,
+        batch.noisy_labels,
+        pseudo,
+        meta_x,
+        meta_y,
+        member.lr,
+        normalization=cfg.spec.normalization,
+        method=cfg.meta_method,
+        delta=cfg.delta,
+        calibrated=cfg.meta_calibration,
+        meta_bn=cfg.meta_bn,
+    )
     if ctx.memories:
         rel = ctx.memories[k].update(batch.index, rel, pseudo, cfg.spec.normalization, cfg.delta)
     return rel
 
 
-def _hrp_member_loss(ctx: StepContext, member: Member, own: dict[str, torch.Tensor], peer: dict[str, torch.Tensor],
-                     x_weak: torch.Tensor, batch: StepInputs, weight: float,
-                     diagnose: bool) -> dict[str, torch.Tensor]:
+def _hrp_member_loss(
+    ctx: StepContext,
+    member: Member,
+    own: dict[str, torch.Tensor],
+    peer: dict[str, torch.Tensor],
+    x_weak: torch.Tensor,
+    batch: StepInputs,
+    weight: float,
+    diagnose: bool,
+) -> dict[str, torch.Tensor]:
     """Eq. 15 for one network, trained with the targets, pseudo-labels, α and β its peer computed.
 
     `diagnose` (net 1 only) adds the measurements of train/signals.py: S's class histogram, RAM's λ by pair
@@ -233,8 +252,9 @@ def _hrp_member_loss(ctx: StepContext, member: Member, own: dict[str, torch.Tens
         terms["loss_prior"] = prior_penalty(own["logits_weak"])
         loss = loss + cfg.lambda_prior * terms["loss_prior"]
     if weight > 0 and spec.ram:
-        mixed = reliability_mixup(x_weak, targets, T, cfg.kappa, symmetric=spec.symmetric_ram, gated=spec.grg,
-                                  eps=cfg.delta)
+        mixed = reliability_mixup(
+            x_weak, targets, T, cfg.kappa, symmetric=spec.symmetric_ram, gated=spec.grg, eps=cfg.delta
+        )
         with ctx.autocast(), _running_stats_from_weak_views_only(ctx, member):
             mixed_logits = _loss_precision(member.forward(mixed.inputs))
         terms["loss_ram"] = ram_loss(mixed_logits, mixed.targets, mixed.gate)
@@ -255,8 +275,15 @@ def _hrp_member_loss(ctx: StepContext, member: Member, own: dict[str, torch.Tens
     return terms
 
 
-def _ce_term(cfg: TrainConfig, own: dict[str, torch.Tensor], peer: dict[str, torch.Tensor], targets: torch.Tensor,
-             T: torch.Tensor, high_conf: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
+def _ce_term(
+    cfg: TrainConfig,
+    own: dict[str, torch.Tensor],
+    peer: dict[str, torch.Tensor],
+    targets: torch.Tensor,
+    T: torch.Tensor,
+    high_conf: torch.Tensor,
+    noisy: torch.Tensor,
+) -> torch.Tensor:
     """L_CE of Eq. 15: Eq. 13 on the peer's refined targets, or Eq. 1 weighted by meta-learned α, β (ce_loss)."""
     ce_loss = cfg.spec.ce_loss
     if ce_loss == "refined":
@@ -265,8 +292,14 @@ def _ce_term(cfg: TrainConfig, own: dict[str, torch.Tensor], peer: dict[str, tor
         # S's two rules (refine_targets): the peer endorses the given label, or it is confident in another class
         endorsed = high_conf & (targets.argmax(dim=1) == noisy)
         peer_confident = high_conf & ~endorsed
-        return weighted_label_ce(own["logits_weak"], noisy, own["pseudo"], own["alpha"] * endorsed,
-                                 own["beta"] * peer_confident, over=high_conf)
+        return weighted_label_ce(
+            own["logits_weak"],
+            noisy,
+            own["pseudo"],
+            own["alpha"] * endorsed,
+            own["beta"] * peer_confident,
+            over=high_conf,
+        )
     # meta_weighted: the network's own α, β and pseudo-labels, so that its step on L_CE lowers its own meta loss
     # to first order (a weight is > 0 only where its sample's gradient agrees with the meta gradient: L2RW/L2B;
     # exact up to BN, whose training pass normalises the weak and strong views together)
@@ -274,8 +307,9 @@ def _ce_term(cfg: TrainConfig, own: dict[str, torch.Tensor], peer: dict[str, tor
     return weighted_label_ce(own["logits_weak"], noisy, source["pseudo"], source["alpha"], source["beta"])
 
 
-def _ram_diagnostics(ctx: StepContext, lam: torch.Tensor, perm: torch.Tensor,
-                     batch: StepInputs) -> dict[str, torch.Tensor]:
+def _ram_diagnostics(
+    ctx: StepContext, lam: torch.Tensor, perm: torch.Tensor, batch: StepInputs
+) -> dict[str, torch.Tensor]:
     """Fig. 2c: λ by pair type. ram_lambda_clean_noisy = mean weight RAM gives the clean sample of a
     clean–noisy pair (0.5: no arbitration); ram_lambda_clean_clean = mean |2λ − 1| of clean–clean pairs
     (how far from an even mix). NaN when the batch has no such pair (the epoch mean skips it)."""
@@ -293,8 +327,9 @@ def _ram_diagnostics(ctx: StepContext, lam: torch.Tensor, perm: torch.Tensor,
     }
 
 
-def _cdcl_purity(pseudo: torch.Tensor, beta_hat: torch.Tensor, confident: torch.Tensor,
-                 clean_labels: torch.Tensor) -> dict[str, torch.Tensor]:
+def _cdcl_purity(
+    pseudo: torch.Tensor, beta_hat: torch.Tensor, confident: torch.Tensor, clean_labels: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Fig. 2b: the share of CDCL's positive pairs (same pseudo-label, both confident, both views) whose true
     classes agree, counted plainly and weighted by the β̂ gate w = β̂_a β̂_b. NaN without positive pairs.
 
@@ -327,8 +362,15 @@ def hrp_step(ctx: StepContext, members: list[Member], batch: StepInputs) -> dict
             logits, features = m.forward(torch.cat([x_weak, x_strong]), return_feature=True)
         logits = _loss_precision(logits)
         probs = logits[:n].detach().softmax(dim=1)
-        outputs.append({"logits_weak": logits[:n], "logits_strong": logits[n:], "features": features,
-                        "probs": probs, "pseudo": probs.argmax(dim=1)})
+        outputs.append(
+            {
+                "logits_weak": logits[:n],
+                "logits_strong": logits[n:],
+                "features": features,
+                "probs": probs,
+                "pseudo": probs.argmax(dim=1),
+            }
+        )
     reliability_logs: dict[str, torch.Tensor] = {}
     for k, (m, out) in enumerate(zip(members, outputs)):
         rel = _reliabilities(ctx, k, m, views[k][0], batch, out["pseudo"])
@@ -352,8 +394,13 @@ def hrp_step(ctx: StepContext, members: list[Member], batch: StepInputs) -> dict
         _record_hrp_signals(ctx, batch, outputs, alpha, beta)
     logs = {key: torch.stack([t[key].detach() for t in per_member]).mean() for key in shared if key != "loss"}
     logs.update({key: value.detach() for key, value in per_member[0].items() if key not in shared and key != "loss"})
-    logs.update(loss=loss.detach(), alpha=alpha.mean(), beta=beta.mean(),
-                ramp=torch.tensor(weight, device=loss.device), **reliability_logs)
+    logs.update(
+        loss=loss.detach(),
+        alpha=alpha.mean(),
+        beta=beta.mean(),
+        ramp=torch.tensor(weight, device=loss.device),
+        **reliability_logs,
+    )
     if cfg.meta_bn == "eval_weak_stats":
         _update_running_stats(ctx, members, views)
     return logs
@@ -366,8 +413,9 @@ def _running_stats_from_weak_views_only(ctx: StepContext, member: Member):
 
 
 @torch.no_grad()
-def _update_running_stats(ctx: StepContext, members: list[Member],
-                          views: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+def _update_running_stats(
+    ctx: StepContext, members: list[Member], views: list[tuple[torch.Tensor, torch.Tensor]]
+) -> None:
     """One train-mode forward of each network's weak view, for its BN running statistics only."""
     for m, (x_weak, _) in zip(members, views):
         with ctx.autocast():
@@ -380,9 +428,11 @@ def _within_batch_aurocs(rel: Reliabilities, pseudo: torch.Tensor, batch: StepIn
     pseudo-labels. NaN where the batch lacks one of the two classes (the epoch mean skips it)."""
     clean = batch.noisy_labels == batch.clean_labels
     correct = pseudo == batch.clean_labels
-    return {"alpha_auroc_batch": batch_auroc(rel.alpha, clean),
-            "alpha_signed_auroc_batch": batch_auroc(rel.alpha_signed, clean),
-            "beta_auroc_batch": batch_auroc(rel.beta, correct)}
+    return {
+        "alpha_auroc_batch": batch_auroc(rel.alpha, clean),
+        "alpha_signed_auroc_batch": batch_auroc(rel.alpha_signed, clean),
+        "beta_auroc_batch": batch_auroc(rel.beta, correct),
+    }
 
 
 def _views(ctx: StepContext, images: torch.Tensor, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -393,14 +443,16 @@ def _views(ctx: StepContext, images: torch.Tensor, count: int) -> list[tuple[tor
     return views * (count // draws)
 
 
-def _record_hrp_signals(ctx: StepContext, batch: StepInputs, outputs: list[dict[str, torch.Tensor]],
-                        alpha: torch.Tensor, beta: torch.Tensor) -> None:
+def _record_hrp_signals(
+    ctx: StepContext, batch: StepInputs, outputs: list[dict[str, torch.Tensor]], alpha: torch.Tensor, beta: torch.Tensor
+) -> None:
     cfg, signals, index = ctx.cfg, ctx.signals, batch.index
     signals.record("alpha", index, alpha)
     signals.record("T", index, total_reliability(alpha, beta, cfg.t_min, cfg.t_max))
     signals.record("beta", index, outputs[0]["beta"])
-    _record_loss(ctx, batch, [F.cross_entropy(o["logits_weak"].detach(), batch.noisy_labels, reduction="none")
-                              for o in outputs])
+    _record_loss(
+        ctx, batch, [F.cross_entropy(o["logits_weak"].detach(), batch.noisy_labels, reduction="none") for o in outputs]
+    )
     if batch.clean_labels is not None:
         signals.record("pseudo_correct", index, (outputs[0]["pseudo"] == batch.clean_labels).float())
 

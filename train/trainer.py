@@ -34,6 +34,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from hrp_ood.train.data import prepare_training_data
+from hrp_ood.train.signals import EpochSignals, class_share_max
+from hrp_ood.train.steps import STEPS, Member, NonFiniteLoss, StepContext, StepInputs
 
 from hrp_ood import distributed
 from hrp_ood.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -45,9 +48,6 @@ from hrp_ood.method import ReliabilityMemory
 from hrp_ood.models import ProjectionHead, create_model
 from hrp_ood.progress import progress_steps
 from hrp_ood.run_dir import RunFolder
-from hrp_ood.train.data import prepare_training_data
-from hrp_ood.train.signals import EpochSignals, class_share_max
-from hrp_ood.train.steps import STEPS, Member, NonFiniteLoss, StepContext, StepInputs
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,11 @@ def wrap_data_parallel(members: list[Member], cfg: TrainConfig, device: torch.de
 
     device_ids = [device.index] if device.type == "cuda" else None
     # the per-forward buffer broadcast (rank 0's BN running statistics); newer torch renamed the option
-    buffers_option = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                      else "broadcast_buffers")
+    buffers_option = (
+        "forward_sync_buffers"
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        else "broadcast_buffers"
+    )
 
     def ddp(module: torch.nn.Module) -> DistributedDataParallel:
         return DistributedDataParallel(module, device_ids=device_ids, **{buffers_option: not cfg.sync_bn})
@@ -117,8 +120,9 @@ def wrap_data_parallel(members: list[Member], cfg: TrainConfig, device: torch.de
 
 
 @torch.no_grad()
-def ensemble_predictions(members: list[Member], images: torch.Tensor, augment: BatchAugment,
-                         batch_size: int) -> torch.Tensor:
+def ensemble_predictions(
+    members: list[Member], images: torch.Tensor, augment: BatchAugment, batch_size: int
+) -> torch.Tensor:
     """Predicted classes of each network and of the ensemble (averaged logits): (nets + 1, N), this rank's
     batches only (every W-th; the others stay -1)."""
     nets = [m.net for m in members]
@@ -127,10 +131,10 @@ def ensemble_predictions(members: list[Member], images: torch.Tensor, augment: B
     predictions = torch.full((len(nets) + 1, len(images)), -1, dtype=torch.long, device=images.device)
     ranks, first = distributed.world_size(), distributed.rank() * batch_size  # each rank scores every W-th batch
     for start in range(first, len(images), ranks * batch_size):
-        x = augment.normalize(images[start:start + batch_size])
+        x = augment.normalize(images[start : start + batch_size])
         logits = [net(x).float() for net in nets]
         logits.append(torch.stack(logits).mean(dim=0))
-        predictions[:, start:start + batch_size] = torch.stack([out.argmax(dim=1) for out in logits])
+        predictions[:, start : start + batch_size] = torch.stack([out.argmax(dim=1) for out in logits])
     for net in nets:
         net.train()
     return predictions
@@ -197,18 +201,31 @@ class Trainer:
         _check_divisible(cfg, self.ranks)
         self.progress = (sys.stderr.isatty() if progress is None else progress) and distributed.is_main()
         self.data = distributed.main_first(lambda: prepare_training_data(cfg, run_dir, self.device))
-        self.augment = BatchAugment(self.data.mean, self.data.std, self.data.image_size, padding=cfg.crop_padding,
-                                    strong_policy=cfg.strong_policy, flip=cfg.flip)
+        self.augment = BatchAugment(
+            self.data.mean,
+            self.data.std,
+            self.data.image_size,
+            padding=cfg.crop_padding,
+            strong_policy=cfg.strong_policy,
+            flip=cfg.flip,
+        )
         self.members = build_members(cfg, self.data.num_classes, self.device)
         wrap_data_parallel(self.members, cfg, self.device)
         amp = cfg.amp and self.device.type == "cuda"
-        self.ctx = StepContext(cfg, self.augment, self.data.meta_images, self.data.meta_labels,
-                               autocast_device="cuda" if amp else None,
-                               forget_rate=cfg.forget_rate if cfg.forget_rate is not None else self.data.noise_rate)
+        self.ctx = StepContext(
+            cfg,
+            self.augment,
+            self.data.meta_images,
+            self.data.meta_labels,
+            autocast_device="cuda" if amp else None,
+            forget_rate=cfg.forget_rate if cfg.forget_rate is not None else self.data.noise_rate,
+        )
         self.step_fn = STEPS[cfg.spec.loss]
         if cfg.spec.meta and cfg.reliability_momentum > 0:
-            self.ctx.memories = [ReliabilityMemory(len(self.data.noisy_labels), cfg.reliability_momentum, self.device)
-                                 for _ in self.members]
+            self.ctx.memories = [
+                ReliabilityMemory(len(self.data.noisy_labels), cfg.reliability_momentum, self.device)
+                for _ in self.members
+            ]
         self.metrics = MetricsLog(run_dir / "metrics.csv")
         self.epoch = 0  # epochs completed
         self.step = 0  # steps completed in the current epoch
@@ -230,9 +247,14 @@ class Trainer:
             "best_acc": self.best_acc,
             "best_test_acc": self.best_test_acc,
             "metrics_row": self.metrics_row,
-            "dataset": {"name": self.data.dataset, "classes": self.data.classes, "mean": list(self.data.mean),
-                        "std": list(self.data.std), "image_size": self.data.image_size,
-                        "noise_rate": self.data.noise_rate},
+            "dataset": {
+                "name": self.data.dataset,
+                "classes": self.data.classes,
+                "mean": list(self.data.mean),
+                "std": list(self.data.std),
+                "image_size": self.data.image_size,
+                "noise_rate": self.data.noise_rate,
+            },
             "world_size": self.ranks,
             "nets": [m.net.state_dict() for m in self.members],
             "heads": [m.head.state_dict() if m.head is not None else {} for m in self.members],
@@ -244,8 +266,9 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for m, net, head, opt, sched in zip(self.members, state["nets"], state["heads"], state["optimizers"],
-                                            state["schedulers"]):
+        for m, net, head, opt, sched in zip(
+            self.members, state["nets"], state["heads"], state["optimizers"], state["schedulers"]
+        ):
             m.net.load_state_dict(net)
             if m.head is not None:
                 m.head.load_state_dict(head)
@@ -285,11 +308,13 @@ class Trainer:
 
     def _epoch_state(self) -> dict[str, Any]:
         """The epoch in flight, merged over ranks (partial sums added, per-sample reliabilities combined)."""
-        return {"order": self.order,
-                "sums": {k: distributed.global_sum(torch.as_tensor(v)).cpu() for k, v in self.sums.items()},
-                "counts": {k: distributed.global_sum(torch.as_tensor(v)).cpu() for k, v in self.counts.items()},
-                "signals": self.ctx.signals.state_dict(),
-                "skipped_steps": self.ctx.skipped_steps}
+        return {
+            "order": self.order,
+            "sums": {k: distributed.global_sum(torch.as_tensor(v)).cpu() for k, v in self.sums.items()},
+            "counts": {k: distributed.global_sum(torch.as_tensor(v)).cpu() for k, v in self.counts.items()},
+            "signals": self.ctx.signals.state_dict(),
+            "skipped_steps": self.ctx.skipped_steps,
+        }
 
     # ---- the loop ----------------------------------------------------------------------------------
     def _begin_epoch(self) -> None:
@@ -314,22 +339,34 @@ class Trainer:
             self._begin_epoch()
         for m in self.members:
             m.net.train()
-        bar = progress_steps(range(self.step, steps), bar=self.progress, total=steps, initial=self.step,
-                             desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
-                             steps_after=(self.cfg.epochs - self.epoch - 1) * steps)
+        bar = progress_steps(
+            range(self.step, steps),
+            bar=self.progress,
+            total=steps,
+            initial=self.step,
+            desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
+            steps_after=(self.cfg.epochs - self.epoch - 1) * steps,
+        )
         for step in bar:
             if self._stop_agreed():
                 raise TrainingInterrupted(self.epoch, step)
             start = step * batch_size + first
-            index = self.order[start:start + local_size].to(self.device)
-            batch = StepInputs(self.data.images[index], self.data.noisy_labels[index], index,
-                               epoch=self.epoch + step / steps, clean_labels=self.data.clean_labels[index])
+            index = self.order[start : start + local_size].to(self.device)
+            batch = StepInputs(
+                self.data.images[index],
+                self.data.noisy_labels[index],
+                index,
+                epoch=self.epoch + step / steps,
+                clean_labels=self.data.clean_labels[index],
+            )
             try:
                 logs = self.step_fn(self.ctx, self.members, batch)
             except NonFiniteLoss as err:
-                raise UserError(f"non-finite loss at epoch {self.epoch + 1}, step {step + 1} (terms: {err}); "
-                                f"the last good checkpoint is {self.run_dir / 'last.pt'}; lower --lr, or "
-                                "--set on_nonfinite=skip to skip such steps") from None
+                raise UserError(
+                    f"non-finite loss at epoch {self.epoch + 1}, step {step + 1} (terms: {err}); "
+                    f"the last good checkpoint is {self.run_dir / 'last.pt'}; lower --lr, or "
+                    "--set on_nonfinite=skip to skip such steps"
+                ) from None
             for key, value in logs.items():
                 finite = torch.isfinite(value)
                 self.sums[key] = self.sums.get(key, 0) + torch.where(finite, value, torch.zeros_like(value))
@@ -338,8 +375,10 @@ class Trainer:
         self.step = 0
         # rank-local logs → their mean over ranks (equal local batches: the global batch's values)
         # the mean over the steps (and ranks) where the value was finite: NaN marks "no such pair in this batch"
-        row = {key: (distributed.global_sum(value) / distributed.global_sum(torch.as_tensor(self.counts[key]))).item()
-               for key, value in self.sums.items()}
+        row = {
+            key: (distributed.global_sum(value) / distributed.global_sum(torch.as_tensor(self.counts[key]))).item()
+            for key, value in self.sums.items()
+        }
         row.update(self.ctx.signals.merged().summary(self.data.is_clean))
         row["skipped_steps"] = self.ctx.skipped_steps
         return row
@@ -347,8 +386,10 @@ class Trainer:
     def _check_weights(self) -> None:
         for k, m in enumerate(self.members):
             if not all(torch.isfinite(p).all() for p in m.net.parameters()):
-                raise UserError(f"net {k + 1} has non-finite weights after epoch {self.epoch}; not saving them: "
-                                f"the last good checkpoint is {self.run_dir / 'last.pt'}")
+                raise UserError(
+                    f"net {k + 1} has non-finite weights after epoch {self.epoch}; not saving them: "
+                    f"the last good checkpoint is {self.run_dir / 'last.pt'}"
+                )
 
     def _stop_agreed(self) -> bool:
         """A stop signal seen by any rank stops every rank at the same step (one tiny all-reduce per step)."""
@@ -365,8 +406,9 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        log.info("training %s (%s, %s) for %d epochs on %s", cfg.method, cfg.model, cfg.dataset, cfg.epochs,
-                 self.device)
+        log.info(
+            "training %s (%s, %s) for %d epochs on %s", cfg.method, cfg.model, cfg.dataset, cfg.epochs, self.device
+        )
         while self.epoch < cfg.epochs:
             started = time.perf_counter()
             lr = self.members[0].lr
@@ -394,12 +436,26 @@ class Trainer:
             if is_best and distributed.is_main():
                 shutil.copyfile(self.run_dir / "last.pt", self.run_dir / ".best.pt.tmp")
                 (self.run_dir / ".best.pt.tmp").replace(self.run_dir / "best.pt")
-            log.info("epoch %d/%d  loss %.4f  acc %.2f (net1 %.2f, meta %.1f)  AUROC alpha %s T %s loss %s  %.1fs",
-                     self.epoch, cfg.epochs, row["loss"], row["acc_ensemble"], row["acc_net1"], row["meta_acc"],
-                     _shown(row["alpha_auroc"]), _shown(row["T_auroc"]), _shown(row["loss_auroc"]),
-                     row["epoch_time_s"])
-        return {"epochs": self.epoch, "best_meta_acc": self.best_acc, "best_test_acc": self.best_test_acc,
-                "last_test_acc": self._last_test_acc(), "run_dir": str(self.run_dir)}
+            log.info(
+                "epoch %d/%d  loss %.4f  acc %.2f (net1 %.2f, meta %.1f)  AUROC alpha %s T %s loss %s  %.1fs",
+                self.epoch,
+                cfg.epochs,
+                row["loss"],
+                row["acc_ensemble"],
+                row["acc_net1"],
+                row["meta_acc"],
+                _shown(row["alpha_auroc"]),
+                _shown(row["T_auroc"]),
+                _shown(row["loss_auroc"]),
+                row["epoch_time_s"],
+            )
+        return {
+            "epochs": self.epoch,
+            "best_meta_acc": self.best_acc,
+            "best_test_acc": self.best_test_acc,
+            "last_test_acc": self._last_test_acc(),
+            "run_dir": str(self.run_dir),
+        }
 
     def _evaluate(self) -> dict[str, float]:
         """Test accuracies, the ensemble's accuracy on the clean meta set (model selection) and the share of the
@@ -424,8 +480,11 @@ class Trainer:
             return
         signals = self.ctx.signals.merged()  # every rank takes part
         if distributed.is_main():
-            signals.save(self.run_dir / "signals" / f"epoch_{self.epoch:04d}.npz", self.data.is_clean,
-                         self.test_prediction_counts)
+            signals.save(
+                self.run_dir / "signals" / f"epoch_{self.epoch:04d}.npz",
+                self.data.is_clean,
+                self.test_prediction_counts,
+            )
 
     def _last_test_acc(self) -> float:
         rows = self.metrics.rows
@@ -436,8 +495,10 @@ def _check_divisible(cfg: TrainConfig, ranks: int) -> None:
     """The global batch and meta batch are split evenly over the ranks."""
     for key in ("batch_size", "meta_batch_size"):
         if getattr(cfg, key) % ranks:
-            raise UserError(f"{key} {getattr(cfg, key)} is not divisible by the {ranks} processes; batch sizes are "
-                            f"global: use a multiple of {ranks} (--set {key}=...)")
+            raise UserError(
+                f"{key} {getattr(cfg, key)} is not divisible by the {ranks} processes; batch sizes are "
+                f"global: use a multiple of {ranks} (--set {key}=...)"
+            )
 
 
 class TrainingInterrupted(Exception):
@@ -466,11 +527,14 @@ def resume_config(run_dir: Path, requested: TrainConfig, explicit: set[str]) -> 
     else:
         raise UserError(f"--resume: {run_dir} holds neither last.pt nor config.yaml; drop --resume to start the run")
     saved_cfg = saved_config(saved, run_dir)
-    changed = sorted(k for k in explicit - {*RESUMABLE, "name", "out_dir"}
-                     if getattr(requested, k) != getattr(saved_cfg, k))
+    changed = sorted(
+        k for k in explicit - {*RESUMABLE, "name", "out_dir"} if getattr(requested, k) != getattr(saved_cfg, k)
+    )
     if changed:
-        raise UserError(f"--resume continues {run_dir} with its saved config; {', '.join(changed)} differ(s) from it: "
-                        "start a new run (--name) to change them")
+        raise UserError(
+            f"--resume continues {run_dir} with its saved config; {', '.join(changed)} differ(s) from it: "
+            "start a new run (--name) to change them"
+        )
     return dataclasses.replace(saved_cfg, **{k: getattr(requested, k) for k in RESUMABLE if k in explicit})
 
 
@@ -507,8 +571,14 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, explicit: set[str] = frozenset(),
-          progress: bool | None = None) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    explicit: set[str] = frozenset(),
+    progress: bool | None = None,
+) -> dict[str, Any]:
     """`hrp-ood train`: create or resume `cfg.out_dir/cfg.run_name` and train to `cfg.epochs`.
 
     Under torchrun (WORLD_SIZE > 1) every process calls this; it joins the process group and leaves it.
@@ -531,8 +601,9 @@ def _without_torch_jit_deprecation():
         yield
 
 
-def _prepare_run_dir(cfg: TrainConfig, run: RunFolder, resume: bool, overwrite: bool,
-                     explicit: set[str]) -> tuple[TrainConfig, bool]:
+def _prepare_run_dir(
+    cfg: TrainConfig, run: RunFolder, resume: bool, overwrite: bool, explicit: set[str]
+) -> tuple[TrainConfig, bool]:
     """Claim the run folder (hrp_ood.run_dir) and write config.yaml; returns (the run's config, whether it
     continues from last.pt)."""
     if not resume:
@@ -547,8 +618,9 @@ def _prepare_run_dir(cfg: TrainConfig, run: RunFolder, resume: bool, overwrite: 
     return cfg, from_checkpoint
 
 
-def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool, explicit: set[str],
-           progress: bool | None) -> dict[str, Any]:
+def _train(
+    cfg: TrainConfig, *, resume: bool, overwrite: bool, explicit: set[str], progress: bool | None
+) -> dict[str, Any]:
     run_dir = Path(cfg.out_dir) / cfg.run_name
     run = RunFolder(run_dir)  # rank 0 alone claims and touches the folder; the others get its config (or its error)
     main = distributed.is_main()
@@ -572,8 +644,9 @@ def _train(cfg: TrainConfig, *, resume: bool, overwrite: bool, explicit: set[str
         run.keep()
         if resume:
             trainer.load_state_dict(load_checkpoint(run_dir / "last.pt", map_location=trainer.device))
-            log.info("resumed %s at epoch %d, step %d on %d process(es)", run_dir, trainer.epoch, trainer.step,
-                     trainer.ranks)
+            log.info(
+                "resumed %s at epoch %d, step %d on %d process(es)", run_dir, trainer.epoch, trainer.step, trainer.ranks
+            )
         with _stop_on_signals(trainer) as received:
             try:
                 return trainer.fit()

@@ -28,8 +28,9 @@ RANDAUGMENT_NUM_OPS = 2
 RANDAUGMENT_MAGNITUDE = 9
 
 
-def crop_with_offsets(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int,
-                      padding: int) -> torch.Tensor:
+def crop_with_offsets(
+    images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int, padding: int
+) -> torch.Tensor:
     """Zero-pad every image by `padding` on each side, then cut out padded[i, :, top_i:top_i+size, left_i:left_i+size].
 
     images (B, C, H, W); top, left (B,) int64 offsets into the padded image, in [0, H + 2·padding − size].
@@ -61,8 +62,16 @@ def _strong_policy(name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
 class BatchAugment:
     """The weak / strong / evaluation views of uint8 image batches (B, 3, H, W) on any device."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], image_size: int, padding: int = 4,
-                 strong_policy: str = "randaugment", flip: bool = True, chunk_size: int = 16):
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        image_size: int,
+        padding: int = 4,
+        strong_policy: str = "randaugment",
+        flip: bool = True,
+        chunk_size: int = 16,
+    ):
         if chunk_size < 1:
             raise UserError(f"augmentation chunk_size must be at least 1, got {chunk_size}")
         if padding < 0:
@@ -81,13 +90,17 @@ class BatchAugment:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"expected a uint8 batch (B, C, H, W), got {images.dtype} {tuple(images.shape)}")
         if min(images.shape[-2:]) + 2 * self.padding < self.image_size:
-            raise ValueError(f"images of {tuple(images.shape[-2:])} padded by {self.padding} are smaller than "
-                             f"the {self.image_size}-pixel crop")
+            raise ValueError(
+                f"images of {tuple(images.shape[-2:])} padded by {self.padding} are smaller than "
+                f"the {self.image_size}-pixel crop"
+            )
 
     def _mean_std(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._stats:
-            self._stats[device] = (torch.tensor(self.mean, device=device).view(1, -1, 1, 1),
-                                   torch.tensor(self.std, device=device).view(1, -1, 1, 1))
+            self._stats[device] = (
+                torch.tensor(self.mean, device=device).view(1, -1, 1, 1),
+                torch.tensor(self.std, device=device).view(1, -1, 1, 1),
+            )
         return self._stats[device]
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:

@@ -49,8 +49,9 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     if len(images) == 0:
         raise UserError("cannot compute the mean/std of an empty training set; add training images")
     values = torch.arange(256, dtype=torch.float64, device=images.device) / 255.0
-    counts = torch.stack([torch.bincount(images[:, c].reshape(-1), minlength=256)
-                          for c in range(images.shape[1])]).to(torch.float64)
+    counts = torch.stack([torch.bincount(images[:, c].reshape(-1), minlength=256) for c in range(images.shape[1])]).to(
+        torch.float64
+    )
     total = counts.sum(dim=1)
     mean = counts @ values / total
     std = (counts @ values.square() / total - mean.square()).clamp_min(0.0).sqrt()
@@ -66,5 +67,7 @@ def reject_download(name: str, root: Path, download: bool) -> None:
 def check_native_size(name: str, native: int, image_size: int | None) -> None:
     """Datasets with one fixed size accept image_size only when it names that size."""
     if image_size is not None and image_size != native:
-        raise UserError(f"dataset {name} has a fixed image size of {native}, got image_size={image_size}; "
-                        "drop image_size (it resizes image folders and Animal-10N only)")
+        raise UserError(
+            f"dataset {name} has a fixed image size of {native}, got image_size={image_size}; "
+            "drop image_size (it resizes image folders and Animal-10N only)"
+        )

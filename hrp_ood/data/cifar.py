@@ -95,9 +95,11 @@ def _labels(batch: dict[str, Any], key: str, path: Path) -> np.ndarray:
 def _require_files(folder: Path, files: tuple[str, ...], name: str, url: str) -> None:
     missing = [f for f in files if not (folder / f).is_file()]
     if missing:
-        raise UserError(f"{name} not found: expected {shown(folder)}/{{{', '.join(files)}}} "
-                        f"(missing: {', '.join(missing)}); "
-                        f"extract {url} into {folder.parent}, or let `hrp-ood train --download` fetch it")
+        raise UserError(
+            f"{name} not found: expected {shown(folder)}/{{{', '.join(files)}}} "
+            f"(missing: {', '.join(missing)}); "
+            f"extract {url} into {folder.parent}, or let `hrp-ood train --download` fetch it"
+        )
 
 
 def _download(name: str, root: Path) -> None:
@@ -111,8 +113,9 @@ def _download(name: str, root: Path) -> None:
         with no_download_bar_off_terminal():
             dataset_class(root=str(root), train=True, download=True)
     except (OSError, RuntimeError) as err:  # URLError is an OSError; a bad checksum is a RuntimeError
-        raise UserError(f"downloading {name} into {root} failed ({err}); check the network or fetch the archive "
-                        "by hand") from err
+        raise UserError(
+            f"downloading {name} into {root} failed ({err}); check the network or fetch the archive by hand"
+        ) from err
 
 
 def _prepare(name: str, root: Path, folder: Path, files: tuple[str, ...], url: str, download: bool) -> None:
@@ -125,19 +128,24 @@ def load_cifar10(root: Path, *, download: bool = False, image_size: int | None =
     """CIFAR-10: 50,000 train / 10,000 test 32×32 images, clean labels, 10 classes."""
     check_native_size("cifar10", CIFAR_SIZE, image_size)
     folder = root / CIFAR10_DIR
-    _prepare("cifar10", root, folder, CIFAR10_FILES, "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-             download)
+    _prepare(
+        "cifar10", root, folder, CIFAR10_FILES, "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", download
+    )
     train = [(read_pickle(folder / f), folder / f) for f in CIFAR10_TRAIN]
     test_path = folder / "test_batch"
     test = read_pickle(test_path)
     meta_path = folder / "batches.meta"
     classes = [_text(c) for c in _field(read_pickle(meta_path), "label_names", meta_path)]
     return DataBundle(
-        name="cifar10", classes=classes, image_size=CIFAR_SIZE,
+        name="cifar10",
+        classes=classes,
+        image_size=CIFAR_SIZE,
         train_images=torch.cat([_images(b, p) for b, p in train]),
         train_labels=np.concatenate([_labels(b, "labels", p) for b, p in train]),
-        test_images=_images(test, test_path), test_labels=_labels(test, "labels", test_path),
-        mean=CIFAR10_MEAN, std=CIFAR10_STD,
+        test_images=_images(test, test_path),
+        test_labels=_labels(test, "labels", test_path),
+        mean=CIFAR10_MEAN,
+        std=CIFAR10_STD,
     )
 
 
@@ -145,15 +153,21 @@ def load_cifar100(root: Path, *, download: bool = False, image_size: int | None 
     """CIFAR-100: 50,000 train / 10,000 test 32×32 images, 100 fine classes, 20 superclasses kept for asym noise."""
     check_native_size("cifar100", CIFAR_SIZE, image_size)
     folder = root / CIFAR100_DIR
-    _prepare("cifar100", root, folder, CIFAR100_FILES, "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-             download)
+    _prepare(
+        "cifar100", root, folder, CIFAR100_FILES, "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", download
+    )
     train_path, test_path, meta_path = (folder / f for f in CIFAR100_FILES)
     train, test = read_pickle(train_path), read_pickle(test_path)
     classes = [_text(c) for c in _field(read_pickle(meta_path), "fine_label_names", meta_path)]
     return DataBundle(
-        name="cifar100", classes=classes, image_size=CIFAR_SIZE,
-        train_images=_images(train, train_path), train_labels=_labels(train, "fine_labels", train_path),
-        test_images=_images(test, test_path), test_labels=_labels(test, "fine_labels", test_path),
-        mean=CIFAR100_MEAN, std=CIFAR100_STD,
+        name="cifar100",
+        classes=classes,
+        image_size=CIFAR_SIZE,
+        train_images=_images(train, train_path),
+        train_labels=_labels(train, "fine_labels", train_path),
+        test_images=_images(test, test_path),
+        test_labels=_labels(test, "fine_labels", test_path),
+        mean=CIFAR100_MEAN,
+        std=CIFAR100_STD,
         train_coarse_labels=_labels(train, "coarse_labels", train_path),
     )

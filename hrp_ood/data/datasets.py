@@ -30,8 +30,9 @@ DATASETS = tuple(LOADERS)
 DATASET_FOLDERS = {"cifar10": CIFAR10_DIR, "cifar100": CIFAR100_DIR, "animal10n": ".", "folder": "."}
 
 
-def load_dataset(name: str, root: str | Path = "./data", *, download: bool = False,
-                 image_size: int | None = None) -> DataBundle:
+def load_dataset(
+    name: str, root: str | Path = "./data", *, download: bool = False, image_size: int | None = None
+) -> DataBundle:
     """Load dataset `name` (one of DATASETS) from `root` into memory.
 
     download: fetch CIFAR into `root` with torchvision when its pickles are missing (CIFAR only).
@@ -50,8 +51,9 @@ def dataset_files(name: str, root: Path) -> list[Path]:
     return files_under(root / DATASET_FOLDERS[name]) if name in DATASET_FOLDERS else []
 
 
-def load_dataset_lazily(name: str, root: str | Path, *, image_size: int,
-                        memo_dir: Path) -> tuple[DataBundle, Callable[[], None]]:
+def load_dataset_lazily(
+    name: str, root: str | Path, *, image_size: int, memo_dir: Path
+) -> tuple[DataBundle, Callable[[], None]]:
     """`load_dataset`'s bundle with its images as `ImageSource`s, and a call that remembers the bundle.
 
     Remembered are classes, labels and mean/std, in `<memo_dir>/dataset-<stamp>.npz`, the stamp naming the
@@ -72,12 +74,18 @@ def load_dataset_lazily(name: str, root: str | Path, *, image_size: int,
         if remembered is None:
             atomic_write(memo, lambda f: np.savez(f, **fields))
 
-    bundle = DataBundle(name=name, classes=[str(c) for c in fields["classes"]], image_size=int(fields["image_size"]),
-                        train_images=ImageSource(f"{stamp}-train", lambda: full().train_images),
-                        train_labels=fields["train_labels"],
-                        test_images=ImageSource(f"{stamp}-test", lambda: full().test_images),
-                        test_labels=fields["test_labels"], mean=tuple(fields["mean"].tolist()),
-                        std=tuple(fields["std"].tolist()), train_coarse_labels=fields.get("train_coarse_labels"))
+    bundle = DataBundle(
+        name=name,
+        classes=[str(c) for c in fields["classes"]],
+        image_size=int(fields["image_size"]),
+        train_images=ImageSource(f"{stamp}-train", lambda: full().train_images),
+        train_labels=fields["train_labels"],
+        test_images=ImageSource(f"{stamp}-test", lambda: full().test_images),
+        test_labels=fields["test_labels"],
+        mean=tuple(fields["mean"].tolist()),
+        std=tuple(fields["std"].tolist()),
+        train_coarse_labels=fields.get("train_coarse_labels"),
+    )
     return bundle, remember
 
 

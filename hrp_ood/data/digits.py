@@ -23,8 +23,9 @@ def digits_images(pixels: np.ndarray, size: int = DIGITS_SIZE) -> torch.Tensor:
     return grey.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
 
 
-def load_digits_dataset(root: Path | None = None, *, download: bool = False,
-                        image_size: int | None = None) -> DataBundle:
+def load_digits_dataset(
+    root: Path | None = None, *, download: bool = False, image_size: int | None = None
+) -> DataBundle:
     """1,797 digits split (stratified, fixed seed) into 1,297 train / 500 test; `root` is unused (no files)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -33,11 +34,20 @@ def load_digits_dataset(root: Path | None = None, *, download: bool = False,
     check_native_size("digits", DIGITS_SIZE, image_size)
     digits = load_digits()
     labels = digits.target.astype(np.int64)
-    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=DIGITS_TEST, stratify=labels,
-                                           random_state=DIGITS_SPLIT_SEED)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=DIGITS_TEST, stratify=labels, random_state=DIGITS_SPLIT_SEED
+    )
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
     images = digits_images(digits.images)
     mean, std = channel_stats(images[train_idx])
-    return DataBundle(name="digits", classes=[str(d) for d in range(10)], image_size=DIGITS_SIZE,
-                      train_images=images[train_idx], train_labels=labels[train_idx],
-                      test_images=images[test_idx], test_labels=labels[test_idx], mean=mean, std=std)
+    return DataBundle(
+        name="digits",
+        classes=[str(d) for d in range(10)],
+        image_size=DIGITS_SIZE,
+        train_images=images[train_idx],
+        train_labels=labels[train_idx],
+        test_images=images[test_idx],
+        test_labels=labels[test_idx],
+        mean=mean,
+        std=std,
+    )

@@ -32,8 +32,18 @@ from hrp_ood.errors import UserError, shown
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-ANIMAL10N_CLASSES = ["cat", "lynx", "wolf", "coyote", "cheetah", "jaguar", "chimpanzee", "orangutan",
-                     "hamster", "guinea pig"]
+ANIMAL10N_CLASSES = [
+    "cat",
+    "lynx",
+    "wolf",
+    "coyote",
+    "cheetah",
+    "jaguar",
+    "chimpanzee",
+    "orangutan",
+    "hamster",
+    "guinea pig",
+]
 ANIMAL10N_SIZE = 64
 ANIMAL10N_URL = "https://dm.kaist.ac.kr/datasets/animal-10n/"  # the authors' request form
 
@@ -101,8 +111,10 @@ def _first_image_size(path: Path) -> int:
 
 def _require_dir(path: Path, what: str) -> None:
     if not path.is_dir():
-        raise UserError(f"{what} not found: expected the folder {shown(path)}; point --data-root at the folder that "
-                        "holds train/<class>/ and test/<class>/")
+        raise UserError(
+            f"{what} not found: expected the folder {shown(path)}; point --data-root at the folder that "
+            "holds train/<class>/ and test/<class>/"
+        )
 
 
 def _class_files(split_dir: Path, classes: list[str]) -> tuple[list[Path], np.ndarray]:
@@ -132,13 +144,17 @@ def load_image_folder(root: Path, *, download: bool = False, image_size: int | N
         raise UserError(f"{train_dir} has no class sub-folders; expected {train_dir}/<class>/<image files>")
     unknown = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and p.name not in classes)
     if unknown:
-        raise UserError(f"{test_dir} has classes with no training folder: {', '.join(unknown)}; "
-                        f"add them under {train_dir} or remove them")
+        raise UserError(
+            f"{test_dir} has classes with no training folder: {', '.join(unknown)}; "
+            f"add them under {train_dir} or remove them"
+        )
     train_paths, train_labels = _class_files(train_dir, classes)
     empty = [name for label, name in enumerate(classes) if not np.any(train_labels == label)]
     if empty:
-        raise UserError(f"no images ({'/'.join(IMAGE_EXTENSIONS)}) in training class folder(s) "
-                        f"{', '.join(str(train_dir / c) for c in empty)}")
+        raise UserError(
+            f"no images ({'/'.join(IMAGE_EXTENSIONS)}) in training class folder(s) "
+            f"{', '.join(str(train_dir / c) for c in empty)}"
+        )
     test_paths, test_labels = _class_files(test_dir, classes)
     if not test_paths:
         raise UserError(f"no test images under {test_dir}/<class>/; add some (any class from {train_dir})")
@@ -150,17 +166,21 @@ def _pick_dir(root: Path, names: tuple[str, ...], what: str) -> Path:
     for name in names:
         if (root / name).is_dir():
             return root / name
-    raise UserError(f"Animal-10N {what} split not found: expected {' or '.join(shown(root / n) for n in names)} "
-                    f"holding <label>_<id>.jpg files; point --data-root at the extracted Animal-10N release "
-                    f"({ANIMAL10N_URL})")
+    raise UserError(
+        f"Animal-10N {what} split not found: expected {' or '.join(shown(root / n) for n in names)} "
+        f"holding <label>_<id>.jpg files; point --data-root at the extracted Animal-10N release "
+        f"({ANIMAL10N_URL})"
+    )
 
 
 def animal10n_label(path: Path) -> int:
     """The class encoded in an Animal-10N file name: `<label>_<id>.jpg` with label in 0–9."""
     prefix = path.stem.split("_", 1)[0]
     if not prefix.isdigit() or int(prefix) >= len(ANIMAL10N_CLASSES):
-        raise UserError(f"Animal-10N file name {path.name!r} does not start with a label 0-9 and '_' "
-                        f"(expected <label>_<id>.jpg); remove or rename it")
+        raise UserError(
+            f"Animal-10N file name {path.name!r} does not start with a label 0-9 and '_' "
+            f"(expected <label>_<id>.jpg); remove or rename it"
+        )
     return int(prefix)
 
 
@@ -176,18 +196,46 @@ def load_animal10n(root: Path, *, download: bool = False, image_size: int | None
     reject_download("animal10n", root, download)
     train_paths, train_labels = _animal10n_split(_pick_dir(root, ("training", "train"), "training"))
     test_paths, test_labels = _animal10n_split(_pick_dir(root, ("testing", "test"), "test"))
-    return _bundle("animal10n", list(ANIMAL10N_CLASSES), image_size or ANIMAL10N_SIZE,
-                   train_paths, train_labels, test_paths, test_labels)
+    return _bundle(
+        "animal10n",
+        list(ANIMAL10N_CLASSES),
+        image_size or ANIMAL10N_SIZE,
+        train_paths,
+        train_labels,
+        test_paths,
+        test_labels,
+    )
 
 
-def _bundle(name: str, classes: list[str], size: int, train_paths: list[Path], train_labels: np.ndarray,
-            test_paths: list[Path], test_labels: np.ndarray) -> DataBundle:
+def _bundle(
+    name: str,
+    classes: list[str],
+    size: int,
+    train_paths: list[Path],
+    train_labels: np.ndarray,
+    test_paths: list[Path],
+    test_labels: np.ndarray,
+) -> DataBundle:
     start = time.perf_counter()
     train_images = decode_all(train_paths, size)
     test_images = decode_all(test_paths, size)
-    log.info("%s: decoded %d images at %dx%d in %.1f s", name, len(train_paths) + len(test_paths), size, size,
-             time.perf_counter() - start)
+    log.info(
+        "%s: decoded %d images at %dx%d in %.1f s",
+        name,
+        len(train_paths) + len(test_paths),
+        size,
+        size,
+        time.perf_counter() - start,
+    )
     mean, std = channel_stats(train_images)
-    return DataBundle(name=name, classes=classes, image_size=size, train_images=train_images,
-                      train_labels=train_labels, test_images=test_images, test_labels=test_labels,
-                      mean=mean, std=std)
+    return DataBundle(
+        name=name,
+        classes=classes,
+        image_size=size,
+        train_images=train_images,
+        train_labels=train_labels,
+        test_images=test_images,
+        test_labels=test_labels,
+        mean=mean,
+        std=std,
+    )

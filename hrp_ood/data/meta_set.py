@@ -25,8 +25,10 @@ def _balanced_pick(labels: np.ndarray, num_classes: int, size: int, rng: np.rand
     short = np.flatnonzero(counts < quotas)
     if len(short):
         c = short[0]
-        raise UserError(f"class {c} has {counts[c]} training samples, fewer than the {quotas[c]} a balanced "
-                        f"meta set of {size} needs; lower meta_size or set meta_balanced to false")
+        raise UserError(
+            f"class {c} has {counts[c]} training samples, fewer than the {quotas[c]} a balanced "
+            f"meta set of {size} needs; lower meta_size or set meta_balanced to false"
+        )
     # Shuffle, then stably group by class: inside each class the order is random, and a sample's rank
     # within its class decides whether it falls inside the class quota.
     order = rng.permutation(len(labels))
@@ -36,8 +38,9 @@ def _balanced_pick(labels: np.ndarray, num_classes: int, size: int, rng: np.rand
     return order[rank < quotas[labels[order]]]
 
 
-def split_meta_set(clean_labels: np.ndarray, num_classes: int, size: int = 1000, seed: int = 0, *,
-                   balanced: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def split_meta_set(
+    clean_labels: np.ndarray, num_classes: int, size: int = 1000, seed: int = 0, *, balanced: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """(meta_indices, train_indices): sorted int64, disjoint, together every index of `clean_labels`.
 
     balanced: size // C samples per class, the remainder (size mod C) going one each to random
@@ -68,5 +71,7 @@ def load_indices(path: str | Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as npz:
             return {name: npz[name].astype(np.int64) for name in npz.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise UserError(f"index file {path} is unreadable ({err}); delete it to redraw the split "
-                        "(the same seed gives the same split)") from err
+        raise UserError(
+            f"index file {path} is unreadable ({err}); delete it to redraw the split "
+            "(the same seed gives the same split)"
+        ) from err

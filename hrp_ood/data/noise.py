@@ -95,8 +95,10 @@ def cifar100_asym_map(fine: np.ndarray, coarse: np.ndarray, num_classes: int) ->
     """
     pairs = np.unique(np.stack([coarse, fine], axis=1), axis=0)  # sorted by coarse, then fine
     if len(np.unique(pairs[:, 1])) != len(pairs):
-        raise UserError("coarse labels are inconsistent: a fine class belongs to two superclasses; "
-                        "check the dataset's coarse_labels")
+        raise UserError(
+            "coarse labels are inconsistent: a fine class belongs to two superclasses; "
+            "check the dataset's coarse_labels"
+        )
     group_start = np.r_[True, pairs[1:, 0] != pairs[:-1, 0]]
     first_of_group = np.maximum.accumulate(np.where(group_start, np.arange(len(pairs)), 0))
     last_of_group = np.r_[group_start[1:], True]
@@ -106,8 +108,7 @@ def cifar100_asym_map(fine: np.ndarray, coarse: np.ndarray, num_classes: int) ->
     return target
 
 
-def asym_target_map(dataset: str, num_classes: int, clean: np.ndarray,
-                    coarse_labels: np.ndarray | None) -> np.ndarray:
+def asym_target_map(dataset: str, num_classes: int, clean: np.ndarray, coarse_labels: np.ndarray | None) -> np.ndarray:
     """class → class it is flipped to under asymmetric noise (identity for classes that are never flipped)."""
     check_noise_for_dataset(NoiseSpec("asym", 0.0), dataset)
     if dataset == "cifar10":
@@ -115,20 +116,31 @@ def asym_target_map(dataset: str, num_classes: int, clean: np.ndarray,
         target[list(CIFAR10_ASYM_MAP)] = list(CIFAR10_ASYM_MAP.values())
         return target
     if coarse_labels is None or len(coarse_labels) != len(clean):  # cifar100
-        raise UserError("asymmetric CIFAR-100 noise needs the superclass (coarse) label of every training "
-                        "sample; load cifar100 from its python-pickle release")
+        raise UserError(
+            "asymmetric CIFAR-100 noise needs the superclass (coarse) label of every training "
+            "sample; load cifar100 from its python-pickle release"
+        )
     return cifar100_asym_map(clean, np.asarray(coarse_labels, dtype=np.int64), num_classes)
 
 
 def check_noise_for_dataset(spec: NoiseSpec, dataset: str) -> None:
     """Reject a noise mode the dataset does not define, from names alone (before any slow dataset load)."""
     if spec.mode == "asym" and dataset not in ASYM_DATASETS:
-        raise UserError(f"asymmetric noise is defined for {' and '.join(ASYM_DATASETS)} only, not {dataset!r}; "
-                        "use symR or symflipR, or give a label file")
+        raise UserError(
+            f"asymmetric noise is defined for {' and '.join(ASYM_DATASETS)} only, not {dataset!r}; "
+            "use symR or symflipR, or give a label file"
+        )
 
 
-def make_noisy_labels(clean_labels: np.ndarray, num_classes: int, spec: NoiseSpec, seed: int, *,
-                      dataset: str, coarse_labels: np.ndarray | None = None) -> np.ndarray:
+def make_noisy_labels(
+    clean_labels: np.ndarray,
+    num_classes: int,
+    spec: NoiseSpec,
+    seed: int,
+    *,
+    dataset: str,
+    coarse_labels: np.ndarray | None = None,
+) -> np.ndarray:
     """Corrupt `clean_labels` according to `spec`, reproducibly from `seed` (np.random.default_rng).
 
     Every sample draws u_i ~ U[0, 1) and is corrupted iff u_i < r; the replacement is
@@ -137,8 +149,10 @@ def make_noisy_labels(clean_labels: np.ndarray, num_classes: int, spec: NoiseSpe
     """
     clean = _check_labels(clean_labels, num_classes)
     if spec.mode == "file":
-        raise UserError("noise mode 'file' reads the labels from a file: give the noisy-label file "
-                        "(noisy_labels) instead of generating noise")
+        raise UserError(
+            "noise mode 'file' reads the labels from a file: give the noisy-label file "
+            "(noisy_labels) instead of generating noise"
+        )
     if spec.mode == "none":
         return clean.copy()
     if num_classes < 2:
@@ -174,8 +188,22 @@ _NUMPY_SAFE_GLOBALS = [
     np.ndarray,
     np.dtype,
     # numpy 2 pickles an array's dtype by its class (numpy.dtypes.Int64DType, …)
-    *{type(np.dtype(t)) for t in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
-                                  np.uint64, np.float32, np.float64, np.bool_)},
+    *{
+        type(np.dtype(t))
+        for t in (
+            np.int8,
+            np.int16,
+            np.int32,
+            np.int64,
+            np.uint8,
+            np.uint16,
+            np.uint32,
+            np.uint64,
+            np.float32,
+            np.float64,
+            np.bool_,
+        )
+    },
 ]
 
 
@@ -184,8 +212,13 @@ def _load_pt_dict(path: Path) -> Any:
         with torch.serialization.safe_globals(_NUMPY_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-        raise torch_load_error(path, err, "label file", "expected a CIFAR-10N/100N .pt dict of label arrays",
-                               "give a CIFAR-N .pt file of label arrays or a .npy array") from None
+        raise torch_load_error(
+            path,
+            err,
+            "label file",
+            "expected a CIFAR-10N/100N .pt dict of label arrays",
+            "give a CIFAR-N .pt file of label arrays or a .npy array",
+        ) from None
 
 
 def _select_key(content: Any, path: Path, key: str | None) -> Any:
@@ -229,15 +262,19 @@ def load_label_file(path: str | Path, num_classes: int, expected_len: int, key: 
         content = _load_pt_dict(path)
     labels = _as_label_array(_select_key(content, path, key), path)
     if len(labels) != expected_len:
-        raise UserError(f"label file {path} has {len(labels)} labels, the training set has {expected_len}; "
-                        "is it for this dataset?")
+        raise UserError(
+            f"label file {path} has {len(labels)} labels, the training set has {expected_len}; is it for this dataset?"
+        )
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise UserError(f"labels in {path} span [{labels.min()}, {labels.max()}], outside the {num_classes} "
-                        f"classes [0, {num_classes - 1}]")
+        raise UserError(
+            f"labels in {path} span [{labels.min()}, {labels.max()}], outside the {num_classes} "
+            f"classes [0, {num_classes - 1}]"
+        )
     return labels
 
 
 # --- the run's noise file ------------------------------------------------------------------------------------
+
 
 def save_noise(path: str | Path, noisy: np.ndarray, clean: np.ndarray, *, spec: str, seed: int) -> None:
     """Write noisy_labels, clean_labels, spec and seed to an .npz, atomically."""
@@ -245,8 +282,12 @@ def save_noise(path: str | Path, noisy: np.ndarray, clean: np.ndarray, *, spec: 
     noisy, clean = np.asarray(noisy, dtype=np.int64), np.asarray(clean, dtype=np.int64)
     if noisy.shape != clean.shape:
         raise ValueError(f"noisy and clean labels differ in shape: {noisy.shape} vs {clean.shape}")
-    atomic_write(path, lambda f: np.savez(f, noisy_labels=noisy, clean_labels=clean, spec=np.array(str(spec)),
-                                          seed=np.array(int(seed))))
+    atomic_write(
+        path,
+        lambda f: np.savez(
+            f, noisy_labels=noisy, clean_labels=clean, spec=np.array(str(spec)), seed=np.array(int(seed))
+        ),
+    )
 
 
 def load_noise(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -257,10 +298,14 @@ def load_noise(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]
             noisy, clean = npz["noisy_labels"].astype(np.int64), npz["clean_labels"].astype(np.int64)
             info = {"spec": str(npz["spec"]), "seed": int(npz["seed"])}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-        raise UserError(f"noise file {path} is unreadable or incomplete ({err}); delete it to regenerate "
-                        "the noise (same spec and seed give the same labels)") from err
+        raise UserError(
+            f"noise file {path} is unreadable or incomplete ({err}); delete it to regenerate "
+            "the noise (same spec and seed give the same labels)"
+        ) from err
     if noisy.shape != clean.shape or noisy.ndim != 1:
-        raise UserError(f"noise file {path} is corrupt (label arrays of shapes {noisy.shape} and {clean.shape}); "
-                        "delete it to regenerate the noise")
+        raise UserError(
+            f"noise file {path} is corrupt (label arrays of shapes {noisy.shape} and {clean.shape}); "
+            "delete it to regenerate the noise"
+        )
     info["noise_rate"] = realised_noise_rate(noisy, clean)
     return noisy, clean, info

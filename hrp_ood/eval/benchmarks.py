@@ -53,15 +53,22 @@ class Benchmark:
         """(list file, images folder) of OOD test set `name`; UserError for a set the benchmark does not have."""
         sets = {**self.near, **self.far}
         if name not in sets:
-            raise UserError(f"OOD set {name!r} is not part of OpenOOD's {self.name} benchmark (it has "
-                            f"{', '.join(sets)}); give it as --ood-dir {name}=PATH")
+            raise UserError(
+                f"OOD set {name!r} is not part of OpenOOD's {self.name} benchmark (it has "
+                f"{', '.join(sets)}); give it as --ood-dir {name}=PATH"
+            )
         list_name, images_dir = sets[name]
         return self.list_path(data_root, list_name), Path(data_root) / images_dir
 
     @property
     def preprocessing(self) -> dict[str, object]:
-        return {"source": f"openood:{self.name}", "resize": self.pre_size, "crop": self.img_size,
-                "mean": list(self.mean), "std": list(self.std)}
+        return {
+            "source": f"openood:{self.name}",
+            "resize": self.pre_size,
+            "crop": self.img_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
 
 
 def _classic(**lists: str) -> dict[str, tuple[str, str]]:
@@ -72,23 +79,63 @@ def _largescale(**lists: str) -> dict[str, tuple[str, str]]:
     return {name: (list_name, LARGESCALE) for name, list_name in lists.items()}
 
 
-CIFAR_FAR = _classic(mnist="test_mnist.txt", svhn="test_svhn.txt", textures="test_texture.txt",
-                     places365="test_places365.txt")
+CIFAR_FAR = _classic(
+    mnist="test_mnist.txt", svhn="test_svhn.txt", textures="test_texture.txt", places365="test_places365.txt"
+)
 IMAGENET_NEAR = _largescale(ssb_hard="test_ssb_hard.txt", ninco="test_ninco.txt")
-IMAGENET_FAR = {**_largescale(inaturalist="test_inaturalist.txt"), **_classic(textures="test_textures.txt"),
-                **_largescale(openimage_o="test_openimage_o.txt")}
+IMAGENET_FAR = {
+    **_largescale(inaturalist="test_inaturalist.txt"),
+    **_classic(textures="test_textures.txt"),
+    **_largescale(openimage_o="test_openimage_o.txt"),
+}
 
 BENCHMARKS: dict[str, Benchmark] = {
-    "cifar10": Benchmark("cifar10", 10, 32, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), CLASSIC,
-                         ("val_tin.txt", CLASSIC), _classic(cifar100="test_cifar100.txt", tin="test_tin.txt"),
-                         CIFAR_FAR),
-    "cifar100": Benchmark("cifar100", 100, 32, 32, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761), CLASSIC,
-                          ("val_tin.txt", CLASSIC), _classic(cifar10="test_cifar10.txt", tin="test_tin.txt"),
-                          CIFAR_FAR),
-    "imagenet200": Benchmark("imagenet200", 200, 256, 224, *IMAGENET_NORMALISATION, LARGESCALE,
-                             ("val_openimage_o.txt", LARGESCALE), IMAGENET_NEAR, IMAGENET_FAR),
-    "imagenet": Benchmark("imagenet", 1000, 256, 224, *IMAGENET_NORMALISATION, LARGESCALE,
-                          ("val_openimage_o.txt", LARGESCALE), IMAGENET_NEAR, IMAGENET_FAR),
+    "cifar10": Benchmark(
+        "cifar10",
+        10,
+        32,
+        32,
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
+        CLASSIC,
+        ("val_tin.txt", CLASSIC),
+        _classic(cifar100="test_cifar100.txt", tin="test_tin.txt"),
+        CIFAR_FAR,
+    ),
+    "cifar100": Benchmark(
+        "cifar100",
+        100,
+        32,
+        32,
+        (0.5071, 0.4867, 0.4408),
+        (0.2675, 0.2565, 0.2761),
+        CLASSIC,
+        ("val_tin.txt", CLASSIC),
+        _classic(cifar10="test_cifar10.txt", tin="test_tin.txt"),
+        CIFAR_FAR,
+    ),
+    "imagenet200": Benchmark(
+        "imagenet200",
+        200,
+        256,
+        224,
+        *IMAGENET_NORMALISATION,
+        LARGESCALE,
+        ("val_openimage_o.txt", LARGESCALE),
+        IMAGENET_NEAR,
+        IMAGENET_FAR,
+    ),
+    "imagenet": Benchmark(
+        "imagenet",
+        1000,
+        256,
+        224,
+        *IMAGENET_NORMALISATION,
+        LARGESCALE,
+        ("val_openimage_o.txt", LARGESCALE),
+        IMAGENET_NEAR,
+        IMAGENET_FAR,
+    ),
 }
 
 
@@ -101,16 +148,21 @@ def get_benchmark(name: str) -> Benchmark:
 def check_checkpoint_fits(benchmark: Benchmark, classes: list[str], image_size: int, ckpt: Path) -> None:
     """The network must classify the benchmark's classes at the benchmark's image size."""
     if len(classes) != benchmark.num_classes:
-        raise UserError(f"{ckpt} classifies {len(classes)} classes but OpenOOD's {benchmark.name} benchmark has "
-                        f"{benchmark.num_classes}; choose the benchmark the network was trained for")
+        raise UserError(
+            f"{ckpt} classifies {len(classes)} classes but OpenOOD's {benchmark.name} benchmark has "
+            f"{benchmark.num_classes}; choose the benchmark the network was trained for"
+        )
     if image_size != benchmark.img_size:
-        raise UserError(f"{ckpt} was trained on {image_size}x{image_size} images but OpenOOD's {benchmark.name} "
-                        f"benchmark feeds {benchmark.img_size}x{benchmark.img_size}; choose the benchmark the network "
-                        "was trained for")
+        raise UserError(
+            f"{ckpt} was trained on {image_size}x{image_size} images but OpenOOD's {benchmark.name} "
+            f"benchmark feeds {benchmark.img_size}x{benchmark.img_size}; choose the benchmark the network "
+            "was trained for"
+        )
 
 
-def load_benchmark_id_data(benchmark: Benchmark, data_root: Path, classes: list[str], *,
-                           skip_corrupt: bool = False) -> DataBundle:
+def load_benchmark_id_data(
+    benchmark: Benchmark, data_root: Path, classes: list[str], *, skip_corrupt: bool = False
+) -> DataBundle:
     """ID train and test of `benchmark` from its lists, with its preprocessing; `classes` name the label indices."""
     from hrp_ood.eval.ood_data import load_labelled_image_list
 
@@ -118,14 +170,29 @@ def load_benchmark_id_data(benchmark: Benchmark, data_root: Path, classes: list[
     for split in ("train", "test"):
         list_file, images_root = benchmark.id_list(split, data_root)
         if not list_file.is_file():
-            raise UserError(f"OpenOOD's {benchmark.name} {split} list {shown(list_file)} not found; point "
-                            "--data-root at an OpenOOD data root (benchmark_imglist/, images_classic/, …)")
-        splits[split] = load_labelled_image_list(list_file, images_root, benchmark.img_size, benchmark.num_classes,
-                                                 pre_size=benchmark.pre_size, skip_corrupt=skip_corrupt)
+            raise UserError(
+                f"OpenOOD's {benchmark.name} {split} list {shown(list_file)} not found; point "
+                "--data-root at an OpenOOD data root (benchmark_imglist/, images_classic/, …)"
+            )
+        splits[split] = load_labelled_image_list(
+            list_file,
+            images_root,
+            benchmark.img_size,
+            benchmark.num_classes,
+            pre_size=benchmark.pre_size,
+            skip_corrupt=skip_corrupt,
+        )
         if len(splits[split][1]) == 0:
             raise UserError(f"{shown(list_file)} holds no readable image; point --data-root at a complete OpenOOD root")
     (train_images, train_labels), (test_images, test_labels) = splits["train"], splits["test"]
-    return DataBundle(name=f"openood-{benchmark.name}", classes=list(classes), image_size=benchmark.img_size,
-                      train_images=train_images, train_labels=np.asarray(train_labels),
-                      test_images=test_images, test_labels=np.asarray(test_labels),
-                      mean=benchmark.mean, std=benchmark.std)
+    return DataBundle(
+        name=f"openood-{benchmark.name}",
+        classes=list(classes),
+        image_size=benchmark.img_size,
+        train_images=train_images,
+        train_labels=np.asarray(train_labels),
+        test_images=test_images,
+        test_labels=np.asarray(test_labels),
+        mean=benchmark.mean,
+        std=benchmark.std,
+    )

@@ -60,8 +60,10 @@ def check_ood_set_names(names: Iterable[str], where: str) -> None:
     """A one-line error for an OOD set named like the ID set or a table's mean row."""
     reserved = [name for name in names if name.strip().lower() in RESERVED_SET_NAMES]
     if reserved:
-        raise UserError(f"{where}: OOD set name {reserved[0]!r} is reserved ({', '.join(RESERVED_SET_NAMES)} name the "
-                        "ID test set, the mean over OOD sets and every far-OOD set); give the set another name")
+        raise UserError(
+            f"{where}: OOD set name {reserved[0]!r} is reserved ({', '.join(RESERVED_SET_NAMES)} name the "
+            "ID test set, the mean over OOD sets and every far-OOD set); give the set another name"
+        )
 
 
 @dataclass
@@ -76,12 +78,24 @@ class EvalResult:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-def run_evaluation(net: nn.Module, id_bundle: DataBundle, ood_images: dict[str, torch.Tensor | ImageSource],
-                   postprocessors: list[str], *, cache_dir: str | Path, cache_key: str, fit_labels: str = "clean",
-                   noisy_train_labels: np.ndarray | None = None, device: str | torch.device = "cpu",
-                   batch_size: int = 256, amp: bool = False, progress: bool = False,
-                   fit_subset: int | None = None, validation: ValidationImages | None = None,
-                   tune: bool = False) -> EvalResult:
+def run_evaluation(
+    net: nn.Module,
+    id_bundle: DataBundle,
+    ood_images: dict[str, torch.Tensor | ImageSource],
+    postprocessors: list[str],
+    *,
+    cache_dir: str | Path,
+    cache_key: str,
+    fit_labels: str = "clean",
+    noisy_train_labels: np.ndarray | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 256,
+    amp: bool = False,
+    progress: bool = False,
+    fit_subset: int | None = None,
+    validation: ValidationImages | None = None,
+    tune: bool = False,
+) -> EvalResult:
     """Score ID test and every OOD set with every postprocessor (module docstring for the passes).
 
     fit_labels: the labels fitted postprocessors (MDS, …) see with the ID-train features — "clean" (the
@@ -109,11 +123,16 @@ def run_evaluation(net: nn.Module, id_bundle: DataBundle, ood_images: dict[str, 
     val = _validation_features(net, validation, mean, std, prefix, extract)
     fit_sets = {"id_val": val["id"][1]} if "id" in val else {}
     if any(_fit_on(m, fit_sets) == "id_train" for m in defaults):
-        fit_sets["id_train"] = _fit_features(net, id_bundle, fit_labels, noisy_train_labels, fit_subset, prefix,
-                                             extract)
+        fit_sets["id_train"] = _fit_features(
+            net, id_bundle, fit_labels, noisy_train_labels, fit_subset, prefix, extract
+        )
     fc = net.get_fc() if any(m.requires_fit for m in defaults) else None
-    settings: dict[str, Any] = {"hyperparameters": {}, "fit_on": {}, "validation": _describe(validation),
-                                "tuning": {"enabled": tune}}
+    settings: dict[str, Any] = {
+        "hyperparameters": {},
+        "fit_on": {},
+        "validation": _describe(validation),
+        "tuning": {"enabled": tune},
+    }
     methods = []
     for default in defaults:
         fit_on = _fit_on(default, fit_sets)
@@ -129,23 +148,28 @@ def run_evaluation(net: nn.Module, id_bundle: DataBundle, ood_images: dict[str, 
         settings["hyperparameters"][method.name] = method.hyperparameters()
         methods.append(method)
     settings["tuning"]["rule" if tune else "openood_would_tune"] = (
-        SELECTION_RULE if tune else [m.name for m in defaults if m.openood_sweep])
+        SELECTION_RULE if tune else [m.name for m in defaults if m.openood_sweep]
+    )
 
-    id_test = cached_features(net, id_bundle.test_images, mean, std, key=f"{prefix}-test",
-                              labels=id_bundle.test_labels, **extract)
-    ood = {name: cached_features(net, images, mean, std, key=ood_keys[name], **extract)
-           for name, images in ood_images.items()}
+    id_test = cached_features(
+        net, id_bundle.test_images, mean, std, key=f"{prefix}-test", labels=id_bundle.test_labels, **extract
+    )
+    ood = {
+        name: cached_features(net, images, mean, std, key=ood_keys[name], **extract)
+        for name, images in ood_images.items()
+    }
     check_ood_set_names(ood_images, "evaluate")
     # ID and OOD apart by structure: the OOD sets' names never reach the ID scores
     id_scores = {method.name: score(method, id_bundle.test_images, id_test) for method in methods}
-    ood_scores = {method.name: {name: score(method, ood_images[name], ood[name]) for name in ood_images}
-                  for method in methods}
-    rows = [row for method in methods for row in _metric_rows(method.name, id_scores[method.name],
-                                                              ood_scores[method.name])]
+    ood_scores = {
+        method.name: {name: score(method, ood_images[name], ood[name]) for name in ood_images} for method in methods
+    }
+    rows = [
+        row for method in methods for row in _metric_rows(method.name, id_scores[method.name], ood_scores[method.name])
+    ]
     scores = {f"{method}/{ID_SET}": values for method, values in id_scores.items()}
     scores.update({f"{method}/{name}": values for method, sets in ood_scores.items() for name, values in sets.items()})
-    return EvalResult(rows=rows, id_accuracy=accuracy(id_test.logits, id_test.labels), scores=scores,
-                      settings=settings)
+    return EvalResult(rows=rows, id_accuracy=accuracy(id_test.logits, id_test.labels), scores=scores, settings=settings)
 
 
 @dataclass
@@ -161,21 +185,31 @@ class SetScorer:
 
     def __call__(self, method: Postprocessor, images: torch.Tensor | ImageSource, features: FeatureSet) -> np.ndarray:
         if method.needs_network:
-            return network_scores(method, self.net, pixels(images), self.mean, self.std, device=self.device,
-                                  batch_size=self.batch_size)
+            return network_scores(
+                method, self.net, pixels(images), self.mean, self.std, device=self.device, batch_size=self.batch_size
+            )
         return np.asarray(method.score(features), dtype=np.float64)
 
 
-def _fitted(name: str, params: dict[str, Any], bundle: DataBundle, fit_set: FeatureSet | None,
-            fc: Any) -> Postprocessor:
+def _fitted(
+    name: str, params: dict[str, Any], bundle: DataBundle, fit_set: FeatureSet | None, fc: Any
+) -> Postprocessor:
     """Postprocessor `name` with `params`, given the ID normalisation and fitted on `fit_set` when it needs it."""
     method = _for_dataset(create_postprocessor(name, **params), bundle)
     return method.fit(fit_set, fc) if method.requires_fit else method
 
 
-def _searched(name: str, sweep: dict[str, Any], bundle: DataBundle, fit_set: FeatureSet | None, fc: Any,
-              val: dict[str, tuple[torch.Tensor, FeatureSet]], score: SetScorer) -> tuple[Postprocessor, SearchResult]:
+def _searched(
+    name: str,
+    sweep: dict[str, Any],
+    bundle: DataBundle,
+    fit_set: FeatureSet | None,
+    fc: Any,
+    val: dict[str, tuple[torch.Tensor, FeatureSet]],
+    score: SetScorer,
+) -> tuple[Postprocessor, SearchResult]:
     """OpenOOD's search for `name` on the validation split, and the postprocessor with the chosen values."""
+
     def val_scores(params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         method = _fitted(name, params, bundle, fit_set, fc)
         return score(method, *val["id"]), score(method, *val["ood"])
@@ -185,13 +219,21 @@ def _searched(name: str, sweep: dict[str, Any], bundle: DataBundle, fit_set: Fea
     return _fitted(name, search.chosen, bundle, fit_set, fc), search
 
 
-def _validation_features(net: nn.Module, validation: ValidationImages | None, mean: Sequence[float],
-                         std: Sequence[float], prefix: str,
-                         extract: dict[str, Any]) -> dict[str, tuple[torch.Tensor, FeatureSet]]:
+def _validation_features(
+    net: nn.Module,
+    validation: ValidationImages | None,
+    mean: Sequence[float],
+    std: Sequence[float],
+    prefix: str,
+    extract: dict[str, Any],
+) -> dict[str, tuple[torch.Tensor, FeatureSet]]:
     """{"id": (images, cached features), "ood": (…)} for the validation images there are."""
     parts = {} if validation is None else {"id": validation.id_images, "ood": validation.ood_images}
-    return {part: (images, cached_features(net, images, mean, std, key=f"{prefix}-val-{part}", **extract))
-            for part, images in parts.items() if images is not None}
+    return {
+        part: (images, cached_features(net, images, mean, std, key=f"{prefix}-val-{part}", **extract))
+        for part, images in parts.items()
+        if images is not None
+    }
 
 
 def _fit_on(method: Postprocessor, fit_sets: dict[str, FeatureSet]) -> str | None:
@@ -218,8 +260,15 @@ def _transform_tag(bundle: DataBundle) -> str:
     return f"s{bundle.image_size}-norm{stats}"
 
 
-def _fit_features(net: nn.Module, bundle: DataBundle, fit_labels: str, noisy_train_labels: np.ndarray | None,
-                  fit_subset: int | None, prefix: str, extract: dict[str, Any]) -> FeatureSet:
+def _fit_features(
+    net: nn.Module,
+    bundle: DataBundle,
+    fit_labels: str,
+    noisy_train_labels: np.ndarray | None,
+    fit_subset: int | None,
+    prefix: str,
+    extract: dict[str, Any],
+) -> FeatureSet:
     """ID-train features with the labels chosen by `fit_labels`, on the optional fixed-seed subset."""
     n_train = len(bundle.train_labels)
     labels = _fit_label_source(fit_labels, noisy_train_labels, bundle.train_labels, n_train)
@@ -248,20 +297,35 @@ def _fit_label_source(fit_labels: str, noisy: np.ndarray | None, clean: np.ndarr
     if noisy is None:
         raise UserError("fit_labels='noisy' needs the run's noisy training labels (noise.npz in the run folder)")
     if len(noisy) != n_train:
-        raise UserError(f"the noisy labels hold {len(noisy)} entries but the training split has {n_train} images; "
-                        "use the noise.npz of the run this checkpoint came from")
+        raise UserError(
+            f"the noisy labels hold {len(noisy)} entries but the training split has {n_train} images; "
+            "use the noise.npz of the run this checkpoint came from"
+        )
     return np.asarray(noisy, dtype=np.int64)
 
 
-def network_scores(method: Postprocessor, net: nn.Module, images_uint8: torch.Tensor, mean: Sequence[float],
-                   std: Sequence[float], *, device: torch.device, batch_size: int) -> np.ndarray:
+def network_scores(
+    method: Postprocessor,
+    net: nn.Module,
+    images_uint8: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    device: torch.device,
+    batch_size: int,
+) -> np.ndarray:
     """(N,) scores of a `needs_network` postprocessor: its own batched pass, `method.score_batch(net, x)`.
 
     No `no_grad` here: such methods (ODIN) differentiate with respect to the input themselves.
     """
     mean_t, std_t = channel_stats(mean, std, device)
-    parts = [method.score_batch(net, normalise_batch(images_uint8[s:s + batch_size].to(device), mean_t, std_t))
-             .detach().double().cpu() for s in batches(len(images_uint8), batch_size)]
+    parts = [
+        method.score_batch(net, normalise_batch(images_uint8[s : s + batch_size].to(device), mean_t, std_t))
+        .detach()
+        .double()
+        .cpu()
+        for s in batches(len(images_uint8), batch_size)
+    ]
     return torch.cat(parts).numpy()
 
 
@@ -291,13 +355,21 @@ def write_eval_outputs(result: EvalResult, out_dir: str | Path, meta: dict[str, 
     out_dir = Path(out_dir)
     scores = io.BytesIO()
     np.savez(scores, **result.scores)
-    parts = {"scores.npz": scores.getvalue(), "eval.csv": rows_to_csv(result.rows).encode("utf-8"),
-             "eval.md": (f"ID accuracy: {result.id_accuracy:.2f}%\n\n"
-                         f"{format_markdown_table(result.rows)}\n").encode("utf-8")}
+    parts = {
+        "scores.npz": scores.getvalue(),
+        "eval.csv": rows_to_csv(result.rows).encode("utf-8"),
+        "eval.md": (f"ID accuracy: {result.id_accuracy:.2f}%\n\n{format_markdown_table(result.rows)}\n").encode(
+            "utf-8"
+        ),
+    }
     for name in EVAL_FILES:
         atomic_write(out_dir / name, lambda f, data=parts[name]: f.write(data))
-    report = {**meta, "id_accuracy": float(result.id_accuracy), "results": result.rows,
-              "files": {name: hashlib.sha256(parts[name]).hexdigest() for name in EVAL_FILES}}
+    report = {
+        **meta,
+        "id_accuracy": float(result.id_accuracy),
+        "results": result.rows,
+        "files": {name: hashlib.sha256(parts[name]).hexdigest() for name in EVAL_FILES},
+    }
     atomic_write_text(out_dir / "eval.json", json.dumps(report, indent=2, default=_json_default) + "\n")
     return report
 
@@ -330,7 +402,6 @@ def format_markdown_table(rows: list[dict[str, Any]]) -> str:
         sets.append(MEAN_ROW)
     cells = {(row["postprocessor"], row["ood"]): f"{row['auroc']:.2f} / {row['fpr95']:.2f}" for row in rows}
     methods = list(dict.fromkeys(row["postprocessor"] for row in rows))
-    lines = ["| postprocessor (AUROC / FPR95) | " + " | ".join(sets) + " |",
-             "|---|" + "---:|" * len(sets)]
+    lines = ["| postprocessor (AUROC / FPR95) | " + " | ".join(sets) + " |", "|---|" + "---:|" * len(sets)]
     lines += [f"| {m} | " + " | ".join(cells.get((m, s), "–") for s in sets) + " |" for m in methods]
     return "\n".join(lines)

@@ -35,9 +35,11 @@ def normalise_batch(images_uint8: torch.Tensor, mean: torch.Tensor, std: torch.T
     return (images_uint8.float().div_(255) - mean) / std
 
 
-def channel_stats(mean: Sequence[float], std: Sequence[float],
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_stats(
+    mean: Sequence[float], std: Sequence[float], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """mean and std as (1, 3, 1, 1) float32 tensors on `device`."""
+
     def as_tensor(values: Sequence[float]) -> torch.Tensor:
         return torch.as_tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)
 
@@ -50,9 +52,17 @@ def batches(n: int, batch_size: int, *, progress: bool = False, desc: str = "") 
     return tqdm(starts, desc=desc, unit="batch", leave=False) if progress else starts
 
 
-def extract_features(net: nn.Module, images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float], *,
-                     batch_size: int = 256, device: str | torch.device = "cpu", amp: bool = False,
-                     progress: bool = False) -> FeatureSet:
+def extract_features(
+    net: nn.Module,
+    images_uint8: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    amp: bool = False,
+    progress: bool = False,
+) -> FeatureSet:
     """Logits (N, C) and penultimate features (N, D) of `net` on every image: eval mode, no_grad, batched.
 
     `amp` runs the forward under autocast (bfloat16 on CPU, float16 on CUDA); outputs are float32 either way.
@@ -68,7 +78,9 @@ def extract_features(net: nn.Module, images_uint8: torch.Tensor, mean: Sequence[
     try:
         with torch.no_grad(), torch.autocast(device.type, enabled=amp):
             for start in batches(len(images_uint8), batch_size, progress=progress, desc="features"):
-                x = normalise_batch(images_uint8[start:start + batch_size].to(device, non_blocking=True), mean_t, std_t)
+                x = normalise_batch(
+                    images_uint8[start : start + batch_size].to(device, non_blocking=True), mean_t, std_t
+                )
                 batch_logits, batch_features = net(x, return_feature=True)
                 logits.append(batch_logits.float().cpu())
                 features.append(batch_features.float().flatten(1).cpu())
@@ -77,9 +89,17 @@ def extract_features(net: nn.Module, images_uint8: torch.Tensor, mean: Sequence[
     return FeatureSet(logits=torch.cat(logits).numpy(), features=torch.cat(features).numpy())
 
 
-def cached_features(net: nn.Module, images_uint8: torch.Tensor | ImageSource, mean: Sequence[float],
-                    std: Sequence[float], *, cache_dir: str | Path, key: str, labels: np.ndarray | None = None,
-                    **kw) -> FeatureSet:
+def cached_features(
+    net: nn.Module,
+    images_uint8: torch.Tensor | ImageSource,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    cache_dir: str | Path,
+    key: str,
+    labels: np.ndarray | None = None,
+    **kw,
+) -> FeatureSet:
     """`extract_features`, memoised in `<cache_dir>/<key>.npz`.
 
     `key` must identify everything the features depend on (checkpoint hash, net choice, dataset, transform);
@@ -103,8 +123,16 @@ def cached_features(net: nn.Module, images_uint8: torch.Tensor | ImageSource, me
     return FeatureSet(logits=features.logits, features=features.features, labels=labels)
 
 
-def _checked_features(net: nn.Module, images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                      path: Path, cached: _CacheFile | None, stamp: str, **kw) -> FeatureSet:
+def _checked_features(
+    net: nn.Module,
+    images_uint8: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    path: Path,
+    cached: _CacheFile | None,
+    stamp: str,
+    **kw,
+) -> FeatureSet:
     """The cached features when they were made from these pixels, else a new pass; either way the file then
     records the pixels' fingerprint and `stamp`."""
     fingerprint = images_fingerprint(images_uint8)
@@ -164,8 +192,9 @@ def _read_cache(path: Path) -> _CacheFile | None:
             if int(data["format"]) != CACHE_FORMAT:
                 return None
             stamp = str(data["stamp"]) if "stamp" in data.files else ""
-            return _CacheFile(FeatureSet(logits=data["logits"], features=data["features"]), str(data["fingerprint"]),
-                              stamp)
+            return _CacheFile(
+                FeatureSet(logits=data["logits"], features=data["features"]), str(data["fingerprint"]), stamp
+            )
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
         log.warning("feature cache %s is unreadable (%s); recomputing", path, err)
         return None
@@ -185,6 +214,14 @@ def _cached_stamp(path: Path) -> str | None:
 
 
 def _write_cache(path: Path, features: FeatureSet, fingerprint: str, stamp: str) -> None:
-    atomic_write(path, lambda f: np.savez(f, logits=features.logits, features=features.features,
-                                          fingerprint=np.array(fingerprint), stamp=np.array(stamp),
-                                          format=np.array(CACHE_FORMAT)))
+    atomic_write(
+        path,
+        lambda f: np.savez(
+            f,
+            logits=features.logits,
+            features=features.features,
+            fingerprint=np.array(fingerprint),
+            stamp=np.array(stamp),
+            format=np.array(CACHE_FORMAT),
+        ),
+    )

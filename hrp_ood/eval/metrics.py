@@ -54,8 +54,10 @@ def _as_scores(values: Any, what: str) -> np.ndarray:
         raise ValueError(f"{what} is empty: need at least one score")
     bad = ~np.isfinite(scores)
     if bad.any():
-        raise ValueError(f"{what} holds {int(bad.sum())} non-finite score(s) (NaN/inf) out of {scores.size}; "
-                         "fix the postprocessor or the features before computing metrics")
+        raise ValueError(
+            f"{what} holds {int(bad.sum())} non-finite score(s) (NaN/inf) out of {scores.size}; "
+            "fix the postprocessor or the features before computing metrics"
+        )
     return scores
 
 

@@ -27,8 +27,10 @@ REQUIRED_KEYS = ("config", "dataset", "nets", "epoch")
 def checkpoint_config(state: dict[str, Any], path: Path) -> TrainConfig:
     missing = [key for key in REQUIRED_KEYS if key not in state]
     if missing:
-        raise UserError(f"{path} lacks {', '.join(missing)}: it is not a complete checkpoint of `hrp-ood train`; "
-                        "use the run's last.pt or best.pt")
+        raise UserError(
+            f"{path} lacks {', '.join(missing)}: it is not a complete checkpoint of `hrp-ood train`; "
+            "use the run's last.pt or best.pt"
+        )
     try:
         return saved_config(state["config"], path)
     except (KeyError, TypeError) as err:
@@ -45,8 +47,9 @@ def weights_mismatch(expected: dict[str, torch.Tensor], weights: dict[str, Any],
     unexpected = [k for k in weights if k not in expected]
     if missing or unexpected:
         examples = ", ".join([*(f"no {k}" for k in missing[:2]), *(f"extra {k}" for k in unexpected[:2])])
-        return (f"they are from another backbone ({len(missing)} tensor(s) missing, {len(unexpected)} unknown: "
-                f"{examples})")
+        return (
+            f"they are from another backbone ({len(missing)} tensor(s) missing, {len(unexpected)} unknown: {examples})"
+        )
     shapes = {k: (tuple(getattr(weights[k], "shape", ())), tuple(expected[k].shape)) for k in expected}
     shapes = {k: (got, want) for k, (got, want) in shapes.items() if got != want}
     if not shapes:
@@ -64,12 +67,17 @@ def networks_from_checkpoint(state: dict[str, Any], path: Path) -> list[nn.Modul
     nets = []
     for k, weights in enumerate(state["nets"]):
         net = create_model(cfg.model, num_classes=num_classes)
-        problem = (weights_mismatch(net.state_dict(), weights, num_classes) if isinstance(weights, dict)
-                   else f"they are a {type(weights).__name__}, not a state dict")
+        problem = (
+            weights_mismatch(net.state_dict(), weights, num_classes)
+            if isinstance(weights, dict)
+            else f"they are a {type(weights).__name__}, not a state dict"
+        )
         if problem:
-            raise UserError(f"{path}: net {k + 1}'s weights do not fit the checkpoint's {cfg.model} for "
-                            f"{num_classes} classes ({cfg.dataset}): {problem}; use a checkpoint written by "
-                            "`hrp-ood train` and not edited since")
+            raise UserError(
+                f"{path}: net {k + 1}'s weights do not fit the checkpoint's {cfg.model} for "
+                f"{num_classes} classes ({cfg.dataset}): {problem}; use a checkpoint written by "
+                "`hrp-ood train` and not edited since"
+            )
         net.load_state_dict(weights)
         nets.append(net.eval())
     return nets
@@ -86,16 +94,19 @@ def select_network(nets: list[nn.Module], which: str, path: Path) -> nn.Module:
     return nets[k - 1]
 
 
-def network_from_state(state: dict[str, Any], path: Path, which: str = "ensemble",
-                       device: str | torch.device = "cpu") -> nn.Module:
+def network_from_state(
+    state: dict[str, Any], path: Path, which: str = "ensemble", device: str | torch.device = "cpu"
+) -> nn.Module:
     """The network `which` of a loaded checkpoint (read from `path`), in eval mode on `device`."""
     net = select_network(networks_from_checkpoint(state, path), which, path)
     return net.to(device).eval()
 
 
-def load_network(path: str | Path, which: str = "ensemble",
-                 device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """(network in eval mode on `device`, checkpoint state) for `hrp-ood evaluate`."""
+def load_network(
+    path: str | Path, which: str = "ensemble", device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """(network in eval mode on `device`, checkpoint state): a trained run's checkpoint as a network to call from
+    Python (`hrp-ood evaluate` goes through `hrp_ood.eval.cli.load_checkpoint_for_evaluation`)."""
     path = Path(path)
     state = load_checkpoint(path)
     return network_from_state(state, path, which, device), state
@@ -138,10 +149,21 @@ def export_checkpoint(path: Path, out: Path, net: str = "1") -> Export:
     buffer = io.BytesIO()
     torch.save(export_state_dict(model), buffer)
     atomic_write(out, lambda f: f.write(buffer.getbuffer()))
-    info = {"checkpoint": str(path), "checkpoint_sha256": sha256, "net": net, "model": state["config"]["model"],
-            "dataset": saved["name"], "classes": saved["classes"], "image_size": saved["image_size"],
-            "input": "x = (pixel / 255 - mean) / std, per RGB channel", "mean": list(mean), "std": list(std),
-            "openood_benchmark": benchmark, "openood_mean": list(openood_mean), "openood_std": list(openood_std),
-            "matches_openood": matches}
+    info = {
+        "checkpoint": str(path),
+        "checkpoint_sha256": sha256,
+        "net": net,
+        "model": state["config"]["model"],
+        "dataset": saved["name"],
+        "classes": saved["classes"],
+        "image_size": saved["image_size"],
+        "input": "x = (pixel / 255 - mean) / std, per RGB channel",
+        "mean": list(mean),
+        "std": list(std),
+        "openood_benchmark": benchmark,
+        "openood_mean": list(openood_mean),
+        "openood_std": list(openood_std),
+        "matches_openood": matches,
+    }
     atomic_write_text(normalization_path(out), json.dumps(info, indent=2) + "\n")
     return Export(out, normalization_path(out), mean, std, benchmark, matches)

@@ -80,17 +80,38 @@ class Candidate(NamedTuple):
     files: Callable[[], list[Path]]
 
 
-def load_ood_images(name: str, data_root: str | Path, *, id_dataset: str, image_size: int = 32,
-                    ood_dirs: dict[str, Path] | None = None, skip_corrupt: bool = False,
-                    benchmark: Benchmark | None = None) -> torch.Tensor:
+def load_ood_images(
+    name: str,
+    data_root: str | Path,
+    *,
+    id_dataset: str,
+    image_size: int = 32,
+    ood_dirs: dict[str, Path] | None = None,
+    skip_corrupt: bool = False,
+    benchmark: Benchmark | None = None,
+) -> torch.Tensor:
     """The OOD set `name` as uint8 images (N, 3, image_size, image_size), eval-transformed (module docstring)."""
-    return ood_source(name, data_root, id_dataset=id_dataset, image_size=image_size, ood_dirs=ood_dirs,
-                      skip_corrupt=skip_corrupt, benchmark=benchmark).images
+    return ood_source(
+        name,
+        data_root,
+        id_dataset=id_dataset,
+        image_size=image_size,
+        ood_dirs=ood_dirs,
+        skip_corrupt=skip_corrupt,
+        benchmark=benchmark,
+    ).images
 
 
-def ood_source(name: str, data_root: str | Path, *, id_dataset: str, image_size: int = 32,
-               ood_dirs: dict[str, Path] | None = None, skip_corrupt: bool = False,
-               benchmark: Benchmark | None = None) -> ImageSource:
+def ood_source(
+    name: str,
+    data_root: str | Path,
+    *,
+    id_dataset: str,
+    image_size: int = 32,
+    ood_dirs: dict[str, Path] | None = None,
+    skip_corrupt: bool = False,
+    benchmark: Benchmark | None = None,
+) -> ImageSource:
     """The OOD set `name`, found on disk but not decoded yet: `load_ood_images`'s set as an `ImageSource`."""
     if name == (benchmark.name if benchmark else id_dataset):
         raise UserError(f"OOD set {name!r} is the ID dataset itself; choose another set in --ood")
@@ -101,32 +122,40 @@ def ood_source(name: str, data_root: str | Path, *, id_dataset: str, image_size:
         candidates = _candidates(name, data_root, id_dataset, image_size, ood_dirs or {}, skip_corrupt)
     for candidate in candidates:
         if candidate.path.exists():
-            recipe = (f"OOD set {name} from {candidate.path}: size {image_size}, benchmark "
-                      f"{benchmark.name if benchmark else None}, skip_corrupt {skip_corrupt}")
+            recipe = (
+                f"OOD set {name} from {candidate.path}: size {image_size}, benchmark "
+                f"{benchmark.name if benchmark else None}, skip_corrupt {skip_corrupt}"
+            )
             return ImageSource.from_files(recipe, candidate.files(), lambda: _decoded(name, candidate))
     looked = ", ".join(shown(candidate.path) for candidate in candidates)
     openood_root = benchmark is None and (data_root / "benchmark_imglist").is_dir()
-    raise UserError(f"OOD set {name!r} not found; looked for: {looked}; download it there, give "
-                    f"--ood-dir {name}=PATH, or pass --skip-missing"
-                    + ("; to read this OpenOOD root as one of its benchmarks, give --benchmark NAME"
-                       if openood_root else ""))
+    raise UserError(
+        f"OOD set {name!r} not found; looked for: {looked}; download it there, give "
+        f"--ood-dir {name}=PATH, or pass --skip-missing"
+        + ("; to read this OpenOOD root as one of its benchmarks, give --benchmark NAME" if openood_root else "")
+    )
 
 
 def _decoded(name: str, candidate: Candidate) -> torch.Tensor:
     images = candidate.load()
     if len(images) == 0:
-        raise UserError(f"OOD set {name!r} at {shown(candidate.path)} holds no images; point --data-root/--ood-dir "
-                        f"at the images or drop {name} from --ood")
+        raise UserError(
+            f"OOD set {name!r} at {shown(candidate.path)} holds no images; point --data-root/--ood-dir "
+            f"at the images or drop {name} from --ood"
+        )
     log.info("OOD set %s: %d images from %s", name, len(images), candidate.path)
     return images
 
 
-def _candidates(name: str, data_root: Path, id_dataset: str, size: int, ood_dirs: dict[str, Path],
-                skip_corrupt: bool) -> list[Candidate]:
+def _candidates(
+    name: str, data_root: Path, id_dataset: str, size: int, ood_dirs: dict[str, Path], skip_corrupt: bool
+) -> list[Candidate]:
     """Every candidate place of set `name`, in resolution order."""
+
     def folder(path: Path) -> Candidate:
-        return Candidate(path, lambda: load_image_folder(path, size, skip_corrupt=skip_corrupt),
-                         lambda: folder_images(path))
+        return Candidate(
+            path, lambda: load_image_folder(path, size, skip_corrupt=skip_corrupt), lambda: folder_images(path)
+        )
 
     def file(path: Path, load: Loader) -> Candidate:
         return Candidate(path, load, lambda: files_under(path))
@@ -141,8 +170,13 @@ def _candidates(name: str, data_root: Path, id_dataset: str, size: int, ood_dirs
     stem = OPENOOD_LIST_STEMS.get(name, name)
     image_list = data_root / "benchmark_imglist" / id_dataset / f"test_{stem}.txt"
     images_root = data_root / "images_classic"
-    found = [Candidate(image_list, lambda: load_image_list(image_list, images_root, size, skip_corrupt=skip_corrupt),
-                       lambda: list_files(image_list, images_root))]
+    found = [
+        Candidate(
+            image_list,
+            lambda: load_image_list(image_list, images_root, size, skip_corrupt=skip_corrupt),
+            lambda: list_files(image_list, images_root),
+        )
+    ]
     if name == "svhn":
         mat = data_root / "svhn" / "test_32x32.mat"
         found.append(file(mat, lambda: eval_transform_batch(read_svhn_mat(mat), size)))
@@ -159,9 +193,13 @@ def _candidates(name: str, data_root: Path, id_dataset: str, size: int, ood_dirs
 def _benchmark_candidate(benchmark: Benchmark, name: str, data_root: Path, skip_corrupt: bool) -> Candidate:
     """The list file of OOD set `name` of an OpenOOD benchmark, decoded with the benchmark's preprocessing."""
     list_file, images_root = benchmark.ood_list(name, data_root)
-    return Candidate(list_file, lambda: load_image_list(list_file, images_root, benchmark.img_size,
-                                                        pre_size=benchmark.pre_size, skip_corrupt=skip_corrupt),
-                     lambda: list_files(list_file, images_root))
+    return Candidate(
+        list_file,
+        lambda: load_image_list(
+            list_file, images_root, benchmark.img_size, pre_size=benchmark.pre_size, skip_corrupt=skip_corrupt
+        ),
+        lambda: list_files(list_file, images_root),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- formats
@@ -194,8 +232,9 @@ def read_mnist_idx(path: Path) -> torch.Tensor:
     n, rows, cols = (int(v) for v in header[1:])
     pixels = np.frombuffer(data, dtype=np.uint8, offset=16)
     if pixels.size != n * rows * cols:
-        raise UserError(f"{path} is truncated: {pixels.size} pixels for {n} images of {rows}x{cols}; "
-                        "download MNIST again")
+        raise UserError(
+            f"{path} is truncated: {pixels.size} pixels for {n} images of {rows}x{cols}; download MNIST again"
+        )
     return torch.from_numpy(pixels.reshape(n, 1, rows, cols).copy())
 
 
@@ -210,15 +249,23 @@ def list_files(list_file: Path, images_root: Path) -> list[Path]:
     return [list_file, *(path for path, _ in _list_entries(list_file, images_root))]
 
 
-def load_image_list(list_file: Path, images_root: Path, size: int, *, pre_size: int | None = None,
-                    skip_corrupt: bool = False) -> torch.Tensor:
+def load_image_list(
+    list_file: Path, images_root: Path, size: int, *, pre_size: int | None = None, skip_corrupt: bool = False
+) -> torch.Tensor:
     """OpenOOD image list: the first token of every non-empty line is a path relative to `images_root`."""
     paths = [path for path, _ in _list_entries(list_file, images_root)]
     return decode_images(paths, size, pre_size=pre_size, skip_corrupt=skip_corrupt)
 
 
-def load_labelled_image_list(list_file: Path, images_root: Path, size: int, num_classes: int, *,
-                             pre_size: int | None = None, skip_corrupt: bool = False) -> tuple[torch.Tensor, np.ndarray]:
+def load_labelled_image_list(
+    list_file: Path,
+    images_root: Path,
+    size: int,
+    num_classes: int,
+    *,
+    pre_size: int | None = None,
+    skip_corrupt: bool = False,
+) -> tuple[torch.Tensor, np.ndarray]:
     """(images, int64 labels) of an OpenOOD ID list: "relative/path label" per line, label in [0, num_classes)."""
     entries = _list_entries(list_file, images_root)
     labels = [_class_label(label, num_classes, list_file, k) for k, (_, label) in enumerate(entries, start=1)]
@@ -231,19 +278,24 @@ def load_labelled_image_list(list_file: Path, images_root: Path, size: int, num_
 def _list_entries(list_file: Path, images_root: Path) -> list[tuple[Path, str]]:
     """(image path, label token or "") per non-empty line of an OpenOOD list; every image must exist."""
     lines = [line.split(maxsplit=1) for line in read_text_file(list_file, "image list").splitlines() if line.strip()]
-    entries = [(_inside(images_root, parts[0], list_file), parts[1].strip() if len(parts) > 1 else "")
-               for parts in lines]
+    entries = [
+        (_inside(images_root, parts[0], list_file), parts[1].strip() if len(parts) > 1 else "") for parts in lines
+    ]
     missing = [path for path, _ in entries if not path.is_file()]
     if missing:
-        raise UserError(f"{list_file} lists {len(missing)} image(s) missing under {images_root}, first: "
-                        f"{missing[0]}; download the images (OpenOOD's {images_root.name}) or fix --data-root")
+        raise UserError(
+            f"{list_file} lists {len(missing)} image(s) missing under {images_root}, first: "
+            f"{missing[0]}; download the images (OpenOOD's {images_root.name}) or fix --data-root"
+        )
     return entries
 
 
 def _class_label(token: str, num_classes: int, list_file: Path, line: int) -> int:
     if not token.isdigit() or int(token) >= num_classes:
-        raise UserError(f"{list_file} line {line}: label {token!r} is not a class index 0-{num_classes - 1}; "
-                        "use the benchmark's own ID lists")
+        raise UserError(
+            f"{list_file} line {line}: label {token!r} is not a class index 0-{num_classes - 1}; "
+            "use the benchmark's own ID lists"
+        )
     return int(token)
 
 
@@ -256,8 +308,10 @@ def _inside(root: Path, relative: str, list_file: Path) -> Path:
     joined = os.path.normpath(os.path.join(root, relative))
     base = os.path.normpath(root)
     if os.path.isabs(relative) or os.path.commonpath([base, joined]) != base:
-        raise UserError(f"{list_file} lists {relative!r}, which is outside {root}; image lists must hold "
-                        "paths relative to the images folder")
+        raise UserError(
+            f"{list_file} lists {relative!r}, which is outside {root}; image lists must hold "
+            "paths relative to the images folder"
+        )
     return Path(joined)
 
 
@@ -266,8 +320,9 @@ def folder_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
-def load_image_folder(folder: Path, size: int, *, pre_size: int | None = None,
-                      skip_corrupt: bool = False) -> torch.Tensor:
+def load_image_folder(
+    folder: Path, size: int, *, pre_size: int | None = None, skip_corrupt: bool = False
+) -> torch.Tensor:
     """Every image file under `folder` (recursive, sorted by path), eval-transformed."""
     return decode_images(folder_images(folder), size, pre_size=pre_size, skip_corrupt=skip_corrupt)
 
@@ -275,8 +330,9 @@ def load_image_folder(folder: Path, size: int, *, pre_size: int | None = None,
 # ---------------------------------------------------------------------------------------------- transform
 
 
-def decode_images(paths: Sequence[Path], size: int, *, pre_size: int | None = None,
-                  skip_corrupt: bool = False) -> torch.Tensor:
+def decode_images(
+    paths: Sequence[Path], size: int, *, pre_size: int | None = None, skip_corrupt: bool = False
+) -> torch.Tensor:
     """Decode + eval-transform `paths` on a thread pool → uint8 (N, 3, size, size), in the order given."""
     images = [img for img in _decode_paths(paths, size, pre_size, skip_corrupt) if img is not None]
     if not images:
@@ -284,15 +340,18 @@ def decode_images(paths: Sequence[Path], size: int, *, pre_size: int | None = No
     return torch.stack(images)
 
 
-def _decode_paths(paths: Sequence[Path], size: int, pre_size: int | None,
-                  skip_corrupt: bool) -> list[torch.Tensor | None]:
+def _decode_paths(
+    paths: Sequence[Path], size: int, pre_size: int | None, skip_corrupt: bool
+) -> list[torch.Tensor | None]:
     """Each path decoded and eval-transformed, None where unreadable (an error unless `skip_corrupt`)."""
     with ThreadPoolExecutor(DECODE_THREADS) as pool:
         decoded = list(pool.map(lambda p: _decode_one(p, size, pre_size or size), paths))
     unreadable = [p for p, img in zip(paths, decoded) if img is None]
     if unreadable and not skip_corrupt:
-        raise UserError(f"cannot decode image {unreadable[0]} ({len(unreadable)} unreadable in all); "
-                        "replace it or pass --skip-corrupt")
+        raise UserError(
+            f"cannot decode image {unreadable[0]} ({len(unreadable)} unreadable in all); "
+            "replace it or pass --skip-corrupt"
+        )
     if unreadable:
         log.warning("skipped %d unreadable image(s), first: %s", len(unreadable), unreadable[0])
     return decoded

@@ -35,8 +35,9 @@ from hrp_ood.postprocessors.openood_adapter import OPENOOD_DEFAULTS, create_open
 class OpenOODLoader:
     """Batches {"data": normalised float tensor, "label": int64 tensor} over uint8 images, as OpenOOD's loaders."""
 
-    def __init__(self, images: torch.Tensor, labels: np.ndarray | None, mean, std, batch_size: int,
-                 device: torch.device):
+    def __init__(
+        self, images: torch.Tensor, labels: np.ndarray | None, mean, std, batch_size: int, device: torch.device
+    ):
         self.images, self.batch_size, self.device = images, batch_size, device
         self.mean, self.std = channel_stats(mean, std, device)
         self.labels = torch.as_tensor(labels if labels is not None else np.full(len(images), -1), dtype=torch.long)
@@ -46,11 +47,16 @@ class OpenOODLoader:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for start in range(0, len(self.images), self.batch_size):
-            x = self.images[start:start + self.batch_size].to(self.device)
-            yield {"data": normalise_batch(x, self.mean, self.std), "label": self.labels[start:start + self.batch_size]}
+            x = self.images[start : start + self.batch_size].to(self.device)
+            yield {
+                "data": normalise_batch(x, self.mean, self.std),
+                "label": self.labels[start : start + self.batch_size],
+            }
 
 
-def openood_inference(postprocessor: Any, net: nn.Module, loader: Iterable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def openood_inference(
+    postprocessor: Any, net: nn.Module, loader: Iterable
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(pred, conf, label) over `loader`: OpenOOD's ``inference`` without its ``.cuda()`` (batches are on the
     network's device already). No ``no_grad`` here: ODIN differentiates with respect to its input."""
     preds, confs, labels = [], [], []
@@ -62,10 +68,18 @@ def openood_inference(postprocessor: Any, net: nn.Module, loader: Iterable) -> t
     return (torch.cat(preds).numpy().astype(int), torch.cat(confs).numpy(), torch.cat(labels).numpy().astype(int))
 
 
-def evaluate_with_openood(net: nn.Module, bundle: DataBundle, ood_images: dict[str, torch.Tensor | ImageSource],
-                          postprocessors: list[str], *, device: torch.device, batch_size: int = 256,
-                          validation: ValidationImages | None = None, tune: bool = False,
-                          dataset: str | None = None) -> EvalResult:
+def evaluate_with_openood(
+    net: nn.Module,
+    bundle: DataBundle,
+    ood_images: dict[str, torch.Tensor | ImageSource],
+    postprocessors: list[str],
+    *,
+    device: torch.device,
+    batch_size: int = 256,
+    validation: ValidationImages | None = None,
+    tune: bool = False,
+    dataset: str | None = None,
+) -> EvalResult:
     """OpenOOD's postprocessors `postprocessors` on `net`; `dataset` is the name OpenOOD's tables are asked about."""
     if tune:
         require_both_parts(validation)
@@ -83,18 +97,25 @@ def evaluate_with_openood(net: nn.Module, bundle: DataBundle, ood_images: dict[s
     ood_loaders = {"val": val_ood, "near": {}, "far": far}  # the keys of OpenOOD v1.5's Evaluator
     net = net.to(device).eval()
     rows, scores, id_accuracy = [], {}, float("nan")
-    settings: dict[str, Any] = {"hyperparameters": {}, "fit_on": {},
-                                "validation": None if validation is None else validation.describe(),
-                                "tuning": {"enabled": tune}}
+    settings: dict[str, Any] = {
+        "hyperparameters": {},
+        "fit_on": {},
+        "validation": None if validation is None else validation.describe(),
+        "tuning": {"enabled": tune},
+    }
     for name in postprocessors:
-        method = create_openood_postprocessor(name, dataset=dataset or bundle.name, num_classes=bundle.num_classes,
-                                              input_std=bundle.std)
+        method = create_openood_postprocessor(
+            name, dataset=dataset or bundle.name, num_classes=bundle.num_classes, input_std=bundle.std
+        )
         method.setup(net, id_loaders, ood_loaders)
         ours = create_postprocessor(name)
         chosen: dict[str, Any] = {}
         if tune and ours.openood_sweep:
-            search = search_openood(name, ours.openood_sweep,
-                                    lambda params, method=method: _val_scores(method, params, net, val_id, val_ood))
+            search = search_openood(
+                name,
+                ours.openood_sweep,
+                lambda params, method=method: _val_scores(method, params, net, val_id, val_ood),
+            )
             method.set_hyperparam(list(search.chosen.values()))
             chosen = search.chosen
             settings["tuning"].setdefault("searched", {})[name] = search.as_json()
@@ -112,12 +133,14 @@ def evaluate_with_openood(net: nn.Module, bundle: DataBundle, ood_images: dict[s
         mean = {key: float(np.mean([row[key] for row in per_set])) for key in METRIC_KEYS}
         rows += per_set + [{"postprocessor": name, "ood": MEAN_ROW, **mean}]
     settings["tuning"]["rule" if tune else "openood_would_tune"] = (
-        SELECTION_RULE if tune else [n for n in postprocessors if create_postprocessor(n).openood_sweep])
+        SELECTION_RULE if tune else [n for n in postprocessors if create_postprocessor(n).openood_sweep]
+    )
     return EvalResult(rows=rows, id_accuracy=id_accuracy, scores=scores, settings=settings)
 
 
-def _val_scores(method: Any, params: dict[str, Any], net: nn.Module, val_id: OpenOODLoader,
-                val_ood: OpenOODLoader) -> tuple[np.ndarray, np.ndarray]:
+def _val_scores(
+    method: Any, params: dict[str, Any], net: nn.Module, val_id: OpenOODLoader, val_ood: OpenOODLoader
+) -> tuple[np.ndarray, np.ndarray]:
     """OpenOOD's search step: ``set_hyperparam`` (values in sweep order), then ID-val and OOD-val scores."""
     method.set_hyperparam(list(params.values()))
     return openood_inference(method, net, val_id)[1], openood_inference(method, net, val_ood)[1]

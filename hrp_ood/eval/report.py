@@ -38,8 +38,14 @@ log = logging.getLogger(__name__)
 
 METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out", "fpr95_tpr_id")
 REQUIRED_METRICS = ("auroc", "fpr95")
-METRIC_LABELS = {"auroc": "AUROC", "fpr95": "FPR95", "aupr_in": "AUPR-In", "aupr_out": "AUPR-Out",
-                 "fpr95_tpr_id": "FPR95@TPR-ID", "id_accuracy": "ID acc."}
+METRIC_LABELS = {
+    "auroc": "AUROC",
+    "fpr95": "FPR95",
+    "aupr_in": "AUPR-In",
+    "aupr_out": "AUPR-Out",
+    "fpr95_tpr_id": "FPR95@TPR-ID",
+    "id_accuracy": "ID acc.",
+}
 BY_CHOICES = ("noise", "dataset", "method", "net", "ood")
 RUN_KEYS = ("method", "dataset", "noise", "net", "seed")  # what identifies one evaluation
 CONTEXT_KEYS = ("dataset", "noise", "net")  # become row levels when they vary and are not `by`
@@ -70,8 +76,9 @@ def load_evaluations(paths: Sequence[Path | str]) -> pd.DataFrame:
     evaluation (same method, dataset, noise, net and seed), which would count a seed twice.
     """
     if not paths:
-        raise UserError("no eval.json given; pass the files written by `hrp-ood evaluate` "
-                        "(e.g. runs/*/eval_ensemble/eval.json)")
+        raise UserError(
+            "no eval.json given; pass the files written by `hrp-ood evaluate` (e.g. runs/*/eval_ensemble/eval.json)"
+        )
     rows = [row for path in paths for row in _evaluation_rows(Path(path), _read_json(Path(path)))]
     frame = pd.DataFrame(rows)
     _check_unique_runs(frame)
@@ -91,8 +98,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _bad_field(path: Path, field: str, expected: str) -> UserError:
-    return UserError(f"{path}: field {field!r} is missing or not {expected}; "
-                     "is this an eval.json written by `hrp-ood evaluate`?")
+    return UserError(
+        f"{path}: field {field!r} is missing or not {expected}; is this an eval.json written by `hrp-ood evaluate`?"
+    )
 
 
 def _text(data: dict[str, Any], key: str, path: Path, *, required: bool = True) -> str:
@@ -151,8 +159,9 @@ def _evaluation_rows(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
         seen.add((postprocessor, ood))
         row = dict(meta, postprocessor=postprocessor, ood=ood)
         for metric in METRICS:
-            row[metric] = _number(result.get(metric), f"results[{k}].{metric}", path,
-                                  required=metric in REQUIRED_METRICS)
+            row[metric] = _number(
+                result.get(metric), f"results[{k}].{metric}", path, required=metric in REQUIRED_METRICS
+            )
         rows.append(row)
     return rows
 
@@ -165,8 +174,10 @@ def _check_unique_runs(frame: pd.DataFrame) -> None:
     first = duplicated.iloc[0]
     clash = duplicated[(duplicated[list(RUN_KEYS)] == first[list(RUN_KEYS)]).all(axis=1)]["path"].tolist()
     identity = ", ".join(f"{key}={first[key]}" for key in RUN_KEYS)
-    raise UserError(f"{' and '.join(clash)} are the same evaluation ({identity}); a mean over seeds needs "
-                    "one file per seed: report them separately")
+    raise UserError(
+        f"{' and '.join(clash)} are the same evaluation ({identity}); a mean over seeds needs "
+        "one file per seed: report them separately"
+    )
 
 
 # --------------------------------------------------------------------------- ordering
@@ -244,26 +255,33 @@ def _summary(df: pd.DataFrame, by: str, metrics: Sequence[str], ood: str) -> tup
     data = _select_ood(df, by, ood)
     row_keys = _row_keys(data, by)
     group_keys = row_keys + [by, "metric"]
-    metric_values = data.melt(id_vars=row_keys + [by, "seed"], value_vars=list(metrics),
-                              var_name="metric", value_name="value")
+    metric_values = data.melt(
+        id_vars=row_keys + [by, "seed"], value_vars=list(metrics), var_name="metric", value_name="value"
+    )
     # ID accuracy is one number per evaluation: take it once per (file, column).
     runs = data.drop_duplicates(["path", by])
-    accuracy_values = runs[[k for k in row_keys if k != "postprocessor"] + [by, "seed", "id_accuracy"]].rename(
-        columns={"id_accuracy": "value"}).assign(metric="id_accuracy", postprocessor=ID_ACC_ROW)
-    summary = pd.concat([_seed_stats(metric_values, group_keys), _seed_stats(accuracy_values, group_keys)],
-                        ignore_index=True)
+    accuracy_values = (
+        runs[[k for k in row_keys if k != "postprocessor"] + [by, "seed", "id_accuracy"]]
+        .rename(columns={"id_accuracy": "value"})
+        .assign(metric="id_accuracy", postprocessor=ID_ACC_ROW)
+    )
+    summary = pd.concat(
+        [_seed_stats(metric_values, group_keys), _seed_stats(accuracy_values, group_keys)], ignore_index=True
+    )
     return _in_table_order(summary, row_keys + [by]), row_keys
 
 
 def _in_table_order(summary: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Rows sorted by each key's :func:`ordered_values` (metrics keep their given order)."""
     ranks = {key: {v: i for i, v in enumerate(ordered_values(summary[key], key))} for key in keys}
-    return summary.sort_values(keys, key=lambda column: column.map(ranks[column.name]), kind="stable",
-                               ignore_index=True)
+    return summary.sort_values(
+        keys, key=lambda column: column.map(ranks[column.name]), kind="stable", ignore_index=True
+    )
 
 
-def summarize(df: pd.DataFrame, by: str = "noise", metrics: Sequence[str] = ("auroc", "fpr95"),
-              ood: str = MEAN_OOD) -> pd.DataFrame:
+def summarize(
+    df: pd.DataFrame, by: str = "noise", metrics: Sequence[str] = ("auroc", "fpr95"), ood: str = MEAN_OOD
+) -> pd.DataFrame:
     """Tidy numeric summary over seeds: one row per (row keys, `by` value, metric).
 
     Columns: the row keys of :func:`comparison_table`, `by`, ``metric`` (one of `metrics`, or
@@ -288,8 +306,14 @@ def table_fields(metrics: Sequence[str]) -> list[str]:
     return ["cell", *numeric, "n_seeds"]
 
 
-def comparison_table(df: pd.DataFrame, by: str = "noise", metrics: Sequence[str] = ("auroc", "fpr95"),
-                     ood: str = MEAN_OOD, *, decimals: int = 1) -> pd.DataFrame:
+def comparison_table(
+    df: pd.DataFrame,
+    by: str = "noise",
+    metrics: Sequence[str] = ("auroc", "fpr95"),
+    ood: str = MEAN_OOD,
+    *,
+    decimals: int = 1,
+) -> pd.DataFrame:
     """Methods × postprocessors against the values of `by`, each cell mean ± std over seeds.
 
     Rows: a MultiIndex (method, postprocessor) — without the level named by `by`, and led by
@@ -312,13 +336,13 @@ def comparison_table(df: pd.DataFrame, by: str = "noise", metrics: Sequence[str]
     is_accuracy = fields.index.get_level_values("postprocessor") == ID_ACC_ROW
     fields["n_seeds"] = np.where(is_accuracy, stats[("n_seeds", "id_accuracy")], stats[("n_seeds", metrics[0])])
     fields["cell"] = [
-        format_mean_std(row["id_accuracy_mean"], row["id_accuracy_std"], decimals) if accuracy else
-        " / ".join(format_mean_std(row[f"{m}_mean"], row[f"{m}_std"], decimals) for m in metrics)
+        format_mean_std(row["id_accuracy_mean"], row["id_accuracy_std"], decimals)
+        if accuracy
+        else " / ".join(format_mean_std(row[f"{m}_mean"], row[f"{m}_std"], decimals) for m in metrics)
         for accuracy, (_, row) in zip(is_accuracy, fields.iterrows())
     ]
     table = fields.unstack(by)
-    columns = pd.MultiIndex.from_product([table_fields(metrics), ordered_values(summary[by], by)],
-                                         names=["field", by])
+    columns = pd.MultiIndex.from_product([table_fields(metrics), ordered_values(summary[by], by)], names=["field", by])
     table = table.reindex(index=_ordered_rows(table.index, row_keys, summary), columns=columns)
     table["cell"] = table["cell"].fillna(MISSING_CELL)
     return table
@@ -356,8 +380,10 @@ def table_caption(table: pd.DataFrame, by: str, metrics: Sequence[str], ood: str
     else:
         seed_text = f"{seeds[0]}–{seeds[-1]} seeds"
     where = "" if by == "ood" else f"; OOD set: {ood}"
-    return (f"{'/'.join(METRIC_LABELS[m] for m in metrics)} (%), mean ± std over {seed_text} "
-            f"(sample std, ddof={STD_DDOF}){where}; {ID_ACC_ROW} = ID test accuracy (%)")
+    return (
+        f"{'/'.join(METRIC_LABELS[m] for m in metrics)} (%), mean ± std over {seed_text} "
+        f"(sample std, ddof={STD_DDOF}){where}; {ID_ACC_ROW} = ID test accuracy (%)"
+    )
 
 
 def to_markdown(table: pd.DataFrame, caption: str = "") -> str:
@@ -374,8 +400,18 @@ def to_markdown(table: pd.DataFrame, caption: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-_LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+_LATEX_SPECIALS = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
 _LATEX_SYMBOLS = {"±": r"$\pm$", "–": "--"}
 
 
@@ -399,9 +435,13 @@ def to_latex(table: pd.DataFrame, caption: str = "") -> str:
         return " & ".join(latex_escape(v) for v in values) + r" \\"
 
     lines = [f"% {latex_escape(caption)}"] if caption else []
-    lines += ["% requires \\usepackage{booktabs}",
-              r"\begin{tabular}{" + "l" * len(row_keys) + "c" * len(cells.columns) + "}",
-              r"\toprule", line([*row_keys, *cells.columns]), r"\midrule"]
+    lines += [
+        "% requires \\usepackage{booktabs}",
+        r"\begin{tabular}{" + "l" * len(row_keys) + "c" * len(cells.columns) + "}",
+        r"\toprule",
+        line([*row_keys, *cells.columns]),
+        r"\midrule",
+    ]
     previous_block = None
     for row, values in zip(cells.index, cells.to_numpy()):
         block = _block_of(row, row_keys)
@@ -426,9 +466,12 @@ def _software_lines(df: pd.DataFrame) -> list[str]:
 def _markdown_report(df: pd.DataFrame, table: pd.DataFrame, caption: str) -> str:
     runs = df.drop_duplicates("path")
     header = [
-        "# hrp-ood report", "",
+        "# hrp-ood report",
+        "",
         f"{len(runs)} evaluation(s); methods: {', '.join(ordered_values(runs['method'], 'method'))}; "
-        f"seeds: {', '.join(str(s) for s in sorted(runs['seed'].unique()))}.", "", "",
+        f"seeds: {', '.join(str(s) for s in sorted(runs['seed'].unique()))}.",
+        "",
+        "",
     ]
     software = _software_lines(df)
     footer = ["", "Software:", *software] if software else []
@@ -466,29 +509,36 @@ def check_score_files(df: pd.DataFrame) -> None:
         with _open_scores(eval_path, run["scores_sha256"].iloc[0]) as scores:
             missing = [k for k in _score_keys(run) if k not in scores.files]
         if missing:
-            raise UserError(f"{_scores_path(eval_path)} lacks the score arrays {', '.join(missing)}; "
-                            "re-run `hrp-ood evaluate`, or pass --no-plots")
+            raise UserError(
+                f"{_scores_path(eval_path)} lacks the score arrays {', '.join(missing)}; "
+                "re-run `hrp-ood evaluate`, or pass --no-plots"
+            )
 
 
 def _open_scores(eval_path: str, expected_sha256: str) -> Any:
     """The scores.npz beside `eval_path`, read once and checked against the sha256 its eval.json records."""
     path = _scores_path(eval_path)
     if not path.is_file():
-        raise UserError(f"{path}: no such file (the plots need the scores beside eval.json); "
-                        "re-run `hrp-ood evaluate`, or pass --no-plots")
+        raise UserError(
+            f"{path}: no such file (the plots need the scores beside eval.json); "
+            "re-run `hrp-ood evaluate`, or pass --no-plots"
+        )
     try:
         data = path.read_bytes()
     except OSError as err:
         raise UserError(f"{path}: cannot be read ({err}); re-run `hrp-ood evaluate`, or pass --no-plots") from None
     if expected_sha256 and hashlib.sha256(data).hexdigest() != expected_sha256:
-        raise UserError(f"{path} is not the scores.npz its {Path(eval_path).name} was written with (sha256 differs): "
-                        "an evaluation into that folder failed or was interrupted part-way; re-run "
-                        "`hrp-ood evaluate`, or pass --no-plots")
+        raise UserError(
+            f"{path} is not the scores.npz its {Path(eval_path).name} was written with (sha256 differs): "
+            "an evaluation into that folder failed or was interrupted part-way; re-run "
+            "`hrp-ood evaluate`, or pass --no-plots"
+        )
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as err:
-        raise UserError(f"{path}: not a readable .npz file ({err}); re-run `hrp-ood evaluate`, "
-                        "or pass --no-plots") from err
+        raise UserError(
+            f"{path}: not a readable .npz file ({err}); re-run `hrp-ood evaluate`, or pass --no-plots"
+        ) from err
 
 
 def _load_scores(eval_path: str, expected_sha256: str, keys: list[str]) -> dict[str, np.ndarray]:
@@ -497,8 +547,9 @@ def _load_scores(eval_path: str, expected_sha256: str, keys: list[str]) -> dict[
         try:
             loaded = {key: np.asarray(scores[key], dtype=np.float64).ravel() for key in keys}
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
-            raise UserError(f"{path}: cannot read its score arrays ({err}); re-run `hrp-ood evaluate`, "
-                            "or pass --no-plots") from err
+            raise UserError(
+                f"{path}: cannot read its score arrays ({err}); re-run `hrp-ood evaluate`, or pass --no-plots"
+            ) from err
     return {key: values[np.isfinite(values)] for key, values in loaded.items()}
 
 
@@ -572,19 +623,27 @@ def plot_evaluations(df: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
         scores = _load_scores(eval_path, run["scores_sha256"].iloc[0], _score_keys(run))
         stem = _plot_stem(run)
         title = stem.replace("_", " ")
-        written[f"hist:{stem}"] = _save_png(_histogram_figure(scores, postprocessors, ood_sets, title),
-                                            out_dir / f"{stem}_hist.png")
-        written[f"roc:{stem}"] = _save_png(_roc_figure(scores, postprocessors, ood_sets, title),
-                                           out_dir / f"{stem}_roc.png")
+        written[f"hist:{stem}"] = _save_png(
+            _histogram_figure(scores, postprocessors, ood_sets, title), out_dir / f"{stem}_hist.png"
+        )
+        written[f"roc:{stem}"] = _save_png(
+            _roc_figure(scores, postprocessors, ood_sets, title), out_dir / f"{stem}_roc.png"
+        )
     return written
 
 
 # --------------------------------------------------------------------------- the report
 
 
-def write_report(paths: Sequence[Path | str], out_dir: Path, *, by: str = "noise",
-                 metrics: Sequence[str] = ("auroc", "fpr95"), ood: str = MEAN_OOD,
-                 plots: bool = True) -> dict[str, Path]:
+def write_report(
+    paths: Sequence[Path | str],
+    out_dir: Path,
+    *,
+    by: str = "noise",
+    metrics: Sequence[str] = ("auroc", "fpr95"),
+    ood: str = MEAN_OOD,
+    plots: bool = True,
+) -> dict[str, Path]:
     """Read `paths` (eval.json files) and write the comparison report into `out_dir`.
 
     Files (each written atomically: temporary file + ``os.replace``):
@@ -600,8 +659,12 @@ def write_report(paths: Sequence[Path | str], out_dir: Path, *, by: str = "noise
     if plots:
         check_score_files(df)
 
-    written = {"csv": out_dir / "report.csv", "summary_csv": out_dir / "report_summary.csv",
-               "markdown": out_dir / "report.md", "latex": out_dir / "report.tex"}
+    written = {
+        "csv": out_dir / "report.csv",
+        "summary_csv": out_dir / "report_summary.csv",
+        "markdown": out_dir / "report.md",
+        "latex": out_dir / "report.tex",
+    }
     atomic_write_text(written["csv"], df.to_csv(index=False))
     atomic_write_text(written["summary_csv"], summarize(df, by, metrics, ood).to_csv(index=False))
     atomic_write_text(written["markdown"], _markdown_report(df, table, caption))

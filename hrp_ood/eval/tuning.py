@@ -24,8 +24,10 @@ import numpy as np
 from hrp_ood.errors import UserError
 from hrp_ood.eval.metrics import auroc_fraction
 
-SELECTION_RULE = ("OpenOOD v1.5 Evaluator.hyperparam_search: every combination of the grid (first parameter "
-                  "fastest), AUROC of ID-val vs OOD-val, the first combination with the highest AUROC")
+SELECTION_RULE = (
+    "OpenOOD v1.5 Evaluator.hyperparam_search: every combination of the grid (first parameter "
+    "fastest), AUROC of ID-val vs OOD-val, the first combination with the highest AUROC"
+)
 
 # (ID-val scores, OOD-val scores) of one candidate setting
 Scorer = Callable[[dict[str, Any]], tuple[np.ndarray, np.ndarray]]
@@ -86,6 +88,8 @@ def search_openood(name: str, sweep: Mapping[str, Sequence[Any]], score: Scorer)
         aurocs.append(auroc)
         records.append({"params": params, "val_auroc": 100.0 * auroc})
     if not tried:
-        raise UserError(f"no setting of {name}'s OpenOOD search grid {dict(sweep)} fits this data "
-                        f"({records[0]['skipped']}); run without --tune")
+        raise UserError(
+            f"no setting of {name}'s OpenOOD search grid {dict(sweep)} fits this data "
+            f"({records[0]['skipped']}); run without --tune"
+        )
     return SearchResult(name, tried[openood_choice(aurocs)], records)

@@ -44,18 +44,24 @@ class ValidationImages:
 
     def describe(self) -> dict[str, Any]:
         images = {"id": self.id_images, "ood": self.ood_images}
-        return {part: {"source": self.sources[part], "images": len(images[part])}
-                for part in PARTS if images[part] is not None}
+        return {
+            part: {"source": self.sources[part], "images": len(images[part])}
+            for part in PARTS
+            if images[part] is not None
+        }
 
 
-def find_validation(data_root: Path, benchmark: Benchmark | None, id_dir: Path | None = None,
-                    ood_dir: Path | None = None) -> dict[str, ValidationSource]:
+def find_validation(
+    data_root: Path, benchmark: Benchmark | None, id_dir: Path | None = None, ood_dir: Path | None = None
+) -> dict[str, ValidationSource]:
     """The validation parts that exist: `id_dir` / `ood_dir` when given (they must be folders), else
     the OpenOOD lists of `benchmark` under `data_root` when present. Nothing is decoded here."""
     found: dict[str, ValidationSource] = {}
     if benchmark is not None:
-        for part, (list_file, images_root) in (("id", benchmark.id_list("val", data_root)),
-                                               ("ood", benchmark.ood_val_list(data_root))):
+        for part, (list_file, images_root) in (
+            ("id", benchmark.id_list("val", data_root)),
+            ("ood", benchmark.ood_val_list(data_root)),
+        ):
             if list_file.is_file():
                 found[part] = ValidationSource(list_file, images_root)
     for part, folder, flag in (("id", id_dir, "--val-id-dir"), ("ood", ood_dir, "--val-ood-dir")):
@@ -85,8 +91,9 @@ def require_both_parts(validation: ValidationImages | None) -> None:
         raise UserError("tuning needs a validation split with both ID-val and OOD-val images")
 
 
-def load_validation(found: dict[str, ValidationSource], size: int, pre_size: int | None = None, *,
-                    skip_corrupt: bool = False) -> ValidationImages | None:
+def load_validation(
+    found: dict[str, ValidationSource], size: int, pre_size: int | None = None, *, skip_corrupt: bool = False
+) -> ValidationImages | None:
     """Decode the parts in `found` (None when there are none)."""
     if not found:
         return None
@@ -94,5 +101,6 @@ def load_validation(found: dict[str, ValidationSource], size: int, pre_size: int
     for part, batch in images.items():
         if len(batch) == 0:
             raise UserError(f"the {part.upper()}-val images at {found[part].path} hold no image; fix the path")
-    return ValidationImages(images.get("id"), images.get("ood"),
-                            {part: str(source.path) for part, source in found.items()})
+    return ValidationImages(
+        images.get("id"), images.get("ood"), {part: str(source.path) for part, source in found.items()}
+    )

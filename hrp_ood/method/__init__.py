@@ -1,4 +1,5 @@
-"""The HRP method's maths (SPEC §3) as pure functions: reliabilities, RAM/GRG, CDCL, targets, schedules."""
+"""The HRP method's maths (SPEC §3): reliabilities (and `ReliabilityMemory`, the one stateful piece: a per-sample
+average across visits), RAM/GRG, CDCL, targets, schedules; everything else is a pure function of tensors."""
 
 from hrp_ood.method.cdcl import cdcl_loss, normalize_beta
 from hrp_ood.method.ram import MixedBatch, ram_beta_params, ram_loss, reliability_mixup, total_reliability
@@ -11,8 +12,8 @@ from hrp_ood.method.reliability import (
 )
 from hrp_ood.method.schedule import coteaching_forget_rate, ramp_weight
 from hrp_ood.method.targets import (
-    coteaching_select,
     consistency_loss,
+    coteaching_select,
     gce_loss,
     prior_penalty,
     refine_targets,

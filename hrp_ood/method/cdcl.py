@@ -33,8 +33,9 @@ def normalize_beta(beta: torch.Tensor, delta: float = 1e-8) -> torch.Tensor:
     return torch.where(high > low, spread, (beta > 0).to(beta.dtype))
 
 
-def cdcl_loss(z: torch.Tensor, pseudo_labels: torch.Tensor, beta_hat: torch.Tensor, confident: torch.Tensor,
-              tau: float = 0.1) -> torch.Tensor:
+def cdcl_loss(
+    z: torch.Tensor, pseudo_labels: torch.Tensor, beta_hat: torch.Tensor, confident: torch.Tensor, tau: float = 0.1
+) -> torch.Tensor:
     """Reliability-weighted supervised contrastive loss over two views (Eq. 12).
 
     z: (2n, d) L2-normalised embeddings, rows [weak views; strong views]; rows i and n+i share the

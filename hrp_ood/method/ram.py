@@ -36,8 +36,9 @@ def total_reliability(alpha: torch.Tensor, beta: torch.Tensor, t_min: float = 0.
     return (alpha + beta).clamp(t_min, t_max)
 
 
-def ram_beta_params(t_i: torch.Tensor, t_j: torch.Tensor, kappa: float = 4.0, eps: float = 1e-8,
-                    symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def ram_beta_params(
+    t_i: torch.Tensor, t_j: torch.Tensor, kappa: float = 4.0, eps: float = 1e-8, symmetric: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Beta concentrations (a, b) of λ for each pair (Eq. 7): a = κ T_i/(T_i+T_j+ε), b = κ T_j/(T_i+T_j+ε).
 
     ``symmetric=True`` is the symmetric-RAM ablation: (κ, κ) for every pair, as in standard Mixup.
@@ -60,9 +61,18 @@ class MixedBatch:
     perm: torch.Tensor
 
 
-def reliability_mixup(inputs: torch.Tensor, targets: torch.Tensor, T: torch.Tensor, kappa: float = 4.0, *,
-                      symmetric: bool = False, gated: bool = True, eps: float = 1e-8,
-                      perm: torch.Tensor | None = None, lam: torch.Tensor | None = None) -> MixedBatch:
+def reliability_mixup(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    T: torch.Tensor,
+    kappa: float = 4.0,
+    *,
+    symmetric: bool = False,
+    gated: bool = True,
+    eps: float = 1e-8,
+    perm: torch.Tensor | None = None,
+    lam: torch.Tensor | None = None,
+) -> MixedBatch:
     """Mix each sample i with a random partner j = π(i), λ drawn from its reliability-arbitrated Beta (Eqs. 7–8).
 
     ``targets`` are soft targets (n, C) (one-hot rows for hard labels); ``T`` is the total reliability

@@ -18,8 +18,8 @@ through the virtual SGD step as Learning-to-Reweight / L2B do; both give the sam
 
 Both methods run the per-sample losses of Eq. 1 in train mode (batch statistics, like L2B's
 virtual step) on *cloned* buffers, so the model's BN running statistics never change, and the
-meta loss in eval mode (``meta_bn="batch"``: in train mode on cloned buffers too). Nothing is written to ``.grad`` and every module's train/eval flag is
-restored on exit.
+meta loss in eval mode (``meta_bn="batch"``: in train mode on cloned buffers too). Nothing is written
+to ``.grad`` and every module's train/eval flag is restored on exit.
 
 ``calibrated=True`` (config ``meta_calibration``, not in SPEC) takes the meta loss at the meta batch's
 temperature scaling: L*_meta(θ̂) = min_{s,b} (1/m) Σ_j ℓ(s f_θ̂(x^meta_j) + b, y^meta_j), with (s, b) fitted at θ
@@ -74,8 +74,9 @@ class Reliabilities:
     beta_signed: torch.Tensor
 
 
-def normalize_reliabilities(alpha_raw: torch.Tensor, beta_raw: torch.Tensor, normalization: str = "separate",
-                            delta: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+def normalize_reliabilities(
+    alpha_raw: torch.Tensor, beta_raw: torch.Tensor, normalization: str = "separate", delta: float = 1e-8
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch-normalise the raw reliabilities α̃, β̃ (non-negative, shape (n,)).
 
     ``"separate"`` (Eq. 5, HRP): α = n α̃ / (Σ α̃ + δ) and β = n β̃ / (Σ β̃ + δ), so each has batch
@@ -99,10 +100,21 @@ def normalize_reliabilities(alpha_raw: torch.Tensor, beta_raw: torch.Tensor, nor
     raise UserError(f"unknown reliability normalization {normalization!r}; use one of {', '.join(NORMALIZATIONS)}")
 
 
-def meta_reliabilities(model: nn.Module, x: torch.Tensor, noisy_labels: torch.Tensor, pseudo_labels: torch.Tensor,
-                       meta_x: torch.Tensor, meta_y: torch.Tensor, lr: float, *, normalization: str = "separate",
-                       method: str = "jvp", delta: float = 1e-8, calibrated: bool = False,
-                       meta_bn: str = "eval") -> Reliabilities:
+def meta_reliabilities(
+    model: nn.Module,
+    x: torch.Tensor,
+    noisy_labels: torch.Tensor,
+    pseudo_labels: torch.Tensor,
+    meta_x: torch.Tensor,
+    meta_y: torch.Tensor,
+    lr: float,
+    *,
+    normalization: str = "separate",
+    method: str = "jvp",
+    delta: float = 1e-8,
+    calibrated: bool = False,
+    meta_bn: str = "eval",
+) -> Reliabilities:
     """α, β of every sample in the batch (Eqs. 1–5) for ``model`` at its current parameters.
 
     ``lr`` is the network's current learning rate η of the virtual step (Eq. 2). The virtual step
@@ -116,18 +128,26 @@ def meta_reliabilities(model: nn.Module, x: torch.Tensor, noisy_labels: torch.Te
         raise UserError(f"unknown meta_bn {meta_bn!r}; use one of {', '.join(META_BN_MODES)}")
     raw = _raw_reliabilities_jvp if method == "jvp" else _raw_reliabilities_double_backward
     with _preserved_modes(model), torch.enable_grad():
-        alpha_signed, beta_signed = raw(model, x, noisy_labels, pseudo_labels, meta_x, meta_y, lr, calibrated,
-                                        meta_bn == "batch")
+        alpha_signed, beta_signed = raw(
+            model, x, noisy_labels, pseudo_labels, meta_x, meta_y, lr, calibrated, meta_bn == "batch"
+        )
     return reliabilities_from_signed(alpha_signed.detach(), beta_signed.detach(), normalization, delta)
 
 
-def reliabilities_from_signed(alpha_signed: torch.Tensor, beta_signed: torch.Tensor, normalization: str = "separate",
-                              delta: float = 1e-8) -> Reliabilities:
+def reliabilities_from_signed(
+    alpha_signed: torch.Tensor, beta_signed: torch.Tensor, normalization: str = "separate", delta: float = 1e-8
+) -> Reliabilities:
     """Eqs. 4–5 from the signed meta-gradients −∂L_meta/∂ε: clamp at 0, then batch-normalise."""
     alpha_raw, beta_raw = alpha_signed.clamp_min(0), beta_signed.clamp_min(0)
     alpha, beta = normalize_reliabilities(alpha_raw, beta_raw, normalization, delta)
-    return Reliabilities(alpha=alpha, beta=beta, alpha_raw=alpha_raw, beta_raw=beta_raw,
-                         alpha_signed=alpha_signed, beta_signed=beta_signed)
+    return Reliabilities(
+        alpha=alpha,
+        beta=beta,
+        alpha_raw=alpha_raw,
+        beta_raw=beta_raw,
+        alpha_signed=alpha_signed,
+        beta_signed=beta_signed,
+    )
 
 
 class ReliabilityMemory:
@@ -149,22 +169,28 @@ class ReliabilityMemory:
         self.beta = torch.full((num_samples,), float("nan"), device=device)
         self.pseudo = torch.full((num_samples,), -1, dtype=torch.long, device=device)
 
-    def update(self, index: torch.Tensor, rel: Reliabilities, pseudo_labels: torch.Tensor, normalization: str,
-               delta: float) -> Reliabilities:
+    def update(
+        self, index: torch.Tensor, rel: Reliabilities, pseudo_labels: torch.Tensor, normalization: str, delta: float
+    ) -> Reliabilities:
         """The batch's reliabilities from the averages after this visit. Data-parallel: every rank stores every
         rank's rows (a sample meets other ranks in other epochs), and returns its own."""
         if self.momentum == 0:
             return rel
         index_all, pseudo_all = all_gather(index), all_gather(pseudo_labels)
         alpha = self._average(self.alpha, index_all, all_gather(_scale_free(rel.alpha_signed, delta)), fresh=None)
-        beta = self._average(self.beta, index_all, all_gather(_scale_free(rel.beta_signed, delta)),
-                             fresh=self.pseudo[index_all] != pseudo_all)
+        beta = self._average(
+            self.beta,
+            index_all,
+            all_gather(_scale_free(rel.beta_signed, delta)),
+            fresh=self.pseudo[index_all] != pseudo_all,
+        )
         self.pseudo[index_all] = pseudo_all
         own = slice(rank() * len(index), (rank() + 1) * len(index))
         return reliabilities_from_signed(alpha[own], beta[own], normalization, delta)
 
-    def _average(self, store: torch.Tensor, index: torch.Tensor, value: torch.Tensor,
-                 fresh: torch.Tensor | None) -> torch.Tensor:
+    def _average(
+        self, store: torch.Tensor, index: torch.Tensor, value: torch.Tensor, fresh: torch.Tensor | None
+    ) -> torch.Tensor:
         previous = store[index]
         restart = torch.isnan(previous) if fresh is None else torch.isnan(previous) | fresh
         updated = torch.where(restart, value, self.momentum * previous + (1 - self.momentum) * value.to(previous.dtype))
@@ -184,10 +210,17 @@ def _scale_free(signed: torch.Tensor, delta: float) -> torch.Tensor:
     return signed / (global_sum(signed.abs().sum()) / global_count(signed.shape[0]) + delta)
 
 
-def _raw_reliabilities_jvp(model: nn.Module, x: torch.Tensor, noisy_labels: torch.Tensor,
-                           pseudo_labels: torch.Tensor, meta_x: torch.Tensor, meta_y: torch.Tensor,
-                           lr: float, calibrated: bool = False,
-                           meta_batch_stats: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _raw_reliabilities_jvp(
+    model: nn.Module,
+    x: torch.Tensor,
+    noisy_labels: torch.Tensor,
+    pseudo_labels: torch.Tensor,
+    meta_x: torch.Tensor,
+    meta_y: torch.Tensor,
+    lr: float,
+    calibrated: bool = False,
+    meta_batch_stats: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """−∂L_meta/∂ε^α, −∂L_meta/∂ε^β (before clamping) via the gradient-alignment identity.
 
     v = ∇_θ L_meta(θ); one JVP gives dz_i = (∂z_i/∂θ) v for the train-mode logits z_i, and
@@ -196,12 +229,14 @@ def _raw_reliabilities_jvp(model: nn.Module, x: torch.Tensor, noisy_labels: torc
     direction = meta_gradient(model, meta_x, meta_y, calibrated, meta_batch_stats)
     logits, dlogits = logit_changes(model, x, direction)
     scale = lr / global_count(x.shape[0])
-    return scale * signed_alignment(logits, dlogits, noisy_labels), scale * signed_alignment(logits, dlogits,
-                                                                                            pseudo_labels)
+    return scale * signed_alignment(logits, dlogits, noisy_labels), scale * signed_alignment(
+        logits, dlogits, pseudo_labels
+    )
 
 
-def logit_changes(model: nn.Module, x: torch.Tensor,
-                  direction: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def logit_changes(
+    model: nn.Module, x: torch.Tensor, direction: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Train-mode logits z of ``x`` and their directional derivative dz = (∂z/∂θ) v along ``direction`` (one
     forward-mode pass; BN runs on cloned buffers, so the model's running statistics never change)."""
     params = _trainable_parameters(model)
@@ -221,10 +256,17 @@ def signed_alignment(logits: torch.Tensor, dlogits: torch.Tensor, labels: torch.
     return expected - dlogits.gather(1, labels[:, None]).squeeze(1)
 
 
-def _raw_reliabilities_double_backward(model: nn.Module, x: torch.Tensor, noisy_labels: torch.Tensor,
-                                       pseudo_labels: torch.Tensor, meta_x: torch.Tensor, meta_y: torch.Tensor,
-                                       lr: float, calibrated: bool = False,
-                                       meta_batch_stats: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _raw_reliabilities_double_backward(
+    model: nn.Module,
+    x: torch.Tensor,
+    noisy_labels: torch.Tensor,
+    pseudo_labels: torch.Tensor,
+    meta_x: torch.Tensor,
+    meta_y: torch.Tensor,
+    lr: float,
+    calibrated: bool = False,
+    meta_batch_stats: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """−∂L_meta/∂ε^α, −∂L_meta/∂ε^β (before clamping) by differentiating through the virtual step."""
     params = _trainable_parameters(model)
     n = x.shape[0]
@@ -246,8 +288,13 @@ def _raw_reliabilities_double_backward(model: nn.Module, x: torch.Tensor, noisy_
     return -d_alpha, -d_beta
 
 
-def meta_gradient(model: nn.Module, meta_x: torch.Tensor, meta_y: torch.Tensor, calibrated: bool = False,
-                  meta_batch_stats: bool = False) -> dict[str, torch.Tensor]:
+def meta_gradient(
+    model: nn.Module,
+    meta_x: torch.Tensor,
+    meta_y: torch.Tensor,
+    calibrated: bool = False,
+    meta_batch_stats: bool = False,
+) -> dict[str, torch.Tensor]:
     """v = ∇_θ L_meta(θ) (Eq. 3 at ε = 0) without touching ``.grad``; averaged over ranks. BN in eval mode, or
     (``meta_batch_stats``) on the meta batch's own statistics with cloned buffers. ``calibrated``: the meta loss
     at the meta batch's fitted temperature and class biases (module docstring)."""
@@ -260,8 +307,9 @@ def meta_gradient(model: nn.Module, meta_x: torch.Tensor, meta_y: torch.Tensor, 
     return global_mean_of_grads({name: g.detach() for name, g in grads.items()})
 
 
-def _meta_logits(model: nn.Module, params: dict[str, torch.Tensor], meta_x: torch.Tensor,
-                 batch_stats: bool) -> torch.Tensor:
+def _meta_logits(
+    model: nn.Module, params: dict[str, torch.Tensor], meta_x: torch.Tensor, batch_stats: bool
+) -> torch.Tensor:
     """The meta batch's logits at ``params``: BN on the running statistics (eval mode), or on the batch's own
     statistics (train mode) with the running buffers cloned, so they never change."""
     if batch_stats:
@@ -271,8 +319,9 @@ def _meta_logits(model: nn.Module, params: dict[str, torch.Tensor], meta_x: torc
     return _at_least_float32(functional_call(model, params, (meta_x,)))
 
 
-def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, ridge: float = 1e-4,
-                    iterations: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_calibration(
+    logits: torch.Tensor, labels: torch.Tensor, ridge: float = 1e-4, iterations: int = 30
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, b) minimising (1/m) Σ_j CE(s z_j + b, y_j) + (ridge/2)((s − 1)² + ‖b‖²): temperature scaling (T = 1/s)
     with class biases. Convex in (s, b); the ridge keeps the optimum finite when the batch is separable.
 
@@ -293,8 +342,12 @@ def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, ridge: float = 1
         scale_scale = (p * (z - expected_z) ** 2).sum(dim=1).mean(dim=0, keepdim=True)  # Var_p[z]
         scale_bias = (p * (z - expected_z)).mean(dim=0)  # Cov_p[z, e_c]
         bias_bias = torch.diag(p.mean(dim=0)) - p.T @ p / m
-        curvature = torch.cat([torch.cat([scale_scale, scale_bias])[None, :],
-                               torch.cat([scale_bias[:, None], bias_bias], dim=1)]) + ridge_eye
+        curvature = (
+            torch.cat(
+                [torch.cat([scale_scale, scale_bias])[None, :], torch.cat([scale_bias[:, None], bias_bias], dim=1)]
+            )
+            + ridge_eye
+        )
         step = torch.linalg.solve(curvature, grad + ridge * (theta - prior))
         # a step no longer than max(‖θ‖, 1): no overshoot far from the optimum, yet a scale can grow geometrically
         theta = theta - step * (theta.norm().clamp_min(1.0) / step.norm()).clamp_max(1.0)
@@ -307,8 +360,7 @@ def _calibrator(logits: torch.Tensor, labels: torch.Tensor) -> Callable[[torch.T
     return lambda z: scale * z + bias
 
 
-def _grads_or_zeros(loss: torch.Tensor, params: dict[str, torch.Tensor],
-                    create_graph: bool) -> dict[str, torch.Tensor]:
+def _grads_or_zeros(loss: torch.Tensor, params: dict[str, torch.Tensor], create_graph: bool) -> dict[str, torch.Tensor]:
     """autograd.grad of ``loss`` w.r.t. every parameter; a parameter the loss ignores gets zeros."""
     grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph, allow_unused=True)
     return {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(params.items(), grads)}

@@ -26,8 +26,13 @@ def sharpen(probs: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(probs.clamp_min(torch.finfo(probs.dtype).tiny).log() / temperature, dim=1)
 
 
-def refine_targets(peer_probs: torch.Tensor, noisy_labels: torch.Tensor, tau_match: float = 0.5,
-                   tau_conf: float = 0.95, sharpen_temperature: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+def refine_targets(
+    peer_probs: torch.Tensor,
+    noisy_labels: torch.Tensor,
+    tau_match: float = 0.5,
+    tau_conf: float = 0.95,
+    sharpen_temperature: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Refined targets y* from the peer's weak-view probabilities p̄ (ProMix-style, SPEC §3.4).
 
     Row by row, first rule that applies:
@@ -55,8 +60,14 @@ def soft_cross_entropy(logits: torch.Tensor, soft_targets: torch.Tensor) -> torc
     return -(soft_targets * logits.log_softmax(dim=1)).sum(dim=1)
 
 
-def reweighted_ce(logits: torch.Tensor, targets: torch.Tensor, T: torch.Tensor, high_conf: torch.Tensor,
-                  gamma: float = 0.5, balanced: bool = False) -> torch.Tensor:
+def reweighted_ce(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    T: torch.Tensor,
+    high_conf: torch.Tensor,
+    gamma: float = 0.5,
+    balanced: bool = False,
+) -> torch.Tensor:
     """Reliability-reweighted CE on the high-confidence set S (Eq. 13).
 
         L_CE = (1/|S|) Σ_{i∈S} [1 + γ (T_i / mean_S T − 1)] H(y*_i, p_θ(x^weak_i))
@@ -80,9 +91,14 @@ def reweighted_ce(logits: torch.Tensor, targets: torch.Tensor, T: torch.Tensor, 
     return (weights * ce * mask).sum() / per_rank_count(count)
 
 
-def weighted_label_ce(logits: torch.Tensor, noisy_labels: torch.Tensor, pseudo_labels: torch.Tensor,
-                      weight_noisy: torch.Tensor, weight_pseudo: torch.Tensor,
-                      over: torch.Tensor | None = None) -> torch.Tensor:
+def weighted_label_ce(
+    logits: torch.Tensor,
+    noisy_labels: torch.Tensor,
+    pseudo_labels: torch.Tensor,
+    weight_noisy: torch.Tensor,
+    weight_pseudo: torch.Tensor,
+    over: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Eq. 1's weighted cross-entropy of the given and the pseudo-label,
 
         (1/n) Σ_i [w^α_i ℓ(z_i, ỹ_i) + w^β_i ℓ(z_i, ŷ_i)],
@@ -92,8 +108,9 @@ def weighted_label_ce(logits: torch.Tensor, noisy_labels: torch.Tensor, pseudo_l
     ``ce_loss=meta_weighted_s``: S) the sum is divided by the mask's count instead of n, global over ranks as in
     Eq. 13; the weights are expected to be zero outside it.
     """
-    per_sample = (weight_noisy * F.cross_entropy(logits, noisy_labels, reduction="none")
-                  + weight_pseudo * F.cross_entropy(logits, pseudo_labels, reduction="none"))
+    per_sample = weight_noisy * F.cross_entropy(
+        logits, noisy_labels, reduction="none"
+    ) + weight_pseudo * F.cross_entropy(logits, pseudo_labels, reduction="none")
     if over is None:
         return per_sample.mean()
     return per_sample.sum() / per_rank_count(over.to(per_sample.dtype).sum())
@@ -140,8 +157,9 @@ def gce_loss(logits: torch.Tensor, labels: torch.Tensor, q: float = 0.7) -> torc
     return ((1 - torch.exp(q * log_p_label)) / q).mean()
 
 
-def coteaching_select(loss_a: torch.Tensor, loss_b: torch.Tensor,
-                      forget_rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+def coteaching_select(
+    loss_a: torch.Tensor, loss_b: torch.Tensor, forget_rate: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Co-teaching's exchange (Han et al. 2018): each network keeps the small-loss samples its *peer* picks.
 
     Keeps ⌊(1 − forget_rate)·n⌋ samples (at least one). Returns index tensors

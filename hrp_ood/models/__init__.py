@@ -1,6 +1,6 @@
 """Backbones behind one contract (SPEC §4), a timm-style registry, the CDCL projection head and the ensemble.
 
-    create_model("preact_resnet18", num_classes=10)   # see list_models()
+create_model("preact_resnet18", num_classes=10)   # see list_models()
 """
 
 from hrp_ood.models import preact_resnet, resnet_openood, small_cnn, vgg  # noqa: F401 (fill the registry)

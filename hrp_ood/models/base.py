@@ -60,8 +60,9 @@ class ClassifierNet(nn.Module, abc.ABC):
         """Logits z = W h + b from penultimate features."""
         return self.fc(features)
 
-    def forward(self, x: Tensor, return_feature: bool = False,
-                return_feature_list: bool = False) -> Tensor | tuple[Tensor, Tensor] | tuple[Tensor, list[Tensor]]:
+    def forward(
+        self, x: Tensor, return_feature: bool = False, return_feature_list: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor] | tuple[Tensor, list[Tensor]]:
         """logits, or (logits, feature) if `return_feature`, else (logits, feature_list) if
         `return_feature_list` — the precedence of OpenOOD's ResNet18_32x32.forward."""
         feature_list = self.forward_feature_list(x)
@@ -119,8 +120,9 @@ def create_model(name: str, num_classes: int, **kwargs) -> ClassifierNet:
     try:
         inspect.signature(factory).bind(num_classes=num_classes, **kwargs)
     except TypeError as err:
-        raise UserError(f"model {name!r} does not accept these arguments ({err}); "
-                        f"its signature is {inspect.signature(factory)}") from None
+        raise UserError(
+            f"model {name!r} does not accept these arguments ({err}); its signature is {inspect.signature(factory)}"
+        ) from None
     return factory(num_classes=num_classes, **kwargs)
 
 

@@ -38,8 +38,10 @@ class EnsembleNet(ClassifierNet):
             raise UserError("EnsembleNet needs at least one network")
         class_counts = {net.num_classes for net in nets}
         if len(class_counts) > 1:
-            raise UserError(f"ensemble members disagree on the number of classes ({sorted(class_counts)}); "
-                            "combine networks trained on the same dataset")
+            raise UserError(
+                f"ensemble members disagree on the number of classes ({sorted(class_counts)}); "
+                "combine networks trained on the same dataset"
+            )
         self.members = nn.ModuleList(nets)
         self.num_features = sum(net.num_features for net in nets)
 

@@ -28,7 +28,8 @@ class BasicBlock(nn.Module):
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(planes))
+                nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -40,8 +41,9 @@ class CifarResNet(ClassifierNet):
     """The CIFAR ResNet trunk both ResNets share: 3×3 stem conv-bn-relu without max-pool, four stages of
     `block`s (64-128-256-512), global average pooling, 512-d feature, linear head `fc`."""
 
-    def __init__(self, block: type[nn.Module], num_blocks: tuple[int, ...] = (2, 2, 2, 2),
-                 num_classes: int = 10) -> None:
+    def __init__(
+        self, block: type[nn.Module], num_blocks: tuple[int, ...] = (2, 2, 2, 2), num_classes: int = 10
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)

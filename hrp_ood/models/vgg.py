@@ -12,8 +12,29 @@ from torch import Tensor, nn
 from hrp_ood.models.base import ClassifierNet, register_model
 
 # channels of each 3×3 conv, "M" = 2×2 max-pool (torchvision's configuration "E" = VGG-19)
-VGG19_LAYERS: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
-                                       512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
+VGG19_LAYERS: tuple[int | str, ...] = (
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    512,
+    "M",
+)
 
 
 def make_vgg_features(layers: tuple[int | str, ...]) -> nn.Sequential:
@@ -24,8 +45,11 @@ def make_vgg_features(layers: tuple[int | str, ...]) -> nn.Sequential:
         if layer == "M":
             modules.append(nn.MaxPool2d(kernel_size=2, stride=2))
         else:
-            modules += [nn.Conv2d(in_channels, int(layer), kernel_size=3, padding=1),
-                        nn.BatchNorm2d(int(layer)), nn.ReLU(inplace=True)]
+            modules += [
+                nn.Conv2d(in_channels, int(layer), kernel_size=3, padding=1),
+                nn.BatchNorm2d(int(layer)),
+                nn.ReLU(inplace=True),
+            ]
             in_channels = int(layer)
     return nn.Sequential(*modules)
 

@@ -30,8 +30,11 @@ class BasePostprocessor:
             pred_list.append(pred.cpu())
             conf_list.append(conf.cpu())
             label_list.append(label.cpu())
-        return (torch.cat(pred_list).numpy().astype(int), torch.cat(conf_list).numpy(),
-                torch.cat(label_list).numpy().astype(int))
+        return (
+            torch.cat(pred_list).numpy().astype(int),
+            torch.cat(conf_list).numpy(),
+            torch.cat(label_list).numpy().astype(int),
+        )
 
 
 class EBOPostprocessor(BasePostprocessor):
@@ -102,6 +105,13 @@ class MDSPostprocessor(SetupOnCudaPostprocessor):
         self.setup_flag = False
 
 
-postprocessors = {"msp": BasePostprocessor, "ebo": EBOPostprocessor, "mls": MaxLogitPostprocessor,
-                  "odin": ODINPostprocessor, "mds": MDSPostprocessor, "knn": SetupOnCudaPostprocessor,
-                  "vim": SetupOnCudaPostprocessor, "react": SetupOnCudaPostprocessor}
+postprocessors = {
+    "msp": BasePostprocessor,
+    "ebo": EBOPostprocessor,
+    "mls": MaxLogitPostprocessor,
+    "odin": ODINPostprocessor,
+    "mds": MDSPostprocessor,
+    "knn": SetupOnCudaPostprocessor,
+    "vim": SetupOnCudaPostprocessor,
+    "react": SetupOnCudaPostprocessor,
+}
