@@ -12,6 +12,7 @@ from hrp_ood import __version__
 from hrp_ood.config import METHODS, build_config, parse_set_option
 from hrp_ood.errors import Interrupted, UserError, one_line, os_error_text, shown
 from hrp_ood.io import check_output_file, check_output_folder
+from hrp_ood.progress import configure_console_logging
 
 log = logging.getLogger("hrp_ood")
 
@@ -79,67 +80,30 @@ def _train_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
-def _launch_with_torchrun(nproc: int, argv: list[str]) -> int:
-    """Run this same command in `nproc` processes through torchrun's module (torch.distributed.run); each
-    process sees WORLD_SIZE and trains its rank. Returns the first failing process's exit code (it printed
-    its own error), else 0."""
-    from torch.distributed import run as torchrun
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
-    log.info("launching %d processes with torchrun", nproc)
-    try:
-        torchrun.main(["--standalone", f"--nproc_per_node={nproc}", "-m", "hrp_ood", *_without_nproc(argv)])
-    except ChildFailedError as err:
-        codes = [failure.exitcode for _, failure in sorted(err.failures.items())]
-        return next((code for code in codes if code > 0), 1)
-    return 0
-
-
-def _without_nproc(argv: list[str]) -> list[str]:
-    """argv minus `--nproc N` / `--nproc=N` (or an abbreviation): torchrun's own parser would take it for its
-    --nproc-per-node, and the processes it starts know their number from WORLD_SIZE."""
-    kept, skip_value = [], False
-    for token in argv:
-        name = token.split("=", 1)[0]
-        if skip_value:
-            skip_value = False
-        elif len(name) >= 4 and "--nproc".startswith(name):
-            skip_value = "=" not in token
-        else:
-            kept.append(token)
-    return kept
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     import os
 
-    from hrp_ood.train.trainer import train
+    from hrp_ood import distributed
+    from hrp_ood.train.trainer import train_process
 
     overrides = _train_overrides(args)
     cfg = build_config(args.config, overrides)  # a bad config fails here, before any process is started
     explicit = {k for k, v in overrides.items() if v is not None}
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    run = (cfg, args.resume, explicit, None, args.overwrite, args.progress, True)
     if args.nproc is not None:
         if args.nproc < 1:
             raise UserError(f"--nproc must be at least 1, got {args.nproc}")
-        if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-            return _launch_with_torchrun(args.nproc, args.argv)
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
         if "WORLD_SIZE" in os.environ and launched != args.nproc:
             raise UserError(
                 f"--nproc {args.nproc} differs from torchrun's {launched} processes; drop --nproc "
                 "when launching with torchrun yourself"
             )
-    result = train(cfg, resume=args.resume, overwrite=args.overwrite, explicit=explicit, progress=args.progress)
-    if int(os.environ.get("RANK", "0")) == 0:
-        selection = (
-            "the last epoch: it trains on the meta set"
-            if cfg.spec.trains_on_meta_set
-            else "selected on the clean meta set"
-        )
-        print(
-            f"done: {result['epochs']} epochs, ensemble test accuracy {result['last_test_acc']:.2f}% (last), "
-            f"{result['best_test_acc']:.2f}% (best.pt, {selection}) -> {result['run_dir']}"
-        )
+        if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+            log.info("launching %d processes", args.nproc)
+            distributed.launch(args.nproc, train_process, *run)
+            return 0
+    train_process(*run)
     return 0
 
 
@@ -329,26 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-CONSOLE_HANDLER = "hrp-ood-console"
-
-
-def _configure_console_logging() -> None:
-    """INFO and above to the current sys.stderr: main() may run many times in one process (tests, notebooks),
-    each time with another stderr, so the handler is replaced rather than kept pointing at an old stream."""
-    for stale in [h for h in log.handlers if h.get_name() == CONSOLE_HANDLER]:
-        log.removeHandler(stale)  # not flushed or closed: its stream may be closed already
-    handler = logging.StreamHandler(sys.stderr)
-    handler.set_name(CONSOLE_HANDLER)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc N` re-runs itself under torchrun
-    _configure_console_logging()
+    configure_console_logging()
     try:
         return args.func(args)
     except UserError as err:

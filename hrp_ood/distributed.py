@@ -67,14 +67,27 @@ def launch(nproc: int, function: Callable[..., Any], *args: Any) -> None:
         rdzv_endpoint="localhost:0",
         max_restarts=0,
     )
+    elastic_log = logging.getLogger("torch.distributed.elastic")
+    level = elastic_log.level
+    elastic_log.setLevel(logging.CRITICAL)  # its multi-line report of a failed child; ours is one line below
     try:
         elastic_launch(config, function)(*args)
     except ChildFailedError as err:
         failed_rank, failure = min(err.failures.items())
-        message = str(failure.message or "").strip().splitlines() or ["no message; see the log"]
         raise UserError(
-            f"process {failed_rank} of {nproc} failed (exit code {failure.exitcode}): {message[-1]}"
+            f"process {failed_rank} of {nproc} failed (exit code {failure.exitcode}): {_child_error(failure.message)}"
         ) from None
+    finally:
+        elastic_log.setLevel(level)
+
+
+def _child_error(message: Any) -> str:
+    """The last line of a failed child's error: elastic's error file gives {"message": "Type: text", ...}; a
+    UserError's text is the message the user needs, any other exception keeps its type."""
+    if isinstance(message, dict):
+        message = message.get("message", "")
+    lines = str(message or "").strip().splitlines() or ["no message; see the log"]
+    return lines[-1].removeprefix("UserError: ")
 
 
 def shutdown() -> None:

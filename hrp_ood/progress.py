@@ -16,7 +16,22 @@ from tqdm.auto import tqdm
 log = logging.getLogger(__name__)
 
 LOG_INTERVAL_S = 60.0
+CONSOLE_HANDLER = "hrp-ood-console"
 Item = TypeVar("Item")
+
+
+def configure_console_logging() -> None:
+    """The package's INFO and above to the current sys.stderr. The `hrp-ood` command may run many times in one
+    process (tests, notebooks), each time with another stderr, so the handler is replaced rather than kept pointing
+    at an old stream; a process started by `distributed.launch` calls it too."""
+    package = logging.getLogger("hrp_ood")
+    for stale in [h for h in package.handlers if h.get_name() == CONSOLE_HANDLER]:
+        package.removeHandler(stale)  # not flushed or closed: its stream may be closed already
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(CONSOLE_HANDLER)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
 
 
 def format_duration(seconds: float) -> str:

@@ -371,6 +371,7 @@ def evaluate_run(experiment: Experiment, name: str) -> None:
 def train_run(experiment: Experiment, name: str) -> bool:
     """Train (or resume) one run to its final epoch, in `experiment.nproc` processes; False when it was there."""
     from hrp_ood import distributed
+    from hrp_ood.train.trainer import train_process
 
     cfg = experiment.run_config(name)
     run_dir = experiment.run_dir(name)
@@ -387,17 +388,6 @@ def train_run(experiment: Experiment, name: str) -> bool:
     else:
         train_process(cfg, resume, explicit)
     return True
-
-
-def train_process(cfg: TrainConfig, resume: bool, explicit: set[str], threads: int | None = None) -> None:
-    """One process of a run's training (every process of a data-parallel run calls it)."""
-    import torch
-
-    from hrp_ood.train.trainer import train
-
-    if threads is not None:
-        torch.set_num_threads(threads)
-    train(cfg, resume=resume, explicit=explicit, progress=False)
 
 
 def train_and_evaluate(experiment: Experiment, name: str) -> str:

@@ -318,3 +318,15 @@ def test_two_process_training_resumes_and_loads_into_one_process(tmp_path, capsy
     with torch.no_grad():
         accuracy = 100.0 * (net(x).argmax(dim=1) == torch.as_tensor(split.test_labels)).float().mean().item()
     assert accuracy == pytest.approx(float(rows[-1]["acc_ensemble"]), abs=1e-3)
+
+
+def test_a_failing_process_of_a_launched_run_is_one_error_line(tmp_path, capsys):
+    """`train --nproc 2` goes through distributed.launch (as `sweep --nproc`): a child's UserError comes back as
+    the command's one error line, its text intact, without elastic's multi-line report."""
+    args = ["train", "--data-root", str(tmp_path / "nothing"), "--epochs", "1", "--out-dir", str(tmp_path / "runs")]
+    assert main([*args, "--nproc", "2", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith(
+        "hrp-ood train: error: process 0 of 2 failed (exit code 1): cifar10 not found"
+    )
+    assert "Traceback" not in err and "py_callstack" not in err

@@ -22,6 +22,7 @@ import inspect
 import io
 import logging
 import math
+import os
 import random
 import shutil
 import signal
@@ -590,6 +591,37 @@ def train(
     finally:
         if owns_group:
             distributed.shutdown()
+
+
+def train_process(
+    cfg: TrainConfig,
+    resume: bool,
+    explicit: set[str],
+    threads: int | None = None,
+    overwrite: bool = False,
+    progress: bool | None = False,
+    console: bool = False,
+) -> None:
+    """One process of a training run: `hrp-ood train` calls it, and every process `distributed.launch` starts for a
+    data-parallel run (`train --nproc`, `sweep --nproc`). `console`: the package's log to stderr and, on rank 0,
+    the result line of `hrp-ood train`."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if console:
+        from hrp_ood.progress import configure_console_logging
+
+        configure_console_logging()
+    result = train(cfg, resume=resume, overwrite=overwrite, explicit=explicit, progress=progress)
+    if console and int(os.environ.get("RANK", "0")) == 0:
+        selection = (
+            "the last epoch: it trains on the meta set"
+            if cfg.spec.trains_on_meta_set
+            else "selected on the clean meta set"
+        )
+        print(
+            f"done: {result['epochs']} epochs, ensemble test accuracy {result['last_test_acc']:.2f}% (last), "
+            f"{result['best_test_acc']:.2f}% (best.pt, {selection}) -> {result['run_dir']}"
+        )
 
 
 @contextlib.contextmanager
