@@ -22,9 +22,9 @@ from test_models import openood_expected_shapes
 
 from hrp_ood.checkpoint import load_checkpoint
 from hrp_ood.cli import main
+from hrp_ood.data import images as images_module
 from hrp_ood.data.noise import load_noise
 from hrp_ood.eval import features as features_module
-from hrp_ood.eval import ood_data as ood_data_module
 from hrp_ood.eval.featureset import FeatureSet
 from hrp_ood.eval.metrics import ood_metrics
 from hrp_ood.models import create_model
@@ -249,15 +249,15 @@ def test_second_evaluation_reads_the_feature_cache_and_runs_no_forward_pass(worl
 
 def refuse_decoding(monkeypatch, *, allow_ood: bool = False) -> None:
     """Make every reader of image data fail: the CIFAR pickles (ID) and, unless `allow_ood`, every OOD format."""
-    from hrp_ood.data import cifar, folder
+    from hrp_ood.data import cifar, images
     from hrp_ood.eval import ood_data
 
     def refuse(*args, **kwargs):
         raise AssertionError("an image was read although its features are cached")
 
-    readers = [(cifar, "read_pickle"), (folder, "decode_rgb")]
-    if not allow_ood:
-        readers += [(ood_data, "_decode_one"), (ood_data, "read_svhn_mat"), (ood_data, "read_mnist_idx")]
+    readers = [(cifar, "read_pickle")]
+    if not allow_ood:  # image files, ID folders and OOD sets alike, go through images._decode_one
+        readers += [(images, "_decode_one"), (ood_data, "read_svhn_mat"), (ood_data, "read_mnist_idx")]
     for module, name in readers:
         monkeypatch.setattr(module, name, refuse)
 
@@ -300,8 +300,8 @@ def test_a_changed_image_file_is_decoded_again_and_only_new_pixels_are_scored_ag
     os.utime(lsun, ns=(lsun.stat().st_atime_ns, lsun.stat().st_mtime_ns + 10**9))  # a new time, the same pixels
     refuse_decoding(monkeypatch, allow_ood=True)  # the ID data is unchanged: still read from the cache
     decoded, passes = [], []
-    decode_one, extract = ood_data_module._decode_one, features_module.extract_features
-    monkeypatch.setattr(ood_data_module, "_decode_one", lambda path, *a: decoded.append(path) or decode_one(path, *a))
+    decode_one, extract = images_module._decode_one, features_module.extract_features
+    monkeypatch.setattr(images_module, "_decode_one", lambda path, *a: decoded.append(path) or decode_one(path, *a))
     monkeypatch.setattr(
         features_module,
         "extract_features",

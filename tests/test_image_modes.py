@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hrp_ood.data.folder import IMAGE_EXTENSIONS as ID_EXTENSIONS
 from hrp_ood.data.folder import decode_all
 from hrp_ood.eval.ood_data import load_image_folder
 
@@ -72,8 +71,7 @@ def loaded_both_ways(path: Path) -> list[np.ndarray]:
     ood = load_image_folder(path.parent, SIZE)
     assert ood.shape == (1, 3, SIZE, SIZE)
     results = [ood[0].permute(1, 2, 0).numpy()]
-    if path.suffix in ID_EXTENSIONS:
-        results.append(decode_all([path], SIZE)[0].permute(1, 2, 0).numpy())
+    results.append(decode_all([path], SIZE)[0].permute(1, 2, 0).numpy())
     return results
 
 

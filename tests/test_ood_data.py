@@ -201,3 +201,64 @@ def test_ood_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "file.png").write_bytes(b"x")
     with pytest.raises(UserError, match="not a folder"):
         load_ood_images("mine", tmp_path, id_dataset="cifar10", ood_dirs={"mine": tmp_path / "file.png"})
+
+
+def test_a_folder_trained_network_scores_its_own_test_images_alike_as_id_and_as_an_ood_folder(tmp_path):
+    """ID and OOD images go through one decoder and one resize: the test split of a network trained at a size other
+    than its images' (40 px images, image_size 32) given back as an OOD folder gets the ID scores, image for image."""
+    from fakes import write_image_folder
+
+    from hrp_ood.cli import main
+
+    write_image_folder(tmp_path / "data", classes=("a", "b", "c"), n_per_class=8, size=40, ext=".jpg")
+    run = ["--out-dir", str(tmp_path / "runs"), "--name", "r", "--no-progress", "--device", "cpu"]
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "folder",
+                "--data-root",
+                str(tmp_path / "data"),
+                "--set",
+                "image_size=32",
+                "--model",
+                "small_cnn",
+                "--method",
+                "ce",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "8",
+                "--meta-size",
+                "0",
+                "--noise",
+                "none",
+                *run[:-2],
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "evaluate",
+                "--ckpt",
+                str(tmp_path / "runs" / "r" / "last.pt"),
+                "--ood-dir",
+                f"own={tmp_path / 'data' / 'test'}",
+                "--ood",
+                "own",
+                "--postprocessor",
+                "msp",
+                "--out",
+                str(tmp_path / "eval"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    scores = np.load(tmp_path / "eval" / "scores.npz")
+    assert len(scores["msp/id"]) == 24
+    np.testing.assert_array_equal(scores["msp/own"], scores["msp/id"])

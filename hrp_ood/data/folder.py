@@ -3,35 +3,25 @@
     folder:    root/train/<class>/*.jpg|png|…   root/test/<class>/*   (classes sorted alphabetically)
     animal10n: root/training/<label>_<id>.jpg   root/testing/<label>_<id>.jpg   (or train/ and test/)
 
-Decoding uses torchvision.io (libjpeg-turbo / libpng) one file at a time: measured on 2 CPU cores,
-it is 3× faster than Pillow (≈100 vs ≈290 µs per 32×32 JPEG, read included) and a thread pool was
-slower than the plain loop. torchvision 0.29 deprecates these decoders in favour of torchcodec, so
-the warning is silenced here and Pillow takes over for anything torchvision cannot decode (BMP, TIFF,
-or a future torchvision without image ops).
+Images are decoded and resized by `hrp_ood.data.images`, the decoder and eval transform of the OOD sets too.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image, read_file
-from torchvision.transforms.v2 import functional as TF
 
+from hrp_ood.data import images
 from hrp_ood.data.bundle import DataBundle, channel_stats, reject_download
-from hrp_ood.data.image_modes import rgb_image
+from hrp_ood.data.images import IMAGE_EXTENSIONS, list_images
 from hrp_ood.errors import UserError, shown
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 ANIMAL10N_CLASSES = [
     "cat",
     "lynx",
@@ -48,65 +38,9 @@ ANIMAL10N_SIZE = 64
 ANIMAL10N_URL = "https://dm.kaist.ac.kr/datasets/animal-10n/"  # the authors' request form
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files directly inside `folder`, sorted by name (so the order is the same on every machine)."""
-    with os.scandir(folder) as entries:  # scandir knows file types without one stat() per file
-        names = [e.name for e in entries if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS]
-    return [folder / name for name in sorted(names)]
-
-
-def _decode_with_pillow(path: Path) -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            array = np.asarray(rgb_image(image))
-    except (OSError, UnidentifiedImageError) as err:
-        raise UserError(f"cannot decode image {path} ({err}); delete or replace the file") from err
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
-
-
-def decode_rgb(path: Path) -> torch.Tensor:
-    """One image file as a uint8 (3, H, W) RGB tensor (grey, RGBA and 16-bit images are converted)."""
-    if path.suffix.lower() in (".bmp", ".tif", ".tiff"):
-        return _decode_with_pillow(path)
-    try:
-        image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-    except RuntimeError:  # a mislabelled extension, a variant libjpeg refuses, or no image ops: Pillow's turn
-        return _decode_with_pillow(path)
-    # a 16-bit PNG decodes to uint16: Pillow's path scales it (image_modes), one rule for every loader
-    return image if image.dtype == torch.uint8 else _decode_with_pillow(path)
-
-
-@contextmanager
-def _quiet_torchvision_io() -> Iterator[None]:
-    """Silence torchvision's per-call deprecation warning for its image decoders (see the module docstring)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io")
-        yield
-
-
-def fit_square(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize the shorter side to `size` (antialiased) and centre-crop to size × size; no-op when already there."""
-    if image.shape[-2:] == (size, size):
-        return image
-    image = TF.resize(image, [size], antialias=True)
-    return TF.center_crop(image, [size, size])
-
-
 def decode_all(paths: list[Path], size: int) -> torch.Tensor:
-    """Decode `paths` into one uint8 tensor (N, 3, size, size)."""
-    out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
-    with _quiet_torchvision_io():
-        for i, path in enumerate(paths):
-            out[i] = fit_square(decode_rgb(path), size)
-    return out
-
-
-def _first_image_size(path: Path) -> int:
-    with _quiet_torchvision_io():
-        height, width = decode_rgb(path).shape[-2:]
-    return min(height, width)
+    """Decode `paths` into one uint8 tensor (N, 3, size, size): shorter side → size, centre crop."""
+    return images.decode_images(paths, size, unreadable_hint="delete or replace the file")
 
 
 def _require_dir(path: Path, what: str) -> None:
@@ -158,7 +92,7 @@ def load_image_folder(root: Path, *, download: bool = False, image_size: int | N
     test_paths, test_labels = _class_files(test_dir, classes)
     if not test_paths:
         raise UserError(f"no test images under {test_dir}/<class>/; add some (any class from {train_dir})")
-    size = image_size or _first_image_size(train_paths[0])
+    size = image_size or images.shorter_side(train_paths[0])
     return _bundle("folder", classes, size, train_paths, train_labels, test_paths, test_labels)
 
 

@@ -22,17 +22,15 @@ from __future__ import annotations
 import gzip
 import logging
 import os
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image
 
-from hrp_ood.data.image_modes import rgb_image
+from hrp_ood.data.images import decode_each, decode_images, folder_images
 from hrp_ood.data.sources import ImageSource, files_under
 from hrp_ood.errors import UserError, shown
 from hrp_ood.io import read_text_file
@@ -44,8 +42,6 @@ log = logging.getLogger(__name__)
 
 FAR_OOD_SETS = ("svhn", "lsun", "places365", "textures", "mnist")
 NEAR_OOD_SETS = ("cifar10", "cifar100", "tin")
-
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 
 # OpenOOD's image-list file stem per set; LSUN is not in OpenOOD v1.5's lists, so test_lsun.txt is ours.
 OPENOOD_LIST_STEMS = {"textures": "texture"}
@@ -62,11 +58,6 @@ FOLDER_ALIASES: dict[str, tuple[str, ...]] = {
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 
 MNIST_IMAGES_MAGIC = 0x00000803  # idx3-ubyte: unsigned bytes, 3 dimensions
-
-# Decoding is I/O and C code (PIL releases the GIL), so threads scale without pickling images across processes.
-DECODE_THREADS = min(8, os.cpu_count() or 1)
-
-_UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 Loader = Callable[[], torch.Tensor]
 
@@ -269,7 +260,7 @@ def load_labelled_image_list(
     """(images, int64 labels) of an OpenOOD ID list: "relative/path label" per line, label in [0, num_classes)."""
     entries = _list_entries(list_file, images_root)
     labels = [_class_label(label, num_classes, list_file, k) for k, (_, label) in enumerate(entries, start=1)]
-    decoded = _decode_paths([path for path, _ in entries], size, pre_size, skip_corrupt)
+    decoded = decode_each([path for path, _ in entries], size, pre_size, skip_corrupt)
     kept = [k for k, image in enumerate(decoded) if image is not None]
     images = torch.stack([decoded[k] for k in kept]) if kept else torch.empty(0, 3, size, size, dtype=torch.uint8)
     return images, np.asarray([labels[k] for k in kept], dtype=np.int64)
@@ -315,11 +306,6 @@ def _inside(root: Path, relative: str, list_file: Path) -> Path:
     return Path(joined)
 
 
-def folder_images(folder: Path) -> list[Path]:
-    """Every image file under `folder`, recursive, sorted by path."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-
-
 def load_image_folder(
     folder: Path, size: int, *, pre_size: int | None = None, skip_corrupt: bool = False
 ) -> torch.Tensor:
@@ -328,43 +314,6 @@ def load_image_folder(
 
 
 # ---------------------------------------------------------------------------------------------- transform
-
-
-def decode_images(
-    paths: Sequence[Path], size: int, *, pre_size: int | None = None, skip_corrupt: bool = False
-) -> torch.Tensor:
-    """Decode + eval-transform `paths` on a thread pool → uint8 (N, 3, size, size), in the order given."""
-    images = [img for img in _decode_paths(paths, size, pre_size, skip_corrupt) if img is not None]
-    if not images:
-        return torch.empty(0, 3, size, size, dtype=torch.uint8)
-    return torch.stack(images)
-
-
-def _decode_paths(
-    paths: Sequence[Path], size: int, pre_size: int | None, skip_corrupt: bool
-) -> list[torch.Tensor | None]:
-    """Each path decoded and eval-transformed, None where unreadable (an error unless `skip_corrupt`)."""
-    with ThreadPoolExecutor(DECODE_THREADS) as pool:
-        decoded = list(pool.map(lambda p: _decode_one(p, size, pre_size or size), paths))
-    unreadable = [p for p, img in zip(paths, decoded) if img is None]
-    if unreadable and not skip_corrupt:
-        raise UserError(
-            f"cannot decode image {unreadable[0]} ({len(unreadable)} unreadable in all); "
-            "replace it or pass --skip-corrupt"
-        )
-    if unreadable:
-        log.warning("skipped %d unreadable image(s), first: %s", len(unreadable), unreadable[0])
-    return decoded
-
-
-def _decode_one(path: Path, size: int, pre_size: int) -> torch.Tensor | None:
-    """OpenOOD's test transform up to ToTensor: RGB, Resize(pre_size) (bilinear), CenterCrop(size)."""
-    try:
-        with Image.open(path) as img:
-            rgb = rgb_image(img)
-    except _UNREADABLE:
-        return None
-    return TF.pil_to_tensor(TF.center_crop(TF.resize(rgb, pre_size), size))
 
 
 def eval_transform_batch(images: torch.Tensor, size: int) -> torch.Tensor:
