@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from hrp_ood.postprocessors import create_postprocessor, list_postprocessors
+from hrp_ood.postprocessors.featureset import FeatureSet
 
 from hrp_ood.data import DataBundle
 from hrp_ood.eval.evaluate import run_evaluation
 from hrp_ood.eval.features import extract_features
-from hrp_ood.eval.featureset import FeatureSet
 from hrp_ood.models import create_model
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)

@@ -18,11 +18,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from hrp_ood.postprocessors.featureset import FeatureSet
 from torch import nn
 from tqdm import tqdm
 
 from hrp_ood.errors import UserError
-from hrp_ood.eval.featureset import FeatureSet
 
 log = logging.getLogger(__name__)
 

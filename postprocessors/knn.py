@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from hrp_ood.postprocessors.featureset import FeatureSet
 
 from hrp_ood.errors import UserError
-from hrp_ood.eval.featureset import FeatureSet
 
 from .base import Postprocessor, register_postprocessor
 

@@ -7,10 +7,9 @@ import time
 
 import numpy as np
 import torch
+from hrp_ood.postprocessors.featureset import FeatureSet
 from scipy import sparse
 from sklearn.covariance import EmpiricalCovariance
-
-from hrp_ood.eval.featureset import FeatureSet
 
 from .base import Postprocessor, register_postprocessor
 

@@ -6,10 +6,10 @@ import logging
 
 import numpy as np
 import torch
+from hrp_ood.postprocessors.featureset import FeatureSet
 from sklearn.covariance import EmpiricalCovariance
 
 from hrp_ood.errors import UserError
-from hrp_ood.eval.featureset import FeatureSet
 
 from .base import Postprocessor, register_postprocessor
 from .ebo import EnergyBased

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
+from hrp_ood.postprocessors.featureset import FeatureSet
 from scipy.special import logsumexp, softmax
 from torch import nn
 
@@ -18,7 +19,6 @@ from hrp_ood.data import DataBundle
 from hrp_ood.errors import UserError
 from hrp_ood.eval import evaluate as evaluate_module
 from hrp_ood.eval.evaluate import EvalResult, format_markdown_table, run_evaluation, write_eval_outputs
-from hrp_ood.eval.featureset import FeatureSet
 from hrp_ood.eval.metrics import ood_metrics
 
 SIZE, NUM_CLASSES, N_TRAIN, N_TEST = 8, 3, 90, 40

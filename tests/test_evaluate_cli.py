@@ -16,6 +16,7 @@ import pytest
 import torch
 from fakes import FakeSplit, save_image, write_cifar10, write_far_ood_sets
 from hrp_ood.postprocessors import create_postprocessor, list_postprocessors
+from hrp_ood.postprocessors.featureset import FeatureSet
 from scipy.special import logsumexp, softmax
 from sklearn.metrics import roc_auc_score
 from test_models import openood_expected_shapes
@@ -25,7 +26,6 @@ from hrp_ood.cli import main
 from hrp_ood.data import images as images_module
 from hrp_ood.data.noise import load_noise
 from hrp_ood.eval import features as features_module
-from hrp_ood.eval.featureset import FeatureSet
 from hrp_ood.eval.metrics import ood_metrics
 from hrp_ood.models import create_model
 from hrp_ood.models.small_cnn import SmallCNN

@@ -13,6 +13,7 @@ from hrp_ood.postprocessors import (
     openood_available,
     register_postprocessor,
 )
+from hrp_ood.postprocessors.featureset import FeatureSet
 from hrp_ood.postprocessors.openood_adapter import OPENOOD_DEFAULTS, openood_config
 from scipy.spatial.distance import cdist, mahalanobis
 from scipy.special import logsumexp, softmax
@@ -21,7 +22,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from hrp_ood.errors import UserError
-from hrp_ood.eval.featureset import FeatureSet
 from hrp_ood.eval.metrics import ood_metrics
 
 ALL = ["ebo", "knn", "maxlogit", "mds", "msp", "odin", "react", "vim"]

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 from hrp_ood.postprocessors import create_postprocessor
+from hrp_ood.postprocessors.featureset import FeatureSet
 from pytorch_ood import detector as pod
 from test_postprocessors import random_problem, seeded, separable_problem
 from torch import nn
 
-from hrp_ood.eval.featureset import FeatureSet
 from hrp_ood.eval.metrics import ood_metrics
 
 

@@ -164,7 +164,7 @@ def load_benchmark_id_data(
     benchmark: Benchmark, data_root: Path, classes: list[str], *, skip_corrupt: bool = False
 ) -> DataBundle:
     """ID train and test of `benchmark` from its lists, with its preprocessing; `classes` name the label indices."""
-    from hrp_ood.eval.ood_data import load_labelled_image_list
+    from hrp_ood.data.image_lists import load_labelled_image_list
 
     splits = {}
     for split in ("train", "test"):

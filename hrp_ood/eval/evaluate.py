@@ -37,12 +37,12 @@ from hrp_ood.data import DataBundle
 from hrp_ood.data.sources import ImageSource, pixels, select
 from hrp_ood.errors import UserError
 from hrp_ood.eval.features import batches, cached_features, channel_stats, decode_unless_cached, normalise_batch
-from hrp_ood.eval.featureset import FeatureSet
 from hrp_ood.eval.metrics import accuracy, ood_metrics
 from hrp_ood.eval.tuning import SELECTION_RULE, SearchResult, search_openood
 from hrp_ood.eval.validation import ValidationImages, require_both_parts
 from hrp_ood.io import atomic_write, atomic_write_text
 from hrp_ood.postprocessors import Postprocessor, create_postprocessor
+from hrp_ood.postprocessors.featureset import FeatureSet
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from hrp_ood.data.sources import ImageSource, pixels
 from hrp_ood.errors import UserError
-from hrp_ood.eval.featureset import FeatureSet
 from hrp_ood.io import atomic_write
+from hrp_ood.postprocessors.featureset import FeatureSet
 
 log = logging.getLogger(__name__)
 
