@@ -115,10 +115,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from hrp_ood.eval.cli import evaluate_from_args, tuning_note
+    from hrp_ood.eval.cli import request_from_args
     from hrp_ood.eval.evaluate import format_markdown_table
+    from hrp_ood.eval.session import evaluate, tuning_note
 
-    report = evaluate_from_args(args)
+    report = evaluate(request_from_args(args))
     print(f"ID accuracy {report['id_accuracy']:.2f}%  ({report['net']} of {report['checkpoint']})")
     print(format_markdown_table(report["results"]))
     note = tuning_note(report)

@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 
 EXPERIMENT_KEYS = ("base", "config", "grid", "out", "retries", "nproc", "evaluation", "report", "slurm")
 RESERVED_KEYS = ("name", "out_dir")  # the sweep names and places every run itself
-DEMO_OOD_SETS = ("photo_patches", "uniform_noise")  # hrp_ood.demo's generated sets, for the digits experiments
 SLURM_DEFAULTS = {
     "partition": None,
     "time_min": 60 * 24,
@@ -54,7 +53,10 @@ SLURM_DEFAULTS = {
 
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
-    ood: tuple[str, ...] = DEMO_OOD_SETS
+    """An experiment file's `evaluation:`: the options of `hrp-ood evaluate` (hrp_ood.eval.session.EvaluationRequest)
+    for every run; the default OOD sets are the generated ones (no download)."""
+
+    ood: tuple[str, ...] = ("photo_patches", "uniform_noise")
     postprocessors: tuple[str, ...] = ("msp", "ebo", "mds")
     net: str = "ensemble"
     data_root: str = "./data"
@@ -62,6 +64,12 @@ class Evaluation:
     fit_labels: str = "clean"
     batch_size: int = 256
     skip_missing: bool = False
+    skip_corrupt: bool = False
+    benchmark: str | None = None
+    tune: bool = False
+    val_id_dir: str | None = None
+    val_ood_dir: str | None = None
+    backend: str = "ours"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,10 +167,12 @@ def grid_runs(grid: dict[str, Any], path: Path) -> dict[str, dict[str, Any]]:
 
 
 def _evaluation(data: dict[str, Any], path: Path) -> Evaluation:
-    from hrp_ood.eval.cli import FIT_LABELS
+    from hrp_ood.eval.benchmarks import BENCHMARKS
     from hrp_ood.eval.evaluate import check_ood_set_names
+    from hrp_ood.eval.generated import GENERATED_OOD_SETS
     from hrp_ood.eval.network import NET_CHOICES
     from hrp_ood.eval.ood_data import FAR_OOD_SETS, NEAR_OOD_SETS
+    from hrp_ood.eval.session import FIT_LABELS
     from hrp_ood.postprocessors import list_postprocessors
 
     _known_keys(data, [f.name for f in dataclasses.fields(Evaluation)], "evaluation", path)
@@ -177,10 +187,12 @@ def _evaluation(data: dict[str, Any], path: Path) -> Evaluation:
     ood = _names(evaluation.ood, "evaluation.ood", path)
     postprocessors = _names(evaluation.postprocessors, "evaluation.postprocessors", path)
     choices = {
-        "ood set": (ood, [*FAR_OOD_SETS, *NEAR_OOD_SETS, *DEMO_OOD_SETS, *ood_dirs]),
-        "postprocessor": (postprocessors, list_postprocessors()),
+        "ood set": (ood, [*FAR_OOD_SETS, *NEAR_OOD_SETS, *GENERATED_OOD_SETS, *ood_dirs, "all"]),
+        "postprocessor": (postprocessors, [*list_postprocessors(), "all"]),
         "net": ((evaluation.net,), NET_CHOICES),
         "fit_labels": ((evaluation.fit_labels,), FIT_LABELS),
+        "benchmark": (() if evaluation.benchmark is None else (evaluation.benchmark,), list(BENCHMARKS)),
+        "backend": ((evaluation.backend,), ["ours", "openood"]),
     }
     for what, (given, valid) in choices.items():
         bad = [name for name in given if name not in valid]
@@ -188,7 +200,21 @@ def _evaluation(data: dict[str, Any], path: Path) -> Evaluation:
             raise UserError(
                 f"experiment {shown(path)}: unknown evaluation {what} {bad[0]!r}; valid: {', '.join(valid)}"
             )
-    if not isinstance(evaluation.batch_size, int) or evaluation.batch_size < 1:
+    for key in ("skip_missing", "skip_corrupt", "tune"):
+        if not isinstance(getattr(evaluation, key), bool):
+            raise UserError(
+                f"experiment {shown(path)}: evaluation.{key} must be true or false, got {getattr(evaluation, key)!r}"
+            )
+    for key in ("data_root", "val_id_dir", "val_ood_dir"):
+        if not isinstance(getattr(evaluation, key), str | None) or getattr(evaluation, key) == "":
+            raise UserError(
+                f"experiment {shown(path)}: evaluation.{key} must be a path, got {getattr(evaluation, key)!r}"
+            )
+    if (
+        isinstance(evaluation.batch_size, bool)
+        or not isinstance(evaluation.batch_size, int)
+        or evaluation.batch_size < 1
+    ):
         raise UserError(
             f"experiment {shown(path)}: evaluation.batch_size must be a positive integer, got {evaluation.batch_size!r}"
         )
@@ -315,57 +341,30 @@ def status_table(experiment: Experiment) -> str:
 # --------------------------------------------------------------------------- one job: train, then evaluate
 
 
-def _ood_images(evaluation: Evaluation, loaded: Any) -> dict[str, Any]:
-    from hrp_ood.demo import demo_ood_sets
-    from hrp_ood.eval.cli import load_ood_sets
-
-    size = loaded.bundle.image_size
-    named = [name for name in evaluation.ood if name not in DEMO_OOD_SETS]
-    images = {}
-    if named:
-        images = load_ood_sets(
-            named,
-            Path(evaluation.data_root),
-            id_dataset=loaded.cfg.dataset,
-            image_size=size,
-            ood_dirs={k: Path(v) for k, v in evaluation.ood_dirs},
-            skip_missing=evaluation.skip_missing,
-            skip_corrupt=False,
-        )
-    if len(named) < len(evaluation.ood):
-        generated = demo_ood_sets(size=size)
-        images.update({name: generated[name] for name in evaluation.ood if name in DEMO_OOD_SETS})
-    return images
-
-
-def _validation(evaluation: Evaluation, loaded: Any) -> Any:
-    """The ID/OOD validation split under data_root (OpenOOD's lists of the run's dataset) when a postprocessor fits
-    on it, as `hrp-ood evaluate` finds it; None otherwise."""
-    from hrp_ood.eval.benchmarks import BENCHMARKS
-    from hrp_ood.eval.validation import find_validation, load_validation
-    from hrp_ood.postprocessors import create_postprocessor
-
-    if not any(create_postprocessor(name).fit_split == "val" for name in evaluation.postprocessors):
-        return None
-    found = find_validation(Path(evaluation.data_root), BENCHMARKS.get(loaded.cfg.dataset))
-    return load_validation(found, loaded.bundle.image_size)
-
-
 def evaluate_run(experiment: Experiment, name: str) -> None:
-    from hrp_ood.eval.cli import evaluate_loaded, load_checkpoint_for_evaluation
+    """The run's last.pt through the evaluation session, as `hrp-ood evaluate` with the experiment's options."""
+    from hrp_ood.eval.session import EvaluationRequest, evaluate
 
-    evaluation = experiment.evaluation
-    ckpt = experiment.run_dir(name) / "last.pt"
-    loaded = load_checkpoint_for_evaluation(ckpt, evaluation.net, experiment.run_config(name).device)
-    evaluate_loaded(
-        loaded,
-        _ood_images(evaluation, loaded),
-        list(evaluation.postprocessors),
-        net=evaluation.net,
-        fit_labels=evaluation.fit_labels,
-        batch_size=evaluation.batch_size,
-        validation=_validation(evaluation, loaded),
+    e = experiment.evaluation
+    optional = {key: Path(getattr(e, key)) if getattr(e, key) else None for key in ("val_id_dir", "val_ood_dir")}
+    request = EvaluationRequest(
+        experiment.run_dir(name) / "last.pt",
+        ood=e.ood,
+        ood_dirs=tuple((set_name, Path(folder)) for set_name, folder in e.ood_dirs),
+        postprocessors=e.postprocessors,
+        net=e.net,
+        data_root=Path(e.data_root),
+        benchmark=e.benchmark,
+        tune=e.tune,
+        fit_labels=e.fit_labels,
+        skip_missing=e.skip_missing,
+        skip_corrupt=e.skip_corrupt,
+        backend=e.backend,
+        device=experiment.run_config(name).device,
+        batch_size=e.batch_size,
+        **optional,
     )
+    evaluate(request)
 
 
 def train_run(experiment: Experiment, name: str) -> bool:

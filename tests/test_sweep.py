@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from hrp_ood.cli import main
+from hrp_ood.errors import UserError
 from hrp_ood.sweep import gpu_slots_of_jobs, load_experiment, run_sweep
 from hrp_ood.sweep_report import accuracy_table, run_summary, write_accuracy_table
 
@@ -403,3 +404,40 @@ def test_a_submitit_job_signalled_before_its_time_limit_is_requeued_and_resumes_
     log = log_file.read_text()
     assert sum(f"epoch 1/{epochs} " in line for line in log.splitlines()) == 1, "the second attempt restarted"
     assert sum(f"epoch {epochs}/{epochs} " in line for line in log.splitlines()) == 1
+
+
+def test_an_experiment_evaluates_through_the_evaluation_session_with_every_evaluate_option(tmp_path, monkeypatch):
+    """evaluation: accepts evaluate's options (benchmark, tune, validation folders, backend, skip_corrupt) and
+    hands them to the one evaluation session; wrong types are one-line errors before anything runs."""
+    import hrp_ood.eval.session as session
+    from hrp_ood.sweep import evaluate_run
+
+    (tmp_path / "val_id").mkdir()
+    options = {
+        "ood": ["uniform_noise", "svhn"],
+        "benchmark": "cifar10",
+        "tune": True,
+        "skip_corrupt": True,
+        "val_id_dir": str(tmp_path / "val_id"),
+        "fit_labels": "noisy",
+    }
+    experiment = load_experiment(write_experiment(tmp_path, evaluation=options))
+    requests = []
+    monkeypatch.setattr(session, "evaluate", requests.append)
+    evaluate_run(experiment, RUNS[0])
+    (request,) = requests
+    assert request.ckpt == experiment.run_dir(RUNS[0]) / "last.pt"
+    assert (request.ood, request.benchmark, request.tune, request.skip_corrupt) == (
+        ("uniform_noise", "svhn"),
+        "cifar10",
+        True,
+        True,
+    )
+    assert (request.val_id_dir, request.val_ood_dir, request.fit_labels) == (tmp_path / "val_id", None, "noisy")
+    for bad, words in [
+        ({"tune": "yes"}, "evaluation.tune must be true or false"),
+        ({"benchmark": "cifar11"}, "unknown evaluation benchmark 'cifar11'"),
+        ({"batch_size": True}, "evaluation.batch_size must be a positive integer"),
+    ]:
+        with pytest.raises(UserError, match=words):
+            load_experiment(write_experiment(tmp_path, evaluation={**options, **bad}))

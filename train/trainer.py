@@ -41,8 +41,9 @@ from hrp_ood.train.steps import STEPS, Member, NonFiniteLoss, StepContext, StepI
 
 from hrp_ood import distributed
 from hrp_ood.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from hrp_ood.config import TrainConfig, check_device_name, read_yaml, save_config, saved_config
+from hrp_ood.config import TrainConfig, read_yaml, save_config, saved_config
 from hrp_ood.data.augment import BatchAugment
+from hrp_ood.devices import device_type, resolve_device
 from hrp_ood.errors import Interrupted, UserError
 from hrp_ood.io import atomic_write_text, read_csv_rows
 from hrp_ood.method import ReliabilityMemory
@@ -51,25 +52,6 @@ from hrp_ood.progress import progress_steps
 from hrp_ood.run_dir import RunFolder
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    """The training device; in a data-parallel run on CUDA, this rank's GPU (torchrun's LOCAL_RANK)."""
-    check_device_name(name)
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    if name.startswith("cuda") and distributed.world_size() > 1:
-        return torch.device("cuda", distributed.local_rank())
-    return torch.device(name)
-
-
-def device_type(name: str) -> str:
-    """'cuda' or 'cpu' for a config's device name (before any process group exists)."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return "cuda" if name.startswith("cuda") else "cpu"
 
 
 def build_members(cfg: TrainConfig, num_classes: int, device: torch.device) -> list[Member]:

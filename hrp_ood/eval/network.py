@@ -106,7 +106,7 @@ def load_network(
     path: str | Path, which: str = "ensemble", device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
     """(network in eval mode on `device`, checkpoint state): a trained run's checkpoint as a network to call from
-    Python (`hrp-ood evaluate` goes through `hrp_ood.eval.cli.load_checkpoint_for_evaluation`)."""
+    Python (`hrp-ood evaluate` goes through `hrp_ood.eval.session`)."""
     path = Path(path)
     state = load_checkpoint(path)
     return network_from_state(state, path, which, device), state
