@@ -129,7 +129,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from hrp_ood.eval.report import write_report
+    from hrp_ood.report import write_report
 
     check_output_folder(args.out, "--out")
     paths = write_report(
@@ -168,7 +168,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from hrp_ood.plot import plot_run
+    from hrp_ood.report.diagnostics import plot_run
 
     for name, path in plot_run(Path(args.run), Path(args.out) if args.out else None).items():
         print(f"{name}: {path}")

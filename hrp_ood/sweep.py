@@ -222,7 +222,7 @@ def _evaluation(data: dict[str, Any], path: Path) -> Evaluation:
 
 
 def _report(data: dict[str, Any], path: Path) -> Report:
-    from hrp_ood.eval.report import BY_CHOICES, METRICS
+    from hrp_ood.report.evaluations import BY_CHOICES, METRICS
 
     _known_keys(data, [f.name for f in dataclasses.fields(Report)], "report", path)
     report = Report(**data)
@@ -597,8 +597,8 @@ def report_is_current(experiment: Experiment) -> bool:
 def write_sweep_report(experiment: Experiment) -> dict[str, Path]:
     """`hrp-ood report`'s OOD tables of the evaluated runs, the accuracy table of the fully trained ones and, when
     the grid varies the noise, the noise curves: all in `<out>/report/`."""
-    from hrp_ood.eval.report import write_report
-    from hrp_ood.sweep_report import accuracy_frame, has_noise_curves, noise_curve_figures, write_accuracy_table
+    from hrp_ood.report import write_report
+    from hrp_ood.report.sweep import accuracy_frame, has_noise_curves, noise_curve_figures, write_accuracy_table
 
     out_dir, report = experiment.out / "report", experiment.report
     evals = [experiment.eval_json(name) for name in experiment.runs if experiment.eval_json(name).exists()]

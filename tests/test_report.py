@@ -11,14 +11,10 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from hrp_ood.errors import UserError
-from hrp_ood.eval.report import (
-    comparison_table,
-    load_evaluations,
-    noise_sort_key,
-    roc_points,
-    summarize,
-    write_report,
-)
+from hrp_ood.report import write_report
+from hrp_ood.report.evaluations import load_evaluations, noise_sort_key
+from hrp_ood.report.plots import roc_points
+from hrp_ood.report.tables import comparison_table, summarize
 
 METHODS = ("hrp", "hrp_no_ram")
 NOISES = ("sym80", "none", "sym20")  # deliberately not in table order

@@ -11,8 +11,8 @@ import yaml
 
 from hrp_ood.cli import main
 from hrp_ood.errors import UserError
+from hrp_ood.report.sweep import accuracy_table, run_summary, write_accuracy_table
 from hrp_ood.sweep import gpu_slots_of_jobs, load_experiment, run_sweep
-from hrp_ood.sweep_report import accuracy_table, run_summary, write_accuracy_table
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = {

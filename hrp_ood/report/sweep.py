@@ -16,19 +16,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from hrp_ood.eval.report import (
-    METRIC_LABELS,
-    STD_DDOF,
-    _new_figure,
-    _save_png,
-    format_mean_std,
-    load_evaluations,
-    noise_sort_key,
-    ordered_values,
-    to_latex,
-    to_markdown,
-)
 from hrp_ood.io import atomic_write_text, csv_number
+from hrp_ood.report.evaluations import METRIC_LABELS, STD_DDOF, load_evaluations, noise_sort_key, ordered_values
+from hrp_ood.report.plots import _new_figure, _save_png
+from hrp_ood.report.tables import format_mean_std, to_latex, to_markdown
 
 ACCURACY = "test_acc"
 # summary column → (metrics.csv column, how it is taken over the epochs): the ensemble's test accuracy at the last

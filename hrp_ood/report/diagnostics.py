@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from hrp_ood.errors import UserError
-from hrp_ood.eval.report import _new_figure, _save_png
 from hrp_ood.io import csv_number, read_csv_rows
+from hrp_ood.report.plots import _new_figure, _save_png
 from hrp_ood.train.signals import PAIR_TYPES
 
 

@@ -1,0 +1,199 @@
+"""Reading eval.json files into one table, and the orders of its values (noise, seeds, names)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from hrp_ood.errors import UserError, shown
+
+log = logging.getLogger(__name__)
+
+METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out", "fpr95_tpr_id")
+REQUIRED_METRICS = ("auroc", "fpr95")
+METRIC_LABELS = {
+    "auroc": "AUROC",
+    "fpr95": "FPR95",
+    "aupr_in": "AUPR-In",
+    "aupr_out": "AUPR-Out",
+    "fpr95_tpr_id": "FPR95@TPR-ID",
+    "id_accuracy": "ID acc.",
+}
+BY_CHOICES = ("noise", "dataset", "method", "net", "ood")
+RUN_KEYS = ("method", "dataset", "noise", "net", "seed")  # what identifies one evaluation
+CONTEXT_KEYS = ("dataset", "noise", "net")  # become row levels when they vary and are not `by`
+ID_ACC_ROW = "ID acc."
+MEAN_OOD = "mean"
+STD_DDOF = 1
+MISSING_CELL = "–"
+SCORES_FILE = "scores.npz"
+PNG_DPI = 100
+
+# Noise modes in table order; a mode not listed comes after these, alphabetically.
+NOISE_MODE_ORDER = ("none", "clean", "sym", "symflip", "asym")
+_NOISE_NAME = re.compile(r"^(?P<mode>[a-z_]*?)(?P<rate>\d+(?:\.\d+)?)?$")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_evaluations(paths: Sequence[Path | str]) -> pd.DataFrame:
+    """Read eval.json files into one long table: a row per (file, postprocessor, OOD set).
+
+    Columns: ``path, checkpoint, checkpoint_sha256, method, dataset, noise, seed, net,
+    id_accuracy, versions`` (JSON text), ``scores_sha256`` (of the scores.npz written with the
+    file; empty for older files), ``postprocessor, ood`` and the metrics of
+    :data:`METRICS` (×100; an optional metric absent from a file is NaN). The ``"mean"``
+    OOD rows of each file are kept as they are. Raises :class:`UserError` naming the file
+    when one is missing, unreadable or malformed, and when two files describe the same
+    evaluation (same method, dataset, noise, net and seed), which would count a seed twice.
+    """
+    if not paths:
+        raise UserError(
+            "no eval.json given; pass the files written by `hrp-ood evaluate` (e.g. runs/*/eval_ensemble/eval.json)"
+        )
+    rows = [row for path in paths for row in _evaluation_rows(Path(path), _read_json(Path(path)))]
+    frame = pd.DataFrame(rows)
+    _check_unique_runs(frame)
+    return frame
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"{shown(path)}: no such file; pass eval.json files written by `hrp-ood evaluate`")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: not a readable JSON file ({err}); re-run `hrp-ood evaluate` to rewrite it") from err
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object as written by `hrp-ood evaluate`, got {type(data).__name__}")
+    return data
+
+
+def _bad_field(path: Path, field: str, expected: str) -> UserError:
+    return UserError(
+        f"{path}: field {field!r} is missing or not {expected}; is this an eval.json written by `hrp-ood evaluate`?"
+    )
+
+
+def _text(data: dict[str, Any], key: str, path: Path, *, required: bool = True) -> str:
+    value = data.get(key)
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        return str(value)
+    if value is None and not required:
+        return ""
+    raise _bad_field(path, key, "a string")
+
+
+def _number(value: Any, field: str, path: Path, *, required: bool) -> float:
+    if value is None and not required:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad_field(path, field, "a number")
+    return float(value)
+
+
+def _evaluation_meta(path: Path, data: dict[str, Any]) -> dict[str, Any]:
+    seed = data.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise _bad_field(path, "seed", "an integer")
+    versions = data.get("versions") or {}
+    files = data.get("files") or {}  # absent from eval.json files written before the outputs were one unit
+    if not isinstance(files, dict):
+        raise _bad_field(path, "files", "an object")
+    return {
+        "path": str(path),
+        "checkpoint": _text(data, "checkpoint", path, required=False),
+        "checkpoint_sha256": _text(data, "checkpoint_sha256", path, required=False),
+        "method": _text(data, "method", path),
+        "dataset": _text(data, "dataset", path),
+        "noise": _text(data, "noise", path),
+        "seed": seed,
+        "net": _text(data, "net", path),
+        "id_accuracy": _number(data.get("id_accuracy"), "id_accuracy", path, required=True),
+        "versions": json.dumps(versions, sort_keys=True),
+        "scores_sha256": _text(files, SCORES_FILE, path, required=False),
+    }
+
+
+def _evaluation_rows(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
+    meta = _evaluation_meta(path, data)
+    results = data.get("results")
+    if not isinstance(results, list) or not results:
+        raise _bad_field(path, "results", "a non-empty list")
+    rows, seen = [], set()
+    for k, result in enumerate(results):
+        if not isinstance(result, dict):
+            raise _bad_field(path, f"results[{k}]", "an object")
+        postprocessor = _text(result, "postprocessor", path)
+        ood = _text(result, "ood", path)
+        if (postprocessor, ood) in seen:
+            raise UserError(f"{path}: results hold ({postprocessor}, {ood}) twice; re-run `hrp-ood evaluate`")
+        seen.add((postprocessor, ood))
+        row = dict(meta, postprocessor=postprocessor, ood=ood)
+        for metric in METRICS:
+            row[metric] = _number(
+                result.get(metric), f"results[{k}].{metric}", path, required=metric in REQUIRED_METRICS
+            )
+        rows.append(row)
+    return rows
+
+
+def _check_unique_runs(frame: pd.DataFrame) -> None:
+    runs = frame.drop_duplicates("path")
+    duplicated = runs[runs.duplicated(list(RUN_KEYS), keep=False)]
+    if duplicated.empty:
+        return
+    first = duplicated.iloc[0]
+    clash = duplicated[(duplicated[list(RUN_KEYS)] == first[list(RUN_KEYS)]).all(axis=1)]["path"].tolist()
+    identity = ", ".join(f"{key}={first[key]}" for key in RUN_KEYS)
+    raise UserError(
+        f"{' and '.join(clash)} are the same evaluation ({identity}); a mean over seeds needs "
+        "one file per seed: report them separately"
+    )
+
+
+# --------------------------------------------------------------------------- ordering
+
+
+def noise_sort_key(name: str) -> tuple[int, str, float, str]:
+    """Natural order of noise names: none, sym20, sym50, sym80, sym100, ..., asym40, then others.
+
+    A name is a mode followed by an optional rate; modes follow :data:`NOISE_MODE_ORDER`,
+    rates compare as numbers (so ``sym100`` comes after ``sym80``).
+    """
+    match = _NOISE_NAME.match(name.lower())
+    mode, rate = (match["mode"], float(match["rate"] or 0.0)) if match else (name.lower(), 0.0)
+    rank = NOISE_MODE_ORDER.index(mode) if mode in NOISE_MODE_ORDER else len(NOISE_MODE_ORDER)
+    return rank, mode, rate, name
+
+
+def natural_sort_key(name: str) -> tuple[tuple[int, Any], ...]:
+    """Order text with its digit runs compared as numbers (``cifar10`` < ``cifar100``)."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name.lower()))
+
+
+def ordered_values(values: Iterable[str], key: str) -> list[str]:
+    """The distinct values of column `key` in table order.
+
+    noise: :func:`noise_sort_key`; ood: first appearance with ``"mean"`` last; method and
+    postprocessor: first appearance (the order the user gave); others: natural order.
+    """
+    distinct = list(dict.fromkeys(values))
+    if key == "noise":
+        return sorted(distinct, key=noise_sort_key)
+    if key == "ood":
+        return [v for v in distinct if v != MEAN_OOD] + [v for v in distinct if v == MEAN_OOD]
+    if key in ("method", "postprocessor"):
+        return distinct
+    return sorted(distinct, key=natural_sort_key)
+
+
+# --------------------------------------------------------------------------- aggregation
