@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_train_args
 from fakes import write_animal10n, write_cifar10, write_cifar100, write_image_folder
 
 from hrp_ood.checkpoint import load_checkpoint
@@ -27,21 +28,9 @@ from hrp_ood.cli import main
 from hrp_ood.errors import UserError
 from hrp_ood.models import create_model
 
-TINY = [
-    "--model",
-    "small_cnn",
-    "--epochs",
-    "1",
-    "--batch-size",
-    "32",
-    "--meta-size",
-    "20",
-    "--set",
-    "meta_batch_size=16",
-    "--set",
-    "lr_milestones=[]",
-    "--no-progress",
-]
+pytestmark = pytest.mark.slow  # end-to-end: left out by `pytest -m "not slow"`
+
+TINY = [*tiny_train_args(), "--epochs", "1"]
 CIFAR10_TRAIN = 100
 
 

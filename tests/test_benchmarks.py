@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # end-to-end: left out by `pytest -m "not slow"`
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

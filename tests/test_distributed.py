@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import tiny_train_args
 from fakes import write_cifar10
 from hrp_ood.train.signals import EpochSignals
 from hrp_ood.train.steps import StepContext, StepInputs, hrp_step
@@ -23,6 +24,8 @@ from hrp_ood.config import build_config
 from hrp_ood.data.augment import BatchAugment
 from hrp_ood.eval.network import load_network
 from hrp_ood.method import reliability_mixup
+
+pytestmark = pytest.mark.slow  # end-to-end: left out by `pytest -m "not slow"`
 
 RANKS, LOCAL_BATCH, META = 2, 12, 8
 CLASSES = 10
@@ -218,29 +221,7 @@ def test_two_ranks_make_the_one_process_update(meta_method, two_rank_results):
 
 
 # ---- `hrp-ood train --nproc 2`, resume, load into one process ------------------------------------------
-TINY = [
-    "--model",
-    "small_cnn",
-    "--batch-size",
-    "32",
-    "--meta-size",
-    "20",
-    "--set",
-    "meta_batch_size=16",
-    "--set",
-    "warmup_epochs=1",
-    "--set",
-    "ramp_epochs=1",
-    "--set",
-    "lr_milestones=[1]",
-    "--set",
-    "proj_hidden_dim=32",
-    "--set",
-    "proj_dim=16",
-    "--set",
-    "tau_conf=0.3",
-    "--no-progress",
-]
+TINY = tiny_train_args(hrp=True)
 
 
 def read_metrics(run):

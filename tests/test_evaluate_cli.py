@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_train_args
 from fakes import FakeSplit, save_image, write_cifar10, write_far_ood_sets
 from hrp_ood.postprocessors import create_postprocessor, list_postprocessors
 from hrp_ood.postprocessors.featureset import FeatureSet
@@ -30,26 +31,12 @@ from hrp_ood.eval.metrics import ood_metrics
 from hrp_ood.models import create_model
 from hrp_ood.models.small_cnn import SmallCNN
 
+pytestmark = pytest.mark.slow  # end-to-end: left out by `pytest -m "not slow"`
+
 OOD_SETS = ("svhn", "lsun", "places365", "textures", "mnist")
 METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out", "fpr95_tpr_id")
 N_TRAIN, N_TEST, N_OOD = 200, 60, 40
-TINY_TRAIN = [
-    "--model",
-    "small_cnn",
-    "--epochs",
-    "2",
-    "--batch-size",
-    "32",
-    "--meta-size",
-    "20",
-    "--set",
-    "meta_batch_size=16",
-    "--set",
-    "warmup_epochs=1",
-    "--set",
-    "lr_milestones=[1]",
-    "--no-progress",
-]
+TINY_TRAIN = [*tiny_train_args(), "--epochs", "2", "--set", "warmup_epochs=1", "--set", "lr_milestones=[1]"]
 # run name → (method, noise, seed): two noise levels, a second seed for the mean over seeds, a baseline
 RUNS = {
     "hrp_sym20_s0": ("hrp", "sym20", 0),

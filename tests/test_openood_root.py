@@ -23,6 +23,8 @@ from hrp_ood.checkpoint import load_checkpoint
 from hrp_ood.cli import main
 from hrp_ood.models import create_model
 
+pytestmark = pytest.mark.slow  # end-to-end: left out by `pytest -m "not slow"`
+
 OPENOOD_CIFAR10_MEAN, OPENOOD_CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 FAR = ["mnist", "svhn", "textures", "places365"]  # OpenOOD's far-OOD order for cifar10
 

@@ -9,36 +9,20 @@ import subprocess
 import sys
 
 import pytest
-from fakes import write_cifar10
+from conftest import tiny_train_args
 
 from hrp_ood import progress as progress_module
 from hrp_ood.cli import main
 from hrp_ood.progress import ProgressLog, format_duration
 
-TINY = [
-    "--model",
-    "small_cnn",
-    "--batch-size",
-    "16",
-    "--meta-size",
-    "20",
-    "--set",
-    "meta_batch_size=16",
-    "--set",
-    "lr_milestones=[]",
-    "--set",
-    "proj_hidden_dim=32",
-    "--set",
-    "proj_dim=16",
-    "--no-progress",
-]
+pytestmark = pytest.mark.slow  # end-to-end: left out by `pytest -m "not slow"`
+
+TINY = tiny_train_args(batch_size=16, small_head=True)
 
 
 @pytest.fixture(scope="module")
-def cifar_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_cifar10(root, n_train=100, n_test=20, seed=0)
-    return root
+def cifar_root(make_cifar_root):
+    return make_cifar_root(100, 20)
 
 
 class FakeClock:

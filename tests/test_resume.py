@@ -11,13 +11,14 @@ import time
 import pytest
 import torch
 import yaml
-from fakes import write_cifar10
 
 from hrp_ood.checkpoint import load_checkpoint
 from hrp_ood.config import build_config
 from hrp_ood.errors import UserError
 from hrp_ood.eval.network import checkpoint_config
 from train.trainer import resume_config
+
+pytestmark = pytest.mark.slow  # end-to-end: left out by `pytest -m "not slow"`
 
 EPOCHS = 4
 ARGS = [
@@ -51,10 +52,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_cifar10(root, n_train=260, n_test=40, seed=1)
-    return root
+def data_root(make_cifar_root):
+    return make_cifar_root(260, 40, seed=1)
 
 
 def train_command(data_root, out_dir, *extra):

@@ -9,7 +9,7 @@ import os
 import stat
 
 import pytest
-from fakes import write_cifar10
+from conftest import tiny_train_args
 from hrp_ood.train import trainer as trainer_module
 
 from hrp_ood.checkpoint import load_checkpoint
@@ -17,21 +17,9 @@ from hrp_ood.cli import main
 from hrp_ood.data.noise import load_noise
 from hrp_ood.run_dir import RunFolder
 
-TINY = [
-    "--model",
-    "small_cnn",
-    "--method",
-    "ce",
-    "--batch-size",
-    "32",
-    "--meta-size",
-    "20",
-    "--set",
-    "meta_batch_size=16",
-    "--set",
-    "lr_milestones=[]",
-    "--no-progress",
-]
+pytestmark = pytest.mark.slow  # end-to-end: left out by `pytest -m "not slow"`
+
+TINY = tiny_train_args(method="ce")
 
 
 class Crash(Exception):
@@ -39,10 +27,8 @@ class Crash(Exception):
 
 
 @pytest.fixture(scope="module")
-def cifar_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_cifar10(root, n_train=100, n_test=30, seed=0)
-    return root
+def cifar_root(make_cifar_root):
+    return make_cifar_root(100, 30)
 
 
 def train_args(cifar_root, out_dir, *extra, epochs=1):

@@ -14,27 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_train_args
 from fakes import random_images, write_cifar10, write_image_folder, write_ood_folder
 
 from hrp_ood.checkpoint import load_checkpoint
 from hrp_ood.cli import main
 from hrp_ood.eval import evaluate as evaluate_module
 
-TINY = [
-    "--model",
-    "small_cnn",
-    "--method",
-    "ce",
-    "--batch-size",
-    "16",
-    "--meta-size",
-    "10",
-    "--set",
-    "meta_batch_size=16",
-    "--set",
-    "lr_milestones=[]",
-    "--no-progress",
-]
+pytestmark = pytest.mark.slow  # end-to-end: left out by `pytest -m "not slow"`
+
+TINY = tiny_train_args(method="ce", batch_size=16, meta_size=10)
 N_OOD = 151  # more than the 64 images the cache once fingerprinted; image 1 was not among them
 
 

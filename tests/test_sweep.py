@@ -14,6 +14,8 @@ from hrp_ood.errors import UserError
 from hrp_ood.report.sweep import accuracy_table, run_summary, write_accuracy_table
 from hrp_ood.sweep import gpu_slots_of_jobs, load_experiment, run_sweep
 
+pytestmark = pytest.mark.slow  # end-to-end: left out by `pytest -m "not slow"`
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = {
     "dataset": "digits",

@@ -4,43 +4,22 @@ import csv
 
 import pytest
 import torch
-from fakes import write_cifar10, write_image_folder
+from conftest import tiny_train_args
+from fakes import write_image_folder
 
 from hrp_ood.checkpoint import load_checkpoint
 from hrp_ood.cli import main
 from hrp_ood.config import METHODS
 from hrp_ood.data.noise import load_noise
 
-TINY = [
-    "--model",
-    "small_cnn",
-    "--batch-size",
-    "32",
-    "--meta-size",
-    "20",
-    "--set",
-    "meta_batch_size=16",
-    "--set",
-    "warmup_epochs=1",
-    "--set",
-    "ramp_epochs=1",
-    "--set",
-    "lr_milestones=[1]",
-    "--set",
-    "proj_hidden_dim=32",
-    "--set",
-    "proj_dim=16",
-    "--set",
-    "tau_conf=0.3",
-    "--no-progress",
-]
+pytestmark = pytest.mark.slow  # end-to-end: left out by `pytest -m "not slow"`
+
+TINY = tiny_train_args(hrp=True)
 
 
 @pytest.fixture(scope="module")
-def cifar_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_cifar10(root, n_train=200, n_test=60, seed=0)
-    return root
+def cifar_root(make_cifar_root):
+    return make_cifar_root(200, 60)
 
 
 def read_metrics(run):
