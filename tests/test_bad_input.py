@@ -478,7 +478,7 @@ ROWS = [
         lambda ws: ["export", "--ckpt", str(ws.path("ckpts/nope.pt")), "--out", str(ws.path("exported.pt"))],
         ["nope.pt", "not found"],
     ),
-    # ---- issue 11: the run folder never reaches outside --out-dir, and --overwrite removes only a run of ours
+    # ---- the run folder never reaches outside --out-dir, and --overwrite removes only a run of ours
     (
         "run-name-climbs-out-of-out-dir",
         "train",
@@ -509,7 +509,7 @@ ROWS = [
         lambda ws: ws.train("--name", "existing", "--overwrite", data="empty_root"),
         ["cifar10 not found"],
     ),
-    # ---- issue 11: every config value checked before anything is written
+    # ---- every config value checked before anything is written
     ("lr-not-a-number", "train", lambda ws: ws.train("--lr", "nan"), ["lr must be a finite number > 0, got nan"]),
     (
         "lr-negative",
@@ -642,7 +642,7 @@ ROWS = [
         lambda ws: ws.train("--batch-size", "500"),
         ["batch_size 500 exceeds the 80 training images left after the 20-image meta set", "--batch-size"],
     ),
-    # ---- issue 11: text files in other encodings or binary, torch's advice never repeated
+    # ---- text files in other encodings or binary, torch's advice never repeated
     (
         "config-binary",
         "train",
@@ -681,7 +681,7 @@ ROWS = [
         lambda ws: ws.train("--noisy-labels", str(ws.path("labels/random.pt"))),
         ["label file", "random.pt is truncated or not a torch label file"],
     ),
-    # ---- issue 11: output paths that cannot be written are refused before any work
+    # ---- output paths that cannot be written are refused before any work
     (
         "train-out-dir-is-a-file",
         "train",
@@ -742,7 +742,7 @@ ROWS = [
         lambda ws: ["export", "--ckpt", str(ws.path("runs/existing/last.pt")), "--out", str(ws.path("afile/net.pt"))],
         ["--out", "afile/net.pt: ", "afile is a file, not a folder"],
     ),
-    # ---- issue 11: paths in messages show what is really in them
+    # ---- paths in messages show what is really in them
     (
         "ckpt-path-with-a-bom",
         "evaluate",
