@@ -363,12 +363,48 @@ def _check_types(cfg: TrainConfig) -> None:
             raise UserError(f"config key {f.name!r} must be {names}, got {value!r} ({type(value).__name__})")
 
 
+MAX_YAML_BYTES = 1_000_000
+MAX_YAML_DEPTH = 20
+
+
+class _RefusedYaml(yaml.YAMLError):
+    """YAML this package does not read: aliases (a few hundred bytes of nested aliases expand to gigabytes) or
+    nesting deeper than MAX_YAML_DEPTH."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases and with a depth limit: config and experiment files are small flat
+    mappings, and a hostile one must not exhaust memory or the stack."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):  # noqa: ANN001, ANN201 (PyYAML's signature)
+        if self.check_event(yaml.AliasEvent):
+            line = self.peek_event().start_mark.line + 1
+            raise _RefusedYaml(f"YAML aliases (*name) are not supported (line {line}); write the values out")
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                raise _RefusedYaml(f"nested deeper than {MAX_YAML_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def load_yaml_text(text: str) -> Any:
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {shown(path)} not found; the shipped configs are in configs/ of the repository")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise UserError(f"config file {shown(path)} is over {MAX_YAML_BYTES:,} bytes; a config is a small mapping")
     try:
-        data = yaml.safe_load(read_text_file(path, "config file"))
+        data = load_yaml_text(read_text_file(path, "config file"))
+    except _RefusedYaml as err:
+        raise UserError(f"config file {shown(path)}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -396,7 +432,7 @@ def parse_set_option(item: str) -> tuple[str, Any]:
         raise UserError(f"--set expects key=value, got {item!r}")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw)
+        value = load_yaml_text(raw)
     except yaml.YAMLError:
         raise UserError(f"--set {item!r}: the value is not valid YAML") from None
     return key.strip(), NULL if value is None else value

@@ -40,6 +40,7 @@ from hrp_ood.io import csv_number, read_csv_rows
 log = logging.getLogger(__name__)
 
 EXPERIMENT_KEYS = ("base", "config", "grid", "out", "retries", "nproc", "evaluation", "report", "slurm")
+MAX_GRID_POINTS = 10_000
 RESERVED_KEYS = ("name", "out_dir")  # the sweep names and places every run itself
 SLURM_DEFAULTS = {
     "partition": None,
@@ -153,6 +154,12 @@ def grid_runs(grid: dict[str, Any], path: Path) -> dict[str, dict[str, Any]]:
             raise UserError(
                 f"experiment {shown(path)}: grid key {key!r} needs a non-empty list of values, got {values!r}"
             )
+    points = math.prod(len(values) for values in grid.values())
+    if points > MAX_GRID_POINTS:
+        raise UserError(
+            f"experiment {shown(path)}: the grid has {points:,} points, over {MAX_GRID_POINTS:,}; split it into "
+            "several experiment files"
+        )
     runs: dict[str, dict[str, Any]] = {}
     for point in itertools.product(*grid.values()):
         overrides = dict(zip(grid, point))

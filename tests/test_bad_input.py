@@ -101,6 +101,15 @@ def _write_configs(ws: Workspace) -> None:
     (folder / "unknown_key.yaml").write_text("kapa: 2.0\n")
     (folder / "wrong_type.yaml").write_text("kappa: high\n")
     (folder / "invalid.yaml").write_text("lr: 0.1\nlr_milestones: [1, 2\n")
+    bomb = 'a: &a ["x","x","x","x","x","x","x","x","x"]\n' + "".join(
+        f"{chr(98 + k)}: &{chr(98 + k)} [*{chr(97 + k)},*{chr(97 + k)},*{chr(97 + k)},*{chr(97 + k)}]\n"
+        for k in range(8)
+    )
+    (folder / "alias_bomb.yaml").write_text(bomb)  # 4^8 x 9 strings once expanded
+    (folder / "deep.yaml").write_text("lr: " + "[" * 50 + "]" * 50 + "\n")
+    (folder / "huge_grid.yaml").write_text(
+        "grid:\n" + "".join(f"  {key}: {list(range(40))}\n" for key in ("seed", "lr", "epochs", "kappa", "gamma"))
+    )
     (folder / "binary.yaml").write_bytes(np.random.default_rng(1).bytes(256) + b"\x00")
     (folder / "latin1.yaml").write_bytes("# caf\u00e9\nlr: 0.1\n".encode("latin-1"))
 
@@ -297,6 +306,24 @@ ROWS = [
         "train",
         lambda ws: ws.train("--config", str(ws.path("configs/invalid.yaml"))),
         ["invalid.yaml", "not valid YAML", "line"],
+    ),
+    (
+        "config-yaml-alias-bomb",
+        "train",
+        lambda ws: ws.train("--config", str(ws.path("configs/alias_bomb.yaml"))),
+        ["alias_bomb.yaml", "YAML aliases (*name) are not supported (line 2)"],
+    ),
+    (
+        "config-yaml-too-deep",
+        "train",
+        lambda ws: ws.train("--config", str(ws.path("configs/deep.yaml"))),
+        ["deep.yaml", "nested deeper than 20 levels"],
+    ),
+    (
+        "experiment-grid-too-large",
+        "sweep",
+        lambda ws: ["sweep", str(ws.path("configs/huge_grid.yaml"))],
+        ["the grid has 102,400,000 points, over 10,000", "split it"],
     ),
     # ---- data
     (
