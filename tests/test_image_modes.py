@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from hrp_ood.data.folder import decode_all
+from hrp_ood.errors import UserError
 from hrp_ood.eval.ood_data import load_image_folder
 
 SIZE = 8
@@ -92,3 +93,36 @@ def test_a_16_bit_rgb_png_is_scaled_in_both_loaders(tmp_path):
     write_png_rgb16(path, (40000, 20000, 65535))  # torchvision decodes it to uint16
     for got in loaded_both_ways(path):
         assert np.abs(got.astype(int) - np.array([156, 78, 255])).max() <= 1, got[0, 0]
+
+
+def _png_header_claiming(path: Path, width: int, height: int) -> Path:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("width, height", [(20000, 20000), (12000, 9000)])
+def test_an_image_claiming_an_absurd_size_is_refused_before_decoding(tmp_path, width, height):
+    """A header may claim any size and decoders allocate it first (a 20000x20000 PNG crashed the process)."""
+    from hrp_ood.data.images import decode_images, decode_rgb
+
+    path = _png_header_claiming(tmp_path / "huge.png", width, height)
+    with pytest.raises(UserError, match=r"huge.png") as info:
+        decode_rgb(path)
+    assert "\n" not in str(info.value)
+    assert decode_images([path], SIZE, skip_corrupt=True).shape == (0, 3, SIZE, SIZE)  # skipped, counted
+
+
+def test_a_tiny_first_training_image_asks_for_image_size(tmp_path):
+    from hrp_ood.data.folder import load_image_folder as load_training_folder
+
+    for split in ("train", "test"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        Image.new("RGB", (1, 1)).save(tmp_path / split / "a" / "0.png")
+        Image.new("RGB", (32, 32)).save(tmp_path / split / "a" / "1.png")
+    with pytest.raises(UserError, match=r"1 px on its shorter side.*--set image_size=N"):
+        load_training_folder(tmp_path)
+    assert load_training_folder(tmp_path, image_size=32).train_images.shape == (2, 3, 32, 32)

@@ -35,6 +35,7 @@ ANIMAL10N_CLASSES = [
     "guinea pig",
 ]
 ANIMAL10N_SIZE = 64
+MIN_INFERRED_SIZE = 8  # smaller first images are a stray file, not the dataset's size
 ANIMAL10N_URL = "https://dm.kaist.ac.kr/datasets/animal-10n/"  # the authors' request form
 
 
@@ -93,6 +94,11 @@ def load_image_folder(root: Path, *, download: bool = False, image_size: int | N
     if not test_paths:
         raise UserError(f"no test images under {test_dir}/<class>/; add some (any class from {train_dir})")
     size = image_size or images.shorter_side(train_paths[0])
+    if size < MIN_INFERRED_SIZE:
+        raise UserError(
+            f"the first training image {shown(train_paths[0])} is {size} px on its shorter side, which would be the "
+            f"size of every image; give the size to train at with --set image_size=N (e.g. 32)"
+        )
     return _bundle("folder", classes, size, train_paths, train_labels, test_paths, test_labels)
 
 

@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
 PILLOW_ONLY = (".bmp", ".tif", ".tiff", ".ppm", ".pgm")
 DECODE_THREADS = min(8, os.cpu_count() or 1)
+# A header may claim any size: decoders allocate it before reading a pixel (a 20000x20000 PNG crashed libpng's
+# path with SIGSEGV), so the size is read first and anything larger refused
+MAX_IMAGE_PIXELS = 100_000_000
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, UnidentifiedImageError, UserError)
 
 
@@ -65,6 +68,7 @@ def _decode_with_pillow(path: Path) -> torch.Tensor:
 
 def decode_rgb(path: Path) -> torch.Tensor:
     """One image file as a uint8 (3, H, W) RGB tensor (a UserError naming the file when it cannot be read)."""
+    _check_size(path)
     if path.suffix.lower() in PILLOW_ONLY:
         return _decode_with_pillow(path)
     try:
@@ -74,6 +78,22 @@ def decode_rgb(path: Path) -> torch.Tensor:
         return _decode_with_pillow(path)
     # a 16-bit PNG decodes to uint16: Pillow's path scales it (image_modes), one rule for every loader
     return image if image.dtype == torch.uint8 else _decode_with_pillow(path)
+
+
+def _check_size(path: Path) -> None:
+    """The image's size from its header alone (Pillow reads no pixel on open), refused when absurd."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+    except UNREADABLE as err:
+        raise UserError(f"cannot decode image {path} ({err}); delete or replace the file") from err
+    if width * height > MAX_IMAGE_PIXELS:
+        raise UserError(
+            f"image {path} claims {width}x{height} pixels, over the {MAX_IMAGE_PIXELS:,} this package decodes; "
+            "resize or remove it"
+        )
 
 
 @contextmanager
