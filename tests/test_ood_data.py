@@ -262,3 +262,35 @@ def test_a_folder_trained_network_scores_its_own_test_images_alike_as_id_and_as_
     scores = np.load(tmp_path / "eval" / "scores.npz")
     assert len(scores["msp/id"]) == 24
     np.testing.assert_array_equal(scores["msp/own"], scores["msp/id"])
+
+
+def test_an_ood_folder_follows_symlinked_sub_folders_once_and_survives_a_loop(tmp_path):
+    """Symbolic links to folders are read (they were skipped silently: 1 of 201 images scored), each real folder
+    once, and a link back up the tree ends the walk instead of looping."""
+    from hrp_ood.data.images import folder_images
+
+    elsewhere, ood = tmp_path / "elsewhere", tmp_path / "ood"
+    for folder, count in ((elsewhere, 3), (ood / "own", 2)):
+        folder.mkdir(parents=True)
+        for k in range(count):
+            Image.new("RGB", (8, 8), (k, 0, 0)).save(folder / f"{k}.png")
+    (ood / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (ood / "own" / "loop").symlink_to(ood, target_is_directory=True)
+    found = folder_images(ood)
+    assert [p.relative_to(ood).as_posix() for p in found] == [
+        "linked/0.png",
+        "linked/1.png",
+        "linked/2.png",
+        "own/0.png",
+        "own/1.png",
+    ]
+
+
+def test_a_training_class_folder_says_when_it_holds_sub_folders(tmp_path, caplog):
+    from hrp_ood.data.images import list_images
+
+    (tmp_path / "cat" / "more").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "cat" / "0.png")
+    with caplog.at_level("WARNING"):
+        assert [p.name for p in list_images(tmp_path / "cat")] == ["0.png"]
+    assert "1 sub-folder(s) not read (e.g. more)" in caplog.text

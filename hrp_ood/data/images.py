@@ -46,15 +46,34 @@ def is_image_file(name: str) -> bool:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files directly inside `folder`, sorted by name (so the order is the same on every machine)."""
+    """Image files directly inside `folder`, sorted by name (so the order is the same on every machine); a
+    sub-folder is not read, and one warning says how many were left."""
     with os.scandir(folder) as entries:  # scandir knows file types without one stat() per file
-        names = [e.name for e in entries if e.is_file() and is_image_file(e.name)]
+        entries = list(entries)
+    names = [e.name for e in entries if e.is_file() and is_image_file(e.name)]
+    folders = [e.name for e in entries if e.is_dir()]
+    if folders:
+        log.warning(
+            "%s: %d sub-folder(s) not read (e.g. %s): a class folder's images are its own files",
+            folder,
+            len(folders),
+            sorted(folders)[0],
+        )
     return [folder / name for name in sorted(names)]
 
 
 def folder_images(folder: Path) -> list[Path]:
-    """Every image file under `folder`, recursive, sorted by path."""
-    return sorted(p for p in folder.rglob("*") if is_image_file(p.name) and p.is_file())
+    """Every image file under `folder`, recursive, sorted by path; symbolic links to folders are followed, each
+    real folder read once (a link back up the tree is not a loop)."""
+    found, seen = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        found += [Path(root) / name for name in files if is_image_file(name)]
+    return sorted(p for p in found if p.is_file())
 
 
 def _decode_with_pillow(path: Path) -> torch.Tensor:
