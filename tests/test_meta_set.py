@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -80,3 +82,29 @@ def test_indices_round_trip_and_corrupt_file(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 broken")
     with pytest.raises(UserError, match="delete it to redraw"):
         load_indices(tmp_path / "bad.npz")
+
+
+def test_a_hand_edited_split_that_trains_on_the_meta_set_is_refused(tmp_path):
+    from hrp_ood.train.data import _saved_split
+
+    from hrp_ood.data.meta_set import save_indices
+
+    path = tmp_path / "meta_indices.npz"
+    save_indices(path, meta_indices=np.array([0, 1]), train_indices=np.array([2, 3, 4]))
+    assert [a.tolist() for a in _saved_split(path, 5)] == [[0, 1], [2, 3, 4]]
+    for meta, train, words in [
+        ([0, 1], [1, 2, 3], "1 meta sample(s) in the training split (e.g. 1)"),
+        ([0, 9], [2, 3], "index 9 outside 0..4"),
+        ([0], [2, 2], "a training index twice"),
+    ]:
+        save_indices(path, meta_indices=np.array(meta), train_indices=np.array(train))
+        with pytest.raises(UserError, match=re.escape(words)):
+            _saved_split(path, 5)
+
+
+def test_an_openood_list_label_must_be_an_ascii_number(tmp_path):
+    from hrp_ood.data.image_lists import _class_label
+
+    assert _class_label("3", 10, tmp_path / "l.txt", 1) == 3
+    with pytest.raises(UserError, match="l.txt"):
+        _class_label("²", 10, tmp_path / "l.txt", 1)  # str.isdigit() accepts it, int() does not

@@ -88,6 +88,32 @@ def check_sizes(cfg: TrainConfig, num_classes: int, num_train: int) -> None:
         )
 
 
+def _saved_split(path: Path, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """A run's saved meta/train split, checked: both arrays there, indices of this dataset, and disjoint (a meta
+    sample in the training split would train on the clean meta set)."""
+    split = load_indices(path)
+    missing = [key for key in ("meta_indices", "train_indices") if key not in split]
+    if missing:
+        raise UserError(
+            f"{path} lacks {', '.join(missing)}; delete it to redraw the split (the same seed gives the same)"
+        )
+    meta_idx, train_idx = split["meta_indices"], split["train_indices"]
+    outside = [int(i) for i in np.concatenate([meta_idx, train_idx]) if not 0 <= i < num_samples][:1]
+    shared = np.intersect1d(meta_idx, train_idx)
+    if outside or len(shared) or len(np.unique(train_idx)) != len(train_idx):
+        problem = (
+            f"index {outside[0]} outside 0..{num_samples - 1}"
+            if outside
+            else (
+                f"{len(shared)} meta sample(s) in the training split (e.g. {int(shared[0])})"
+                if len(shared)
+                else "a training index twice"
+            )
+        )
+        raise UserError(f"{path} does not split this dataset ({problem}); delete it to redraw the split")
+    return meta_idx, train_idx
+
+
 def prepare_training_data(cfg: TrainConfig, run_dir: Path, device: torch.device) -> TrainingData:
     """Load the dataset; create (or reload, on resume) the noise file and the meta-set indices."""
     if not cfg.noisy_labels:
@@ -110,8 +136,7 @@ def prepare_training_data(cfg: TrainConfig, run_dir: Path, device: torch.device)
 
     meta_path = run_dir / META_FILE
     if meta_path.exists():
-        split = load_indices(meta_path)
-        meta_idx, train_idx = split["meta_indices"], split["train_indices"]
+        meta_idx, train_idx = _saved_split(meta_path, len(clean))
     else:
         meta_idx, train_idx = split_meta_set(
             clean, bundle.num_classes, cfg.meta_size, cfg.seed, balanced=cfg.meta_balanced

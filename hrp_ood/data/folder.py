@@ -116,7 +116,7 @@ def _pick_dir(root: Path, names: tuple[str, ...], what: str) -> Path:
 def animal10n_label(path: Path) -> int:
     """The class encoded in an Animal-10N file name: `<label>_<id>.jpg` with label in 0–9."""
     prefix = path.stem.split("_", 1)[0]
-    if not prefix.isdigit() or int(prefix) >= len(ANIMAL10N_CLASSES):
+    if not (prefix.isascii() and prefix.isdigit()) or int(prefix) >= len(ANIMAL10N_CLASSES):
         raise UserError(
             f"Animal-10N file name {path.name!r} does not start with a label 0-9 and '_' "
             f"(expected <label>_<id>.jpg); remove or rename it"

@@ -61,7 +61,7 @@ def _list_entries(list_file: Path, images_root: Path) -> list[tuple[Path, str]]:
 
 
 def _class_label(token: str, num_classes: int, list_file: Path, line: int) -> int:
-    if not token.isdigit() or int(token) >= num_classes:
+    if not (token.isascii() and token.isdigit()) or int(token) >= num_classes:
         raise UserError(
             f"{list_file} line {line}: label {token!r} is not a class index 0-{num_classes - 1}; "
             "use the benchmark's own ID lists"
