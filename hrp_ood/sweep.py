@@ -102,7 +102,9 @@ class Experiment:
         return self.out / "runs" / name
 
     def eval_json(self, name: str) -> Path:
-        return self.run_dir(name) / f"eval_{self.evaluation.net}" / "eval.json"
+        from hrp_ood.eval.session import default_eval_dir
+
+        return default_eval_dir(self.run_dir(name) / "last.pt", self.evaluation.net) / "eval.json"
 
     def sweep_file(self, name: str, suffix: str) -> Path:
         return self.out / "sweep" / f"{name}{suffix}"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -262,6 +264,33 @@ def test_a_folder_trained_network_scores_its_own_test_images_alike_as_id_and_as_
     scores = np.load(tmp_path / "eval" / "scores.npz")
     assert len(scores["msp/id"]) == 24
     np.testing.assert_array_equal(scores["msp/own"], scores["msp/id"])
+    # the default output folders of two checkpoints of one run are two folders (best.pt's used to replace last.pt's)
+    for ckpt in ("last.pt", "best.pt"):
+        assert (
+            main(
+                [
+                    "evaluate",
+                    "--ckpt",
+                    str(tmp_path / "runs" / "r" / ckpt),
+                    "--ood",
+                    "own",
+                    "--ood-dir",
+                    f"own={tmp_path / 'data' / 'test'}",
+                    "--postprocessor",
+                    "msp",
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 0
+        )
+    evals = {
+        p.parent.name: json.loads(p.read_text())["checkpoint"] for p in (tmp_path / "runs" / "r").glob("*/eval.json")
+    }
+    assert {name: Path(ckpt).name for name, ckpt in evals.items()} == {
+        "eval_ensemble": "last.pt",
+        "eval_ensemble_best": "best.pt",
+    }
 
 
 def test_an_ood_folder_follows_symlinked_sub_folders_once_and_survives_a_loop(tmp_path):

@@ -78,7 +78,12 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
         choices=FIT_LABELS,
         help="labels MDS & co. are fitted with: clean (OpenOOD), noisy (what a practitioner has), pred",
     )
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: <ckpt folder>/eval_<net>)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: <ckpt folder>/eval_<net> for last.pt, eval_<net>_<name> for another)",
+    )
     p.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: <ckpt folder>/cache)")
     p.add_argument("--skip-missing", action="store_true", help="skip OOD sets that are not on disk (with a warning)")
     p.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images (counted) instead of failing")

@@ -159,6 +159,12 @@ class LoadedCheckpoint:
         }
 
 
+def default_eval_dir(ckpt: Path, net: str) -> Path:
+    """`<run>/eval_<net>` for last.pt, `<run>/eval_<net>_<stem>` for any other checkpoint (best.pt → eval_<net>_best),
+    so evaluating two checkpoints of one run never replaces one's results with the other's."""
+    return ckpt.parent / (f"eval_{net}" if ckpt.stem == "last" else f"eval_{net}_{ckpt.stem}")
+
+
 def default_cache_dir(ckpt: Path) -> Path:
     return ckpt.parent / "cache"
 
@@ -328,7 +334,7 @@ def evaluate_loaded(
         "preprocessing": loaded.preprocessing,
         **result.settings,
     }
-    out_dir = out_dir or ckpt.parent / f"eval_{net}"
+    out_dir = out_dir or default_eval_dir(ckpt, net)
     report = write_eval_outputs(result, out_dir, meta)
     loaded.remember_id_data()
     log.info("wrote %s", out_dir / "eval.json")
@@ -398,7 +404,7 @@ def evaluate(request: EvaluationRequest) -> dict[str, Any]:
         raise UserError(f"fit_labels must be one of {', '.join(FIT_LABELS)}, got {r.fit_labels!r}")
     if r.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {r.batch_size}")
-    check_output_folder(r.out or r.ckpt.parent / f"eval_{r.net}", "--out")
+    check_output_folder(r.out or default_eval_dir(r.ckpt, r.net), "--out")
     cache_dir = r.cache_dir or default_cache_dir(r.ckpt)
     check_output_folder(cache_dir, "--cache-dir")
     if r.backend == "openood":  # refused before anything is loaded
