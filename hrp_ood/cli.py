@@ -156,7 +156,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {args.jobs}")
     check_output_folder(experiment.out, "the experiment's out")
-    failed = run_sweep(experiment, executor=args.executor, jobs=args.jobs)
+    failed = run_sweep(experiment, executor=args.executor, jobs=args.jobs, rerun_changed=args.rerun_changed)
     if failed:
         print(
             f"{len(failed)} run(s) failed; see `hrp-ood sweep {args.experiment} --status` and "
@@ -279,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
         "CUDA; a Slurm job gets N tasks); default: the experiment's nproc, else 1",
     )
     p.add_argument("--status", action="store_true", help="print every run's state and exit")
+    p.add_argument(
+        "--rerun-changed",
+        action="store_true",
+        help="train (or evaluate) again the runs whose saved config (or eval.json) differs from the experiment; "
+        "their old files are moved to <out>/replaced/",
+    )
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("plot", help="figures of a run's reliability diagnostics (the paper's Figs. 2 and 3)")

@@ -553,16 +553,101 @@ class SweepJob:
 # --------------------------------------------------------------------------- the sweep
 
 
+# Keys a finished run may differ in from the experiment without being another run: more epochs resume it
+EXTENDABLE_KEYS = ("epochs",)
+
+
+def config_changes(experiment: Experiment, name: str) -> list[str]:
+    """The config keys whose saved value (the run's config.yaml) differs from the experiment's; [] for a new run."""
+    from hrp_ood.config import saved_config
+
+    saved_file = experiment.run_dir(name) / "config.yaml"
+    if not saved_file.is_file():
+        return []
+    saved = saved_config(read_yaml(saved_file), saved_file).to_dict()
+    wanted = experiment.run_config(name).to_dict()
+    return sorted(key for key, value in wanted.items() if key not in EXTENDABLE_KEYS and saved.get(key) != value)
+
+
+def evaluation_changes(experiment: Experiment, name: str) -> list[str]:
+    """The evaluation settings of the run's eval.json that differ from the experiment's `evaluation:`."""
+    import json
+
+    from hrp_ood.postprocessors import list_postprocessors
+
+    path = experiment.eval_json(name)
+    if not path.is_file():
+        return []
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is unreadable ({err}); delete it to evaluate the run again") from None
+    e = experiment.evaluation
+    wanted = {
+        "net": e.net,
+        "postprocessors": list(list_postprocessors()) if e.postprocessors == ("all",) else list(e.postprocessors),
+        "fit_labels": e.fit_labels,
+        "backend": e.backend,
+        "benchmark": e.benchmark,
+    }
+    if "all" not in e.ood:  # what "all" stands for depends on the benchmark: the saved list is its resolution
+        wanted["ood_sets"] = [*e.ood, *(n for n, _ in e.ood_dirs if n not in e.ood)]
+    changed = [key for key, value in wanted.items() if saved.get(key) != value]
+    if e.tune != ("rule" in (saved.get("tuning") or {})):
+        changed.append("tune")
+    return changed
+
+
+def changed_runs(experiment: Experiment) -> dict[str, str]:
+    """Runs whose saved config or evaluation differs from the experiment: run → what differs."""
+    changes = {}
+    for name in experiment.runs:
+        keys = config_changes(experiment, name)
+        evaluation = [] if keys else evaluation_changes(experiment, name)
+        if keys or evaluation:
+            changes[name] = f"config {', '.join(keys)}" if keys else f"evaluation {', '.join(evaluation)}"
+    return changes
+
+
+def set_aside_changed(experiment: Experiment, changes: dict[str, str]) -> None:
+    """--rerun-changed: move each changed run's folder (config changed) or evaluation folder aside into
+    <out>/replaced/, so the sweep trains or evaluates it again; nothing is deleted."""
+    import time
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for name, what in changes.items():
+        source = experiment.run_dir(name) if what.startswith("config") else experiment.eval_json(name).parent
+        target = experiment.out / "replaced" / f"{name}__{source.name}__{stamp}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source.rename(target)
+        print(f"{name}: {what} changed; the old files are in {target}", flush=True)
+
+
 def pending_runs(experiment: Experiment) -> list[str]:
     return [name for name in experiment.runs if run_state(experiment, name)["state"] != "done"]
 
 
 def run_sweep(
-    experiment: Experiment, *, executor: str = "local", jobs: int = 1, submitit_cluster: str = "slurm"
+    experiment: Experiment,
+    *,
+    executor: str = "local",
+    jobs: int = 1,
+    submitit_cluster: str = "slurm",
+    rerun_changed: bool = False,
 ) -> dict[str, str]:
     """Bring every run to done (1 + retries attempts each), then write the report; returns run → error of the
-    runs that still fail."""
+    runs that still fail. A run trained or evaluated with other settings than the experiment's is refused, or
+    (`rerun_changed`) set aside and done again."""
     errors: dict[str, str] = {}
+    changes = changed_runs(experiment)
+    if changes and not rerun_changed:
+        name, what = next(iter(changes.items()))
+        raise UserError(
+            f"{len(changes)} run(s) under {shown(experiment.out)} were made with other settings than the experiment "
+            f"now says (first: {name}: {what}); pass --rerun-changed to set them aside and run them again, or give "
+            "another out"
+        )
+    set_aside_changed(experiment, changes)
     names = pending_runs(experiment)
     print(
         f"{len(experiment.runs)} runs, {len(experiment.runs) - len(names)} done before -> {experiment.out}", flush=True

@@ -443,3 +443,36 @@ def test_an_experiment_evaluates_through_the_evaluation_session_with_every_evalu
     ]:
         with pytest.raises(UserError, match=words):
             load_experiment(write_experiment(tmp_path, evaluation={**options, **bad}))
+
+
+def test_a_finished_run_made_with_other_settings_is_refused_or_rerun_on_request(tmp_path, capsys):
+    """A sweep rerun into the same out compares each finished run's config.yaml and eval.json with the experiment:
+    a difference is one error line naming the run and the keys; --rerun-changed moves the old files aside and
+    trains (or evaluates) again."""
+    one = {"grid": {"noise": ["sym20"], "method": ["ce"], "seed": [0]}}
+    path = write_experiment(tmp_path, **one)
+    assert main(["sweep", str(path)]) == 0
+    run = tmp_path / "out" / "runs" / "noise-sym20__method-ce__seed-0"
+    first = (run / "last.pt").read_bytes()
+
+    path = write_experiment(tmp_path, **one, config={**TINY_CONFIG, "lr": 0.01})
+    capsys.readouterr()
+    assert main(["sweep", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "1 run(s)" in err and "noise-sym20__method-ce__seed-0: config lr" in err and "--rerun-changed" in err
+    assert (run / "last.pt").read_bytes() == first  # refused: nothing touched
+    assert main(["sweep", str(path), "--rerun-changed"]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["lr"] == 0.01
+    (kept,) = (tmp_path / "out" / "replaced").iterdir()
+    assert (kept / "last.pt").read_bytes() == first
+
+    path = write_experiment(
+        tmp_path,
+        **one,
+        config={**TINY_CONFIG, "lr": 0.01},
+        evaluation={"ood": ["uniform_noise"], "postprocessors": ["msp"]},
+    )
+    assert main(["sweep", str(path)]) == 2
+    assert "noise-sym20__method-ce__seed-0: evaluation postprocessors)" in capsys.readouterr().err
+    assert main(["sweep", str(path), "--rerun-changed"]) == 0
+    assert yaml.safe_load((run / "eval_ensemble" / "eval.json").read_text())["postprocessors"] == ["msp"]
