@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train, evaluate and report a grid of runs from an experiment file "
         "(configs/experiments/), locally or on Slurm",
     )
-    p.add_argument("experiment", help="experiment YAML: base config, grid, evaluation, report (see README, Sweeps)")
+    p.add_argument("experiment", help="experiment YAML: base config, grid, evaluation, report (see docs/sweeps.md)")
     p.add_argument(
         "--executor",
         default="local",

@@ -334,7 +334,7 @@ def _cdcl_purity(
     classes agree, counted plainly and weighted by the β̂ gate w = β̂_a β̂_b. NaN without positive pairs.
 
     A sample's two views are left out: that pair is pure whatever the pseudo-label, and the gate weighs it by β̂²,
-    which made the gated share look purer than the plain one (README, Method notes)."""
+    which made the gated share look purer than the plain one (docs/results.md, Earlier measurements)."""
     labels, true, weights, conf = (t.repeat(2) for t in (pseudo, clean_labels, beta_hat.float(), confident))
     sample = torch.arange(len(pseudo), device=pseudo.device).repeat(2)
     positive = (labels[:, None] == labels[None, :]) & conf[:, None] & conf[None, :]

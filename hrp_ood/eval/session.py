@@ -105,7 +105,9 @@ def load_ood_sets(
                 raise
             log.warning("skipping OOD set %s: %s", name, err)
     if not sets:
-        raise UserError("no OOD set could be loaded; check --data-root / --ood-dir (see README, 'OOD data')")
+        raise UserError(
+            "no OOD set could be loaded; check --data-root / --ood-dir (see docs/evaluation.md, 'OOD data')"
+        )
     return sets
 
 
