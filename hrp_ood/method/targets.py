@@ -138,7 +138,8 @@ def prior_penalty(logits: torch.Tensor) -> torch.Tensor:
     case fed back into both networks collapsed them onto one class (CIFAR-10 JPEG, sym50, small_cnn: 48% after
     warm-up, chance two epochs later) and onto four classes on the digits demo (39%); with it the demo
     reached 95% against 77% (and 92% for plain CE). ``ce_loss=meta_weighted`` does not collapse onto one class
-    without it, but its first HRP epochs crowd into a few classes and it ends lower (docs/results.md, Earlier measurements).
+    without it, but its first HRP epochs crowd into a few classes and it ends lower (docs/results.md, Earlier
+    measurements).
     """
     if world_size() == 1:  # log p̄ through logsumexp: a class no sample gives any probability stays finite
         log_mean = torch.logsumexp(logits.log_softmax(dim=1), dim=0) - math.log(logits.shape[0])
