@@ -688,6 +688,20 @@ def report_is_current(experiment: Experiment) -> bool:
     return min(path.stat().st_mtime_ns for path in report) > newest_input
 
 
+def grid_variants(experiment: Experiment) -> dict[str, str]:
+    """eval.json path → "key=value, ..." of the grid keys other than method, noise and seed, for the runs that have
+    them: a grid over any config key reports each of its values apart."""
+    labels = {}
+    for name, point in experiment.runs.items():
+        other = ", ".join(f"{key}={_value_text(value)}" for key, value in point.items() if key not in REPORT_KEYS)
+        if other:
+            labels[str(experiment.eval_json(name))] = other
+    return labels
+
+
+REPORT_KEYS = ("method", "noise", "seed")  # what eval.json records of a grid point itself
+
+
 def write_sweep_report(experiment: Experiment) -> dict[str, Path]:
     """`hrp-ood report`'s OOD tables of the evaluated runs, the accuracy table of the fully trained ones and, when
     the grid varies the noise, the noise curves: all in `<out>/report/`."""
@@ -707,10 +721,20 @@ def write_sweep_report(experiment: Experiment) -> dict[str, Path]:
     if not evals or accuracy.empty:
         log.warning("no run is trained and evaluated yet: no report")
         return {}
-    paths = write_report(evals, out_dir, by=report.by, ood=report.ood, metrics=report.metrics, plots=report.plots)
+    paths = write_report(
+        evals,
+        out_dir,
+        by=report.by,
+        ood=report.ood,
+        metrics=report.metrics,
+        plots=report.plots,
+        variants=grid_variants(experiment),
+    )
     paths.update(write_accuracy_table(accuracy, report.by, out_dir))
     if report.plots and has_noise_curves(accuracy):
-        paths.update(noise_curve_figures(evals, accuracy, report.metrics, report.ood, out_dir))
+        paths.update(
+            noise_curve_figures(evals, accuracy, report.metrics, report.ood, out_dir, grid_variants(experiment))
+        )
     for kind in ("markdown", "accuracy_markdown", "noise_curves", "accuracy_vs_noise"):
         if kind in paths:
             print(f"{kind}: {paths[kind]}")

@@ -476,3 +476,14 @@ def test_a_finished_run_made_with_other_settings_is_refused_or_rerun_on_request(
     assert "noise-sym20__method-ce__seed-0: evaluation postprocessors)" in capsys.readouterr().err
     assert main(["sweep", str(path), "--rerun-changed"]) == 0
     assert yaml.safe_load((run / "eval_ensemble" / "eval.json").read_text())["postprocessors"] == ["msp"]
+
+
+def test_a_grid_over_any_config_key_reports_each_value_apart(tmp_path):
+    """eval.json records method, noise and seed; a grid over another key (here lr) is told apart in the report by
+    the grid point (it used to stop at "are the same evaluation"), and is a column of the summary."""
+    path = write_experiment(tmp_path, grid={"lr": [0.05, 0.01], "method": ["ce"], "noise": ["sym20"], "seed": [0]})
+    assert main(["sweep", str(path)]) == 0
+    report = (tmp_path / "out" / "report" / "report.md").read_text()
+    assert "| ce (lr=0.05) | msp |" in report and "| ce (lr=0.01) | msp |" in report
+    summary = (tmp_path / "out" / "report" / "summary.md").read_text().splitlines()
+    assert summary[2].startswith("| lr | method | noise | test_acc |")

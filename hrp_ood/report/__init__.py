@@ -17,7 +17,7 @@ in-distribution" and OOD is the positive class, so ROC curves are built from ``-
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from hrp_ood.io import atomic_write_text
@@ -36,6 +36,7 @@ def write_report(
     metrics: Sequence[str] = ("auroc", "fpr95"),
     ood: str = MEAN_OOD,
     plots: bool = True,
+    variants: Mapping[str, str] | None = None,
 ) -> dict[str, Path]:
     """Read `paths` (eval.json files) and write the comparison report into `out_dir`.
 
@@ -46,7 +47,7 @@ def write_report(
     Every input is checked before the first file is written. Returns ``{kind: path}``.
     """
     out_dir = Path(out_dir)
-    df = load_evaluations(paths)
+    df = load_evaluations(paths, variants)
     table = comparison_table(df, by=by, metrics=metrics, ood=ood)
     caption = table_caption(table, by, metrics, ood)
     if plots:

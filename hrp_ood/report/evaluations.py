@@ -6,7 +6,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ _NOISE_NAME = re.compile(r"^(?P<mode>[a-z_]*?)(?P<rate>\d+(?:\.\d+)?)?$")
 # --------------------------------------------------------------------------- loading
 
 
-def load_evaluations(paths: Sequence[Path | str]) -> pd.DataFrame:
+def load_evaluations(paths: Sequence[Path | str], variants: Mapping[str, str] | None = None) -> pd.DataFrame:
     """Read eval.json files into one long table: a row per (file, postprocessor, OOD set).
 
     Columns: ``path, checkpoint, checkpoint_sha256, method, dataset, noise, seed, net,
@@ -53,7 +53,9 @@ def load_evaluations(paths: Sequence[Path | str]) -> pd.DataFrame:
     :data:`METRICS` (×100; an optional metric absent from a file is NaN). The ``"mean"``
     OOD rows of each file are kept as they are. Raises :class:`UserError` naming the file
     when one is missing, unreadable or malformed, and when two files describe the same
-    evaluation (same method, dataset, noise, net and seed), which would count a seed twice.
+    evaluation (same method, dataset, noise, net and seed), which would count a seed twice. `variants` (path →
+    label) tells apart evaluations of one method that differ in another setting (a sweep's grid over any config
+    key): the label joins the method, "hrp (meta_bn=batch)".
     """
     if not paths:
         raise UserError(
@@ -61,6 +63,8 @@ def load_evaluations(paths: Sequence[Path | str]) -> pd.DataFrame:
         )
     rows = [row for path in paths for row in _evaluation_rows(Path(path), _read_json(Path(path)))]
     frame = pd.DataFrame(rows)
+    for path, label in (variants or {}).items():
+        frame.loc[frame["path"] == str(path), "method"] += f" ({label})"
     _check_unique_runs(frame)
     return frame
 

@@ -158,11 +158,16 @@ def _curve(ax: Any, frame: pd.DataFrame, value: str) -> None:
 
 
 def noise_curve_figures(
-    evals: list[Path], accuracy: pd.DataFrame, metrics: tuple[str, ...], ood: str, out_dir: Path
+    evals: list[Path],
+    accuracy: pd.DataFrame,
+    metrics: tuple[str, ...],
+    ood: str,
+    out_dir: Path,
+    variants: dict[str, str] | None = None,
 ) -> dict[str, Path]:
     """plots/noise_curves.png (a row per postprocessor, a column per metric, on the `ood` column of the OOD
     sets) and plots/accuracy_vs_noise.png."""
-    df = load_evaluations(evals)
+    df = load_evaluations(evals, variants)
     df = df[df["ood"] == ood]
     postprocessors = ordered_values(df["postprocessor"], "postprocessor")
     figure, axes = _new_figure(len(postprocessors), len(metrics), 3.4, 2.8)
