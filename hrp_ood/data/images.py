@@ -16,9 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,10 @@ from hrp_ood.data.image_modes import rgb_image
 from hrp_ood.errors import UserError
 
 log = logging.getLogger(__name__)
+
+# torchvision 0.29 deprecates its image decoders in favour of torchcodec and warns on every call; a filter set once
+# (warnings.catch_warnings is not thread-safe, and the decoding threads raced it)
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
 PILLOW_ONLY = (".bmp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -91,8 +94,7 @@ def decode_rgb(path: Path) -> torch.Tensor:
     if path.suffix.lower() in PILLOW_ONLY:
         return _decode_with_pillow(path)
     try:
-        with _quiet_torchvision_io():
-            image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
     except RuntimeError:  # a mislabelled extension, a variant libjpeg refuses, or no image ops: Pillow's turn
         return _decode_with_pillow(path)
     # a 16-bit PNG decodes to uint16: Pillow's path scales it (image_modes), one rule for every loader
@@ -113,14 +115,6 @@ def _check_size(path: Path) -> None:
             f"image {path} claims {width}x{height} pixels, over the {MAX_IMAGE_PIXELS:,} this package decodes; "
             "resize or remove it"
         )
-
-
-@contextmanager
-def _quiet_torchvision_io() -> Iterator[None]:
-    """torchvision 0.29 deprecates its image decoders in favour of torchcodec and warns on every call."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io")
-        yield
 
 
 def eval_transform(image: torch.Tensor, size: int, pre_size: int | None = None) -> torch.Tensor:
