@@ -146,7 +146,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from hrp_ood.sweep import load_experiment, run_sweep, status_table
+    from hrp_ood.sweep import check_data, load_experiment, run_sweep, status_table
 
     # the whole file is checked before anything starts
     experiment = load_experiment(args.experiment, args.out, args.nproc)
@@ -156,6 +156,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {args.jobs}")
     check_output_folder(experiment.out, "the experiment's out")
+    check_data(experiment)
     failed = run_sweep(experiment, executor=args.executor, jobs=args.jobs, rerun_changed=args.rerun_changed)
     if failed:
         print(

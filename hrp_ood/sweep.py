@@ -187,11 +187,6 @@ def _evaluation(data: dict[str, Any], path: Path) -> Evaluation:
     _known_keys(data, [f.name for f in dataclasses.fields(Evaluation)], "evaluation", path)
     ood_dirs = _mapping(data.get("ood_dirs"), "evaluation.ood_dirs", path)
     check_ood_set_names(map(str, ood_dirs), f"experiment {shown(path)}: evaluation.ood_dirs")
-    for name, folder in ood_dirs.items():
-        if not Path(str(folder)).is_dir():
-            raise UserError(
-                f"experiment {shown(path)}: evaluation.ood_dirs {name}: folder {shown(str(folder))} not found"
-            )
     evaluation = Evaluation(**{**data, "ood_dirs": tuple((str(k), str(v)) for k, v in ood_dirs.items())})
     ood = _names(evaluation.ood, "evaluation.ood", path)
     postprocessors = _names(evaluation.postprocessors, "evaluation.postprocessors", path)
@@ -621,6 +616,16 @@ def set_aside_changed(experiment: Experiment, changes: dict[str, str]) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         source.rename(target)
         print(f"{name}: {what} changed; the old files are in {target}", flush=True)
+
+
+def check_data(experiment: Experiment) -> None:
+    """What must be on disk before a sweep starts (not to read the file: `--status` and the shipped experiments
+    load without the data): every OOD folder the evaluation names."""
+    for name, folder in experiment.evaluation.ood_dirs:
+        if not Path(folder).is_dir():
+            raise UserError(
+                f"experiment {shown(experiment.path)}: evaluation.ood_dirs {name}: folder {shown(folder)} not found"
+            )
 
 
 def pending_runs(experiment: Experiment) -> list[str]:
