@@ -98,20 +98,18 @@ def _saved_split(path: Path, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
             f"{path} lacks {', '.join(missing)}; delete it to redraw the split (the same seed gives the same)"
         )
     meta_idx, train_idx = split["meta_indices"], split["train_indices"]
-    outside = [int(i) for i in np.concatenate([meta_idx, train_idx]) if not 0 <= i < num_samples][:1]
+    indices = np.concatenate([meta_idx, train_idx])
+    outside = indices[(indices < 0) | (indices >= num_samples)]
     shared = np.intersect1d(meta_idx, train_idx)
-    if outside or len(shared) or len(np.unique(train_idx)) != len(train_idx):
-        problem = (
-            f"index {outside[0]} outside 0..{num_samples - 1}"
-            if outside
-            else (
-                f"{len(shared)} meta sample(s) in the training split (e.g. {int(shared[0])})"
-                if len(shared)
-                else "a training index twice"
-            )
-        )
-        raise UserError(f"{path} does not split this dataset ({problem}); delete it to redraw the split")
-    return meta_idx, train_idx
+    if len(outside):
+        problem = f"index {int(outside[0])} outside 0..{num_samples - 1}"
+    elif len(shared):
+        problem = f"{len(shared)} meta sample(s) in the training split (e.g. {int(shared[0])})"
+    elif len(np.unique(train_idx)) != len(train_idx):
+        problem = "a training index twice"
+    else:
+        return meta_idx, train_idx
+    raise UserError(f"{path} does not split this dataset ({problem}); delete it to redraw the split")
 
 
 def prepare_training_data(cfg: TrainConfig, run_dir: Path, device: torch.device) -> TrainingData:

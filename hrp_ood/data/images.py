@@ -81,7 +81,11 @@ def folder_images(folder: Path) -> list[Path]:
 
 def _decode_with_pillow(path: Path) -> torch.Tensor:
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
+            _refuse_absurd_size(image, path)  # from the header: Pillow reads no pixel on open
             array = np.asarray(rgb_image(image))
     except UNREADABLE as err:
         raise UserError(f"cannot decode image {path} ({err}); delete or replace the file") from err
@@ -90,9 +94,9 @@ def _decode_with_pillow(path: Path) -> torch.Tensor:
 
 def decode_rgb(path: Path) -> torch.Tensor:
     """One image file as a uint8 (3, H, W) RGB tensor (a UserError naming the file when it cannot be read)."""
-    _check_size(path)
     if path.suffix.lower() in PILLOW_ONLY:
         return _decode_with_pillow(path)
+    _check_size(path)  # torchvision's decoders allocate what the header claims before reading a pixel
     try:
         image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
     except RuntimeError:  # a mislabelled extension, a variant libjpeg refuses, or no image ops: Pillow's turn
@@ -106,10 +110,15 @@ def _check_size(path: Path) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                width, height = image.size
+            image = Image.open(path)
+        with image:
+            _refuse_absurd_size(image, path)
     except UNREADABLE as err:
         raise UserError(f"cannot decode image {path} ({err}); delete or replace the file") from err
+
+
+def _refuse_absurd_size(image: Image.Image, path: Path) -> None:
+    width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:
         raise UserError(
             f"image {path} claims {width}x{height} pixels, over the {MAX_IMAGE_PIXELS:,} this package decodes; "
