@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from hrp_ood.errors import UserError, shown
+from hrp_ood.errors import UserError, cut, shown
 from hrp_ood.io import atomic_write_text, read_text_file
 
 log = logging.getLogger(__name__)
@@ -172,26 +172,26 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.method not in METHODS:
-            raise UserError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
+            raise UserError(f"unknown method {cut(self.method)}; choose one of: {', '.join(METHODS)}")
         from hrp_ood.data.augment import STRONG_POLICIES
         from hrp_ood.method.reliability import META_BN_MODES, NORMALIZATIONS
         from hrp_ood.method.reliability import METHODS as META_METHODS
 
         if self.meta_method not in META_METHODS:
-            raise UserError(f"meta_method must be {' or '.join(map(repr, META_METHODS))}, got {self.meta_method!r}")
+            raise UserError(f"meta_method must be {' or '.join(map(repr, META_METHODS))}, got {cut(self.meta_method)}")
         if self.strong_policy not in STRONG_POLICIES:
             raise UserError(
                 f"strong_policy must be {', '.join(STRONG_POLICIES[:-1])} or {STRONG_POLICIES[-1]}, "
-                f"got {self.strong_policy!r}"
+                f"got {cut(self.strong_policy)}"
             )
         if self.ce_loss not in CE_LOSSES:
-            raise UserError(f"ce_loss must be one of {', '.join(CE_LOSSES)}, got {self.ce_loss!r}")
+            raise UserError(f"ce_loss must be one of {', '.join(CE_LOSSES)}, got {cut(self.ce_loss)}")
         if self.normalization not in NORMALIZATIONS:
-            raise UserError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {self.normalization!r}")
+            raise UserError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {cut(self.normalization)}")
         if self.meta_bn not in META_BN_MODES:
-            raise UserError(f"meta_bn must be one of {', '.join(META_BN_MODES)}, got {self.meta_bn!r}")
+            raise UserError(f"meta_bn must be one of {', '.join(META_BN_MODES)}, got {cut(self.meta_bn)}")
         if self.on_nonfinite not in ("stop", "skip"):
-            raise UserError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
+            raise UserError(f"on_nonfinite must be 'stop' or 'skip', got {cut(self.on_nonfinite)}")
         for key, bounds in VALUE_RANGES.items():
             _check_range(key, getattr(self, key), *bounds)
         self._validate_meta_size()
@@ -299,7 +299,7 @@ VALUE_RANGES: dict[str, tuple[float, float, str]] = {
 
 def check_device_name(name: str) -> None:
     if not DEVICE_NAME.fullmatch(name):
-        raise UserError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
+        raise UserError(f"device must be auto, cpu, cuda, cuda:N or mps, got {cut(name)}")
 
 
 def _range_text(low: float, high: float, bounds: str) -> str:
@@ -320,7 +320,7 @@ def _check_range(key: str, value: float | None, low: float, high: float, bounds:
     if not inside:
         kind = "an integer" if isinstance(value, int) else "a finite number"
         raise UserError(
-            f"{key} must be {kind} {_range_text(low, high, bounds)}, got {value!r}; "
+            f"{key} must be {kind} {_range_text(low, high, bounds)}, got {cut(value)}; "
             f"fix it in the config or with --set {key}=..."
         )
 
@@ -360,7 +360,7 @@ def _check_types(cfg: TrainConfig) -> None:
             ok = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
         if not ok:
             names = " or ".join(_type_name(t) for t in allowed)
-            raise UserError(f"config key {f.name!r} must be {names}, got {value!r} ({type(value).__name__})")
+            raise UserError(f"config key {f.name!r} must be {names}, got {cut(value)} ({type(value).__name__})")
 
 
 MAX_YAML_BYTES = 1_000_000
@@ -429,12 +429,12 @@ NULL = _Null()
 def parse_set_option(item: str) -> tuple[str, Any]:
     """`key=value` from `--set`; the value is parsed as YAML (so 0.1 is a float, [1, 2] a list, null NULL)."""
     if "=" not in item:
-        raise UserError(f"--set expects key=value, got {item!r}")
+        raise UserError(f"--set expects key=value, got {cut(item)}")
     key, raw = item.split("=", 1)
     try:
         value = load_yaml_text(raw)
     except yaml.YAMLError:
-        raise UserError(f"--set {item!r}: the value is not valid YAML") from None
+        raise UserError(f"--set {cut(item)}: the value is not valid YAML") from None
     return key.strip(), NULL if value is None else value
 
 

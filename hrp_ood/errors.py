@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import errno
 import os
+from typing import Any
+
+VALUE_LIMIT = 60  # characters of a value's repr a message shows
+MESSAGE_LIMIT = 1000  # characters of a whole message; the middle of a longer one is elided
 
 
 class UserError(Exception):
@@ -39,3 +43,19 @@ def os_error_text(err: OSError) -> str:
     """'No space left on device (ENOSPC)': the reason an operating-system call failed, with its errno name."""
     name = errno.errorcode.get(err.errno, str(err.errno)) if err.errno is not None else type(err).__name__
     return f"{err.strerror or err} ({name})"
+
+
+def cut(value: Any, limit: int = VALUE_LIMIT) -> str:
+    """repr(value) for a message, at most `limit` characters: a pasted file or a huge list stays one short line."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 20]}…({len(text)} chars)"
+
+
+def clipped(message: str, limit: int = MESSAGE_LIMIT) -> str:
+    """The message with its middle elided beyond `limit` characters; the end, which says how to fix it, is kept."""
+    if len(message) <= limit:
+        return message
+    head, tail = limit * 2 // 3, limit // 3
+    return f"{message[:head]} …[{len(message) - head - tail} characters cut]… {message[-tail:]}"

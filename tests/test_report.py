@@ -10,11 +10,12 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from hrp_ood.errors import UserError
+from hrp_ood import __version__
+from hrp_ood.errors import UserError, clipped, cut
 from hrp_ood.report import write_report
 from hrp_ood.report.evaluations import load_evaluations, noise_sort_key
 from hrp_ood.report.plots import roc_points
-from hrp_ood.report.tables import comparison_table, summarize
+from hrp_ood.report.tables import comparison_table, summarize, to_markdown
 
 METHODS = ("hrp", "hrp_no_ram")
 NOISES = ("sym80", "none", "sym20")  # deliberately not in table order
@@ -208,12 +209,15 @@ def test_write_report_writes_csv_markdown_latex_and_pngs(evaluations, tmp_path):
 
     markdown = written["markdown"].read_text()
     assert "| method | postprocessor | sym80 |" in markdown
+    assert "- hrp_ood 0.1.0, torch 2.14.1" in markdown  # the evaluations' software
+    assert f"Report written by hrp-ood {__version__}." in markdown
 
     latex = written["latex"].read_text()
     assert r"\begin{tabular}" in latex and r"\end{tabular}" in latex
     assert r"\toprule" in latex and r"\bottomrule" in latex
     assert r"hrp\_no\_ram" not in latex  # only hrp/sym80 was chosen
     assert r"$\pm$" in latex
+    assert f"% hrp-ood {__version__};" in latex
     body = [line for line in latex.splitlines() if not line.startswith("%")]
     assert all("_" not in line.replace(r"\_", "") for line in body)
 
@@ -305,3 +309,105 @@ def test_bad_table_options_are_user_errors(evaluations):
         comparison_table(df, by="seed")
     with pytest.raises(UserError, match="accuracy"):
         comparison_table(df, metrics=("accuracy",))
+
+
+def _edited_copy(source: Path, folder: Path, edit) -> Path:
+    """eval.json (+ scores.npz) of `source` copied to `folder` after `edit(data)`."""
+    folder.mkdir(parents=True)
+    data = json.loads(source.read_text())
+    edit(data)
+    (folder / "eval.json").write_text(json.dumps(data))
+    (folder / "scores.npz").write_bytes((source.parent / "scores.npz").read_bytes())
+    return folder / "eval.json"
+
+
+def _set_first_auroc(value):
+    def edit(data):
+        data["results"][0]["auroc"] = value
+
+    return edit
+
+
+@pytest.mark.parametrize("value", [float("nan"), 150.0, -20.0])
+def test_nan_and_out_of_range_metrics_are_refused(evaluations, tmp_path, value):
+    paths, _ = evaluations
+    bad = _edited_copy(paths[0], tmp_path / "bad", _set_first_auroc(value))
+    with pytest.raises(UserError, match=r"results\[0\]\.auroc .*not a percentage"):
+        load_evaluations([bad])
+
+
+def test_fractions_mixed_with_percentages_are_refused(evaluations, tmp_path):
+    paths, _ = evaluations
+
+    def to_fractions(data):
+        data["id_accuracy"] /= 100
+        for result in data["results"]:
+            for metric in ("auroc", "fpr95", "aupr_in", "aupr_out", "fpr95_tpr_id"):
+                result[metric] /= 100
+
+    fractions = _edited_copy(paths[1], tmp_path / "fractions", to_fractions)
+    with pytest.raises(UserError, match="fractions"):
+        load_evaluations([paths[0], fractions])
+
+
+@pytest.mark.parametrize(
+    ("key", "first", "second"),
+    [
+        ("model", "preact_resnet18", "resnet18_32x32"),
+        ("epoch", 300, 150),
+        ("fit_labels", "clean", "noisy"),
+        ("benchmark", None, "cifar10"),
+        ("ood_sets", ["svhn", "places365"], ["svhn"]),
+        ("hyperparameters", {"ebo": {"temperature": 1.0}}, {"ebo": {"temperature": 2.0}}),
+    ],
+)
+def test_seeds_that_differ_in_a_setting_are_not_averaged(evaluations, tmp_path, key, first, second):
+    paths, data = evaluations
+    seed0, seed1 = paths[0], paths[1]  # hrp, sym80, seeds 0 and 1
+    assert data["hrp", "sym80", 0]["seed"] != data["hrp", "sym80", 1]["seed"]
+    a = _edited_copy(seed0, tmp_path / "a", lambda d: d.update({key: first}))
+    b = _edited_copy(seed1, tmp_path / "b", lambda d: d.update({key: second}))
+    with pytest.raises(UserError, match=rf"differ in {key} .*not seeds of one setting"):
+        load_evaluations([a, b])
+    same = _edited_copy(seed1, tmp_path / "same", lambda d: d.update({key: first}))
+    assert load_evaluations([a, same])["path"].nunique() == 2
+
+
+def test_tuned_hyperparameters_and_measured_normalisation_may_differ_between_seeds(evaluations, tmp_path):
+    paths, _ = evaluations
+
+    def setting(temperature, mean):
+        def edit(data):
+            data["tuning"] = {"enabled": True}
+            data["hyperparameters"] = {"ebo": {"temperature": temperature}}
+            data["preprocessing"] = {"source": "checkpoint", "resize": 32, "crop": 32, "mean": [mean], "std": [0.2]}
+
+        return edit
+
+    a = _edited_copy(paths[0], tmp_path / "a", setting(1.0, 0.49))
+    b = _edited_copy(paths[1], tmp_path / "b", setting(10.0, 0.48))
+    assert load_evaluations([a, b])["path"].nunique() == 2
+    c = _edited_copy(paths[1], tmp_path / "c", lambda d: (setting(1.0, 0.49)(d), d["preprocessing"].update(crop=28)))
+    with pytest.raises(UserError, match="preprocessing"):
+        load_evaluations([a, c])
+
+
+def test_long_values_and_messages_are_cut_to_one_readable_line():
+    assert cut("x" * 10) == repr("x" * 10)
+    long = cut(list(range(10_000)))
+    assert len(long) < 80 and long.endswith(f"({len(repr(list(range(10_000))))} chars)")
+    message = "start " + "y" * 5000 + " how to fix"
+    shortened = clipped(message)
+    assert len(shortened) < 1100 and shortened.startswith("start ") and shortened.endswith(" how to fix")
+    assert "characters cut" in shortened and clipped("short") == "short"
+
+
+def test_methods_as_columns_over_one_setting_leave_postprocessor_rows(evaluations):
+    paths, data = evaluations
+    sym80 = [p for p in paths if "sym80" in p.parent.name]  # both methods, one noise level: one row key left
+    table = comparison_table(load_evaluations(sym80), by="method", metrics=("auroc",))
+    assert list(table.index.names) == ["postprocessor"]
+    assert list(table["cell"].columns) == list(METHODS)
+    expected = np.mean([_metric(data["hrp_no_ram", "sym80", s], "ebo", "mean", "auroc") for s in SEEDS])
+    assert table["auroc_mean"].loc[("ebo",), "hrp_no_ram"] == pytest.approx(expected)
+    assert "| ebo |" in to_markdown(table)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from hrp_ood.errors import UserError, shown
+from hrp_ood.errors import UserError, cut, shown
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,10 @@ METRIC_LABELS = {
 BY_CHOICES = ("noise", "dataset", "method", "net", "ood")
 RUN_KEYS = ("method", "dataset", "noise", "net", "seed")  # what identifies one evaluation
 CONTEXT_KEYS = ("dataset", "noise", "net")  # become row levels when they vary and are not `by`
+# What else an evaluation depends on: seeds of one (method, dataset, noise, net) must agree on all of it to be averaged.
+# Absent from older files → None. OOD-set lists are compared as sets; `hyperparameters` only when not tuned per seed.
+SETTING_KEYS = ("model", "epoch", "fit_labels", "benchmark", "backend", "ood_sets", "preprocessing", "hyperparameters")
+PERCENT_RANGE = (0.0, 100.0)
 ID_ACC_ROW = "ID acc."
 MEAN_OOD = "mean"
 STD_DDOF = 1
@@ -66,6 +70,7 @@ def load_evaluations(paths: Sequence[Path | str], variants: Mapping[str, str] | 
     for path, label in (variants or {}).items():
         frame.loc[frame["path"] == str(path), "method"] += f" ({label})"
     _check_unique_runs(frame)
+    _check_seeds_agree(frame)
     return frame
 
 
@@ -101,7 +106,37 @@ def _number(value: Any, field: str, path: Path, *, required: bool) -> float:
         return math.nan
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _bad_field(path, field, "a number")
+    low, high = PERCENT_RANGE
+    if not low <= value <= high:  # NaN fails too
+        raise UserError(
+            f"{path}: {field} is {value!r}, not a percentage in [0, 100]; eval.json holds metrics ×100 as "
+            "`hrp-ood evaluate` writes them: re-run it"
+        )
     return float(value)
+
+
+def _check_percent_scale(path: Path, rows: list[dict[str, Any]]) -> None:
+    """A file whose every AUROC and ID accuracy is at most 1 holds fractions: averaged with percentages it would give
+    45.5 ± 63.0 from 0.9 and 90."""
+    values = [row["auroc"] for row in rows] + [rows[0]["id_accuracy"]]
+    if max(values) <= 1.0:
+        raise UserError(
+            f"{path}: every AUROC and the ID accuracy are at most 1 (fractions?); eval.json holds percentages "
+            "(×100) as `hrp-ood evaluate` writes them: re-run it, or multiply the values by 100"
+        )
+
+
+def _setting(data: dict[str, Any]) -> str:
+    """The evaluation's settings besides its identity (SETTING_KEYS), as comparable JSON text."""
+    tuned = isinstance(data.get("tuning"), dict) and bool(data["tuning"].get("enabled"))
+    setting = {key: data.get(key) for key in SETTING_KEYS}
+    if isinstance(setting["ood_sets"], list):
+        setting["ood_sets"] = sorted(map(str, setting["ood_sets"]))
+    if isinstance(setting["preprocessing"], dict):  # mean/std are measured on each run's own training split
+        setting["preprocessing"] = {k: v for k, v in setting["preprocessing"].items() if k not in ("mean", "std")}
+    if tuned:
+        setting["hyperparameters"] = "tuned"
+    return json.dumps(setting, sort_keys=True, default=str)
 
 
 def _evaluation_meta(path: Path, data: dict[str, Any]) -> dict[str, Any]:
@@ -124,6 +159,7 @@ def _evaluation_meta(path: Path, data: dict[str, Any]) -> dict[str, Any]:
         "id_accuracy": _number(data.get("id_accuracy"), "id_accuracy", path, required=True),
         "versions": json.dumps(versions, sort_keys=True),
         "scores_sha256": _text(files, SCORES_FILE, path, required=False),
+        "setting": _setting(data),
     }
 
 
@@ -147,6 +183,7 @@ def _evaluation_rows(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
                 result.get(metric), f"results[{k}].{metric}", path, required=metric in REQUIRED_METRICS
             )
         rows.append(row)
+    _check_percent_scale(path, rows)
     return rows
 
 
@@ -162,6 +199,22 @@ def _check_unique_runs(frame: pd.DataFrame) -> None:
         f"{' and '.join(clash)} are the same evaluation ({identity}); a mean over seeds needs "
         "one file per seed: report them separately"
     )
+
+
+def _check_seeds_agree(frame: pd.DataFrame) -> None:
+    """Seeds of one (method, dataset, noise, net) are averaged: refuse those that differ in another setting."""
+    runs = frame.drop_duplicates("path")
+    for _, group in runs.groupby(list(CONTEXT_KEYS) + ["method"], sort=False):
+        if group["setting"].nunique() < 2:
+            continue
+        first = group.iloc[0]
+        other = group[group["setting"] != first["setting"]].iloc[0]
+        a, b = json.loads(first["setting"]), json.loads(other["setting"])
+        differences = ", ".join(f"{key} ({cut(a[key])} vs {cut(b[key])})" for key in SETTING_KEYS if a[key] != b[key])
+        raise UserError(
+            f"{first['path']} and {other['path']} differ in {differences}: they are not seeds of one setting "
+            f"({first['method']}, {first['noise']}); report them separately or evaluate them alike"
+        )
 
 
 # --------------------------------------------------------------------------- ordering

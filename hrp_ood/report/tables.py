@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from hrp_ood import __version__
 from hrp_ood.errors import UserError
 from hrp_ood.report.evaluations import (
     BY_CHOICES,
@@ -149,6 +150,8 @@ def comparison_table(
         for accuracy, (_, row) in zip(is_accuracy, fields.iterrows())
     ]
     table = fields.unstack(by)
+    if not isinstance(table.index, pd.MultiIndex):  # one row key (by=method over one setting): keep the row levels
+        table.index = pd.MultiIndex.from_arrays([table.index], names=row_keys)
     columns = pd.MultiIndex.from_product([table_fields(metrics), ordered_values(summary[by], by)], names=["field", by])
     table = table.reindex(index=_ordered_rows(table.index, row_keys, summary), columns=columns)
     table["cell"] = table["cell"].fillna(MISSING_CELL)
@@ -243,7 +246,7 @@ def to_latex(table: pd.DataFrame, caption: str = "") -> str:
 
     lines = [f"% {latex_escape(caption)}"] if caption else []
     lines += [
-        "% requires \\usepackage{booktabs}",
+        f"% hrp-ood {__version__}; requires \\usepackage{{booktabs}}",
         r"\begin{tabular}{" + "l" * len(row_keys) + "c" * len(cells.columns) + "}",
         r"\toprule",
         line([*row_keys, *cells.columns]),
@@ -280,9 +283,8 @@ def _markdown_report(df: pd.DataFrame, table: pd.DataFrame, caption: str) -> str
         "",
         "",
     ]
-    software = _software_lines(df)
-    footer = ["", "Software:", *software] if software else []
-    return "\n".join(header) + to_markdown(table, caption) + "\n".join(footer) + ("\n" if footer else "")
+    footer = ["", "Software of the evaluations:", *_software_lines(df), "", f"Report written by hrp-ood {__version__}."]
+    return "\n".join(header) + to_markdown(table, caption) + "\n".join(footer) + "\n"
 
 
 # --------------------------------------------------------------------------- plots
