@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hrp_ood import __version__
-from hrp_ood.config import METHODS, build_config, parse_set_option
-from hrp_ood.errors import Interrupted, UserError, one_line, os_error_text, shown
+from hrp_ood.config import METHODS, build_config, parse_set_option, read_yaml
+from hrp_ood.errors import Interrupted, UserError, clipped, one_line, os_error_text, shown
 from hrp_ood.io import check_output_file, check_output_folder
 from hrp_ood.progress import configure_console_logging
 
@@ -89,6 +89,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = _train_overrides(args)
     cfg = build_config(args.config, overrides)  # a bad config fails here, before any process is started
     explicit = {k for k, v in overrides.items() if v is not None}
+    if args.config is not None:  # on --resume, a key the file sets is compared with the run's like the same flag
+        explicit |= set(read_yaml(args.config))
     run = (cfg, args.resume, explicit, None, args.overwrite, args.progress, True)
     if args.nproc is not None:
         if args.nproc < 1:
@@ -310,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         if args.debug:
             raise
-        print(f"hrp-ood {args.command}: error: {one_line(str(err))}", file=sys.stderr)
+        print(f"hrp-ood {args.command}: error: {clipped(one_line(str(err)))}", file=sys.stderr)
         return 2
     except OSError as err:  # the environment (disk, permissions) where no check turned it into a UserError
         if args.debug:

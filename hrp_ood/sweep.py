@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from hrp_ood.config import TrainConfig, build_config, field_names, read_yaml
-from hrp_ood.errors import UserError, one_line, shown
+from hrp_ood.errors import UserError, cut, one_line, shown
 from hrp_ood.io import csv_number, read_csv_rows
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def _mapping(value: Any, what: str, path: Path) -> dict[str, Any]:
 def _names(value: Any, what: str, path: Path) -> tuple[str, ...]:
     names = [value] if isinstance(value, str) else value
     if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n for n in names):
-        raise UserError(f"experiment {shown(path)}: {what} must be a non-empty list of names, got {value!r}")
+        raise UserError(f"experiment {shown(path)}: {what} must be a non-empty list of names, got {cut(value)}")
     return tuple(names)
 
 
@@ -154,7 +154,7 @@ def grid_runs(grid: dict[str, Any], path: Path) -> dict[str, dict[str, Any]]:
             )
         if not isinstance(values, list) or not values:
             raise UserError(
-                f"experiment {shown(path)}: grid key {key!r} needs a non-empty list of values, got {values!r}"
+                f"experiment {shown(path)}: grid key {key!r} needs a non-empty list of values, got {cut(values)}"
             )
     points = math.prod(len(values) for values in grid.values())
     if points > MAX_GRID_POINTS:
@@ -207,12 +207,12 @@ def _evaluation(data: dict[str, Any], path: Path) -> Evaluation:
     for key in ("skip_missing", "skip_corrupt", "tune"):
         if not isinstance(getattr(evaluation, key), bool):
             raise UserError(
-                f"experiment {shown(path)}: evaluation.{key} must be true or false, got {getattr(evaluation, key)!r}"
+                f"experiment {shown(path)}: evaluation.{key} must be true or false, got {cut(getattr(evaluation, key))}"
             )
     for key in ("data_root", "val_id_dir", "val_ood_dir"):
         if not isinstance(getattr(evaluation, key), str | None) or getattr(evaluation, key) == "":
             raise UserError(
-                f"experiment {shown(path)}: evaluation.{key} must be a path, got {getattr(evaluation, key)!r}"
+                f"experiment {shown(path)}: evaluation.{key} must be a path, got {cut(getattr(evaluation, key))}"
             )
     if (
         isinstance(evaluation.batch_size, bool)
@@ -220,7 +220,8 @@ def _evaluation(data: dict[str, Any], path: Path) -> Evaluation:
         or evaluation.batch_size < 1
     ):
         raise UserError(
-            f"experiment {shown(path)}: evaluation.batch_size must be a positive integer, got {evaluation.batch_size!r}"
+            f"experiment {shown(path)}: evaluation.batch_size must be a positive integer, "
+            f"got {cut(evaluation.batch_size)}"
         )
     return dataclasses.replace(evaluation, ood=ood, postprocessors=postprocessors)
 
@@ -233,7 +234,7 @@ def _report(data: dict[str, Any], path: Path) -> Report:
     metrics = _names(report.metrics, "report.metrics", path)
     if report.by not in BY_CHOICES:
         raise UserError(
-            f"experiment {shown(path)}: report.by must be one of {', '.join(BY_CHOICES)}, got {report.by!r}"
+            f"experiment {shown(path)}: report.by must be one of {', '.join(BY_CHOICES)}, got {cut(report.by)}"
         )
     bad = [m for m in metrics if m not in METRICS]
     if bad:
@@ -243,7 +244,7 @@ def _report(data: dict[str, Any], path: Path) -> Report:
 
 def _count(value: Any, what: str, path: Path, least: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < least:
-        raise UserError(f"experiment {shown(path)}: {what} must be an integer of at least {least}, got {value!r}")
+        raise UserError(f"experiment {shown(path)}: {what} must be an integer of at least {least}, got {cut(value)}")
     return value
 
 

@@ -11,8 +11,10 @@ import time
 import pytest
 import torch
 import yaml
+from conftest import tiny_train_args
 
 from hrp_ood.checkpoint import load_checkpoint
+from hrp_ood.cli import main
 from hrp_ood.config import build_config
 from hrp_ood.errors import UserError
 from hrp_ood.eval.network import checkpoint_config
@@ -162,3 +164,22 @@ def test_a_config_saved_by_a_newer_version_is_a_one_line_error(tmp_path):
     state = {"config": {**values, "future_knob": 3}, "dataset": {}, "nets": [], "epoch": 1}
     with pytest.raises(UserError, match=r"last.pt: its config has future_knob"):
         checkpoint_config(state, tmp_path / "last.pt")
+
+
+def test_resume_refuses_an_edited_config_file_like_the_same_flag(make_cifar_root, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("lr: 0.05\nweight_decay: 0.0005\n")
+    argv = ["train", "--config", str(config), "--data-root", str(make_cifar_root()), "--out-dir", str(tmp_path)]
+    argv += ["--name", "run", *tiny_train_args(), "--epochs", "1"]
+    assert main(argv) == 0
+    last = tmp_path / "run" / "last.pt"
+    before = last.stat().st_mtime_ns
+    config.write_text("lr: 0.1\nweight_decay: 0.0005\n")
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "lr differ(s) from it" in error and "--config" in error
+    assert last.stat().st_mtime_ns == before
+    config.write_text("lr: 0.05\nweight_decay: 0.0005\n")  # the file as the run was started: it resumes
+    assert main([*argv[:-1], "2", "--resume"]) == 0
+    assert load_checkpoint(last)["epoch"] == 2

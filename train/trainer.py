@@ -515,8 +515,8 @@ def resume_config(run_dir: Path, requested: TrainConfig, explicit: set[str]) -> 
     )
     if changed:
         raise UserError(
-            f"--resume continues {run_dir} with its saved config; {', '.join(changed)} differ(s) from it: "
-            "start a new run (--name) to change them"
+            f"--resume continues {run_dir} with its saved config; {', '.join(changed)} differ(s) from it (as given "
+            "by --config or a flag): start a new run (--name) to change them"
         )
     return dataclasses.replace(saved_cfg, **{k: getattr(requested, k) for k in RESUMABLE if k in explicit})
 
