@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from hrp_ood.errors import UserError, os_error_text, shown
+from hrp_ood.errors import UserError, cut, os_error_text, shown
 
 # Byte-order marks a text file may start with, longest first (UTF-32-LE's starts with UTF-16-LE's).
 _TEXT_BOMS = (
@@ -139,17 +139,36 @@ def _check_writable(folder: Path, option: str, given: Path) -> None:
         ) from None
 
 
-def read_csv_rows(path: str | Path) -> list[dict[str, str]]:
-    """A CSV file's rows as dicts keyed by its header ([] when the file does not exist), e.g. a run's metrics.csv."""
+def read_metrics_rows(path: str | Path) -> list[dict[str, str]]:
+    """A run's metrics.csv as dicts keyed by its header ([] when the file does not exist), checked: UTF-8 text and a
+    whole-number `epoch` in every row (a hand-edited file is one line naming the file and the line, not a traceback
+    where an epoch is compared)."""
     path = Path(path)
     if not path.is_file():
         return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise UserError(
+            f"{shown(path)} is not a readable CSV file ({err}); restore it or delete it, then rerun (the run's last.pt "
+            "keeps its last row)"
+        ) from None
+    if rows and "epoch" not in rows[0]:
+        raise UserError(
+            f"{shown(path)} has no epoch column: it is not a metrics.csv written by `hrp-ood train`; restore it"
+        )
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        epoch = (row.get("epoch") or "").strip()
+        if not (epoch.isascii() and epoch.isdigit()):
+            raise UserError(
+                f"{shown(path)} line {line}: epoch {cut(row['epoch'])} is not a whole number; fix or delete that line"
+            )
+    return rows
 
 
 def csv_number(row: dict[str, str], key: str) -> float:
-    """A numeric cell of `read_csv_rows`; NaN where the column is missing, empty (does not apply) or not a number."""
+    """A numeric cell of `read_metrics_rows`; NaN where the column is missing, empty (does not apply) or not numeric."""
     try:
         return float(row.get(key) or "nan")
     except ValueError:

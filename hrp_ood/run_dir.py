@@ -20,7 +20,7 @@ import re
 import shutil
 from pathlib import Path
 
-from hrp_ood.errors import UserError, shown
+from hrp_ood.errors import UserError, cut, shown
 from hrp_ood.io import check_output_folder, write_error
 
 log = logging.getLogger(__name__)
@@ -36,9 +36,10 @@ RUN_FILES = frozenset(
         CHECKPOINT,
         "best.pt",
         "signals",
+        "tb",
         "plots",
     }
-)  # signals/: train's diagnostics; plots/: `hrp-ood plot`'s
+)  # signals/: train's diagnostics; tb/: its TensorBoard events; plots/: `hrp-ood plot`'s
 EVALUATION_ENTRY = re.compile(r"eval_.+|cache")  # `hrp-ood evaluate`'s default output and feature-cache folders
 LOCK_FILE = ".lock"
 SET_ASIDE = ".replaced"
@@ -46,13 +47,21 @@ SET_ASIDE = ".replaced"
 STALE_TEMPORARY = re.compile(r"\..+\.tmp|.+\.npz\.tmp")
 
 
-def check_run_name(name: str) -> None:
+MAX_RUN_NAME_BYTES = 200
+
+
+def check_run_name(name: str, shorten: str = "choose a shorter --name") -> None:
     """A run name is one folder name inside --out-dir: not empty, no path separator, not '.' or '..'."""
     separators = {os.sep, os.altsep} - {None}
     if not name or name in (".", "..") or any(s in name for s in separators) or "\0" in name:
         raise UserError(
             f"run name {shown(name)} must be one folder name (no '/', not '.' or '..'): the run goes to "
             "<out-dir>/<name>; choose the parent folder with --out-dir"
+        )
+    if len(os.fsencode(name)) > MAX_RUN_NAME_BYTES:
+        raise UserError(
+            f"run name {cut(name)} is {len(os.fsencode(name))} bytes, over {MAX_RUN_NAME_BYTES}: a file name may have "
+            f"255 and the run's files add suffixes to it; {shorten}"
         )
 
 

@@ -28,14 +28,16 @@ import logging
 import math
 import os
 import re
+import shutil
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from hrp_ood.config import TrainConfig, build_config, field_names, read_yaml
+from hrp_ood.config import LOGGING_KEYS, TrainConfig, build_config, field_names, read_yaml
 from hrp_ood.errors import UserError, cut, one_line, shown
-from hrp_ood.io import csv_number, read_csv_rows
+from hrp_ood.io import csv_number, read_metrics_rows
+from hrp_ood.run_dir import check_run_name
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +173,10 @@ def grid_runs(grid: dict[str, Any], path: Path) -> dict[str, dict[str, Any]]:
                 f"experiment {shown(path)}: two grid points share the run name {name!r}; "
                 "give every grid value a distinct name"
             )
+        try:
+            check_run_name(name, shorten="shorten the grid values that name it")
+        except UserError as err:
+            raise UserError(f"experiment {shown(path)}: {err}") from None
         runs[name] = overrides
     return runs
 
@@ -242,6 +248,42 @@ def _report(data: dict[str, Any], path: Path) -> Report:
     return dataclasses.replace(report, metrics=metrics)
 
 
+def _check_report_ood(experiment: Experiment) -> None:
+    """report.ood names a set the evaluation scores (or the mean): found now, not after every run has trained."""
+    from hrp_ood.eval.benchmarks import BENCHMARKS
+    from hrp_ood.eval.ood_data import FAR_OOD_SETS
+    from hrp_ood.report.evaluations import MEAN_OOD
+
+    evaluation, wanted = experiment.evaluation, experiment.report.ood
+    far = BENCHMARKS[evaluation.benchmark].far if evaluation.benchmark else FAR_OOD_SETS
+    evaluated = [*(far if evaluation.ood == ("all",) else evaluation.ood), *dict(evaluation.ood_dirs)]
+    if wanted != MEAN_OOD and wanted not in evaluated:
+        raise UserError(
+            f"experiment {shown(experiment.path)}: report.ood {cut(wanted)} is not an OOD set the evaluation scores "
+            f"({', '.join(dict.fromkeys(evaluated))}); set report.ood to one of them or to {MEAN_OOD}"
+        )
+
+
+def _path_value(value: Any, what: str, path: Path) -> str | None:
+    if value is None or (isinstance(value, str) and value.strip()):
+        return value
+    raise UserError(f"experiment {shown(path)}: {what} must be a path (text), got {cut(value)}")
+
+
+def _slurm(values: dict[str, Any], path: Path) -> dict[str, Any]:
+    """`slurm:` over SLURM_DEFAULTS, typed: partition text (or null), the rest whole numbers (gpus_per_job 0 = none)."""
+    _known_keys(values, list(SLURM_DEFAULTS), "slurm", path)
+    slurm = {**SLURM_DEFAULTS, **values}
+    if slurm["partition"] is not None and not isinstance(slurm["partition"], str):
+        raise UserError(
+            f"experiment {shown(path)}: slurm.partition must be a name or null, got {cut(slurm['partition'])}"
+        )
+    for key in SLURM_DEFAULTS:
+        if key != "partition":
+            slurm[key] = _count(slurm[key], f"slurm.{key}", path, 0 if key == "gpus_per_job" else 1)
+    return slurm
+
+
 def _count(value: Any, what: str, path: Path, least: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < least:
         raise UserError(f"experiment {shown(path)}: {what} must be an integer of at least {least}, got {cut(value)}")
@@ -254,28 +296,28 @@ def load_experiment(path: str | Path, out: str | Path | None = None, nproc: int 
     path = Path(path)
     data = read_yaml(path)
     _known_keys(data, EXPERIMENT_KEYS, "top-level", path)
-    base = path.parent / data["base"] if data.get("base") is not None else None
+    base = _path_value(data.get("base"), "base", path)
     retries = _count(data.get("retries", 1), "retries", path, 0)
     nproc = _count(nproc if nproc is not None else data.get("nproc", 1), "nproc", path, 1)
-    slurm = _mapping(data.get("slurm"), "slurm", path)
-    _known_keys(slurm, list(SLURM_DEFAULTS), "slurm", path)
-    if 0 < slurm.get("gpus_per_job", 0) < nproc:
+    slurm = _slurm(_mapping(data.get("slurm"), "slurm", path), path)
+    if 0 < slurm["gpus_per_job"] < nproc:
         raise UserError(
             f"experiment {shown(path)}: slurm.gpus_per_job is {slurm['gpus_per_job']} but nproc is "
             f"{nproc}: every process of a run trains on a GPU of its own"
         )
     experiment = Experiment(
         path=path,
-        out=Path(os.path.abspath(out or data.get("out") or Path("runs/sweeps") / path.stem)),
+        out=Path(os.path.abspath(out or _path_value(data.get("out"), "out", path) or Path("runs/sweeps") / path.stem)),
         runs=grid_runs(_mapping(data.get("grid"), "grid", path), path),
-        base=base,
+        base=path.parent / base if base is not None else None,
         config=_mapping(data.get("config"), "config", path),
         retries=retries,
         nproc=nproc,
         evaluation=_evaluation(_mapping(data.get("evaluation"), "evaluation", path), path),
         report=_report(_mapping(data.get("report"), "report", path), path),
-        slurm={**SLURM_DEFAULTS, **slurm},
+        slurm=slurm,
     )
+    _check_report_ood(experiment)
     for name in experiment.runs:
         try:
             experiment.run_config(name).check_schedule()
@@ -289,7 +331,7 @@ def load_experiment(path: str | Path, out: str | Path | None = None, nproc: int 
 
 def last_metrics(run_dir: Path) -> dict[str, str]:
     """metrics.csv's last row ({} before the first epoch)."""
-    rows = read_csv_rows(run_dir / "metrics.csv")
+    rows = read_metrics_rows(run_dir / "metrics.csv")
     return rows[-1] if rows else {}
 
 
@@ -562,7 +604,8 @@ def config_changes(experiment: Experiment, name: str) -> list[str]:
         return []
     saved = saved_config(read_yaml(saved_file), saved_file).to_dict()
     wanted = experiment.run_config(name).to_dict()
-    return sorted(key for key, value in wanted.items() if key not in EXTENDABLE_KEYS and saved.get(key) != value)
+    kept = (*EXTENDABLE_KEYS, *LOGGING_KEYS)
+    return sorted(key for key, value in wanted.items() if key not in kept and saved.get(key) != value)
 
 
 def evaluation_changes(experiment: Experiment, name: str) -> list[str]:
@@ -644,6 +687,11 @@ def run_sweep(
     """Bring every run to done (1 + retries attempts each), then write the report; returns run → error of the
     runs that still fail. A run trained or evaluated with other settings than the experiment's is refused, or
     (`rerun_changed`) set aside and done again."""
+    if executor != "local" and submitit_cluster == "slurm" and shutil.which("sbatch") is None:
+        raise UserError(
+            "--executor slurm: no Slurm here (sbatch is not on PATH); run the sweep from a Slurm login node, or drop "
+            "--executor to train locally"
+        )
     errors: dict[str, str] = {}
     changes = changed_runs(experiment)
     if changes and not rerun_changed:
@@ -717,7 +765,7 @@ def write_sweep_report(experiment: Experiment) -> dict[str, Path]:
     out_dir, report = experiment.out / "report", experiment.report
     evals = [experiment.eval_json(name) for name in experiment.runs if experiment.eval_json(name).exists()]
     configs = {name: experiment.run_config(name) for name in experiment.runs}
-    histories = {name: read_csv_rows(experiment.run_dir(name) / "metrics.csv") for name in experiment.runs}
+    histories = {name: read_metrics_rows(experiment.run_dir(name) / "metrics.csv") for name in experiment.runs}
     finished = {
         name: rows
         for name, rows in histories.items()  # an unfinished run's accuracy is not the table's

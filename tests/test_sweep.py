@@ -235,6 +235,15 @@ def test_a_slurm_job_stopped_by_its_time_limit_is_requeued_with_the_same_run():
         ({"nproc": 0}, "nproc must be an integer of at least 1"),
         ({"nproc": 2, "slurm": {"gpus_per_job": 1}}, "gpus_per_job is 1 but nproc is 2"),
         ({"base": "missing.yaml"}, "not found"),
+        ({"base": 5}, "base must be a path (text), got 5"),
+        ({"out": ["a", "b"]}, "out must be a path (text), got ['a', 'b']"),
+        ({"slurm": {"gpus_per_job": "two"}}, "slurm.gpus_per_job must be an integer of at least 0, got 'two'"),
+        ({"slurm": {"gpus_per_job": None}}, "slurm.gpus_per_job must be an integer of at least 0, got None"),
+        ({"slurm": {"gpus_per_job": True}}, "slurm.gpus_per_job must be an integer of at least 0, got True"),
+        ({"slurm": {"partition": 5}}, "slurm.partition must be a name or null, got 5"),
+        ({"report": {"ood": "svhn"}}, "report.ood 'svhn' is not an OOD set the evaluation scores (uniform_noise)"),
+        ({"grid": {"noise": ["sym20"], "noisy_labels": ["x" * 300]}}, "over 200"),
+        ({"config": {**TINY_CONFIG, "lr": "fast" * 100}}, "…(402 chars)"),
     ],
 )
 def test_bad_experiment_files_are_one_line_errors_and_start_nothing(changes, words, tmp_path, capsys):
@@ -487,3 +496,32 @@ def test_a_grid_over_any_config_key_reports_each_value_apart(tmp_path):
     assert "| ce (lr=0.05) | msp |" in report and "| ce (lr=0.01) | msp |" in report
     summary = (tmp_path / "out" / "report" / "summary.md").read_text().splitlines()
     assert summary[2].startswith("| lr | method | noise | test_acc |")
+
+
+def test_the_slurm_executor_without_slurm_is_one_line_before_anything_starts(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no sbatch
+    path = write_experiment(tmp_path)
+    assert main(["sweep", str(path), "--executor", "slurm"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no Slurm here (sbatch is not on PATH)" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b"epoch,acc_ensemble\nabc,0.5\n", "metrics.csv line 2: epoch 'abc' is not a whole number"),
+        (b"epoch,acc_ensemble\n1,\xff\xfe\n", "metrics.csv is not a readable CSV file"),
+        (b"acc_ensemble\n0.5\n", "metrics.csv has no epoch column"),
+    ],
+)
+def test_a_hand_edited_metrics_file_is_one_line_in_status_and_rerun(content, words, tmp_path, capsys):
+    path = write_experiment(tmp_path)
+    metrics = tmp_path / "out" / "runs" / RUNS[0] / "metrics.csv"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_bytes(content)
+    for command in (["--status"], []):
+        assert main(["sweep", str(path), *command]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err, err
+    assert metrics.read_bytes() == content

@@ -45,7 +45,7 @@ from hrp_ood.config import TrainConfig, read_yaml, save_config, saved_config
 from hrp_ood.data.augment import BatchAugment
 from hrp_ood.devices import device_type, resolve_device
 from hrp_ood.errors import Interrupted, UserError
-from hrp_ood.io import atomic_write_text, read_csv_rows
+from hrp_ood.io import atomic_write_text, read_metrics_rows
 from hrp_ood.method import ReliabilityMemory
 from hrp_ood.models import ProjectionHead, create_model
 from hrp_ood.progress import progress_steps
@@ -136,7 +136,7 @@ class MetricsLog:
 
     def __init__(self, path: Path):
         self.path = path
-        self.rows: list[dict[str, Any]] = read_csv_rows(path)
+        self.rows: list[dict[str, Any]] = read_metrics_rows(path)
 
     def append(self, row: dict[str, Any]) -> None:
         self.rows = [r for r in self.rows if int(r["epoch"]) < int(row["epoch"])] + [row]

@@ -13,12 +13,14 @@ From metrics.csv (one row per epoch) and signals/epoch_NNNN.npz (per-sample valu
 
 from __future__ import annotations
 
+import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from hrp_ood.errors import UserError
-from hrp_ood.io import csv_number, read_csv_rows
+from hrp_ood.errors import UserError, one_line, shown
+from hrp_ood.io import csv_number, read_metrics_rows
 from hrp_ood.report.plots import _new_figure, _save_png
 from hrp_ood.train.signals import PAIR_TYPES
 
@@ -28,16 +30,32 @@ def read_metrics(run_dir: Path) -> dict[str, np.ndarray]:
     path = run_dir / "metrics.csv"
     if not path.is_file():
         raise UserError(f"{path} not found; `hrp-ood plot` takes a run folder written by `hrp-ood train`")
-    rows = read_csv_rows(path)
+    rows = read_metrics_rows(path)
     if not rows:
         raise UserError(f"{path} holds no epoch yet; plot after the first epoch")
     columns = {key for row in rows for key in row}
     return {key: np.array([csv_number(row, key) for row in rows]) for key in columns}
 
 
+SIGNAL_FILE = re.compile(r"epoch_(\d+)\.npz")
+
+
 def saved_epochs(run_dir: Path) -> list[tuple[int, Path]]:
-    files = sorted((run_dir / "signals").glob("epoch_*.npz"))
-    return [(int(p.stem.split("_")[1]), p) for p in files]
+    """(epoch, file) of signals/epoch_NNNN.npz in epoch order; other files there are not the trainer's (ignored)."""
+    matches = [(SIGNAL_FILE.fullmatch(p.name), p) for p in (run_dir / "signals").glob("epoch_*.npz")]
+    return sorted((int(match[1]), p) for match, p in matches if match)
+
+
+def load_signals(path: Path) -> dict[str, np.ndarray]:
+    """One epoch's per-sample signals; a truncated or foreign file is one line naming it."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise UserError(
+            f"{shown(path)} is not a readable signals file ({one_line(str(err))}); delete or restore it, or plot a copy "
+            "of the run without it"
+        ) from None
 
 
 def plot_run(run_dir: Path, out_dir: Path | None = None) -> dict[str, Path]:
@@ -61,7 +79,7 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> dict[str, Path]:
         ),
     }
     if epochs:
-        loaded = [(epoch, dict(np.load(path))) for epoch, path in epochs]
+        loaded = [(epoch, load_signals(path)) for epoch, path in epochs]
         figures["reliability_hist"] = _reliability_histograms(loaded)
         figures["ram_lambda"] = _lambda_figure(*loaded[-1])
         figures["class_hist"] = _class_figure(loaded)
