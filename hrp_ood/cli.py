@@ -141,6 +141,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         ood=args.ood,
         metrics=tuple(m.strip() for m in args.metrics.split(",")),
         plots=not args.no_plots,
+        html=args.html,
     )
     for kind, path in paths.items():
         print(f"{kind}: {path}")
@@ -251,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", default="auroc,fpr95", help="comma list of auroc, fpr95, aupr_in, aupr_out")
     p.add_argument("--out", default="report")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument(
+        "--html", action="store_true", help="also report.html: tables, figures and run links in one offline page"
+    )
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(

@@ -721,7 +721,7 @@ def run_sweep(
     return errors
 
 
-REPORT_FILES = ("report.md", "report.tex", "accuracy.md", "accuracy.tex", "accuracy.csv", "summary.md")
+REPORT_FILES = ("report.md", "report.tex", "accuracy.md", "accuracy.tex", "accuracy.csv", "summary.md", "report.html")
 
 
 def report_is_current(experiment: Experiment) -> bool:
@@ -760,6 +760,8 @@ def write_sweep_report(experiment: Experiment) -> dict[str, Path]:
     """`hrp-ood report`'s OOD tables of the evaluated runs, the accuracy table of the fully trained ones and, when
     the grid varies the noise, the noise curves: all in `<out>/report/`."""
     from hrp_ood.report import write_report
+    from hrp_ood.report.evaluations import load_evaluations
+    from hrp_ood.report.html import write_html_report
     from hrp_ood.report.sweep import accuracy_frame, has_noise_curves, noise_curve_figures, write_accuracy_table
 
     out_dir, report = experiment.out / "report", experiment.report
@@ -789,7 +791,17 @@ def write_sweep_report(experiment: Experiment) -> dict[str, Path]:
         paths.update(
             noise_curve_figures(evals, accuracy, report.metrics, report.ood, out_dir, grid_variants(experiment))
         )
-    for kind in ("markdown", "accuracy_markdown", "noise_curves", "accuracy_vs_noise"):
+    paths["html"] = write_html_report(
+        out_dir,
+        load_evaluations(evals, grid_variants(experiment)),
+        by=report.by,
+        metrics=report.metrics,
+        ood=report.ood,
+        figures=paths,
+        accuracy=accuracy,
+        title=f"hrp-ood sweep {experiment.path.name}",
+    )
+    for kind in ("markdown", "accuracy_markdown", "noise_curves", "accuracy_vs_noise", "html"):
         if kind in paths:
             print(f"{kind}: {paths[kind]}")
     return paths

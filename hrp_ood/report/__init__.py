@@ -22,6 +22,7 @@ from pathlib import Path
 
 from hrp_ood.io import atomic_write_text
 from hrp_ood.report.evaluations import MEAN_OOD, load_evaluations
+from hrp_ood.report.html import write_html_report
 from hrp_ood.report.plots import check_score_files, plot_evaluations
 from hrp_ood.report.tables import _markdown_report, comparison_table, summarize, table_caption, to_latex
 
@@ -37,13 +38,15 @@ def write_report(
     ood: str = MEAN_OOD,
     plots: bool = True,
     variants: Mapping[str, str] | None = None,
+    html: bool = False,
 ) -> dict[str, Path]:
     """Read `paths` (eval.json files) and write the comparison report into `out_dir`.
 
     Files (each written atomically: temporary file + ``os.replace``):
     ``report.csv`` (the long numeric table of :func:`load_evaluations`), ``report_summary.csv``
     (:func:`summarize`), ``report.md`` and ``report.tex`` (:func:`comparison_table` as Markdown
-    and booktabs LaTeX) and, with `plots`, ``plots/<stem>_hist.png`` / ``_roc.png`` per evaluation.
+    and booktabs LaTeX), with `plots`, ``plots/<stem>_hist.png`` / ``_roc.png`` per evaluation and, with `html`,
+    ``report.html`` (:func:`~hrp_ood.report.html.write_html_report`: the table and those figures in one page).
     Every input is checked before the first file is written. Returns ``{kind: path}``.
     """
     out_dir = Path(out_dir)
@@ -65,5 +68,7 @@ def write_report(
     atomic_write_text(written["latex"], to_latex(table, caption))
     if plots:
         written.update(plot_evaluations(df, out_dir / "plots"))
+    if html:
+        written["html"] = write_html_report(out_dir, df, by=by, metrics=metrics, ood=ood, figures=written)
     log.info("report of %d evaluation(s) written to %s", df["path"].nunique(), out_dir)
     return written

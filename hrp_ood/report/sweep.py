@@ -119,20 +119,20 @@ def accuracy_table(frame: pd.DataFrame, by: str) -> pd.DataFrame:
 
 def write_accuracy_table(frame: pd.DataFrame, by: str, out_dir: Path) -> dict[str, Path]:
     table = accuracy_table(frame, by)
-    caption = "Ensemble test accuracy (%) at the last epoch, mean ± std over seeds"
     written = {
         "accuracy_csv": out_dir / "accuracy.csv",
         "accuracy_markdown": out_dir / "accuracy.md",
         "accuracy_latex": out_dir / "accuracy.tex",
     }
     atomic_write_text(written["accuracy_csv"], frame.to_csv(index=False))
-    atomic_write_text(written["accuracy_markdown"], to_markdown(table, caption))
-    atomic_write_text(written["accuracy_latex"], to_latex(table, caption))
+    atomic_write_text(written["accuracy_markdown"], to_markdown(table, ACCURACY_CAPTION))
+    atomic_write_text(written["accuracy_latex"], to_latex(table, ACCURACY_CAPTION))
     written["summary_markdown"] = out_dir / "summary.md"
     atomic_write_text(written["summary_markdown"], to_markdown(summary_table(frame), SUMMARY_CAPTION))
     return written
 
 
+ACCURACY_CAPTION = "Ensemble test accuracy (%) at the last epoch, mean ± std over seeds"
 SUMMARY_CAPTION = (
     "Training summary, mean ± std over seeds: ensemble test accuracy (%) at the last epoch, at its "
     "peak and at the epoch the clean meta set selects (best.pt); AUROC (×100) over the epochs after "
