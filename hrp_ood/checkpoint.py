@@ -30,30 +30,41 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """(state, sha256 of the bytes it was loaded from): the file is read once, so the hash names exactly the
     content loaded, even while `hrp-ood train` replaces the file. Every failure is a one-line UserError."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {shown(path)} not found; runs keep theirs in runs/<name>/last.pt and best.pt")
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise UserError(f"cannot read checkpoint {shown(path)}: {os_error_text(err)}") from None
-    try:
-        with warnings.catch_warnings():  # torch warns about foreign files (pickle protocol); errors are reported below
-            warnings.simplefilter("ignore")
-            state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - a torn/foreign file fails anywhere inside the unpickler
-        raise torch_load_error(
-            path,
-            err,
-            "checkpoint",
-            "use the previous last.pt/best.pt or retrain",
-            "load only last.pt/best.pt written by `hrp-ood train`",
-        ) from None
+    state, sha256 = read_torch_file(
+        path,
+        "checkpoint",
+        missing="runs keep theirs in runs/<name>/last.pt and best.pt",
+        fix="use the previous last.pt/best.pt or retrain",
+        safe_source="load only last.pt/best.pt written by `hrp-ood train`",
+        map_location=map_location,
+    )
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(
             f"{shown(path)} is not an hrp-ood checkpoint (no '{FORMAT}' format marker); "
-            "`hrp-ood evaluate` expects last.pt/best.pt written by `hrp-ood train`"
+            "`hrp-ood evaluate` expects last.pt/best.pt written by `hrp-ood train` (another network: add --arch)"
         )
-    return state, hashlib.sha256(data).hexdigest()
+    return state, sha256
+
+
+def read_torch_file(
+    path: Path, what: str, *, missing: str, fix: str, safe_source: str, map_location: str | torch.device = "cpu"
+) -> tuple[Any, str]:
+    """(content, sha256 of the bytes it was loaded from) of a torch file, read once and unpickled weights-only;
+    every failure is a one-line UserError: `what` names the file, `missing` / `fix` / `safe_source` say what to do
+    when it is absent / torn / would run code (`torch_load_error`)."""
+    if not path.is_file():
+        raise UserError(f"{what} {shown(path)} not found; {missing}")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read {what} {shown(path)}: {os_error_text(err)}") from None
+    try:
+        with warnings.catch_warnings():  # torch warns about foreign files (pickle protocol); errors are reported below
+            warnings.simplefilter("ignore")
+            content = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a torn/foreign file fails anywhere inside the unpickler
+        raise torch_load_error(path, err, what, fix, safe_source) from None
+    return content, hashlib.sha256(data).hexdigest()
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

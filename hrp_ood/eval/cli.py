@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from hrp_ood.data.datasets import DATASETS
 from hrp_ood.errors import UserError
 from hrp_ood.eval.benchmarks import BENCHMARKS
 from hrp_ood.eval.evaluate import check_ood_set_names
@@ -13,12 +14,49 @@ from hrp_ood.eval.generated import GENERATED_OOD_SETS
 from hrp_ood.eval.network import NET_CHOICES
 from hrp_ood.eval.ood_data import FAR_OOD_SETS, NEAR_OOD_SETS
 from hrp_ood.eval.session import DEFAULT_POSTPROCESSORS, FIT_LABELS, EvaluationRequest
+from hrp_ood.models import list_models
 from hrp_ood.postprocessors.openood_adapter import OPENOOD_BACKEND_HELP
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, type=Path, help="last.pt / best.pt written by hrp-ood train")
+    p.add_argument(
+        "--ckpt",
+        required=True,
+        type=Path,
+        help="last.pt / best.pt written by hrp-ood train, or with --arch the state dict of a network trained elsewhere",
+    )
     p.add_argument("--net", default="ensemble", choices=NET_CHOICES)
+    p.add_argument(
+        "--arch",
+        default=None,
+        help="evaluate a network trained elsewhere: --ckpt is its state dict (OpenOOD's, DivideMix/UNICON's, "
+        f"torchvision's), NAME its architecture: {', '.join(list_models())}, torchvision:NAME or timm:NAME; give "
+        "its ID data with --benchmark or --dataset (docs/evaluation.md)",
+    )
+    p.add_argument(
+        "--num-classes", type=int, default=None, help="with --arch: its class count (default: the benchmark's)"
+    )
+    p.add_argument(
+        "--dataset",
+        default=None,
+        choices=DATASETS,
+        help="with --arch and no --benchmark: its ID dataset, read from --id-data-root (default: --data-root)",
+    )
+    p.add_argument(
+        "--mean",
+        type=_three_floats,
+        default=None,
+        metavar="R,G,B",
+        help="with --arch: the input normalisation it was trained with, in [0, 1] pixel scale (default: the "
+        "benchmark's, or the dataset's as hrp-ood train uses it)",
+    )
+    p.add_argument("--std", type=_three_floats, default=None, metavar="R,G,B", help="with --arch: see --mean")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="with --arch and --dataset: its input size (image folders and animal10n are resized to it)",
+    )
     p.add_argument(
         "--ood",
         default="all",
@@ -67,7 +105,8 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
         "--id-data-root",
         type=Path,
         default=None,
-        help="root of the ID dataset (default: the data_root the checkpoint was trained with)",
+        help="root of the ID dataset (default: the data_root the checkpoint was trained with; with --arch: "
+        "--data-root)",
     )
     p.add_argument(
         "--postprocessor", default=",".join(DEFAULT_POSTPROCESSORS), help="comma list of postprocessors or 'all'"
@@ -101,6 +140,16 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="tqdm progress bars (default: only on a terminal)",
     )
+
+
+def _three_floats(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers R,G,B, got {text!r}")
+    return values
 
 
 def _parse_ood_dirs(items: list[str]) -> dict[str, Path]:
@@ -139,4 +188,10 @@ def request_from_args(args: argparse.Namespace) -> EvaluationRequest:
         device=args.device,
         batch_size=args.batch_size,
         progress=sys.stderr.isatty() if args.progress is None else args.progress,
+        arch=args.arch,
+        num_classes=args.num_classes,
+        dataset=args.dataset,
+        mean=args.mean,
+        std=args.std,
+        image_size=args.image_size,
     )

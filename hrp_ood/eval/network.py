@@ -37,11 +37,13 @@ def checkpoint_config(state: dict[str, Any], path: Path) -> TrainConfig:
         raise UserError(f"{path}: the checkpoint's config does not match this version of hrp-ood ({err})") from None
 
 
-def weights_mismatch(expected: dict[str, torch.Tensor], weights: dict[str, Any], num_classes: int) -> str | None:
+def weights_mismatch(
+    expected: dict[str, torch.Tensor], weights: dict[str, Any], num_classes: int, head: str = "fc"
+) -> str | None:
     """Why `weights` cannot be loaded into a network whose state dict is `expected`, or None if it can.
 
-    Different tensor names mean another backbone; the same names with a classifier `fc` of another
-    height mean another class count; other shape differences mean another width of the same backbone.
+    Different tensor names mean another backbone; the same names with a classifier `head` (our backbones' `fc`)
+    of another height mean another class count; other shape differences mean another width of the same backbone.
     """
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
@@ -54,8 +56,9 @@ def weights_mismatch(expected: dict[str, torch.Tensor], weights: dict[str, Any],
     shapes = {k: (got, want) for k, (got, want) in shapes.items() if got != want}
     if not shapes:
         return None
-    if "fc.weight" in shapes and shapes["fc.weight"][0][:1] != (num_classes,):
-        return f"they are from another class count (the classifier fc has {shapes['fc.weight'][0][0]} outputs)"
+    weight = f"{head}.weight"
+    if weight in shapes and shapes[weight][0][:1] != (num_classes,):
+        return f"they are from another class count (the classifier {head} has {shapes[weight][0][0]} outputs)"
     key, (got, want) = next(iter(shapes.items()))
     return f"they are from another width of the backbone ({key} has shape {got}, expected {want})"
 

@@ -1,6 +1,10 @@
 """One evaluation session, for `hrp-ood evaluate`, `hrp-ood sweep` and the demo alike: an `EvaluationRequest`
 (what evaluate's flags or an experiment file's `evaluation:` say) → checks → the network and its ID data →
-validation split → OOD sets (found on disk, or generated) → postprocessors → eval.json / CSV / Markdown."""
+validation split → OOD sets (found on disk, or generated) → postprocessors → eval.json / CSV / Markdown.
+
+The network is an `hrp-ood train` checkpoint's (its config names the backbone and the ID dataset), or, with
+`arch`, one trained elsewhere (`hrp_ood.eval.foreign`): a weights file, the architecture and class count given,
+its ID data named by `benchmark` or `dataset`."""
 
 from __future__ import annotations
 
@@ -18,13 +22,14 @@ from hrp_ood import __version__
 from hrp_ood.checkpoint import read_checkpoint
 from hrp_ood.config import TrainConfig
 from hrp_ood.data.bundle import DataBundle
-from hrp_ood.data.datasets import load_dataset_lazily
+from hrp_ood.data.datasets import DATASETS, load_dataset_lazily
 from hrp_ood.data.noise import load_noise
 from hrp_ood.data.sources import ImageSource
 from hrp_ood.devices import device_type, resolve_device
 from hrp_ood.errors import UserError
 from hrp_ood.eval.benchmarks import BENCHMARKS, Benchmark, check_checkpoint_fits, get_benchmark, load_benchmark_id_data
 from hrp_ood.eval.evaluate import check_ood_set_names, run_evaluation, write_eval_outputs
+from hrp_ood.eval.foreign import ForeignNetwork, load_foreign_network, with_network_contract
 from hrp_ood.eval.generated import GENERATED_OOD_SETS, generated_ood_sets
 from hrp_ood.eval.network import checkpoint_config, network_from_state
 from hrp_ood.eval.ood_data import FAR_OOD_SETS, NEAR_OOD_SETS, ood_source
@@ -135,17 +140,33 @@ def _noisy_train_labels(ckpt: Path) -> np.ndarray:
 @dataclasses.dataclass
 class LoadedCheckpoint:
     """What an evaluation needs from a checkpoint: the network, its saved state and config, the ID data
-    (the checkpoint's own dataset, or an OpenOOD benchmark's lists with its preprocessing)."""
+    (the checkpoint's own dataset, or an OpenOOD benchmark's lists with its preprocessing). For a network trained
+    elsewhere `foreign` describes it, and `state` and `cfg` are empty."""
 
     path: Path
     model: torch.nn.Module
     state: dict[str, Any]
     sha256: str  # of the bytes `state` was loaded from
-    cfg: TrainConfig
+    cfg: TrainConfig | None
     bundle: DataBundle
     device: torch.device
     benchmark: Benchmark | None = None
     remember_id_data: Callable[[], None] = lambda: None  # keeps the ID dataset's labels once evaluated (_id_data)
+    foreign: ForeignNetwork | None = None
+    normalization_source: str = "checkpoint"  # where bundle.mean/std come from (without a benchmark)
+
+    @property
+    def dataset(self) -> str:
+        """The ID dataset's name: the training config's; for a network trained elsewhere the benchmark's or the
+        dataset given."""
+        if self.cfg is not None:
+            return self.cfg.dataset
+        return self.benchmark.name if self.benchmark is not None else self.bundle.name
+
+    def cache_key(self, net: str) -> str:
+        """The feature cache's key for network `net` of the checkpoint: the weights' hash and the net choice (the
+        architecture for a network trained elsewhere)."""
+        return f"{self.sha256[:16]}-" + (self.foreign.arch if self.foreign is not None else f"net{net}")
 
     @property
     def preprocessing(self) -> dict[str, Any]:
@@ -153,7 +174,7 @@ class LoadedCheckpoint:
             return self.benchmark.preprocessing
         size = self.bundle.image_size
         return {
-            "source": "checkpoint",
+            "source": self.normalization_source,
             "resize": size,
             "crop": size,
             "mean": list(self.bundle.mean),
@@ -281,7 +302,7 @@ def evaluate_loaded(
     tune: bool = False,
 ) -> dict[str, Any]:
     """Score a loaded checkpoint against already-loaded OOD images; write and return eval.json's content."""
-    ckpt, cfg, device, sha = loaded.path, loaded.cfg, loaded.device, loaded.sha256
+    ckpt, device = loaded.path, loaded.device
     if backend == "openood":
         from hrp_ood.eval.openood_backend import evaluate_with_openood
 
@@ -298,7 +319,7 @@ def evaluate_loaded(
             batch_size=batch_size,
             validation=validation,
             tune=tune,
-            dataset=loaded.benchmark.name if loaded.benchmark else cfg.dataset,
+            dataset=loaded.dataset,
         )
     else:
         result = run_evaluation(
@@ -307,7 +328,7 @@ def evaluate_loaded(
             ood_images,
             postprocessors,
             cache_dir=cache_dir or default_cache_dir(ckpt),
-            cache_key=f"{sha[:16]}-net{net}",
+            cache_key=loaded.cache_key(net),
             fit_labels=fit_labels,
             noisy_train_labels=_noisy_train_labels(ckpt) if fit_labels == "noisy" else None,
             device=device,
@@ -318,15 +339,7 @@ def evaluate_loaded(
             tune=tune,
         )
     meta = {
-        "checkpoint": str(ckpt),
-        "checkpoint_sha256": sha,
-        "method": cfg.method,
-        "dataset": cfg.dataset,
-        "noise": "file" if cfg.noisy_labels else cfg.noise,
-        "seed": cfg.seed,
-        "net": net,
-        "model": cfg.model,
-        "epoch": loaded.state["epoch"],
+        **_evaluated(loaded, net),
         "fit_labels": fit_labels,
         "versions": _versions(),
         "postprocessors": postprocessors,
@@ -341,6 +354,37 @@ def evaluate_loaded(
     loaded.remember_id_data()
     log.info("wrote %s", out_dir / "eval.json")
     return report
+
+
+def _evaluated(loaded: LoadedCheckpoint, net: str) -> dict[str, Any]:
+    """What was evaluated, as eval.json's first fields: the training run (its config) of an `hrp-ood train`
+    checkpoint; for a network trained elsewhere its architecture (also as "method"), weights file and hash and class
+    count under "network", its noise "unknown" and seed 0 (report groups evaluations by these fields)."""
+    common = {"checkpoint": str(loaded.path), "checkpoint_sha256": loaded.sha256}
+    if loaded.foreign is not None:
+        arch = loaded.foreign.arch
+        return {
+            **common,
+            "method": arch,
+            "dataset": loaded.dataset,
+            "noise": "unknown",
+            "seed": 0,
+            "net": "1",
+            "model": arch,
+            "epoch": None,
+            "network": loaded.foreign.describe(),
+        }
+    cfg = loaded.cfg
+    return {
+        **common,
+        "method": cfg.method,
+        "dataset": cfg.dataset,
+        "noise": "file" if cfg.noisy_labels else cfg.noise,
+        "seed": cfg.seed,
+        "net": net,
+        "model": cfg.model,
+        "epoch": loaded.state["epoch"],
+    }
 
 
 def tuning_note(report: dict[str, Any]) -> str | None:
@@ -386,6 +430,13 @@ class EvaluationRequest:
     device: str = "auto"
     batch_size: int = 256
     progress: bool = False
+    # a network trained elsewhere (hrp_ood.eval.foreign): `ckpt` is its weights file
+    arch: str | None = None  # one of list_models(), torchvision:NAME or timm:NAME
+    num_classes: int | None = None  # default: the benchmark's
+    dataset: str | None = None  # its ID dataset (hrp_ood.data.DATASETS) under id_data_root, without a benchmark
+    mean: tuple[float, ...] | None = None  # its input normalisation (default: the benchmark's or the dataset's)
+    std: tuple[float, ...] | None = None
+    image_size: int | None = None  # its input size (default: the benchmark's or the dataset's)
 
 
 def evaluate(request: EvaluationRequest) -> dict[str, Any]:
@@ -406,25 +457,42 @@ def evaluate(request: EvaluationRequest) -> dict[str, Any]:
         raise UserError(f"fit_labels must be one of {', '.join(FIT_LABELS)}, got {r.fit_labels!r}")
     if r.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {r.batch_size}")
-    check_output_folder(r.out or default_eval_dir(r.ckpt, r.net), "--out")
+    num_classes = _check_foreign_request(r, benchmark)
+    out_dir = r.out or _default_eval_dir(r)
+    check_output_folder(out_dir, "--out")
     cache_dir = r.cache_dir or default_cache_dir(r.ckpt)
     check_output_folder(cache_dir, "--cache-dir")
     if r.backend == "openood":  # refused before anything is loaded
         check_openood_backend(postprocessors, device_type(r.device), dataset=benchmark.name if benchmark else None)
-    model, state, sha256, cfg, device = _load_model(r.ckpt, r.net, r.device)
-    list_benchmark = benchmark or BENCHMARKS.get(cfg.dataset)
+    if r.arch is None:
+        model, state, sha256, cfg, device = _load_model(r.ckpt, r.net, r.device)
+        dataset = cfg.dataset
+    else:
+        device = resolve_device(r.device)
+        foreign = load_foreign_network(r.ckpt, r.arch, num_classes)
+        dataset = benchmark.name if benchmark else r.dataset
+    list_benchmark = benchmark or BENCHMARKS.get(dataset)
     found = find_validation(r.data_root, list_benchmark, r.val_id_dir, r.val_ood_dir)
     if r.tune:
         require_tuning_split(found, r.data_root, list_benchmark)
     if r.backend == "openood" and benchmark is None:
-        check_openood_backend(postprocessors, device.type, dataset=cfg.dataset)
-    bundle, remember = _id_data(r.ckpt, state, cfg, r.id_data_root, benchmark, r.data_root, r.skip_corrupt, cache_dir)
-    loaded = LoadedCheckpoint(r.ckpt, model, state, sha256, cfg, bundle, device, benchmark, remember)
+        check_openood_backend(postprocessors, device.type, dataset=dataset)
+    if r.arch is None:
+        bundle, remember = _id_data(
+            r.ckpt, state, cfg, r.id_data_root, benchmark, r.data_root, r.skip_corrupt, cache_dir
+        )
+        loaded = LoadedCheckpoint(r.ckpt, model, state, sha256, cfg, bundle, device, benchmark, remember)
+    else:
+        bundle, remember, source = _foreign_id_data(r, benchmark, num_classes, cache_dir)
+        model = with_network_contract(foreign, bundle.image_size).to(device).eval()
+        loaded = LoadedCheckpoint(
+            r.ckpt, model, {}, foreign.sha256, None, bundle, device, benchmark, remember, foreign, source
+        )
     pre_size = benchmark.pre_size if benchmark else None
     ood = load_ood_sets(
         names,
         r.data_root,
-        id_dataset=cfg.dataset,
+        id_dataset=dataset,
         image_size=bundle.image_size,
         ood_dirs=ood_dirs,
         skip_missing=r.skip_missing,
@@ -440,7 +508,7 @@ def evaluate(request: EvaluationRequest) -> dict[str, Any]:
         ood,
         postprocessors,
         net=r.net,
-        out_dir=r.out,
+        out_dir=out_dir,
         cache_dir=cache_dir,
         fit_labels=r.fit_labels,
         batch_size=r.batch_size,
@@ -449,3 +517,82 @@ def evaluate(request: EvaluationRequest) -> dict[str, Any]:
         validation=validation,
         tune=r.tune,
     )
+
+
+FOREIGN_FLAGS = ("num_classes", "dataset", "mean", "std", "image_size")
+
+
+def _check_foreign_request(r: EvaluationRequest, benchmark: Benchmark | None) -> int | None:
+    """The class count of a network trained elsewhere (None for an `hrp-ood train` checkpoint), after checking that
+    the request describes it fully and consistently; everything here needs no file."""
+    given = [f"--{name.replace('_', '-')}" for name in FOREIGN_FLAGS if getattr(r, name) is not None]
+    if r.arch is None:
+        if given:
+            raise UserError(
+                f"{', '.join(given)} describe a network trained elsewhere: add --arch NAME, or drop them for a "
+                "checkpoint of `hrp-ood train` (it names its own network and data)"
+            )
+        return None
+    if r.net not in ("ensemble", "1"):
+        raise UserError(f"--net {r.net}: a weights file given with --arch holds one network; drop --net")
+    if r.fit_labels == "noisy":
+        raise UserError(
+            "--fit-labels noisy needs the noisy labels of an `hrp-ood train` run; a network trained elsewhere has "
+            "none here: use clean or pred"
+        )
+    if benchmark is None and r.dataset is None:
+        raise UserError(
+            f"--arch {r.arch} needs its ID data: give --benchmark NAME (OpenOOD's lists under --data-root) or "
+            f"--dataset NAME ({', '.join(DATASETS)}) with --id-data-root"
+        )
+    if benchmark is not None and r.dataset is not None:
+        raise UserError(f"--benchmark {benchmark.name} reads the ID data from OpenOOD's lists: drop --dataset")
+    if r.dataset is not None and r.dataset not in DATASETS:
+        raise UserError(f"unknown --dataset {r.dataset!r}; choose one of {', '.join(DATASETS)}")
+    if (r.mean is None) != (r.std is None):
+        raise UserError("give --mean and --std together (three values each, in [0, 1] pixel scale)")
+    for name, values in (("mean", r.mean), ("std", r.std)):
+        if values is not None and (len(values) != 3 or (name == "std" and min(values) <= 0)):
+            raise UserError(f"--{name} needs three values (R,G,B){', all positive' if name == 'std' else ''}")
+    if r.image_size is not None and r.image_size < 1:
+        raise UserError(f"--image-size must be a positive number of pixels, got {r.image_size}")
+    num_classes = r.num_classes if r.num_classes is not None else (benchmark.num_classes if benchmark else None)
+    if num_classes is None or num_classes < 1:
+        raise UserError(f"--arch {r.arch} needs the network's class count: give --num-classes N")
+    return num_classes
+
+
+def _default_eval_dir(r: EvaluationRequest) -> Path:
+    """`default_eval_dir`; `<folder>/eval_<stem>` beside the weights file of a network trained elsewhere."""
+    return default_eval_dir(r.ckpt, r.net) if r.arch is None else r.ckpt.parent / f"eval_{r.ckpt.stem}"
+
+
+def _foreign_id_data(
+    r: EvaluationRequest, benchmark: Benchmark | None, num_classes: int, cache_dir: Path
+) -> tuple[DataBundle, Callable[[], None], str]:
+    """(ID data, the call that remembers it, where its normalisation comes from) of a network trained elsewhere:
+    the benchmark's lists and preprocessing, or the dataset's loader (the same as for a checkpoint's dataset) at
+    `--image-size`, normalised with --mean/--std or else the dataset's own statistics."""
+    if benchmark is not None:
+        classes = [str(k) for k in range(num_classes)]
+        check_checkpoint_fits(benchmark, classes, r.image_size or benchmark.img_size, r.ckpt)
+        if r.mean is not None:
+            _warn_other_normalisation(benchmark, {"mean": r.mean, "std": r.std})
+        bundle = load_benchmark_id_data(benchmark, r.data_root, classes, skip_corrupt=r.skip_corrupt)
+        return bundle, lambda: None, f"openood:{benchmark.name}"
+    root = r.id_data_root or r.data_root
+    try:
+        bundle, remember = load_dataset_lazily(r.dataset, root, image_size=r.image_size, memo_dir=cache_dir)
+    except UserError as err:
+        raise UserError(
+            f"cannot load the ID dataset {r.dataset} of {r.ckpt}: {err}; point --id-data-root at the {r.dataset} files"
+        ) from None
+    if bundle.num_classes != num_classes:
+        raise UserError(
+            f"the {r.dataset} files at {root} hold {bundle.num_classes} classes but --num-classes is {num_classes}; "
+            "give the dataset the network was trained on"
+        )
+    if r.mean is None:
+        log.info("normalising with %s's mean %s / std %s", r.dataset, _rounded(bundle.mean), _rounded(bundle.std))
+        return bundle, remember, f"dataset:{r.dataset}"
+    return dataclasses.replace(bundle, mean=tuple(r.mean), std=tuple(r.std)), remember, "--mean/--std"

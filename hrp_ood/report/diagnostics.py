@@ -53,8 +53,8 @@ def load_signals(path: Path) -> dict[str, np.ndarray]:
             return {key: data[key] for key in data.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise UserError(
-            f"{shown(path)} is not a readable signals file ({one_line(str(err))}); delete or restore it, or plot a copy "
-            "of the run without it"
+            f"{shown(path)} is not a readable signals file ({one_line(str(err))}); delete or restore it, or plot "
+            "a copy of the run without it"
         ) from None
 
 
