@@ -304,6 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--net", default="1", choices=["1", "2"])
     p.set_defaults(func=cmd_export)
+
+    from hrp_ood.data.fetch import add_fetch_arguments, cmd_fetch
+
+    p = sub.add_parser("data", help="datasets: `hrp-ood data fetch NAME... --root DIR` downloads and verifies them")
+    p = p.add_subparsers(dest="data_command", required=True).add_parser("fetch", help="download, verify, install")
+    add_fetch_arguments(p)
+    p.set_defaults(func=cmd_fetch)
     return parser
 
 

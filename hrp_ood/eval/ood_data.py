@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
+from hrp_ood.data.fetch import fetch_hint
 from hrp_ood.data.image_lists import list_files, load_image_list
 from hrp_ood.data.images import decode_images, folder_images
 from hrp_ood.data.sources import ImageSource, files_under
@@ -122,6 +123,7 @@ def ood_source(
     raise UserError(
         f"OOD set {name!r} not found; looked for: {looked}; download it there, give "
         f"--ood-dir {name}=PATH, or pass --skip-missing"
+        + fetch_hint(name, data_root, benchmark.name if benchmark else None)
         + ("; to read this OpenOOD root as one of its benchmarks, give --benchmark NAME" if openood_root else "")
     )
 
