@@ -165,6 +165,10 @@ class TrainConfig:
     name: str | None = None
     eval_batch_size: int = 512
     signals_every: int = 10  # write signals/epoch_NNNN.npz (per-sample α, β, T, loss) every N epochs, and the last
+    # TensorBoard events of every epoch (metrics.csv's columns, histograms of α, β, T, loss; train/tensorboard.py)
+    # when the tensorboard package is installed; in tensorboard_dir, or <run>/tb when it is null
+    tensorboard: bool = True
+    tensorboard_dir: str | None = None
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -488,6 +492,10 @@ def _warn_once(message: str) -> None:
     """A warning said once per process (a sweep builds every grid point's config several times)."""
     log.warning(message)
 
+
+# Keys that say whether and where a run logs, never what it trains: they may change on resume, a saved config that
+# lacks them (saved before they existed) takes the defaults, and a sweep's run that differs in them is the same run.
+LOGGING_KEYS = ("tensorboard", "tensorboard_dir")
 
 # Keys added after runs had been saved without them, with the value that reproduces what those runs did: a saved
 # config that lacks one resumes (and evaluates) as it trained, not with today's default.

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 EXPERIMENT_KEYS = ("base", "config", "grid", "out", "retries", "nproc", "evaluation", "report", "slurm")
 MAX_GRID_POINTS = 10_000
-RESERVED_KEYS = ("name", "out_dir")  # the sweep names and places every run itself
+RESERVED_KEYS = ("name", "out_dir", "tensorboard_dir")  # the sweep names and places every run itself
 SLURM_DEFAULTS = {
     "partition": None,
     "time_min": 60 * 24,
@@ -98,6 +98,8 @@ class Experiment:
 
     def run_config(self, name: str) -> TrainConfig:
         overrides = {**self.config, **self.runs[name], "out_dir": str(self.out / "runs"), "name": name}
+        # every run's TensorBoard events under one root, named by its grid point: `tensorboard --logdir <out>/tb`
+        overrides["tensorboard_dir"] = str(self.out / "tb" / name)
         return build_config(self.base, overrides)
 
     def run_dir(self, name: str) -> Path:
@@ -299,8 +301,9 @@ def load_experiment(path: str | Path, out: str | Path | None = None, nproc: int 
     base = _path_value(data.get("base"), "base", path)
     retries = _count(data.get("retries", 1), "retries", path, 0)
     nproc = _count(nproc if nproc is not None else data.get("nproc", 1), "nproc", path, 1)
-    slurm = _slurm(_mapping(data.get("slurm"), "slurm", path), path)
-    if 0 < slurm["gpus_per_job"] < nproc:
+    slurm_given = _mapping(data.get("slurm"), "slurm", path)
+    slurm = _slurm(slurm_given, path)
+    if "gpus_per_job" in slurm_given and 0 < slurm["gpus_per_job"] < nproc:
         raise UserError(
             f"experiment {shown(path)}: slurm.gpus_per_job is {slurm['gpus_per_job']} but nproc is "
             f"{nproc}: every process of a run trains on a GPU of its own"
@@ -672,6 +675,14 @@ def check_data(experiment: Experiment) -> None:
             )
 
 
+def print_tensorboard_command(experiment: Experiment) -> None:
+    """How to watch every run of the grid in one TensorBoard (when the runs log to it)."""
+    from hrp_ood.train.tensorboard import available
+
+    if available() and any(experiment.run_config(name).tensorboard for name in experiment.runs):
+        print(f"TensorBoard of every run: tensorboard --logdir {experiment.out / 'tb'}", flush=True)
+
+
 def pending_runs(experiment: Experiment) -> list[str]:
     return [name for name in experiment.runs if run_state(experiment, name)["state"] != "done"]
 
@@ -706,6 +717,7 @@ def run_sweep(
     print(
         f"{len(experiment.runs)} runs, {len(experiment.runs) - len(names)} done before -> {experiment.out}", flush=True
     )
+    print_tensorboard_command(experiment)
     for _ in range(1 + experiment.retries):
         if not names:
             break

@@ -15,6 +15,7 @@ from conftest import tiny_train_args
 from fakes import write_cifar10
 from hrp_ood.train.signals import EpochSignals
 from hrp_ood.train.steps import StepContext, StepInputs, hrp_step
+from hrp_ood.train.tensorboard import available as tensorboard_available
 from hrp_ood.train.trainer import build_members, wrap_data_parallel
 
 from hrp_ood import distributed
@@ -261,8 +262,11 @@ def test_two_process_training_resumes_and_loads_into_one_process(tmp_path, capsy
             "last.pt",
             "best.pt",
             "signals",
+            *(["tb"] if tensorboard_available() else []),
         ]
     )
+    if tensorboard_available():
+        assert len(list((run / "tb").iterdir())) == 1, "rank 0 alone writes TensorBoard events"
     assert [p.name for p in (run / "signals").iterdir()] == ["epoch_0002.npz"]  # written once, by rank 0
     assert [r["epoch"] for r in read_metrics(run)] == ["1", "2"]  # one writer: no duplicated rows
     assert (run / "train.log").read_text().count("epoch 2/2") == 1

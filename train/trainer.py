@@ -1,9 +1,9 @@
 """The training loop: run folder, epochs, evaluation, metrics.csv, checkpoints and resume.
 
 A run folder `runs/<name>/` holds config.yaml, noise.npz, meta_indices.npz, metrics.csv, train.log,
-signals/epoch_NNNN.npz (per-sample diagnostics, train/signals.py), last.pt (everything needed to resume) and
-best.pt: the epoch whose ensemble is most accurate on the clean meta set (never chosen on the test set; the
-last epoch for a method that trains on the meta set).
+signals/epoch_NNNN.npz (per-sample diagnostics, train/signals.py), tb/ (TensorBoard events, train/tensorboard.py),
+last.pt (everything needed to resume) and best.pt: the epoch whose ensemble is most accurate on the clean meta
+set (never chosen on the test set; the last epoch for a method that trains on the meta set).
 
 Data-parallel under torchrun (`hrp-ood train --nproc N`): `batch_size` and `meta_batch_size` stay the
 GLOBAL batch sizes, split evenly over the ranks, so N ranks compute the same maths as one process. Rank 0
@@ -38,10 +38,11 @@ import torch
 from hrp_ood.train.data import prepare_training_data
 from hrp_ood.train.signals import EpochSignals, class_share_max
 from hrp_ood.train.steps import STEPS, Member, NonFiniteLoss, StepContext, StepInputs
+from hrp_ood.train.tensorboard import TensorBoardLog, tensorboard_log
 
 from hrp_ood import distributed
 from hrp_ood.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from hrp_ood.config import TrainConfig, read_yaml, save_config, saved_config
+from hrp_ood.config import LOGGING_KEYS, TrainConfig, read_yaml, save_config, saved_config
 from hrp_ood.data.augment import BatchAugment
 from hrp_ood.devices import device_type, resolve_device
 from hrp_ood.errors import Interrupted, UserError
@@ -218,6 +219,7 @@ class Trainer:
         self.best_acc = -math.inf  # meta-set accuracy of best.pt
         self.best_test_acc = math.nan  # its test accuracy (reported, never used to choose)
         self.metrics_row: dict[str, str] = {}  # the last finished epoch's metrics.csv row, also kept in last.pt
+        self.epoch_signals: EpochSignals | None = None  # the last finished epoch's signals, merged over ranks
         self.stop_requested = False  # set by SIGINT/SIGTERM: checkpoint after the current step and stop
 
     # ---- checkpoints -------------------------------------------------------------------------------
@@ -362,7 +364,8 @@ class Trainer:
             key: (distributed.global_sum(value) / distributed.global_sum(torch.as_tensor(self.counts[key]))).item()
             for key, value in self.sums.items()
         }
-        row.update(self.ctx.signals.merged().summary(self.data.is_clean))
+        self.epoch_signals = self.ctx.signals.merged()  # every rank takes part
+        row.update(self.epoch_signals.summary(self.data.is_clean))
         row["skipped_steps"] = self.ctx.skipped_steps
         return row
 
@@ -392,6 +395,19 @@ class Trainer:
         log.info(
             "training %s (%s, %s) for %d epochs on %s", cfg.method, cfg.model, cfg.dataset, cfg.epochs, self.device
         )
+        with tensorboard_log(cfg, self.run_dir, self.epoch + 1, distributed.is_main()) as board:
+            self._fit_epochs(board)
+        return {
+            "epochs": self.epoch,
+            "best_meta_acc": self.best_acc,
+            "best_test_acc": self.best_test_acc,
+            "last_test_acc": self._last_test_acc(),
+            "run_dir": str(self.run_dir),
+        }
+
+    def _fit_epochs(self, board: TensorBoardLog | None) -> None:
+        """The epochs from the current one to cfg.epochs; `board`: the TensorBoard log (main process, if on)."""
+        cfg = self.cfg
         while self.epoch < cfg.epochs:
             started = time.perf_counter()
             lr = self.members[0].lr
@@ -415,6 +431,8 @@ class Trainer:
             self.save()
             if distributed.is_main():  # after last.pt (which holds the row): metrics.csv is never ahead of it
                 self.metrics.append(self.metrics_row)
+            if board is not None:  # after last.pt too: a resumed run starts logging at the epoch after it
+                board.log_epoch(self.epoch, row, self.epoch_signals, self.data.is_clean)
             self._save_signals()
             if is_best and distributed.is_main():
                 shutil.copyfile(self.run_dir / "last.pt", self.run_dir / ".best.pt.tmp")
@@ -432,13 +450,6 @@ class Trainer:
                 _shown(row["loss_auroc"]),
                 row["epoch_time_s"],
             )
-        return {
-            "epochs": self.epoch,
-            "best_meta_acc": self.best_acc,
-            "best_test_acc": self.best_test_acc,
-            "last_test_acc": self._last_test_acc(),
-            "run_dir": str(self.run_dir),
-        }
 
     def _evaluate(self) -> dict[str, float]:
         """Test accuracies, the ensemble's accuracy on the clean meta set (model selection) and the share of the
@@ -461,7 +472,7 @@ class Trainer:
         """signals/epoch_NNNN.npz every signals_every epochs and at the last; after last.pt, like metrics.csv."""
         if self.epoch % self.cfg.signals_every and self.epoch != self.cfg.epochs:
             return
-        signals = self.ctx.signals.merged()  # every rank takes part
+        signals = self.epoch_signals  # merged by train_epoch
         if distributed.is_main():
             signals.save(
                 self.run_dir / "signals" / f"epoch_{self.epoch:04d}.npz",
@@ -497,7 +508,7 @@ def _setup_logging(run_dir: Path) -> logging.Handler:
     return handler
 
 
-RESUMABLE = ("epochs", "device", "on_nonfinite", "eval_batch_size")
+RESUMABLE = ("epochs", "device", "on_nonfinite", "eval_batch_size", *LOGGING_KEYS)
 
 
 def resume_config(run_dir: Path, requested: TrainConfig, explicit: set[str]) -> TrainConfig:
