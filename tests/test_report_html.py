@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 from test_report import POSTPROCESSORS, _mean_std, _metric, _write_evaluation
 
+from hrp_ood import __version__
 from hrp_ood.cli import main
 from hrp_ood.report.evaluations import load_evaluations
 from hrp_ood.report.html import write_html_report
@@ -102,6 +103,8 @@ def test_report_html_only_with_the_flag(reported, tmp_path):
     assert (out / "report.html").is_file()
     assert main(["report", *map(str, paths), "--out", str(tmp_path / "plain"), "--no-plots"]) == 0
     assert not (tmp_path / "plain" / "report.html").exists()
+    footer = (out / "report.html").read_text(encoding="utf-8").split("<footer>")[1]
+    assert "hrp_ood 0.1.0, torch 2.14.1" in footer and f"Report written by hrp-ood {__version__}." in footer
 
 
 def test_the_page_is_self_contained_with_every_figure_inline(reported):

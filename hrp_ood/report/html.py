@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,11 +19,12 @@ from urllib.parse import quote
 
 import pandas as pd
 
+from hrp_ood import __version__
 from hrp_ood.io import atomic_write_text
 from hrp_ood.report.evaluations import ID_ACC_ROW, MEAN_OOD, ordered_values
 from hrp_ood.report.plots import _plot_stem
 from hrp_ood.report.sweep import ACCURACY_CAPTION, SUMMARY_CAPTION, accuracy_table, summary_table
-from hrp_ood.report.tables import _block_of, comparison_table, table_caption
+from hrp_ood.report.tables import _block_of, comparison_table, software_versions, table_caption
 
 HTML_FILE = "report.html"
 
@@ -162,12 +162,6 @@ def _evaluations_html(df: pd.DataFrame, out_dir: Path, figures: Mapping[str, Pat
     return run_list, "".join(sections)
 
 
-def _software(df: pd.DataFrame) -> str:
-    records = [json.loads(v) for v in dict.fromkeys(df["versions"])]
-    lines = [", ".join(f"{name} {value}" for name, value in record.items()) for record in records if record]
-    return "; ".join(lines)
-
-
 def render_html(
     df: pd.DataFrame,
     out_dir: Path,
@@ -208,7 +202,7 @@ def render_html(
         f'<section id="{anchor}"><h2>{_escape(heading)}</h2>{content}</section>'
         for anchor, heading, content in sections
     )
-    software = _software(df)
+    software = "; ".join(software_versions(df))
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -216,8 +210,8 @@ def render_html(
         f"<h1>{_escape(title)}</h1>"
         f'<p class="meta">{len(runs)} evaluation(s); methods: {_escape(methods)}; seeds: {_escape(seeds)}</p>'
         f"<nav>{nav}</nav>{body}"
-        + (f"<footer><p>Software: {_escape(software)}</p></footer>" if software else "")
-        + "</body></html>\n"
+        + f"<footer><p>Software of the evaluations: {_escape(software or 'not recorded')}. Report written by "
+        f"hrp-ood {_escape(__version__)}.</p></footer>" + "</body></html>\n"
     )
 
 

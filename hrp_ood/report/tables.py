@@ -263,14 +263,10 @@ def to_latex(table: pd.DataFrame, caption: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _software_lines(df: pd.DataFrame) -> list[str]:
-    """One Markdown bullet per distinct ``versions`` record of the inputs."""
-    lines = []
-    for versions in dict.fromkeys(df["versions"]):
-        record = json.loads(versions)
-        if record:
-            lines.append("- " + ", ".join(f"{name} {value}" for name, value in record.items()))
-    return lines
+def software_versions(df: pd.DataFrame) -> list[str]:
+    """One line ("torch 2.14.1, hrp_ood 0.1.0") per distinct ``versions`` record of the evaluations."""
+    records = [json.loads(versions) for versions in dict.fromkeys(df["versions"])]
+    return [", ".join(f"{name} {value}" for name, value in record.items()) for record in records if record]
 
 
 def _markdown_report(df: pd.DataFrame, table: pd.DataFrame, caption: str) -> str:
@@ -283,7 +279,8 @@ def _markdown_report(df: pd.DataFrame, table: pd.DataFrame, caption: str) -> str
         "",
         "",
     ]
-    footer = ["", "Software of the evaluations:", *_software_lines(df), "", f"Report written by hrp-ood {__version__}."]
+    versions = [f"- {line}" for line in software_versions(df)]
+    footer = ["", "Software of the evaluations:", *versions, "", f"Report written by hrp-ood {__version__}."]
     return "\n".join(header) + to_markdown(table, caption) + "\n".join(footer) + "\n"
 
 
