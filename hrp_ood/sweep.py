@@ -675,11 +675,12 @@ def check_data(experiment: Experiment) -> None:
             )
 
 
-def print_tensorboard_command(experiment: Experiment) -> None:
-    """How to watch every run of the grid in one TensorBoard (when the runs log to it)."""
+def print_tensorboard_command(experiment: Experiment, training: bool) -> None:
+    """How to watch every run of the grid in one TensorBoard: when runs are about to log to it or have logged."""
     from hrp_ood.train.tensorboard import available
 
-    if available() and any(experiment.run_config(name).tensorboard for name in experiment.runs):
+    logs = (experiment.out / "tb").is_dir()
+    if logs or (training and available() and any(experiment.run_config(name).tensorboard for name in experiment.runs)):
         print(f"TensorBoard of every run: tensorboard --logdir {experiment.out / 'tb'}", flush=True)
 
 
@@ -717,7 +718,7 @@ def run_sweep(
     print(
         f"{len(experiment.runs)} runs, {len(experiment.runs) - len(names)} done before -> {experiment.out}", flush=True
     )
-    print_tensorboard_command(experiment)
+    print_tensorboard_command(experiment, training=bool(names))
     for _ in range(1 + experiment.retries):
         if not names:
             break

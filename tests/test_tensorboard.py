@@ -187,8 +187,13 @@ def test_a_sweep_logs_its_runs_under_one_root_named_by_their_grid_point(tmp_path
     for name in names:
         assert [step for step, _ in scalars(read_events(root / name))["test/acc_ensemble"]] == [1]
         assert not (experiment.run_dir(name) / "tb").exists(), "the run logs to the sweep's root only"
-    print_tensorboard_command(experiment)
+    print_tensorboard_command(experiment, training=False)  # nothing to train, logs there: say where
     assert f"tensorboard --logdir {root}" in capsys.readouterr().out
+    fresh = load_experiment(path, out=tmp_path / "other")
+    print_tensorboard_command(fresh, training=False)  # nothing trains, no logs: say nothing
+    assert capsys.readouterr().out == ""
+    print_tensorboard_command(fresh, training=True)  # runs about to log
+    assert f"tensorboard --logdir {tmp_path / 'other' / 'tb'}" in capsys.readouterr().out
     # a run saved before the sweep placed its TensorBoard logs is still the same run (its logging keys differ)
     saved = experiment.run_dir(names[0]) / "config.yaml"
     values = yaml.safe_load(saved.read_text())
