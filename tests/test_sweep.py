@@ -120,6 +120,17 @@ def test_accuracy_table_is_mean_and_std_over_seeds():
     assert table.loc[("hrp",)].tolist() == ["95.00", "–"]
 
 
+def test_accuracy_by_method_over_a_grid_of_methods_alone(tmp_path):
+    frame = ACCURACY_FRAME[ACCURACY_FRAME["noise"] == "sym20"].drop(columns="noise")  # grid: method × seed
+    table = accuracy_table(frame, by="method")["cell"]
+    assert list(table.columns) == ["ce", "hrp"]
+    assert table.iloc[0].tolist() == ["91.00 ± 1.41", "95.00"]
+    assert (
+        "| all | 91.00 ± 1.41 | 95.00 |"
+        in write_accuracy_table(frame, "method", tmp_path)["accuracy_markdown"].read_text()
+    )
+
+
 def test_the_accuracy_table_is_written_as_latex_too(tmp_path):
     latex = write_accuracy_table(ACCURACY_FRAME, "noise", tmp_path)["accuracy_latex"].read_text().splitlines()
     assert latex[0].startswith("% Ensemble test accuracy (\\%)")

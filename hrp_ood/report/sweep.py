@@ -102,7 +102,7 @@ def accuracy_table(frame: pd.DataFrame, by: str) -> pd.DataFrame:
     keys = [key for key in frame.columns if key not in SUMMARY_COLUMNS and key != "seed"]
     rows = [key for key in keys if key != by] or ["all"]
     frame = frame.assign(all="all") if rows == ["all"] else frame
-    stats = frame.groupby(keys if by in keys else rows, sort=False)[ACCURACY].agg(
+    stats = frame.groupby(rows + [by] if by in keys else rows, sort=False)[ACCURACY].agg(
         mean="mean", std=lambda v: v.std(ddof=STD_DDOF), n_seeds="count"
     )
     stats["cell"] = [format_mean_std(m, s, 2) for m, s in zip(stats["mean"], stats["std"])]
