@@ -24,7 +24,7 @@ from hrp_ood.io import atomic_write_text
 from hrp_ood.report.evaluations import MEAN_OOD, load_evaluations
 from hrp_ood.report.html import write_html_report
 from hrp_ood.report.plots import check_score_files, plot_evaluations
-from hrp_ood.report.tables import _markdown_report, comparison_table, summarize, table_caption, to_latex
+from hrp_ood.report.tables import comparison_table, markdown_report, summarize, table_caption, to_latex
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def write_report(
     }
     atomic_write_text(written["csv"], df.to_csv(index=False))
     atomic_write_text(written["summary_csv"], summarize(df, by, metrics, ood).to_csv(index=False))
-    atomic_write_text(written["markdown"], _markdown_report(df, table, caption))
+    atomic_write_text(written["markdown"], markdown_report(df, table, caption))
     atomic_write_text(written["latex"], to_latex(table, caption))
     if plots:
         written.update(plot_evaluations(df, out_dir / "plots"))

@@ -22,9 +22,9 @@ import pandas as pd
 from hrp_ood import __version__
 from hrp_ood.io import atomic_write_text
 from hrp_ood.report.evaluations import ID_ACC_ROW, MEAN_OOD, ordered_values
-from hrp_ood.report.plots import _plot_stem
+from hrp_ood.report.plots import plot_stem
 from hrp_ood.report.sweep import ACCURACY_CAPTION, SUMMARY_CAPTION, accuracy_table, summary_table
-from hrp_ood.report.tables import _block_of, comparison_table, software_versions, table_caption
+from hrp_ood.report.tables import block_of, comparison_table, software_versions, table_caption
 
 HTML_FILE = "report.html"
 
@@ -61,7 +61,7 @@ def _escape(value: object) -> str:
 def html_table(table: pd.DataFrame, caption: str = "") -> str:
     """``<table>`` of ``table["cell"]`` (the display text of comparison_table, accuracy_table or summary_table, as
     :func:`~hrp_ood.report.tables.to_markdown` reads it): a header of the row-key and column names, a heavier rule
-    between row blocks (:func:`~hrp_ood.report.tables._block_of`), every text escaped."""
+    between row blocks (:func:`~hrp_ood.report.tables.block_of`), every text escaped."""
     cells = table["cell"]
     row_keys = list(cells.index.names)
     head = "".join(f"<th>{_escape(name)}</th>" for name in row_keys)
@@ -69,7 +69,7 @@ def html_table(table: pd.DataFrame, caption: str = "") -> str:
     body, previous = [], None
     for row, values in zip(cells.index, cells.to_numpy()):
         row = row if isinstance(row, tuple) else (row,)
-        block = _block_of(row, row_keys)
+        block = block_of(row, row_keys)
         classes = ["block-start"] if previous is not None and block != previous else []
         classes += ["accuracy"] if dict(zip(row_keys, row)).get("postprocessor") == ID_ACC_ROW else []
         attribute = f' class="{" ".join(classes)}"' if classes else ""
@@ -128,7 +128,7 @@ def _evaluations_html(df: pd.DataFrame, out_dir: Path, figures: Mapping[str, Pat
     rows, sections = [], []
     for k, (eval_path, run) in enumerate(df.groupby("path", sort=False)):
         first = run.iloc[0]
-        stem = _plot_stem(run)
+        stem = plot_stem(run)
         anchor = f"evaluation-{k}"
         label = f"{first['method']} · {first['dataset']} · {first['noise']} · {first['net']} · seed {first['seed']}"
         panels = [

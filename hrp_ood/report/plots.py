@@ -93,7 +93,7 @@ def _load_scores(eval_path: str, expected_sha256: str, keys: list[str]) -> dict[
     return {key: values[np.isfinite(values)] for key, values in loaded.items()}
 
 
-def _plot_stem(run: pd.DataFrame) -> str:
+def plot_stem(run: pd.DataFrame) -> str:
     first = run.iloc[0]
     stem = f"{first['method']}_{first['dataset']}_{first['noise']}_{first['net']}_seed{first['seed']}"
     return re.sub(r"[^A-Za-z0-9._-]+", "_", stem)
@@ -161,7 +161,7 @@ def plot_evaluations(df: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
         postprocessors = ordered_values(run["postprocessor"], "postprocessor")
         ood_sets = [o for o in ordered_values(run["ood"], "ood") if o != MEAN_OOD]
         scores = _load_scores(eval_path, run["scores_sha256"].iloc[0], _score_keys(run))
-        stem = _plot_stem(run)
+        stem = plot_stem(run)
         title = stem.replace("_", " ")
         written[f"hist:{stem}"] = _save_png(
             _histogram_figure(scores, postprocessors, ood_sets, title), out_dir / f"{stem}_hist.png"

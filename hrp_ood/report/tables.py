@@ -173,7 +173,7 @@ def _ordered_rows(index: pd.Index, row_keys: list[str], summary: pd.DataFrame) -
     return pd.MultiIndex.from_tuples(sorted(rows, key=key), names=row_keys)
 
 
-def _block_of(row: tuple[str, ...], row_keys: list[str]) -> tuple[Any, ...]:
+def block_of(row: tuple[str, ...], row_keys: list[str]) -> tuple[Any, ...]:
     """Rows of one block share their context keys and whether they are ID-accuracy rows."""
     context = tuple(v for k, v in zip(row_keys, row) if k in CONTEXT_KEYS)
     return (*context, dict(zip(row_keys, row)).get("postprocessor") == ID_ACC_ROW)
@@ -254,7 +254,7 @@ def to_latex(table: pd.DataFrame, caption: str = "") -> str:
     ]
     previous_block = None
     for row, values in zip(cells.index, cells.to_numpy()):
-        block = _block_of(row, row_keys)
+        block = block_of(row, row_keys)
         if previous_block is not None and block != previous_block:
             lines.append(r"\midrule")
         lines.append(line([*row, *values]))
@@ -269,7 +269,7 @@ def software_versions(df: pd.DataFrame) -> list[str]:
     return [", ".join(f"{name} {value}" for name, value in record.items()) for record in records if record]
 
 
-def _markdown_report(df: pd.DataFrame, table: pd.DataFrame, caption: str) -> str:
+def markdown_report(df: pd.DataFrame, table: pd.DataFrame, caption: str) -> str:
     runs = df.drop_duplicates("path")
     header = [
         "# hrp-ood report",
