@@ -777,7 +777,7 @@ def write_sweep_report(experiment: Experiment) -> dict[str, Path]:
     from hrp_ood.report.html import write_html_report
     from hrp_ood.report.sweep import accuracy_frame, has_noise_curves, noise_curve_figures, write_accuracy_table
 
-    out_dir, report = experiment.out / "report", experiment.report
+    out_dir, report, variants = experiment.out / "report", experiment.report, grid_variants(experiment)
     evals = [experiment.eval_json(name) for name in experiment.runs if experiment.eval_json(name).exists()]
     configs = {name: experiment.run_config(name) for name in experiment.runs}
     histories = {name: read_metrics_rows(experiment.run_dir(name) / "metrics.csv") for name in experiment.runs}
@@ -797,16 +797,15 @@ def write_sweep_report(experiment: Experiment) -> dict[str, Path]:
         ood=report.ood,
         metrics=report.metrics,
         plots=report.plots,
-        variants=grid_variants(experiment),
+        variants=variants,
     )
     paths.update(write_accuracy_table(accuracy, report.by, out_dir))
+    evaluations = load_evaluations(evals, variants)
     if report.plots and has_noise_curves(accuracy):
-        paths.update(
-            noise_curve_figures(evals, accuracy, report.metrics, report.ood, out_dir, grid_variants(experiment))
-        )
+        paths.update(noise_curve_figures(evaluations, accuracy, report.metrics, report.ood, out_dir))
     paths["html"] = write_html_report(
         out_dir,
-        load_evaluations(evals, grid_variants(experiment)),
+        evaluations,
         by=report.by,
         metrics=report.metrics,
         ood=report.ood,

@@ -169,7 +169,7 @@ def test_a_sweeps_page_adds_the_accuracy_tables_and_the_noise_curves(reported, t
             for seed in SEEDS
         ]
     )
-    figures = noise_curve_figures(paths, accuracy, ("auroc", "fpr95"), "mean", tmp_path)
+    figures = noise_curve_figures(load_evaluations(paths), accuracy, ("auroc", "fpr95"), "mean", tmp_path)
     page_path = write_html_report(
         tmp_path, load_evaluations(paths), figures=figures, accuracy=accuracy, title="sweep <x>.yaml"
     )

@@ -21,10 +21,10 @@ import pandas as pd
 
 from hrp_ood import __version__
 from hrp_ood.io import atomic_write_text
-from hrp_ood.report.evaluations import ID_ACC_ROW, MEAN_OOD, ordered_values
+from hrp_ood.report.evaluations import ID_ACC_ROW, MEAN_OOD, RUN_KEYS
 from hrp_ood.report.plots import plot_stem
 from hrp_ood.report.sweep import ACCURACY_CAPTION, SUMMARY_CAPTION, accuracy_table, summary_table
-from hrp_ood.report.tables import block_of, comparison_table, software_versions, table_caption
+from hrp_ood.report.tables import block_of, comparison_table, evaluations_line, software_versions, table_caption
 
 HTML_FILE = "report.html"
 
@@ -143,7 +143,7 @@ def _evaluations_html(df: pd.DataFrame, out_dir: Path, figures: Mapping[str, Pat
             figures_html = f'<div class="figures">{"".join(panels)}</div>'
             sections.append(f'<details open id="{anchor}"><summary>{_escape(label)}</summary>{figures_html}</details>')
         eval_dir = Path(eval_path).parent
-        cells = [first[key] for key in ("method", "dataset", "noise", "net", "seed")]
+        cells = [first[key] for key in RUN_KEYS]
         cells_html = "".join(f"<td>{_escape(value)}</td>" for value in cells)
         cells_html += f'<td class="cell">{first["id_accuracy"]:.2f}</td>'
         cells_html += f'<td><a href="#{anchor}">figures</a></td>' if panels else "<td>–</td>"
@@ -162,9 +162,9 @@ def _evaluations_html(df: pd.DataFrame, out_dir: Path, figures: Mapping[str, Pat
     return run_list, "".join(sections)
 
 
-def render_html(
-    df: pd.DataFrame,
+def write_html_report(
     out_dir: Path,
+    df: pd.DataFrame,
     *,
     by: str = "noise",
     metrics: Sequence[str] = ("auroc", "fpr95"),
@@ -172,13 +172,16 @@ def render_html(
     figures: Mapping[str, Path] | None = None,
     accuracy: pd.DataFrame | None = None,
     title: str = "hrp-ood report",
-) -> str:
-    """The page's text (see :func:`write_html_report`); links are relative to `out_dir`."""
-    figures = figures or {}
+) -> Path:
+    """Write ``<out_dir>/report.html`` (atomically) and return its path.
+
+    `df`: the evaluations (:func:`~hrp_ood.report.evaluations.load_evaluations`), tabulated by `by` / `metrics` /
+    `ood` as in the Markdown report; `figures`: ``{kind: png}`` as write_report and noise_curve_figures return them
+    (``roc:<stem>``, ``hist:<stem>``, ``noise_curves``, ``accuracy_vs_noise``), the ones present are embedded;
+    `accuracy`: a sweep's :func:`~hrp_ood.report.sweep.accuracy_frame` for its accuracy and summary tables.
+    """
+    out_dir, figures = Path(out_dir), figures or {}
     table = comparison_table(df, by=by, metrics=metrics, ood=ood)
-    runs = df.drop_duplicates("path")
-    methods = ", ".join(ordered_values(runs["method"], "method"))
-    seeds = ", ".join(str(s) for s in sorted(runs["seed"].unique()))
     sections = [("ood", "OOD detection", html_table(table, table_caption(table, by, metrics, ood)))]
     if accuracy is not None and not accuracy.empty:
         sections.append(("accuracy", "Test accuracy", html_table(accuracy_table(accuracy, by), ACCURACY_CAPTION)))
@@ -203,38 +206,16 @@ def render_html(
         for anchor, heading, content in sections
     )
     software = "; ".join(software_versions(df))
-    return (
+    text = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_escape(title)}</title><style>{STYLE}</style></head><body>"
         f"<h1>{_escape(title)}</h1>"
-        f'<p class="meta">{len(runs)} evaluation(s); methods: {_escape(methods)}; seeds: {_escape(seeds)}</p>'
+        f'<p class="meta">{_escape(evaluations_line(df))}</p>'
         f"<nav>{nav}</nav>{body}"
         + f"<footer><p>Software of the evaluations: {_escape(software or 'not recorded')}. Report written by "
         f"hrp-ood {_escape(__version__)}.</p></footer>" + "</body></html>\n"
     )
-
-
-def write_html_report(
-    out_dir: Path,
-    df: pd.DataFrame,
-    *,
-    by: str = "noise",
-    metrics: Sequence[str] = ("auroc", "fpr95"),
-    ood: str = MEAN_OOD,
-    figures: Mapping[str, Path] | None = None,
-    accuracy: pd.DataFrame | None = None,
-    title: str = "hrp-ood report",
-) -> Path:
-    """Write ``<out_dir>/report.html`` (atomically) and return its path.
-
-    `df`: the evaluations (:func:`~hrp_ood.report.evaluations.load_evaluations`), tabulated by `by` / `metrics` /
-    `ood` as in the Markdown report; `figures`: ``{kind: png}`` as write_report and noise_curve_figures return them
-    (``roc:<stem>``, ``hist:<stem>``, ``noise_curves``, ``accuracy_vs_noise``), the ones present are embedded;
-    `accuracy`: a sweep's :func:`~hrp_ood.report.sweep.accuracy_frame` for its accuracy and summary tables.
-    """
-    out_dir = Path(out_dir)
     path = out_dir / HTML_FILE
-    text = render_html(df, out_dir, by=by, metrics=metrics, ood=ood, figures=figures, accuracy=accuracy, title=title)
     atomic_write_text(path, text)
     return path

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from hrp_ood.io import atomic_write_text, csv_number
-from hrp_ood.report.evaluations import METRIC_LABELS, STD_DDOF, load_evaluations, noise_sort_key, ordered_values
+from hrp_ood.report.evaluations import METRIC_LABELS, STD_DDOF, noise_sort_key, ordered_values
 from hrp_ood.report.plots import _new_figure, _save_png
 from hrp_ood.report.tables import format_mean_std, to_latex, to_markdown
 
@@ -158,17 +158,11 @@ def _curve(ax: Any, frame: pd.DataFrame, value: str) -> None:
 
 
 def noise_curve_figures(
-    evals: list[Path],
-    accuracy: pd.DataFrame,
-    metrics: tuple[str, ...],
-    ood: str,
-    out_dir: Path,
-    variants: dict[str, str] | None = None,
+    evaluations: pd.DataFrame, accuracy: pd.DataFrame, metrics: tuple[str, ...], ood: str, out_dir: Path
 ) -> dict[str, Path]:
     """plots/noise_curves.png (a row per postprocessor, a column per metric, on the `ood` column of the OOD
-    sets) and plots/accuracy_vs_noise.png."""
-    df = load_evaluations(evals, variants)
-    df = df[df["ood"] == ood]
+    sets of `evaluations`, load_evaluations' table) and plots/accuracy_vs_noise.png."""
+    df = evaluations[evaluations["ood"] == ood]
     postprocessors = ordered_values(df["postprocessor"], "postprocessor")
     figure, axes = _new_figure(len(postprocessors), len(metrics), 3.4, 2.8)
     for i, pp in enumerate(postprocessors):

@@ -269,16 +269,16 @@ def software_versions(df: pd.DataFrame) -> list[str]:
     return [", ".join(f"{name} {value}" for name, value in record.items()) for record in records if record]
 
 
-def markdown_report(df: pd.DataFrame, table: pd.DataFrame, caption: str) -> str:
+def evaluations_line(df: pd.DataFrame) -> str:
+    """ "6 evaluation(s); methods: hrp, ce; seeds: 0, 1": what a report is made of, its first line."""
     runs = df.drop_duplicates("path")
-    header = [
-        "# hrp-ood report",
-        "",
-        f"{len(runs)} evaluation(s); methods: {', '.join(ordered_values(runs['method'], 'method'))}; "
-        f"seeds: {', '.join(str(s) for s in sorted(runs['seed'].unique()))}.",
-        "",
-        "",
-    ]
+    methods = ", ".join(ordered_values(runs["method"], "method"))
+    seeds = ", ".join(str(s) for s in sorted(runs["seed"].unique()))
+    return f"{len(runs)} evaluation(s); methods: {methods}; seeds: {seeds}"
+
+
+def markdown_report(df: pd.DataFrame, table: pd.DataFrame, caption: str) -> str:
+    header = ["# hrp-ood report", "", f"{evaluations_line(df)}.", "", ""]
     versions = [f"- {line}" for line in software_versions(df)]
     footer = ["", "Software of the evaluations:", *versions, "", f"Report written by hrp-ood {__version__}."]
     return "\n".join(header) + to_markdown(table, caption) + "\n".join(footer) + "\n"
