@@ -252,17 +252,24 @@ def _report(data: dict[str, Any], path: Path) -> Report:
 
 def _check_report_ood(experiment: Experiment) -> None:
     """report.ood names a set the evaluation scores (or the mean): found now, not after every run has trained."""
-    from hrp_ood.eval.benchmarks import BENCHMARKS
-    from hrp_ood.eval.ood_data import FAR_OOD_SETS
+    from hrp_ood.eval.benchmarks import get_benchmark
+    from hrp_ood.eval.session import ood_set_names
     from hrp_ood.report.evaluations import MEAN_OOD
 
     evaluation, wanted = experiment.evaluation, experiment.report.ood
-    far = BENCHMARKS[evaluation.benchmark].far if evaluation.benchmark else FAR_OOD_SETS
-    evaluated = [*(far if evaluation.ood == ("all",) else evaluation.ood), *dict(evaluation.ood_dirs)]
-    if wanted != MEAN_OOD and wanted not in evaluated:
+    if wanted == MEAN_OOD:
+        return
+    benchmark = get_benchmark(evaluation.benchmark) if evaluation.benchmark else None
+    try:
+        names, added = ood_set_names(
+            evaluation.ood, {name: Path(path) for name, path in evaluation.ood_dirs}, benchmark
+        )
+    except UserError as err:
+        raise UserError(f"experiment {shown(experiment.path)}: evaluation.ood: {err}") from None
+    if wanted not in names + added:
         raise UserError(
             f"experiment {shown(experiment.path)}: report.ood {cut(wanted)} is not an OOD set the evaluation scores "
-            f"({', '.join(dict.fromkeys(evaluated))}); set report.ood to one of them or to {MEAN_OOD}"
+            f"({', '.join(names + added)}); set report.ood to one of them or to {MEAN_OOD}"
         )
 
 

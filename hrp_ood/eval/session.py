@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import platform
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,18 +60,18 @@ def _checked_names(
     return names
 
 
-def _ood_names(values: Sequence[str], ood_dirs: dict[str, Path], benchmark: Benchmark | None) -> list[str]:
-    """The OOD set names ('all' = the far-OOD sets, the benchmark's own with a benchmark), then every set given as
-    a folder that the names do not list: a set the user named is scored, never dropped."""
+def ood_set_names(
+    values: Sequence[str], ood_dirs: Mapping[str, Path], benchmark: Benchmark | None
+) -> tuple[list[str], list[str]]:
+    """The OOD sets an evaluation scores, as (the names, 'all' = the far-OOD sets, the benchmark's own with a
+    benchmark; the sets given as folders that the names do not list): a set the user named is scored, never
+    dropped."""
     far = tuple(benchmark.far) if benchmark else FAR_OOD_SETS
     valid = [*far, *(benchmark.near if benchmark else NEAR_OOD_SETS), *GENERATED_OOD_SETS]
     names = _checked_names(
         values, [*valid, *ood_dirs], "OOD set", far, hint="or give an image folder as --ood-dir NAME=PATH"
     )
-    added = [name for name in ood_dirs if name not in names]
-    if added:
-        log.info("scoring %s too: given with --ood-dir", ", ".join(added))
-    return names + added
+    return names, [name for name in ood_dirs if name not in names]
 
 
 def load_ood_sets(
@@ -452,7 +452,10 @@ def evaluate(request: EvaluationRequest) -> dict[str, Any]:
     if r.benchmark is not None and r.benchmark not in BENCHMARKS:
         raise UserError(f"unknown benchmark {r.benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
     benchmark = get_benchmark(r.benchmark) if r.benchmark else None
-    names = _ood_names(r.ood, ood_dirs, benchmark)
+    names, added = ood_set_names(r.ood, ood_dirs, benchmark)
+    if added:
+        log.info("scoring %s too: given with --ood-dir", ", ".join(added))
+    names += added
     if r.fit_labels not in FIT_LABELS:
         raise UserError(f"fit_labels must be one of {', '.join(FIT_LABELS)}, got {r.fit_labels!r}")
     if r.batch_size < 1:
