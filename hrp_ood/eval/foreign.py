@@ -79,8 +79,9 @@ def load_foreign_network(path: Path, arch: str, num_classes: int) -> ForeignNetw
     path = Path(path)
     weights, sha256 = read_weights(path)
     net = build_arch(arch, num_classes)
-    adapted, layout = adapt_keys(weights, net.state_dict())
-    problem = weights_mismatch(net.state_dict(), adapted, num_classes, head=classifier_name(net))
+    expected = net.state_dict()
+    adapted, layout = adapt_keys(weights, expected)
+    problem = weights_mismatch(expected, adapted, num_classes, head=classifier_name(net))
     if problem:
         raise UserError(
             f"{shown(path)} does not fit --arch {arch} for {num_classes} classes: {problem}; "
