@@ -74,6 +74,8 @@ METHODS: dict[str, MethodSpec] = {
     # α = β = 1, and the consistency loss; then one module added
     "base": MethodSpec(meta=False, ram=False, cdcl=False),
     "base_coupled_meta": MethodSpec(normalization="coupled", ram=False, cdcl=False),
+    # Base + the paper's meta step (Eq. 5's separate normalisers) reweighting Eq. 13 by T; no RAM, no CDCL
+    "base_separate_meta": MethodSpec(ram=False, cdcl=False),
     "base_cdcl": MethodSpec(meta=False, ram=False),
     "base_ram_grg": MethodSpec(meta=False, cdcl=False),
 }
