@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import torch
-from hrp_ood.train.steps import STEPS, StepContext, StepInputs
 from hrp_ood.train.trainer import build_members
 
 from hrp_ood.config import build_config
 from hrp_ood.data.augment import BatchAugment
+from hrp_ood.trainers.base import StepContext, StepInputs
 
 METHODS = ("hrp", "hrp_no_meta", "base", "coteach", "ce")
 
@@ -52,7 +52,7 @@ def make_step(model: str, method: str, batch: int, device: torch.device, num_cla
     augment = BatchAugment((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 32, strong_policy=cfg.strong_policy)
     amp = "cuda" if device.type == "cuda" else None
     ctx = StepContext(cfg, augment, meta_images, meta_labels, autocast_device=amp, forget_rate=0.5)
-    step_fn = STEPS[cfg.spec.loss]
+    step_fn = cfg.spec.implementation().step
     batch_inputs = StepInputs(images, labels, torch.arange(batch, device=device), epoch=5.0)
 
     def step() -> None:

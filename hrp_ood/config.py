@@ -22,63 +22,9 @@ import yaml
 
 from hrp_ood.errors import UserError, cut, shown
 from hrp_ood.io import atomic_write_text, read_text_file
+from hrp_ood.trainers.registry import METHODS, MethodSpec
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """What a method name switches on. Every method and ablation is one row of METHODS."""
-
-    dual: bool = True  # two co-trained networks
-    loss: str = "hrp"  # ce | ce_meta | gce | coteach | hrp
-    meta: bool = True  # bilevel meta step for α, β (otherwise α = β = 1)
-    normalization: str | None = None  # fixes the config's `normalization` (coupled_meta); None: the config's
-    ce_loss: str | None = None  # fixes the config's `ce_loss` (hrp_meta_weighted); None: the config's
-    ram: bool = True
-    grg: bool = True
-    symmetric_ram: bool = False
-    cdcl: bool = True
-
-    @property
-    def trains_on_meta_set(self) -> bool:
-        """The clean meta set is training data (ce_meta), not held out."""
-        return self.loss == "ce_meta"
-
-    @property
-    def needs_meta_set(self) -> bool:
-        return self.meta or self.trains_on_meta_set
-
-
-METHODS: dict[str, MethodSpec] = {
-    "ce": MethodSpec(dual=False, loss="ce", meta=False),
-    # CE on each noisy batch plus a batch of the clean meta set with its true labels: the baseline that spends
-    # the clean labels HRP's meta step uses on plain training (best.pt is then the last epoch: no held-out set)
-    "ce_meta": MethodSpec(dual=False, loss="ce_meta", meta=False),
-    "gce": MethodSpec(dual=False, loss="gce", meta=False),
-    "coteach": MethodSpec(loss="coteach", meta=False),
-    # Table 4's "Coupled Meta": one normaliser for α and β (L2B-like) instead of Eq. 5's separate ones
-    "coupled_meta": MethodSpec(normalization="coupled"),
-    "hrp": MethodSpec(),
-    "hrp_no_ram": MethodSpec(ram=False),
-    "hrp_no_cdcl": MethodSpec(cdcl=False),
-    "hrp_no_grg": MethodSpec(grg=False),
-    "hrp_sym_ram": MethodSpec(symmetric_ram=True),
-    # not the paper's HRP: L_CE is Eq. 1 with each network's own meta-learned α, β over the whole batch (L2B's
-    # training loss) and one normaliser for α and β. The default of hrp-ood 0.1 until 2026-12-02 (docs/method.md)
-    "hrp_meta_weighted": MethodSpec(ce_loss="meta_weighted", normalization="coupled"),
-    # α = β = 1 everywhere: HRP's losses without the meta step (the speed baseline of benchmarks/train_step.py):
-    # T ≡ 2 (L_CE unweighted, RAM's Beta law symmetric, gate 2) and β̂ ≡ 1 (CDCL ungated)
-    "hrp_no_meta": MethodSpec(meta=False),
-    # Table 4's "independent module verification" rows: Base = two networks exchanging refined targets, L_CE at
-    # α = β = 1, and the consistency loss; then one module added
-    "base": MethodSpec(meta=False, ram=False, cdcl=False),
-    "base_coupled_meta": MethodSpec(normalization="coupled", ram=False, cdcl=False),
-    # Base + the paper's meta step (Eq. 5's separate normalisers) reweighting Eq. 13 by T; no RAM, no CDCL
-    "base_separate_meta": MethodSpec(ram=False, cdcl=False),
-    "base_cdcl": MethodSpec(meta=False, ram=False),
-    "base_ram_grg": MethodSpec(meta=False, cdcl=False),
-}
 
 
 @dataclass
@@ -110,6 +56,10 @@ class TrainConfig:
     weight_decay: float = 5e-4
     lr_milestones: list[int] = field(default_factory=lambda: [250, 400])
     lr_gamma: float = 0.1
+    # multistep: ×lr_gamma at each of lr_milestones (the paper's); cosine: per epoch from lr to lr_min over the run
+    # (L2B, ProMix, UNICON); constant (LongReMix's first stage)
+    lr_schedule: str = "multistep"
+    lr_min: float = 0.0
     warmup_epochs: int = 10
     ramp_epochs: int = 16
     # HRP hyper-parameters (SPEC §3.4.1)
@@ -152,6 +102,12 @@ class TrainConfig:
     gce_q: float = 0.7
     forget_rate: float | None = None  # co-teaching; None = the noise file's realised rate
     coteach_ramp_epochs: int = 10
+    # the comparison methods (hrp_ood/trainers/<method>.py). A None value is the reference code's for the dataset and
+    # noise level (each module's `reference_values`), resolved when the config is built: config.yaml records it.
+    # -- DivideMix, UNICON and LongReMix (hrp_ood/trainers/dividemix.py) --
+    # -- L2B (hrp_ood/trainers/l2b.py) --
+    # -- UNICON (hrp_ood/trainers/unicon.py) --
+    # -- ProMix (hrp_ood/trainers/promix.py) --
     # run
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -174,7 +130,16 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
+        if self.method in METHODS:
+            self._resolve_reference_values()
         self.validate()
+
+    def _resolve_reference_values(self) -> None:
+        """The method's reference hyper-parameters for the keys left unset (None): by dataset and noise level."""
+        reference_values = getattr(self.spec.implementation(), "reference_values", None)
+        for key, value in (reference_values(self) if reference_values else {}).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -196,6 +161,8 @@ class TrainConfig:
             raise UserError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {cut(self.normalization)}")
         if self.meta_bn not in META_BN_MODES:
             raise UserError(f"meta_bn must be one of {', '.join(META_BN_MODES)}, got {cut(self.meta_bn)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UserError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {cut(self.lr_schedule)}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise UserError(f"on_nonfinite must be 'stop' or 'skip', got {cut(self.on_nonfinite)}")
         for key, bounds in VALUE_RANGES.items():
@@ -231,7 +198,7 @@ class TrainConfig:
         """The learning-rate milestones fall within the run (checked for the config a run trains with; a
         `--resume` command line carries only the keys it changes, so this is not part of `validate`)."""
         outside = [m for m in self.lr_milestones if not 0 <= m <= self.epochs]
-        if outside:
+        if outside and self.lr_schedule == "multistep":
             raise UserError(
                 f"lr_milestones {self.lr_milestones} lie outside [0, {self.epochs}] (epochs): the learning "
                 f"rate would never decay at {', '.join(map(str, outside))}; give milestones within the "
@@ -258,6 +225,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+LR_SCHEDULES = ("multistep", "cosine", "constant")
 CE_LOSSES = ("refined", "meta_weighted", "meta_weighted_peer", "meta_weighted_s")
 MAX_EPOCHS = 100_000
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
@@ -286,6 +254,7 @@ VALUE_RANGES: dict[str, tuple[float, float, str]] = {
     "momentum": (0, 1, "[)"),
     "weight_decay": (0, INF, "[)"),
     "lr_gamma": (0, INF, "()"),
+    "lr_min": (0, INF, "[)"),
     "kappa": (0, INF, "()"),
     "t_min": (0, INF, "()"),
     "t_max": (0, INF, "()"),

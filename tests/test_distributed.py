@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import socket
 
-import hrp_ood.train.steps as steps_module
 import pytest
 import torch
 import torch.distributed as dist
@@ -14,10 +13,10 @@ import torch.multiprocessing as mp
 from conftest import tiny_train_args
 from fakes import write_cifar10
 from hrp_ood.train.signals import EpochSignals
-from hrp_ood.train.steps import StepContext, StepInputs, hrp_step
 from hrp_ood.train.tensorboard import available as tensorboard_available
 from hrp_ood.train.trainer import build_members, wrap_data_parallel
 
+import hrp_ood.trainers.hrp as steps_module
 from hrp_ood import distributed
 from hrp_ood.checkpoint import load_checkpoint
 from hrp_ood.cli import main
@@ -25,6 +24,8 @@ from hrp_ood.config import build_config
 from hrp_ood.data.augment import BatchAugment
 from hrp_ood.eval.network import load_network
 from hrp_ood.method import reliability_mixup
+from hrp_ood.trainers.base import StepContext, StepInputs
+from hrp_ood.trainers.hrp import step as hrp_step
 
 pytestmark = pytest.mark.slow  # end-to-end: left out by `pytest -m "not slow"`
 

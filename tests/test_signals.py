@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 from hrp_ood.train.signals import EpochSignals, auroc, batch_auroc, class_share_max
-from hrp_ood.train.steps import _cdcl_purity, _ram_diagnostics
 from sklearn.metrics import roc_auc_score
 
 from hrp_ood.method import ReliabilityMemory, meta_reliabilities, reliabilities_from_signed
+from hrp_ood.trainers.hrp import _cdcl_purity, _ram_diagnostics
 
 
 def test_batch_auroc_matches_sklearn_with_ties_and_is_nan_for_one_class():

@@ -3,17 +3,19 @@ its *peer* computed), the ablation switches (each changes exactly its term), and
 
 from __future__ import annotations
 
-import hrp_ood.train.steps as steps_module
 import pytest
 import torch
 import torch.nn.functional as F
-from hrp_ood.train.steps import StepContext, StepInputs, hrp_step
 from hrp_ood.train.trainer import build_members
 
+import hrp_ood.trainers.hrp as steps_module
 from hrp_ood.config import build_config
 from hrp_ood.data.augment import BatchAugment
 from hrp_ood.method import normalize_beta, refine_targets, reweighted_ce, total_reliability
 from hrp_ood.method.reliability import Reliabilities
+from hrp_ood.trainers import baselines
+from hrp_ood.trainers.base import StepContext, StepInputs
+from hrp_ood.trainers.hrp import step as hrp_step
 
 N, META, CLASSES = 8, 8, 4
 
@@ -297,7 +299,7 @@ def test_ce_meta_step_adds_a_clean_meta_batch_with_its_true_labels():
     draw = ctx.sample_meta_batch
     ctx.sample_meta_batch = lambda: drawn.append(draw()) or drawn[-1]
     forwards = record_forwards(members)
-    logs = steps_module.STEPS["ce_meta"](ctx, members, batch)
+    logs = baselines.STEPS["ce_meta"](ctx, members, batch)
     ((inputs, logits),) = forwards[0]
     meta_x, meta_y = drawn[0]
     assert len(inputs) == N + len(meta_y) and torch.equal(inputs[N:], meta_x)
@@ -306,7 +308,7 @@ def test_ce_meta_step_adds_a_clean_meta_batch_with_its_true_labels():
     assert not torch.allclose(expected, F.cross_entropy(logits[:N], batch.noisy_labels))
 
     drawn.clear()
-    steps_module.STEPS["ce"](ctx, members, batch)
+    baselines.STEPS["ce"](ctx, members, batch)
     assert drawn == []
 
 

@@ -24,7 +24,9 @@ from sklearn.metrics import roc_auc_score
 from hrp_ood import distributed
 from hrp_ood.io import atomic_write
 
-PER_SAMPLE = ("alpha", "beta", "T", "loss", "pseudo_correct")
+# selection: a comparison method's per-sample clean score (DivideMix's GMM probability, UNICON's 1 − JSD, ProMix's
+# selection), higher = judged clean
+PER_SAMPLE = ("alpha", "beta", "T", "loss", "pseudo_correct", "selection")
 LAMBDA_SAMPLES = 4096
 PAIR_TYPES = ("clean-clean", "clean-noisy", "noisy-clean", "noisy-noisy")
 
@@ -95,6 +97,7 @@ class EpochSignals:
             "alpha_auroc": auroc(v["alpha"], is_clean),
             "T_auroc": auroc(v["T"], is_clean),
             "loss_auroc": auroc(-v["loss"], is_clean),
+            "selection_auroc": auroc(v["selection"], is_clean),
             "beta_pseudo_auroc": auroc(v["beta"], v["pseudo_correct"] > 0.5),
             "pseudo_acc": 100.0 * torch.nanmean(v["pseudo_correct"]).item(),
             "targets_S_class_max": class_share_max(self.class_counts["targets_S"]),

@@ -37,7 +37,6 @@ import numpy as np
 import torch
 from hrp_ood.train.data import prepare_training_data
 from hrp_ood.train.signals import EpochSignals, class_share_max
-from hrp_ood.train.steps import STEPS, Member, NonFiniteLoss, StepContext, StepInputs
 from hrp_ood.train.tensorboard import TensorBoardLog, tensorboard_log
 
 from hrp_ood import distributed
@@ -48,9 +47,10 @@ from hrp_ood.devices import device_type, resolve_device
 from hrp_ood.errors import Interrupted, UserError
 from hrp_ood.io import atomic_write_text, read_metrics_rows
 from hrp_ood.method import ReliabilityMemory
-from hrp_ood.models import ProjectionHead, create_model
+from hrp_ood.models import create_model
 from hrp_ood.progress import progress_steps
 from hrp_ood.run_dir import RunFolder
+from hrp_ood.trainers.base import EpochPlan, Member, NonFiniteLoss, StepContext, StepInputs, shuffled_plan
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +58,31 @@ log = logging.getLogger(__name__)
 def build_members(cfg: TrainConfig, num_classes: int, device: torch.device) -> list[Member]:
     """One or two networks (SPEC §3.4: HRP co-trains two), each with its optimiser and lr schedule."""
     members = []
-    for _ in range(2 if cfg.spec.dual else 1):
+    projection_head = getattr(cfg.spec.implementation(), "projection_head", lambda cfg, net: None)
+    for _ in range(cfg.spec.networks):
         net = create_model(cfg.model, num_classes=num_classes).to(device)
         if cfg.sync_bn:  # before the optimiser: the conversion makes new BN parameters
             distributed.convert_to_global_batch_norm(net)
         if cfg.channels_last:
             net = net.to(memory_format=torch.channels_last)
-        head = None
-        if cfg.spec.loss == "hrp" and cfg.spec.cdcl:
-            head = ProjectionHead(net.num_features, cfg.proj_hidden_dim, cfg.proj_dim).to(device)
+        head = projection_head(cfg, net)
+        if head is not None:
+            head = head.to(device)
         params = list(net.parameters()) + (list(head.parameters()) if head is not None else [])
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.lr_milestones, gamma=cfg.lr_gamma)
+        scheduler = lr_scheduler(cfg, optimizer)
         members.append(Member(net, head, optimizer, scheduler, forward=torch.compile(net) if cfg.compile else net))
     return members
+
+
+def lr_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule of `cfg.lr_schedule`, stepped once per epoch."""
+    schedulers = torch.optim.lr_scheduler
+    if cfg.lr_schedule == "cosine":
+        return schedulers.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=cfg.lr_min)
+    if cfg.lr_schedule == "constant":
+        return schedulers.LambdaLR(optimizer, lambda epoch: 1.0)
+    return schedulers.MultiStepLR(optimizer, milestones=cfg.lr_milestones, gamma=cfg.lr_gamma)
 
 
 def wrap_data_parallel(members: list[Member], cfg: TrainConfig, device: torch.device) -> None:
@@ -183,6 +194,8 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.ranks = distributed.world_size()
         _check_divisible(cfg, self.ranks)
+        if self.ranks > 1 and not cfg.spec.data_parallel:
+            raise UserError(f"{cfg.method} trains in one process (its epoch pass spans the whole set); drop --nproc")
         self.progress = (sys.stderr.isatty() if progress is None else progress) and distributed.is_main()
         self.data = distributed.main_first(lambda: prepare_training_data(cfg, run_dir, self.device))
         self.augment = BatchAugment(
@@ -204,7 +217,8 @@ class Trainer:
             autocast_device="cuda" if amp else None,
             forget_rate=cfg.forget_rate if cfg.forget_rate is not None else self.data.noise_rate,
         )
-        self.step_fn = STEPS[cfg.spec.loss]
+        self.ctx.train_images, self.ctx.train_labels = self.data.images, self.data.noisy_labels
+        self.implementation = cfg.spec.implementation()
         if cfg.spec.meta and cfg.reliability_momentum > 0:
             self.ctx.memories = [
                 ReliabilityMemory(len(self.data.noisy_labels), cfg.reliability_momentum, self.device)
@@ -213,7 +227,7 @@ class Trainer:
         self.metrics = MetricsLog(run_dir / "metrics.csv")
         self.epoch = 0  # epochs completed
         self.step = 0  # steps completed in the current epoch
-        self.order = torch.empty(0, dtype=torch.long)
+        self.plan = EpochPlan(torch.empty(0, 0, dtype=torch.long))
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, torch.Tensor] = {}  # steps whose value of each log was finite
         self.best_acc = -math.inf  # meta-set accuracy of best.pt
@@ -246,6 +260,7 @@ class Trainer:
             "optimizers": [m.optimizer.state_dict() for m in self.members],
             "schedulers": [m.scheduler.state_dict() for m in self.members],
             "reliability_memories": [memory.state_dict() for memory in self.ctx.memories],
+            "method_state": {key: value.cpu() for key, value in self.ctx.method_state.items()},
             "rng": rng_state(),  # rank 0's (what a one-process resume uses)
             "rank_rng": distributed.all_gather_objects(rng_state()) if self.ranks > 1 else [],
         }
@@ -261,6 +276,7 @@ class Trainer:
             m.scheduler.load_state_dict(sched)
         for memory, saved in zip(self.ctx.memories, state.get("reliability_memories", [])):
             memory.load_state_dict(saved)
+        self.ctx.method_state = {key: value.to(self.device) for key, value in state.get("method_state", {}).items()}
         self.epoch = state["epoch"]
         self.step = state["step"]
         self.best_acc = state["best_acc"]
@@ -270,7 +286,7 @@ class Trainer:
             self.metrics.catch_up(self.epoch, self.metrics_row)
         if self.step:
             epoch_state = state["epoch_state"]
-            self.order = epoch_state["order"]
+            self.plan = _saved_plan(epoch_state, self._batch_size(), self.device)
             # the saved partial sums are over every rank: rank 0 carries them, the others restart from 0
             keep = distributed.is_main()
             self.sums = {k: v.to(self.device) * keep for k, v in epoch_state["sums"].items()}
@@ -294,7 +310,7 @@ class Trainer:
     def _epoch_state(self) -> dict[str, Any]:
         """The epoch in flight, merged over ranks (partial sums added, per-sample reliabilities combined)."""
         return {
-            "order": self.order,
+            "plan": self.plan.state_dict(),
             "sums": {k: distributed.global_sum(torch.as_tensor(v)).cpu() for k, v in self.sums.items()},
             "counts": {k: distributed.global_sum(torch.as_tensor(v)).cpu() for k, v in self.counts.items()},
             "signals": self.ctx.signals.state_dict(),
@@ -302,10 +318,18 @@ class Trainer:
         }
 
     # ---- the loop ----------------------------------------------------------------------------------
+    def _batch_size(self) -> int:
+        """The global batch: every rank takes an equal slice of it."""
+        return min(self.cfg.batch_size, len(self.data.noisy_labels)) // self.ranks * self.ranks
+
     def _begin_epoch(self) -> None:
-        n = len(self.data.noisy_labels)
-        # CPU generator: the same order on every device; rank 0's, so every rank slices the same order
-        self.order = distributed.broadcast_from_main(torch.randperm(n).to(self.device)).cpu()
+        epoch_plan = getattr(self.implementation, "epoch_plan", None)
+        if epoch_plan is not None:  # the method's pass over the training set (one process: spec.data_parallel)
+            self.plan = epoch_plan(self.ctx, self.members, self.data, self.epoch)
+        else:
+            # CPU generator: the same order on every device; rank 0's, so every rank slices the same order
+            plan = shuffled_plan(len(self.data.noisy_labels), self._batch_size())
+            self.plan = EpochPlan(distributed.broadcast_from_main(plan.index.to(self.device)).cpu())
         self.sums, self.counts = {}, {}
         self.ctx.signals = self._new_signals()
         self.ctx.skipped_steps = 0
@@ -315,13 +339,11 @@ class Trainer:
 
     def train_epoch(self) -> dict[str, float]:
         """Run (the rest of) the current epoch; returns the epoch's mean logs. Resumes mid-epoch if needed."""
-        batch_size = min(self.cfg.batch_size, len(self.data.noisy_labels)) // self.ranks * self.ranks
-        local_size = batch_size // self.ranks
-        first = distributed.rank() * local_size  # this rank's slice of each global batch
-        # the last partial batch is dropped: BN and the batch-level normalisations want full batches
-        steps = len(self.data.noisy_labels) // batch_size
         if self.step == 0:
             self._begin_epoch()
+        steps, batch_size = self.plan.index.shape
+        local_size = batch_size // self.ranks
+        first = distributed.rank() * local_size  # this rank's slice of each global batch
         for m in self.members:
             m.net.train()
         bar = progress_steps(
@@ -335,17 +357,17 @@ class Trainer:
         for step in bar:
             if self._stop_agreed():
                 raise TrainingInterrupted(self.epoch, step)
-            start = step * batch_size + first
-            index = self.order[start : start + local_size].to(self.device)
+            index = self.plan.index[step, first : first + local_size].to(self.device)
             batch = StepInputs(
                 self.data.images[index],
                 self.data.noisy_labels[index],
                 index,
                 epoch=self.epoch + step / steps,
                 clean_labels=self.data.clean_labels[index],
+                extras=self.plan.step_extras(step),
             )
             try:
-                logs = self.step_fn(self.ctx, self.members, batch)
+                logs = self.implementation.step(self.ctx, self.members, batch)
             except NonFiniteLoss as err:
                 raise UserError(
                     f"non-finite loss at epoch {self.epoch + 1}, step {step + 1} (terms: {err}); "
@@ -483,6 +505,15 @@ class Trainer:
     def _last_test_acc(self) -> float:
         rows = self.metrics.rows
         return float(rows[-1]["acc_ensemble"]) if rows else math.nan
+
+
+def _saved_plan(epoch_state: dict[str, Any], batch_size: int, device: torch.device) -> EpochPlan:
+    """The plan of a mid-epoch checkpoint; one written before plans existed holds the epoch's order instead."""
+    if "plan" in epoch_state:
+        return EpochPlan.from_state_dict(epoch_state["plan"], device)
+    order = epoch_state["order"]
+    steps = len(order) // batch_size
+    return EpochPlan(order[: steps * batch_size].view(steps, batch_size))
 
 
 def _check_divisible(cfg: TrainConfig, ranks: int) -> None:

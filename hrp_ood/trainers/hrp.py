@@ -1,39 +1,16 @@
-"""One optimisation step of each method (SPEC §3.4–3.5): CE (with or without the clean meta set), GCE,
-co-teaching, HRP and its ablations.
-
-A step function takes the run's `Members` (one or two networks with their optimisers), a batch of uint8
-images with their noisy labels, and the fractional epoch; it updates the networks and returns detached
-scalar tensors to log (never `.item()` here: a GPU step must not wait on the host).
-
-Data-parallel (torchrun): each rank runs the same step on its slice of the global batch; `Member.forward`
-and `Member.head_forward` are the DDP-wrapped modules, `Member.net` the plain one the meta step
-differentiates. The losses follow the gradient convention of `hrp_ood.distributed` (each rank's loss is
-W × its share, DDP averages), so the update equals one process on the whole batch; the logged terms
-are rank-local (the trainer averages them over ranks), the non-finite check is global.
-"""
+"""HRP (SPEC §3) and its ablations: forward, meta step, exchange, Eq. 15, update; the method's diagnostics."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from hrp_ood.train.signals import EpochSignals, batch_auroc
-from torch import nn
 
 from hrp_ood.config import TrainConfig
-from hrp_ood.data.augment import BatchAugment
-from hrp_ood.distributed import broadcast_from_main, global_sum, rank, world_size
 from hrp_ood.method import (
-    ReliabilityMemory,
     cdcl_loss,
     consistency_loss,
-    coteaching_forget_rate,
-    coteaching_select,
-    gce_loss,
     meta_reliabilities,
     normalize_beta,
     prior_penalty,
@@ -46,150 +23,15 @@ from hrp_ood.method import (
     weighted_label_ce,
 )
 from hrp_ood.method.reliability import Reliabilities
-from hrp_ood.models import frozen_batchnorm_stats
+from hrp_ood.models import ProjectionHead, frozen_batchnorm_stats
+from hrp_ood.train.signals import batch_auroc
+from hrp_ood.trainers.base import Member, StepContext, StepInputs, loss_precision, record_loss, update
+from hrp_ood.trainers.baselines import ce_step
 
 
-@dataclass
-class Member:
-    """One co-trained network: backbone, optional CDCL projection head, optimiser, lr schedule."""
-
-    net: nn.Module
-    head: nn.Module | None
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    # the training passes; `torch.compile(net)` with --set compile=true. The meta step differentiates
-    # `net` itself (functional_call + forward-mode AD), which compiled graphs do not support.
-    forward: Callable[..., Any] | None = None
-    # the projection head's training pass (DDP-wrapped in a data-parallel run)
-    head_forward: Callable[..., Any] | None = None
-
-    def __post_init__(self) -> None:
-        if self.forward is None:
-            self.forward = self.net
-        if self.head_forward is None:
-            self.head_forward = self.head
-
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
-
-@dataclass
-class StepInputs:
-    images: torch.Tensor  # uint8 (n, 3, H, W) on the device
-    noisy_labels: torch.Tensor
-    index: torch.Tensor  # positions in the training set (per-sample reliability memory and logging)
-    epoch: float  # fractional epoch, drives warm-up / ramp schedules
-    clean_labels: torch.Tensor | None = None  # for the logged diagnostics only: no training computation reads them
-
-
-@dataclass
-class StepContext:
-    cfg: TrainConfig
-    augment: BatchAugment
-    meta_images: torch.Tensor
-    meta_labels: torch.Tensor
-    autocast_device: str | None  # "cuda" when AMP is on, else None
-    forget_rate: float = 0.0
-    skipped_steps: int = 0  # non-finite steps skipped under on_nonfinite="skip"
-    signals: EpochSignals | None = None  # this epoch's per-sample diagnostics (train/signals.py), if recorded
-    # one per network: the per-sample averages of its meta-gradients (reliability_momentum > 0)
-    memories: list[ReliabilityMemory] = field(default_factory=list)
-
-    def autocast(self):
-        if self.autocast_device is None:
-            return nullcontext()
-        return torch.autocast(self.autocast_device, dtype=torch.bfloat16)
-
-    def sample_meta_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """A random meta batch (without replacement); data-parallel: rank 0 draws it, each rank takes an
-        equal slice, so the ranks' mean meta gradient is the one of the whole meta batch."""
-        ranks = world_size()
-        count = min(self.cfg.meta_batch_size, len(self.meta_labels)) // ranks * ranks
-        pick = torch.randperm(len(self.meta_labels), device=self.meta_labels.device)[:count]
-        pick = broadcast_from_main(pick).chunk(ranks)[rank()]
-        return self.augment.weak(self.meta_images[pick]), self.meta_labels[pick]
-
-
-class NonFiniteLoss(Exception):
-    """Raised before any weight changes, naming the loss terms that are not finite."""
-
-    def __init__(self, terms: list[str]):
-        super().__init__(", ".join(terms))
-        self.terms = terms
-
-
-def _loss_precision(t: torch.Tensor) -> torch.Tensor:
-    """Autocast's half-precision outputs are promoted to float32 for the losses; float64 stays float64."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-def _update(ctx: StepContext, members: list[Member], loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
-    """Backward and step every member's optimiser, unless the loss is not finite (then raise or skip)."""
-    for m in members:
-        m.optimizer.zero_grad(set_to_none=True)
-    if not torch.isfinite(global_sum(loss.detach())):  # every rank takes the same branch
-        if ctx.cfg.on_nonfinite == "skip":
-            ctx.skipped_steps += 1
-            return
-        raise NonFiniteLoss([k for k, v in terms.items() if k.startswith("loss") and not torch.isfinite(v).all()])
-    loss.backward()
-    for m in members:
-        m.optimizer.step()
-
-
-def ce_step(ctx: StepContext, members: list[Member], batch: StepInputs) -> dict[str, torch.Tensor]:
-    """Plain cross-entropy on the noisy labels, every network (also HRP's warm-up)."""
-    return _ce_update(ctx, members, batch, ctx.augment.weak(batch.images), batch.noisy_labels)
-
-
-def ce_meta_step(ctx: StepContext, members: list[Member], batch: StepInputs) -> dict[str, torch.Tensor]:
-    """Cross-entropy on the noisy batch and, in the same pass, on a batch of the clean meta set with its true
-    labels (each sample of the two weighs the same)."""
-    meta_x, meta_y = ctx.sample_meta_batch()
-    x = torch.cat([ctx.augment.weak(batch.images), meta_x])
-    return _ce_update(ctx, members, batch, x, torch.cat([batch.noisy_labels, meta_y]))
-
-
-def _ce_update(
-    ctx: StepContext, members: list[Member], batch: StepInputs, x: torch.Tensor, labels: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """One step of every network on the mean CE of (x, labels), whose first rows are the training batch."""
-    with ctx.autocast():
-        per_sample = [F.cross_entropy(m.forward(x).float(), labels, reduction="none") for m in members]
-    _record_loss(ctx, batch, [ps[: len(batch.noisy_labels)] for ps in per_sample])
-    loss = torch.stack([ps.mean() for ps in per_sample]).sum()
-    _update(ctx, members, loss, {"loss_ce": loss})
-    return {"loss": loss.detach(), "loss_ce": loss.detach() / len(members)}
-
-
-def gce_step(ctx: StepContext, members: list[Member], batch: StepInputs) -> dict[str, torch.Tensor]:
-    x = ctx.augment.weak(batch.images)
-    with ctx.autocast():
-        logits = [m.forward(x).float() for m in members]
-    _record_loss(ctx, batch, [F.cross_entropy(z.detach(), batch.noisy_labels, reduction="none") for z in logits])
-    loss = torch.stack([gce_loss(z, batch.noisy_labels, q=ctx.cfg.gce_q) for z in logits]).sum()
-    _update(ctx, members, loss, {"loss_gce": loss})
-    return {"loss": loss.detach(), "loss_gce": loss.detach() / len(members)}
-
-
-def coteach_step(ctx: StepContext, members: list[Member], batch: StepInputs) -> dict[str, torch.Tensor]:
-    """Co-teaching (Han et al. 2018): each network learns from the small-loss samples its peer selects."""
-    x = ctx.augment.weak(batch.images)
-    with ctx.autocast():
-        per_sample = [F.cross_entropy(m.forward(x).float(), batch.noisy_labels, reduction="none") for m in members]
-    _record_loss(ctx, batch, per_sample)
-    rate = coteaching_forget_rate(batch.epoch, ctx.forget_rate, ctx.cfg.coteach_ramp_epochs)
-    keep_a, keep_b = coteaching_select(per_sample[0].detach(), per_sample[1].detach(), rate)
-    loss = per_sample[0][keep_a].mean() + per_sample[1][keep_b].mean()
-    _update(ctx, members, loss, {"loss_ce": loss})
-    return {"loss": loss.detach(), "loss_ce": loss.detach() / 2, "forget_rate": torch.tensor(rate, device=loss.device)}
-
-
-def _record_loss(ctx: StepContext, batch: StepInputs, per_sample: list[torch.Tensor]) -> None:
-    """The small-loss signal (CE on the noisy label, mean over the networks) for the epoch's diagnostics."""
-    if ctx.signals is not None:
-        ctx.signals.record("loss", batch.index, torch.stack(per_sample).detach().mean(dim=0))
+def projection_head(cfg: TrainConfig, net: torch.nn.Module) -> torch.nn.Module | None:
+    """CDCL's projection head (SPEC §3.3), for the methods that keep CDCL."""
+    return ProjectionHead(net.num_features, cfg.proj_hidden_dim, cfg.proj_dim) if cfg.spec.cdcl else None
 
 
 def _reliabilities(
@@ -256,7 +98,7 @@ def _hrp_member_loss(
             x_weak, targets, T, cfg.kappa, symmetric=spec.symmetric_ram, gated=spec.grg, eps=cfg.delta
         )
         with ctx.autocast(), _running_stats_from_weak_views_only(ctx, member):
-            mixed_logits = _loss_precision(member.forward(mixed.inputs))
+            mixed_logits = loss_precision(member.forward(mixed.inputs))
         terms["loss_ram"] = ram_loss(mixed_logits, mixed.targets, mixed.gate)
         terms["gate"] = mixed.gate.mean()
         terms["lambda"] = mixed.lam.mean()
@@ -264,7 +106,7 @@ def _hrp_member_loss(
         if diagnose and batch.clean_labels is not None:
             terms.update(_ram_diagnostics(ctx, mixed.lam, mixed.perm, batch))
     if weight > 0 and spec.cdcl:
-        z = member.head_forward(_loss_precision(own["features"]))
+        z = member.head_forward(loss_precision(own["features"]))
         confident = peer["probs"].max(dim=1).values >= cfg.tau_conf
         beta_hat = normalize_beta(peer["beta"], cfg.delta)
         terms["loss_cdcl"] = cdcl_loss(z, peer["pseudo"], beta_hat, confident, cfg.cdcl_temperature)
@@ -349,7 +191,7 @@ def _cdcl_purity(
     }
 
 
-def hrp_step(ctx: StepContext, members: list[Member], batch: StepInputs) -> dict[str, torch.Tensor]:
+def step(ctx: StepContext, members: list[Member], batch: StepInputs) -> dict[str, torch.Tensor]:
     """One HRP iteration for both networks (SPEC §3): forward, meta step, exchange, Eq. 15, update."""
     cfg = ctx.cfg
     if batch.epoch < cfg.warmup_epochs:
@@ -360,7 +202,7 @@ def hrp_step(ctx: StepContext, members: list[Member], batch: StepInputs) -> dict
     for m, (x_weak, x_strong) in zip(members, views):
         with ctx.autocast(), _running_stats_from_weak_views_only(ctx, m):
             logits, features = m.forward(torch.cat([x_weak, x_strong]), return_feature=True)
-        logits = _loss_precision(logits)
+        logits = loss_precision(logits)
         probs = logits[:n].detach().softmax(dim=1)
         outputs.append(
             {
@@ -386,7 +228,7 @@ def hrp_step(ctx: StepContext, members: list[Member], batch: StepInputs) -> dict
     ]
     loss = torch.stack([t["loss"] for t in per_member]).sum()
     shared = [key for key in per_member[0] if all(key in t for t in per_member)]  # net 1 also logs diagnostics
-    _update(ctx, members, loss, {k: torch.stack([t[k] for t in per_member]) for k in shared})
+    update(ctx, members, loss, {k: torch.stack([t[k] for t in per_member]) for k in shared})
 
     alpha = torch.stack([o["alpha"] for o in outputs]).mean(dim=0)
     beta = torch.stack([o["beta"] for o in outputs]).mean(dim=0)
@@ -450,11 +292,8 @@ def _record_hrp_signals(
     signals.record("alpha", index, alpha)
     signals.record("T", index, total_reliability(alpha, beta, cfg.t_min, cfg.t_max))
     signals.record("beta", index, outputs[0]["beta"])
-    _record_loss(
+    record_loss(
         ctx, batch, [F.cross_entropy(o["logits_weak"].detach(), batch.noisy_labels, reduction="none") for o in outputs]
     )
     if batch.clean_labels is not None:
         signals.record("pseudo_correct", index, (outputs[0]["pseudo"] == batch.clean_labels).float())
-
-
-STEPS = {"ce": ce_step, "ce_meta": ce_meta_step, "gce": gce_step, "coteach": coteach_step, "hrp": hrp_step}
