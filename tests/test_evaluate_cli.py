@@ -313,6 +313,7 @@ def test_net_1_net_2_and_ensemble_of_a_two_network_checkpoint(world, main_eval):
         assert evaluate(world, "hrp_sym20_s0", "--net", which, "--ood", "svhn,mnist", "--postprocessor", "msp,mds") == 0
         report, scores = read_eval(world.runs / "hrp_sym20_s0" / f"eval_{which}")
         assert report["net"] == which and report["ood_sets"] == ["svhn", "mnist"]
+        assert report["test_rule"] == ("mean" if which == "ensemble" else None)
         logits = (
             ensemble_logits(ckpt, world.split.test_images)
             if which == "ensemble"

@@ -317,6 +317,20 @@ def test_ensemble_is_mean_of_members_and_a_linear_head(members):
     np.testing.assert_allclose(b, (members[0].get_fc()[1] + members[1].get_fc()[1]) / 2)
 
 
+def test_summing_ensemble_is_the_sum_of_members_logits_and_a_linear_head(members):
+    """DivideMix's, UNICON's and LongReMix's test: summed logits (MSP and energy differ from the mean's)."""
+    ensemble = EnsembleNet(members, combine="sum").eval()
+    x = images(32, batch=3).double()
+    with torch.no_grad():
+        logits, feature = ensemble(x, return_feature=True)
+        expected = members[0](x) + members[1](x)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ensemble.fc(feature), expected, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(ensemble.get_fc()[1], members[0].get_fc()[1] + members[1].get_fc()[1])
+    with pytest.raises(UserError, match="mean or sum"):
+        EnsembleNet(members, combine="max")
+
+
 def test_ensemble_react_clips_each_member(members):
     ensemble = EnsembleNet(members)
     x = images(32, batch=3).double()

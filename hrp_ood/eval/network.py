@@ -86,11 +86,12 @@ def networks_from_checkpoint(state: dict[str, Any], path: Path) -> list[nn.Modul
     return nets
 
 
-def select_network(nets: list[nn.Module], which: str, path: Path) -> nn.Module:
+def select_network(nets: list[nn.Module], which: str, path: Path, test_rule: str = "mean") -> nn.Module:
+    """Net 1, net 2, or the ensemble under the method's test rule (the mean or the sum of the logits)."""
     if which not in NET_CHOICES:
         raise UserError(f"--net must be one of {', '.join(NET_CHOICES)}, got {which!r}")
     if which == "ensemble":
-        return EnsembleNet(nets) if len(nets) > 1 else nets[0]
+        return EnsembleNet(nets, combine=test_rule) if len(nets) > 1 else nets[0]
     k = int(which)
     if k > len(nets):
         raise UserError(f"{path} holds {len(nets)} network(s) (single-network method); use --net 1")
@@ -101,7 +102,8 @@ def network_from_state(
     state: dict[str, Any], path: Path, which: str = "ensemble", device: str | torch.device = "cpu"
 ) -> nn.Module:
     """The network `which` of a loaded checkpoint (read from `path`), in eval mode on `device`."""
-    net = select_network(networks_from_checkpoint(state, path), which, path)
+    test_rule = checkpoint_config(state, path).spec.test_rule
+    net = select_network(networks_from_checkpoint(state, path), which, path, test_rule)
     return net.to(device).eval()
 
 

@@ -382,6 +382,8 @@ def _evaluated(loaded: LoadedCheckpoint, net: str) -> dict[str, Any]:
         "noise": "file" if cfg.noisy_labels else cfg.noise,
         "seed": cfg.seed,
         "net": net,
+        # how the ensemble combines the networks' logits: the method's own test (mean or sum; MSP and energy differ)
+        "test_rule": cfg.spec.test_rule if net == "ensemble" and cfg.spec.networks > 1 else None,
         "model": cfg.model,
         "epoch": loaded.state["epoch"],
     }

@@ -5,7 +5,8 @@ Averaging k members' logits is a linear head over their concatenated features:
     (1/k) Σ_m (W_m h_m + b_m) = [W_1 … W_k]/k · [h_1; …; h_k] + (1/k) Σ_m b_m
 
 so the ensemble's feature is h = [h_1; …; h_k] (D = Σ D_m), its head is W = [W_1 … W_k]/k, b = mean(b_m), and
-ReAct's min(h, c) clips every member's feature at c. Feature-based postprocessors (Mahalanobis, ReAct, ViM …)
+ReAct's min(h, c) clips every member's feature at c. Summed logits (DivideMix's, UNICON's and LongReMix's test) are
+the same head without the 1/k: `combine="sum"`. Feature-based postprocessors (Mahalanobis, ReAct, ViM …)
 then see the ensemble exactly as they see a single network.
 """
 
@@ -21,6 +22,9 @@ from hrp_ood.errors import UserError
 from hrp_ood.models.base import ClassifierNet
 
 
+COMBINE_RULES = ("mean", "sum")
+
+
 class EnsembleNet(ClassifierNet):
     """Members' logits averaged; features, stages and the linear head concatenated.
 
@@ -32,8 +36,11 @@ class EnsembleNet(ClassifierNet):
     and spatial sizes) — always true for HRP's two co-trained copies of one backbone.
     """
 
-    def __init__(self, nets: Sequence[ClassifierNet]) -> None:
+    def __init__(self, nets: Sequence[ClassifierNet], combine: str = "mean") -> None:
         super().__init__()
+        if combine not in COMBINE_RULES:
+            raise UserError(f"an ensemble combines logits by {' or '.join(COMBINE_RULES)}, got {combine!r}")
+        self.combine = combine
         if len(nets) == 0:
             raise UserError("EnsembleNet needs at least one network")
         class_counts = {net.num_classes for net in nets}
@@ -46,10 +53,12 @@ class EnsembleNet(ClassifierNet):
         self.num_features = sum(net.num_features for net in nets)
 
     def head_parameters(self) -> tuple[Tensor, Tensor]:
-        """W = [W_1 … W_k]/k (C, Σ D_m) and b = (1/k) Σ b_m (C,), differentiable w.r.t. the members."""
+        """W = [W_1 … W_k]/k (C, Σ D_m) and b = (1/k) Σ b_m (C,), differentiable w.r.t. the members; without the
+        1/k when the ensemble sums its members' logits."""
         heads = [net.get_fc_layer() for net in self.members]
-        weight = torch.cat([head.weight for head in heads], dim=1) / len(heads)
-        bias = torch.stack([head.bias for head in heads]).mean(dim=0)
+        scale = 1.0 if self.combine == "sum" else 1.0 / len(heads)
+        weight = torch.cat([head.weight for head in heads], dim=1) * scale
+        bias = torch.stack([head.bias for head in heads]).sum(dim=0) * scale
         return weight, bias
 
     @property
