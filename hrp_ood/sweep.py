@@ -660,7 +660,8 @@ def changed_runs(experiment: Experiment) -> dict[str, str]:
 
 def set_aside_changed(experiment: Experiment, changes: dict[str, str]) -> None:
     """--rerun-changed: move each changed run's folder (config changed) or evaluation folder aside into
-    <out>/replaced/, so the sweep trains or evaluates it again; nothing is deleted."""
+    <out>/replaced/, so the sweep trains or evaluates it again; a retrained run's TensorBoard logs (<out>/tb/<run>) go
+    with its folder, as its tb/; nothing is deleted."""
     import time
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -669,6 +670,9 @@ def set_aside_changed(experiment: Experiment, changes: dict[str, str]) -> None:
         target = experiment.out / "replaced" / f"{name}__{source.name}__{stamp}"
         target.parent.mkdir(parents=True, exist_ok=True)
         source.rename(target)
+        board = experiment.out / "tb" / name  # the run's TensorBoard logs (tensorboard_dir): retrained, so replaced
+        if what.startswith("config") and board.is_dir():
+            board.rename(target / "tb")
         print(f"{name}: {what} changed; the old files are in {target}", flush=True)
 
 

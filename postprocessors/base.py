@@ -57,6 +57,7 @@ class Postprocessor(abc.ABC):
 
     def __init__(self) -> None:
         self.is_fitted = False
+        self.fit_warnings: list[str] = []  # what the fit found doubtful (logged; eval.json's "warnings")
         self.feature_dim: int | None = None
 
     # ---- fit / score on cached outputs (the hrp-ood path) --------------------------------------------
@@ -65,6 +66,7 @@ class Postprocessor(abc.ABC):
         """Estimate the method's ID statistics from ID-train outputs; fc = (W (C, D), b (C,)). Returns self."""
         if self.requires_fit:
             weight, bias = _check_fc(fc, train.features.shape[1])
+            self.fit_warnings = []
             self._fit(train, weight, bias)
             self.feature_dim = train.features.shape[1]
         self.is_fitted = True

@@ -39,10 +39,32 @@ def shared_precision(
     own mean subtraction is a no-op up to rounding) on float32 data; the precision is sklearn's
     pseudo-inverse ``pinvh(Σ)``.
     """
+    return _shared_covariance(features, labels, means, classes, num_classes).precision_
+
+
+def _shared_covariance(
+    features: np.ndarray, labels: np.ndarray, means: np.ndarray, classes: np.ndarray, num_classes: int
+) -> EmpiricalCovariance:
+    """The fitted estimator of `shared_precision` (its `covariance_` and `precision_`)."""
     row_of_class = np.full(num_classes, -1)
     row_of_class[classes] = np.arange(classes.size)
     centred = features - means.astype(np.float32)[row_of_class[labels]]
-    return EmpiricalCovariance(assume_centered=False).fit(centred.astype(np.float32)).precision_
+    return EmpiricalCovariance(assume_centered=False).fit(centred.astype(np.float32))
+
+
+def singular_covariance_warning(covariance: np.ndarray, samples: int, classes: int) -> str | None:
+    """The warning for a shared covariance that is singular, or None: fewer class-centred samples than feature
+    dimensions (N − K < D: rank at most N − K), or a rank below D at the estimate's float32 precision (a feature that
+    never varies). Σ⁺ is then a pseudo-inverse and the distances depend on rounding."""
+    dim = covariance.shape[0]
+    rank = int(np.linalg.matrix_rank(covariance, hermitian=True))
+    if samples - classes >= dim and rank == dim:
+        return None
+    return (
+        f"mds: the shared covariance of the {dim}-d features is singular (rank {rank} of {dim}; fitted on {samples} "
+        f"ID training samples in {classes} classes): its pseudo-inverse gives scores without a stable meaning "
+        "(OpenOOD's would be as ill-posed); fit on more ID training images than feature dimensions"
+    )
 
 
 @register_postprocessor("mds")
@@ -73,9 +95,13 @@ class Mahalanobis(Postprocessor):
                 num_classes - classes.size,
                 num_classes,
             )
-        precision = shared_precision(features, labels, means, classes, num_classes)
+        estimate = _shared_covariance(features, labels, means, classes, num_classes)
+        warning = singular_covariance_warning(estimate.covariance_, len(labels), classes.size)
+        if warning:
+            log.warning("%s", warning)
+            self.fit_warnings.append(warning)
         self.class_means = torch.from_numpy(means.astype(np.float32))
-        self.precision = torch.from_numpy(precision.astype(np.float32))
+        self.precision = torch.from_numpy(estimate.precision_.astype(np.float32))
         self.classes = classes
         log.info(
             "mds: fitted %d classes on %s features in %.2f s", classes.size, features.shape, time.perf_counter() - start

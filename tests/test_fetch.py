@@ -12,6 +12,7 @@ import json
 import re
 import tarfile
 import threading
+import time
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -59,6 +60,10 @@ class State:
     drop_at: int = 0
     confirm: set[str] = field(default_factory=set)  # served behind Google Drive's confirmation page
     refused: set[str] = field(default_factory=set)  # answered with Google Drive's quota error page
+    validators: bool = True  # an ETag (the md5 of the file) with every file, and If-Range honoured
+    form_action: dict[str, str] = field(default_factory=dict)  # file → where its confirmation form leads
+    redirect: dict[str, str] = field(default_factory=dict)  # file → Location of a 302 answer
+    drip_s: float = 0.0  # > 0: the body is sent one byte every drip_s seconds
     log: list[dict] = field(default_factory=list)
 
     def requests(self, name: str) -> list[dict]:
@@ -70,8 +75,11 @@ class Handler(BaseHTTPRequestHandler):
         state: State = self.server.state
         url = urlsplit(self.path)
         entry = {"name": url.path.lstrip("/"), "query": dict(parse_qsl(url.query)), "range": self.headers["Range"]}
+        entry["if_range"] = self.headers["If-Range"]
         state.log.append(entry)
         data = state.files.get(entry["name"])
+        if entry["name"] in state.redirect:
+            return self._send(entry, 302, b"", "text/plain", {"Location": state.redirect[entry["name"]]})
         if data is None:
             return self._send(entry, 404, b"not found", "text/plain")
         if entry["name"] in state.refused:
@@ -79,15 +87,18 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(entry, 200, page, "text/html")
         if entry["name"] in state.confirm and entry["query"].get("confirm") != "t":
             page = (
-                f'<html><form id="download-form" action="/{entry["name"]}" method="get">'
+                f'<html><form id="download-form" action="{state.form_action.get(entry["name"], "/" + entry["name"])}"'
+                ' method="get">'
                 '<input type="hidden" name="id" value="abc"><input type="hidden" name="export" value="download">'
                 '<input type="hidden" name="confirm" value="t"><input type="hidden" name="uuid" value="u-1">'
                 "</form></html>"
             ).encode()
             return self._send(entry, 200, page, "text/html; charset=utf-8")
         start = 0
-        headers = {}
-        if entry["range"] and state.range_support:
+        etag = f'"{hashlib.md5(data).hexdigest()}"'
+        headers = {"ETag": etag} if state.validators else {}
+        same_version = entry["if_range"] is None or (state.validators and entry["if_range"] == etag)
+        if entry["range"] and state.range_support and same_version:
             start = int(re.fullmatch(r"bytes=(\d+)-", entry["range"])[1])
             if start >= len(data):
                 return self._send(entry, 416, b"", "text/plain", {"Content-Range": f"bytes */{len(data)}"})
@@ -107,10 +118,19 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(key, value)
         self.end_headers()
         sent = body[: len(body) if limit is None else limit]
-        self.wfile.write(sent)
-        self.wfile.flush()
         entry.update(status=status, sent=len(sent))
         self.close_connection = True
+        if not self.server.state.drip_s:
+            self.wfile.write(sent)
+            self.wfile.flush()
+            return
+        for k in range(len(sent)):  # a slow server: one byte at a time, until the client gives up
+            time.sleep(self.server.state.drip_s)
+            try:
+                self.wfile.write(sent[k : k + 1])
+                self.wfile.flush()
+            except OSError:
+                return
 
     def log_message(self, *args) -> None:
         pass
@@ -119,6 +139,7 @@ class Handler(BaseHTTPRequestHandler):
 @contextmanager
 def serving(files: dict[str, bytes]):
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True  # a dripping answer does not hold the server's shutdown
     httpd.state = State(dict(files))
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -226,8 +247,8 @@ def table(served, monkeypatch):
 
 def leftovers(root: Path) -> list[str]:
     """Staging folders and downloads a finished or refused fetch must not leave behind (a .part may stay)."""
-    found = [p.name for p in root.glob(f"{STAGING}*")]
-    return found + [p.name for p in (root / DOWNLOADS).glob("*") if not p.name.endswith(".part")]
+    found = [p.name for p in root.glob(f"{STAGING}*")] + [p.name for p in root.glob(".hrp-ood-fetch.lock")]
+    return found + [p.name for p in (root / DOWNLOADS).glob("*") if not p.name.endswith((".part", ".part.validator"))]
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -433,3 +454,243 @@ def test_a_missing_set_names_the_fetch_command(tmp_path):
     with pytest.raises(UserError) as not_fetchable:
         load_ood_images("textures", tmp_path, id_dataset="folder", benchmark=BENCHMARKS["imagenet"])
     assert "not found" in str(not_fetchable.value) and "fetch it" not in str(not_fetchable.value)
+
+
+# ------------------------------------------------------------------------------------------------ hostile archives
+
+
+def tar_of(members: list[tuple[str, bytes | tarfile.TarInfo]], compress: bool = True) -> bytes:
+    """A tar (gzip-compressed unless `compress` is False) of (name, file content or a prepared TarInfo)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz" if compress else "w") as tar:
+        for name, content in members:
+            if isinstance(content, tarfile.TarInfo):
+                content.name = name
+                tar.addfile(content)
+            else:
+                info = tarfile.TarInfo(name)
+                info.size = len(content)
+                tar.addfile(info, io.BytesIO(content))
+    return buffer.getvalue()
+
+
+def link(target: str, kind: bytes = tarfile.SYMTYPE) -> tarfile.TarInfo:
+    info = tarfile.TarInfo()
+    info.type, info.linkname = kind, target
+    return info
+
+
+def special(kind: bytes) -> tarfile.TarInfo:
+    info = tarfile.TarInfo()
+    info.type = kind
+    return info
+
+
+JPEG = b"\xff\xd8\xff\xe0" + bytes(60)
+DEEP = "/".join(["d" * 200] * 30)  # past PATH_MAX once joined: what slips through filter="data" before 3.11.13
+HOSTILE_TARS = {
+    "LSUN -> .": ([("LSUN", link("."))], "'LSUN' is a symbolic link, not a file or a folder"),
+    "LSUN/up -> ..": (
+        [("LSUN/test/0000.jpg", JPEG), ("LSUN/up", link(".."))],
+        "'LSUN/up' is a symbolic link",
+    ),
+    "hard link": (
+        [("LSUN/test/0000.jpg", JPEG), ("LSUN/test/1.jpg", link("LSUN/test/0000.jpg", tarfile.LNKTYPE))],
+        "is a hard link",
+    ),
+    "device": ([("LSUN/test/0000.jpg", JPEG), ("LSUN/null", special(tarfile.CHRTYPE))], "is a character device"),
+    "fifo": ([("LSUN/test/0000.jpg", JPEG), ("LSUN/pipe", special(tarfile.FIFOTYPE))], "is a fifo"),
+    "long chain of links": (
+        [(f"LSUN/{DEEP}/l", link("../" * 30)), ("LSUN/escape", link(f"{DEEP}/l/../../etc"))],
+        "is a symbolic link",
+    ),
+    "../ path": ([("LSUN/test/0000.jpg", JPEG), ("../evil.jpg", JPEG)], "unsafe member '../evil.jpg'"),
+    "file and folder x": ([("LSUN/x", JPEG), ("LSUN/x/a.jpg", JPEG)], "holds both a file and a folder named 'LSUN/x'"),
+}
+
+
+@pytest.mark.parametrize("hostile", list(HOSTILE_TARS))
+def test_a_tar_member_that_is_not_a_file_or_folder_inside_is_refused_before_anything_is_written(
+    served, tmp_path, capsys, hostile
+):
+    members, message = HOSTILE_TARS[hostile]
+    with serving({**served.files, "LSUN.tar.gz": tar_of(members)}) as (_, url):
+        assert main(["data", "fetch", "lsun", "--root", str(tmp_path / "root"), "--base-url", url]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "refused LSUN.tar.gz (not a valid tar archive: " in error and message in error, error
+    assert [p.name for p in tmp_path.rglob("*")] == ["root"]  # nothing written, the archive deleted, no lock left
+
+
+def test_an_uncompressed_tar_under_a_tar_gz_name_is_refused(served, tmp_path):
+    plain = tar_of([("LSUN/test/0000.jpg", JPEG)], compress=False)
+    with serving({**served.files, "LSUN.tar.gz": plain}) as (_, url):
+        with pytest.raises(UserError, match=r"it is not gzip-compressed as its name .tar.gz says, but an uncompressed"):
+            fetch(["lsun"], tmp_path, base_url=url, progress=False)
+    assert not (tmp_path / "LSUN").exists() and leftovers(tmp_path) == []
+
+
+def zip_of(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    return buffer.getvalue()
+
+
+def bounded(monkeypatch, name: str, max_bytes: int) -> None:
+    """The served source `name` with a smaller bound on what its archive may hold once extracted."""
+    source = fetch_module.SOURCES[name]
+    parts = tuple(replace(part, max_bytes=max_bytes) for part in source.parts)
+    monkeypatch.setitem(fetch_module.SOURCES, name, replace(source, parts=parts))
+
+
+@pytest.mark.parametrize(
+    ("name", "filename", "bomb", "message"),
+    [
+        ("places365", "places365.zip", zip_of({"a.png": bytes(4 << 20)}), r"members declare 4194304 bytes once"),
+        ("lsun", "LSUN.tar.gz", tar_of([("LSUN/test/a.jpg", bytes(4 << 20))]), r"decompresses to more than 3145728"),
+        ("lsun", "LSUN.tar.gz", tar_of([("LSUN/test/a.jpg", bytes(2 << 20))]), r"members declare 2097152 bytes once"),
+    ],
+)
+def test_a_decompression_bomb_is_refused_before_it_is_written_and_not_kept(
+    served, tmp_path, monkeypatch, name, filename, bomb, message
+):
+    bounded(monkeypatch, name, 1 << 20)
+    written = []
+    monkeypatch.setattr(zipfile.ZipFile, "extractall", lambda *a, **k: written.append(a))
+    monkeypatch.setattr(tarfile.TarFile, "extractall", lambda *a, **k: written.append(a))
+    with serving({**served.files, filename: bomb}) as (state, url):
+        for _ in range(2):  # deleted, so the next run downloads again rather than replaying it
+            with pytest.raises(UserError, match=rf"{message} .*1048576.*: a decompression bomb, or not this set"):
+                fetch([name], tmp_path, base_url=url, progress=False)
+        assert len(state.requests(filename)) == 2
+    assert written == [] and leftovers(tmp_path) == [] and not (tmp_path / DOWNLOADS).exists()
+
+
+def test_an_archive_far_larger_extracted_than_downloaded_is_refused(served, tmp_path, monkeypatch):
+    monkeypatch.setattr(fetch_module, "RATIO_FLOOR", 1 << 20)
+    with serving({**served.files, "places365.zip": zip_of({"a.png": bytes(4 << 20)})}) as (_, url):
+        with pytest.raises(UserError, match=r"over \d+ \(100 times the archive's size\): a decompression bomb"):
+            fetch(["places365"], tmp_path, base_url=url, progress=False)
+
+
+def test_a_zip_holding_a_file_and_a_folder_of_one_name_is_a_bad_archive_and_not_kept(served, tmp_path, capsys):
+    with serving({**served.files, "places365.zip": zip_of({"x": b"1", "x/a.png": b"2"})}) as (_, url):
+        assert main(["data", "fetch", "places365", "--root", str(tmp_path), "--base-url", url]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "refused places365.zip (not a valid zip archive: it holds both a file and a folder named 'x')" in error
+    assert "choose another" not in error and leftovers(tmp_path) == [] and not (tmp_path / DOWNLOADS).exists()
+
+
+# ------------------------------------------------------------------------------------------------ hostile servers
+
+
+def test_redirects_and_confirmation_forms_lead_only_to_the_sources_own_hosts(served, tmp_path):
+    local = tmp_path / "local.zip"
+    local.write_bytes(served.files["places365.zip"])
+    with serving(served.files) as (state, url):
+        port = url.rsplit(":", 1)[1]
+        cases = {
+            "form to file:": ("form_action", local.as_uri(), "its confirmation page leads to 'file://"),
+            "form to another host": ("form_action", f"http://localhost:{port}/places365.zip", "leads to 'http://loc"),
+            "redirect to file:": ("redirect", local.as_uri(), "redirected to 'file://"),
+            "redirect to another host": ("redirect", f"http://localhost:{port}/tin.zip", "redirected to 'http://loc"),
+        }
+        for how, target, message in cases.values():
+            state.confirm, state.form_action, state.redirect = {"places365.zip"}, {}, {}
+            getattr(state, how)["places365.zip"] = target
+            with pytest.raises(UserError, match=rf"{message}.*which is not http\(s\) on 127.0.0.1: refused"):
+                fetch(["places365"], tmp_path / "root", base_url=url, progress=False)
+            assert not (tmp_path / "root" / "places365").exists()
+        state.redirect = {"places365.zip": "/tin.zip"}  # the same host: followed
+        fetch(["places365"], tmp_path / "root", base_url=url, progress=False)
+    assert (tmp_path / "root" / "places365").is_dir()
+
+
+def test_the_sources_hosts_include_their_download_sites():
+    drive, dropbox = (fetch_module.SOURCES[name].parts[0].remote.hosts for name in ("tin", "lsun"))
+    assert fetch_module._on_hosts("https://drive.usercontent.google.com/download?id=1", drive)
+    assert fetch_module._on_hosts("https://uc5f.dl.dropboxusercontent.com/s/LSUN.tar.gz", dropbox)
+    assert not fetch_module._on_hosts("https://evil.example/LSUN.tar.gz", dropbox)
+    assert not fetch_module._on_hosts("ftp://www.dropbox.com/LSUN.tar.gz", dropbox)
+
+
+@pytest.mark.parametrize("base_url", ["", "ftp://mirror.example/data", "file:///srv/data", "mirror.example"])
+def test_a_base_url_that_is_not_http_is_a_one_line_error(tmp_path, capsys, base_url):
+    assert main(["data", "fetch", "svhn", "--root", str(tmp_path), "--base-url", base_url]) == 2
+    error = capsys.readouterr().err.strip()
+    assert (
+        "\n" not in error
+        and f"--base-url must be an http(s) URL with a host (a mirror or a test server), got {base_url!r}" in error
+    )
+
+
+def test_a_resumed_download_of_a_changed_file_starts_again_and_never_splices(served, tmp_path):
+    old = served.files["LSUN.tar.gz"]
+    new = tar_of([(f"LSUN/test/{k:04d}.jpg", JPEG + bytes([k])) for k in range(N_OOD["lsun"])])
+    with serving(served.files) as (state, url):
+        state.drops, state.drop_at = RETRIES, len(old) // 4  # the first command stops with a quarter of the old file
+        with pytest.raises(UserError, match="run the same command again to resume"):
+            fetch(["lsun"], tmp_path, base_url=url, progress=False)
+        state.files["LSUN.tar.gz"] = new  # the source changed meanwhile
+        state.log.clear()
+        fetch(["lsun"], tmp_path, base_url=url, progress=False)
+        (request,) = state.requests("LSUN.tar.gz")
+    assert request["if_range"] == f'"{hashlib.md5(old).hexdigest()}"' and request["range"]
+    assert (request["status"], request["sent"]) == (200, len(new))  # the whole new version, from zero
+    assert sorted(p.read_bytes()[-1] for p in (tmp_path / "LSUN" / "test").iterdir()) == list(range(N_OOD["lsun"]))
+
+
+def test_a_part_without_a_validator_is_not_resumed(served, tmp_path):
+    data = served.files["test_32x32.mat"]
+    with serving(served.files) as (state, url):
+        state.validators, state.drops, state.drop_at = False, 1, len(data) // 3
+        fetch(["svhn"], tmp_path, base_url=url, progress=False)
+    first, second = state.requests("test_32x32.mat")
+    assert first["sent"] == len(data) // 3 and (second["range"], second["sent"]) == (None, len(data))
+    assert (tmp_path / "svhn" / "test_32x32.mat").read_bytes() == data
+
+
+def test_a_server_too_slow_on_average_is_given_up_saying_the_minimum_rate(served, tmp_path, monkeypatch):
+    monkeypatch.setattr(fetch_module, "RATE_GRACE_S", 0.3)
+    monkeypatch.setattr(fetch_module, "MIN_RATE", 2048)
+    with serving(served.files) as (state, url):
+        state.drip_s = 0.05  # 20 bytes/s, forever
+        with pytest.raises(UserError, match=r"too slow: \d+ bytes in 0 s, under the 2 KiB/s every download must keep"):
+            fetch(["svhn"], tmp_path, base_url=url, progress=False)
+
+
+def test_a_second_fetch_into_a_locked_root_is_one_line(served, tmp_path, capsys):
+    import fcntl
+
+    tmp_path.joinpath(".hrp-ood-fetch.lock").touch()
+    with (tmp_path / ".hrp-ood-fetch.lock").open() as held, serving(served.files) as (state, url):
+        fcntl.flock(held, fcntl.LOCK_EX)  # a fetch running into this root
+        assert main(["data", "fetch", "svhn", "--root", str(tmp_path), "--base-url", url]) == 2
+        assert state.log == []
+    error = capsys.readouterr().err.strip()
+    assert (
+        "\n" not in error
+        and "another `hrp-ood data fetch` is installing into" in error
+        and "give another --root" in error
+    )
+
+
+@pytest.mark.parametrize(("name", "target"), [("places365", "places365"), ("svhn", "svhn/test_32x32.mat")])
+def test_a_target_of_the_wrong_kind_is_a_one_line_error(served, tmp_path, capsys, name, target):
+    wrong = tmp_path / target
+    wrong.parent.mkdir(parents=True, exist_ok=True)
+    wrong.write_text("mine") if name == "places365" else wrong.mkdir()
+    with serving(served.files) as (state, url):
+        assert main(["data", "fetch", name, "--root", str(tmp_path), "--base-url", url]) == 2
+        assert state.log == []
+    error = capsys.readouterr().err.strip()
+    kind = "a file" if name == "places365" else "a folder"
+    assert "\n" not in error and f"{wrong} is {kind} where `data fetch` installs the {target}" in error, error
+
+
+def test_an_installed_sets_archive_is_deleted_even_when_a_later_set_fails(served, tmp_path):
+    files = {**served.files, "places365.zip": corrupt(served.files["places365.zip"])}
+    with serving(files) as (_, url), pytest.raises(UserError, match="refused places365.zip"):
+        fetch(["lsun", "places365"], tmp_path, base_url=url, progress=False)
+    assert (tmp_path / "LSUN").is_dir() and leftovers(tmp_path) == [] and not (tmp_path / DOWNLOADS).exists()

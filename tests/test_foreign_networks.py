@@ -9,8 +9,10 @@ the same logits and penultimate features.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -347,8 +349,12 @@ def test_evaluate_cli_scores_an_openood_checkpoint_and_records_what_was_evaluate
         "weights": str(weights),
         "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
         "num_classes": 10,
+        "weights_key": None,
         "key_layout": ["module. prefix removed"],
     }
+    # 50 ID training images, 512-d features: the shared covariance is singular, said once and recorded
+    (warning,) = report["warnings"]["mds"]
+    assert "rank 49 of 512; fitted on 50 ID training samples in 10 classes" in warning
     assert report["method"] == "resnet18_32x32" and report["dataset"] == "cifar10"
     assert report["preprocessing"]["mean"] == pytest.approx(mean)
     assert report["preprocessing"]["std"] == pytest.approx(std)
@@ -366,3 +372,141 @@ def test_evaluate_cli_scores_an_openood_checkpoint_and_records_what_was_evaluate
         np.testing.assert_allclose(scores["msp/id"], softmax(logits, axis=1).max(1), rtol=1e-4, atol=1e-6)
     frame = load_evaluations([out / "eval.json"])  # what `hrp-ood report` reads
     assert set(frame["method"]) == {"resnet18_32x32"} and set(frame["noise"]) == {"unknown"}
+
+
+# ----------------------------------------------------------------- timm's CheckpointSaver, values that cannot be
+
+
+def timm_checkpoint(state_dict: dict, ema: dict | None = None) -> dict:
+    """What timm's CheckpointSaver (timm/utils/checkpoint_saver.py, `_save`) writes: the weights under state_dict,
+    the optimizer's state, train.py's argparse.Namespace under args, the EMA weights under state_dict_ema."""
+    saved = {
+        "epoch": 3,
+        "arch": "resnet18_32x32",
+        "state_dict": state_dict,
+        "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]},
+        "args": argparse.Namespace(model="resnet18_32x32", lr=0.1, epochs=100, mean=None, smoothing=0.1),
+        "version": 2,
+        "metric": 91.5,
+    }
+    if ema is not None:
+        saved["state_dict_ema"] = ema
+    return saved
+
+
+@pytest.mark.parametrize("with_ema", [True, False])
+def test_a_timm_checkpoint_saver_file_loads_weights_only_preferring_the_ema_weights(tmp_path, with_ema, caplog):
+    trained = randomised(OpenOODResNet18_32x32(num_classes=10), seed=5)
+    ema = randomised(OpenOODResNet18_32x32(num_classes=10), seed=6)
+    torch.save(timm_checkpoint(trained.state_dict(), ema.state_dict() if with_ema else None), tmp_path / "last.pth.tar")
+    expected = ema if with_ema else trained
+    caplog.set_level("INFO")
+    x = inputs()
+    with torch.no_grad():
+        logits, features = expected(x, return_feature=True)
+    foreign = load_foreign_network(tmp_path / "last.pth.tar", "resnet18_32x32", 10)
+    assert foreign.describe()["weights_key"] == ("state_dict_ema" if with_ema else "state_dict")
+    assert_same_outputs(with_network_contract(foreign, 32), logits, features, x)
+    assert f"weights read from {tmp_path / 'last.pth.tar'}[{foreign.weights_key!r}]" in caplog.text
+
+
+def test_a_timm_checkpoint_with_another_class_than_argparse_namespace_is_still_refused(tmp_path):
+    saved = timm_checkpoint(OpenOODResNet18_32x32(num_classes=10).state_dict())
+    saved["args"] = argparse._StoreAction(["--lr"], "lr")  # any other class: unpickling calls it
+    torch.save(saved, tmp_path / "last.pth.tar")
+    with pytest.raises(UserError, match=r"refusing to load .*argparse._StoreAction, so it could run code"):
+        load_foreign_network(tmp_path / "last.pth.tar", "resnet18_32x32", 10)
+
+
+def test_timms_own_checkpoint_saver_file_loads(tmp_path):
+    timm = pytest.importorskip("timm")
+    from timm.utils import CheckpointSaver, ModelEmaV2
+
+    net = timm.create_model("resnet10t", pretrained=False, num_classes=10)
+    ema = ModelEmaV2(net, decay=0.5)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1)
+    ema.update(net)  # the EMA now differs from the network
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    args = argparse.Namespace(model="resnet10t", lr=0.1, num_classes=10)
+    saver = CheckpointSaver(net, optimizer, args=args, model_ema=ema, checkpoint_dir=str(tmp_path), max_history=1)
+    saver.save_checkpoint(epoch=0, metric=1.0)
+    (path,) = tmp_path.glob("checkpoint-0.pth.tar")
+    foreign = load_foreign_network(path, "timm:resnet10t", 10)
+    assert foreign.weights_key == "state_dict_ema"
+    x = inputs(2, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(foreign.net.eval()(x), ema.module.eval()(x))
+
+
+def _sparse(state: dict) -> dict:
+    return {**state, "fc.weight": state["fc.weight"].to_sparse()}
+
+
+def _meta(state: dict) -> dict:
+    return {**state, "fc.weight": torch.empty(state["fc.weight"].shape, device="meta")}
+
+
+def _set(name: str, value: float | None = None, dtype: torch.dtype | None = None):
+    def edit(state: dict) -> dict:
+        tensor = state[name].clone() if dtype is None else state[name].to(dtype)
+        if value is not None:
+            tensor.view(-1)[0] = value
+        return {**state, name: tensor}
+
+    return edit
+
+
+BAD_VALUES = {
+    "nan weight": (_set("conv1.weight", math.nan), r"conv1.weight holds 1 NaN/inf value\(s\) of 1728"),
+    "inf weight": (_set("fc.bias", math.inf), r"fc.bias holds 1 NaN/inf value"),
+    "negative BN variance": (_set("bn1.running_var", -1.0), r"bn1.running_var \(BatchNorm statistics\) holds 1 neg"),
+    "integer weights": (_set("fc.weight", dtype=torch.int64), r"fc.weight holds torch.int64 values where the network"),
+    "complex weights": (_set("fc.weight", dtype=torch.complex64), r"fc.weight holds torch.complex64 values"),
+    "sparse tensor": (_sparse, r"fc.weight is a sparse tensor \(torch.sparse_coo\); save dense weights"),
+    "meta tensor": (_meta, r"fc.weight is a meta tensor, which holds no values"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_VALUES))
+def test_weights_that_cannot_be_evaluated_are_one_line_errors(tmp_path, bad):
+    edit, message = BAD_VALUES[bad]
+    torch.save(edit(randomised(OpenOODResNet18_32x32(num_classes=10), seed=1).state_dict()), tmp_path / "w.pt")
+    with pytest.raises(UserError, match=rf"^cannot evaluate the weights of .*w.pt: {message}"):
+        load_foreign_network(tmp_path / "w.pt", "resnet18_32x32", 10)
+
+
+BAD_FLAGS = {
+    "std 0": (["--mean", "0.5,0.5,0.5", "--std", "0.2,0,0.2"], "--std needs three finite values (R,G,B), all positive"),
+    "std nan": (["--mean", "0.5,0.5,0.5", "--std", "nan,0.2,0.2"], "--std needs three finite values"),
+    "std inf": (["--mean", "0.5,0.5,0.5", "--std", "inf,0.2,0.2"], "--std needs three finite values"),
+    "mean nan": (["--mean", "0.5,nan,0.5", "--std", "0.2,0.2,0.2"], "--mean needs three finite values"),
+    "mean inf": (["--mean", "0.5,-inf,0.5", "--std", "0.2,0.2,0.2"], "--mean needs three finite values"),
+    "image size": (["--image-size", "100000"], "--image-size must be a number of pixels from 1 to 4096, got 100000"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_FLAGS))
+def test_bad_normalisation_and_image_size_are_one_line_errors(tmp_path, capsys, bad):
+    flags, message = BAD_FLAGS[bad]
+    torch.save(OpenOODResNet18_32x32(num_classes=10).state_dict(), tmp_path / "w.pt")
+    args = ["evaluate", "--ckpt", str(tmp_path / "w.pt"), "--arch", "resnet18_32x32", "--num-classes", "10"]
+    assert main([*args, "--dataset", "cifar10", "--data-root", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_non_finite_outputs_are_one_line_naming_the_normalisation(tmp_path, capsys):
+    write_cifar10(tmp_path / "cifar", n_train=20, n_test=10, seed=0)
+    write_far_ood_sets(tmp_path / "ood", n=10, seed=0)
+    torch.save(randomised(OpenOODResNet18_32x32(num_classes=10), seed=1).state_dict(), tmp_path / "w.pt")
+    args = ["evaluate", "--ckpt", str(tmp_path / "w.pt"), "--arch", "resnet18_32x32", "--num-classes", "10"]
+    args += ["--dataset", "cifar10", "--id-data-root", str(tmp_path / "cifar"), "--data-root", str(tmp_path / "ood")]
+    args += ["--ood", "svhn", "--postprocessor", "msp", "--no-progress", "--device", "cpu"]
+    assert main([*args, "--mean", "0.5,0.5,0.5", "--std", "1e-300,1e-300,1e-300"]) == 2  # 0 in float32: x / 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1, err  # the log lines before it, then one error line
+    error = err.splitlines()[-1]
+    assert "msp gave 10 NaN/inf score(s) of 10 on the ID test set" in error
+    assert "--mean/--std: a tiny --std overflows" in error and not (tmp_path / "eval_w" / "eval.json").exists()

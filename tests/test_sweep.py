@@ -111,6 +111,8 @@ def test_run_summary_takes_last_peak_meta_selected_and_post_warmup_means():
     assert (summary["test_acc"], summary["test_acc_peak"], summary["test_acc_meta_selected"]) == (45, 70, 70)
     assert summary["alpha_auroc"] == 58 and summary["loss_auroc"] == 80 and math.isnan(summary["beta_auroc"])
     assert run_summary(rows, warmup_epochs=1, meta_held_out=False)["test_acc_meta_selected"] == 45
+    no_meta_set = [{**row, "meta_acc": ""} for row in rows]  # meta_size 0: metrics.csv leaves meta_acc empty
+    assert run_summary(no_meta_set, warmup_epochs=1)["test_acc_meta_selected"] == 45
 
 
 def test_accuracy_table_is_mean_and_std_over_seeds():
@@ -481,10 +483,15 @@ def test_a_finished_run_made_with_other_settings_is_refused_or_rerun_on_request(
     err = capsys.readouterr().err
     assert "1 run(s)" in err and "noise-sym20__method-ce__seed-0: config lr" in err and "--rerun-changed" in err
     assert (run / "last.pt").read_bytes() == first  # refused: nothing touched
+    board = tmp_path / "out" / "tb" / run.name  # the run's TensorBoard events (written when tensorboard is installed)
+    board.mkdir(parents=True, exist_ok=True)
+    (board / "events.out.tfevents.old").write_bytes(b"first run")
     assert main(["sweep", str(path), "--rerun-changed"]) == 0
     assert yaml.safe_load((run / "config.yaml").read_text())["lr"] == 0.01
     (kept,) = (tmp_path / "out" / "replaced").iterdir()
     assert (kept / "last.pt").read_bytes() == first
+    assert (kept / "tb" / "events.out.tfevents.old").read_bytes() == b"first run"  # moved with the replaced run
+    assert not (board / "events.out.tfevents.old").exists()
 
     path = write_experiment(
         tmp_path,

@@ -336,3 +336,26 @@ def test_single_network_baseline_trains_on_the_whole_training_split(cifar_root, 
     assert not (tmp_path / "hrp0").exists()
     assert main([*args, "--name", "cm0", "--method", "ce_meta", "--meta-size", "0"]) == 2
     assert "meta_size must be positive for ce_meta" in capsys.readouterr().err
+
+
+def test_without_a_meta_set_best_pt_is_the_last_epoch(cifar_root, tmp_path, capsys, monkeypatch):
+    from hrp_ood.train import trainer
+
+    test_accuracy = iter([90.0, 50.0, 10.0])  # the test accuracy falls every epoch: the test set's best is epoch 1
+
+    def falling(predictions, labels, prefix="acc"):
+        row = real(predictions, labels, prefix)
+        row[f"{prefix}_ensemble"] = next(test_accuracy)
+        return row
+
+    real = trainer.accuracies
+    monkeypatch.setattr(trainer, "accuracies", falling)
+    args = ["train", "--data-root", str(cifar_root), "--epochs", "3", "--out-dir", str(tmp_path), *TINY]
+    assert main([*args, "--name", "ce0", "--method", "ce", "--meta-size", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "10.00% (best.pt, the last epoch: no clean meta set (meta_size 0), and never selected on the test" in out
+    assert load_checkpoint(tmp_path / "ce0" / "best.pt")["epoch"] == 3
+    with (tmp_path / "ce0" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [row["acc_ensemble"] for row in rows] == ["90", "50", "10"]
+    assert [row["meta_acc"] for row in rows] == ["", "", ""]  # no test accuracy under the meta set's name

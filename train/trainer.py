@@ -3,7 +3,8 @@
 A run folder `runs/<name>/` holds config.yaml, noise.npz, meta_indices.npz, metrics.csv, train.log,
 signals/epoch_NNNN.npz (per-sample diagnostics, train/signals.py), tb/ (TensorBoard events, train/tensorboard.py),
 last.pt (everything needed to resume) and best.pt: the epoch whose ensemble is most accurate on the clean meta
-set (never chosen on the test set; the last epoch for a method that trains on the meta set).
+set, never chosen on the test set: the last epoch when nothing clean is held out (a method that trains on the meta
+set, or meta_size 0, where metrics.csv leaves meta_acc empty).
 
 Data-parallel under torchrun (`hrp-ood train --nproc N`): `batch_size` and `meta_batch_size` stay the
 GLOBAL batch sizes, split evenly over the ranks, so N ranks compute the same maths as one process. Rank 0
@@ -446,8 +447,8 @@ class Trainer:
             row = {"epoch": self.epoch, "lr": lr, **row, "epoch_time_s": time.perf_counter() - started}
             self.metrics_row = {k: _format(v) for k, v in row.items()}
             # best.pt: selected on the clean meta set (held out from the noisy training data), never on the test set;
-            # the last epoch when the method trains on the meta set (nothing clean is held out then)
-            is_best = row["meta_acc"] > self.best_acc or cfg.spec.trains_on_meta_set
+            # the last epoch when nothing clean is held out (the method trains on the meta set, or meta_size 0)
+            is_best = not selects_on_meta_set(cfg) or row["meta_acc"] > self.best_acc
             if is_best:
                 self.best_acc, self.best_test_acc = row["meta_acc"], row["acc_ensemble"]
             self.save()
@@ -482,8 +483,8 @@ class Trainer:
         if len(data.meta_labels):
             meta_predictions = ensemble_predictions(self.members, data.meta_images, self.augment, cfg.eval_batch_size)
             row["meta_acc"] = accuracies(meta_predictions, data.meta_labels, "meta")["meta_ensemble"]
-        else:
-            row["meta_acc"] = row["acc_ensemble"]
+        else:  # no meta set: no meta accuracy (the test accuracy is never one)
+            row["meta_acc"] = math.nan
         ensemble = predictions[-1]
         counts = distributed.global_sum(torch.bincount(ensemble[ensemble >= 0], minlength=data.num_classes).double())
         row["test_pred_class_max"] = class_share_max(counts)
@@ -514,6 +515,21 @@ def _saved_plan(epoch_state: dict[str, Any], batch_size: int, device: torch.devi
     order = epoch_state["order"]
     steps = len(order) // batch_size
     return EpochPlan(order[: steps * batch_size].view(steps, batch_size))
+
+
+def selects_on_meta_set(cfg: TrainConfig) -> bool:
+    """best.pt is chosen on the clean meta set: one is held out (meta_size > 0) and the method does not train on it;
+    otherwise best.pt is the last epoch (never chosen on the test set)."""
+    return cfg.meta_size > 0 and not cfg.spec.trains_on_meta_set
+
+
+def best_selection(cfg: TrainConfig) -> str:
+    """How best.pt was chosen, as `hrp-ood train`'s result line says it."""
+    if selects_on_meta_set(cfg):
+        return "selected on the clean meta set"
+    if cfg.spec.trains_on_meta_set:
+        return "the last epoch: it trains on the meta set"
+    return "the last epoch: no clean meta set (meta_size 0), and never selected on the test set"
 
 
 def _check_divisible(cfg: TrainConfig, ranks: int) -> None:
@@ -637,11 +653,7 @@ def train_process(
         configure_console_logging()
     result = train(cfg, resume=resume, overwrite=overwrite, explicit=explicit, progress=progress)
     if console and int(os.environ.get("RANK", "0")) == 0:
-        selection = (
-            "the last epoch: it trains on the meta set"
-            if cfg.spec.trains_on_meta_set
-            else "selected on the clean meta set"
-        )
+        selection = best_selection(cfg)
         print(
             f"done: {result['epochs']} epochs, ensemble test accuracy {result['last_test_acc']:.2f}% (last), "
             f"{result['best_test_acc']:.2f}% (best.pt, {selection}) -> {result['run_dir']}"

@@ -146,6 +146,8 @@ def run_evaluation(
             settings["fit_on"][method.name] = fit_on
             log.info("%s fitted on %s (%d samples)", method.name, fit_on, len(fit_set))
         settings["hyperparameters"][method.name] = method.hyperparameters()
+        if method.fit_warnings:
+            settings.setdefault("warnings", {})[method.name] = method.fit_warnings
         methods.append(method)
     settings["tuning"]["rule" if tune else "openood_would_tune"] = (
         SELECTION_RULE if tune else [m.name for m in defaults if m.openood_sweep]
@@ -212,7 +214,10 @@ def _searched(
 
     def val_scores(params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         method = _fitted(name, params, bundle, fit_set, fc)
-        return score(method, *val["id"]), score(method, *val["ood"])
+        scores = score(method, *val["id"]), score(method, *val["ood"])
+        for part, values in zip(("ID-val", "OOD-val"), scores):
+            check_finite_scores(name, f"the {part} split", values)
+        return scores
 
     search = search_openood(name, sweep, val_scores)
     log.info("%s: OpenOOD's search chose %s on the validation split", name, search.chosen)
@@ -329,10 +334,30 @@ def network_scores(
     return torch.cat(parts).numpy()
 
 
+NON_FINITE_CAUSES = (
+    "the network's weights (NaN or inf), its BatchNorm statistics (a negative running_var) or the input "
+    "normalisation (--mean/--std: a tiny --std overflows)"
+)
+
+
+def check_finite_scores(method: str, set_name: str, scores: Any) -> None:
+    """A one-line error naming the likely cause when a postprocessor's scores on one set are not all finite (no
+    AUROC is computed from them)."""
+    values = np.asarray(scores, dtype=np.float64)
+    bad = int((~np.isfinite(values)).sum())
+    if bad:
+        raise UserError(
+            f"{method} gave {bad} NaN/inf score(s) of {values.size} on {set_name}: the network's outputs are not "
+            f"finite there; check {NON_FINITE_CAUSES}"
+        )
+
+
 def _metric_rows(method: str, id_scores: np.ndarray, ood_scores: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     """One row per OOD set, then the mean row (per-metric mean over sets)."""
+    check_finite_scores(method, "the ID test set", id_scores)
     rows = []
     for name, scores in ood_scores.items():
+        check_finite_scores(method, f"OOD set {name}", scores)
         values = ood_metrics(id_scores, scores)
         rows.append({"postprocessor": method, "ood": name, **{k: float(values[k]) for k in METRIC_KEYS}})
     mean = {k: float(np.mean([row[k] for row in rows])) for k in METRIC_KEYS}

@@ -21,10 +21,12 @@ forward that also checks that this layer's output is the network's output (docs/
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import difflib
 import functools
 import importlib
+import logging
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,11 +38,18 @@ from torch import Tensor, nn
 
 from hrp_ood.checkpoint import FORMAT, read_torch_file, torch_error_detail
 from hrp_ood.errors import UserError, shown
-from hrp_ood.eval.network import weights_mismatch
+from hrp_ood.eval.network import weights_mismatch, weights_value_problem
 from hrp_ood.models import ClassifierNet, create_model, list_models
 
+log = logging.getLogger(__name__)
+
 TORCHVISION, TIMM = "torchvision:", "timm:"
-WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network")
+# timm's loader (timm.models.load_state_dict) prefers the EMA weights its CheckpointSaver stores beside `state_dict`
+EMA_KEYS = ("state_dict_ema", "model_ema")
+WRAPPER_KEYS = (*EMA_KEYS, "state_dict", "model_state_dict", "model", "net", "network")
+# the one class a weights file may hold besides tensors and containers: timm's CheckpointSaver stores train.py's `args'
+SAFE_CLASSES = (argparse.Namespace,)
+MAX_IMAGE_SIZE = 4096  # --image-size: a 4096x4096 batch of 3 float32 channels is already 200 MB per image
 PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
 # (their name, our name, whose layout): a renamed layer, applied when the weights have their name and the network ours
 RENAMES = (("linear.", "fc.", "DivideMix/UNICON's classifier"),)
@@ -59,6 +68,7 @@ class ForeignNetwork:
     path: Path
     sha256: str  # of the bytes the weights were loaded from
     layout: list[str] = field(default_factory=list)  # how the file's tensor names were read
+    weights_key: str | None = None  # the key of the file's dict the state dict was read from (None: the file itself)
 
     def describe(self) -> dict[str, Any]:
         """What eval.json records as the network evaluated."""
@@ -68,6 +78,7 @@ class ForeignNetwork:
             "weights": str(self.path),
             "weights_sha256": self.sha256,
             "num_classes": self.num_classes,
+            "weights_key": self.weights_key,
             "key_layout": self.layout or ["as saved"],
         }
 
@@ -77,7 +88,7 @@ def load_foreign_network(path: Path, arch: str, num_classes: int) -> ForeignNetw
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise UserError(f"--arch needs the network's class count: give --num-classes N, got {num_classes!r}")
     path = Path(path)
-    weights, sha256 = read_weights(path)
+    weights, key, sha256 = read_weights(path)
     net = build_arch(arch, num_classes)
     expected = net.state_dict()
     adapted, layout = adapt_keys(weights, expected)
@@ -87,36 +98,47 @@ def load_foreign_network(path: Path, arch: str, num_classes: int) -> ForeignNetw
             f"{shown(path)} does not fit --arch {arch} for {num_classes} classes: {problem}; "
             f"{_candidates_text(weights, num_classes)}"
         )
+    problem = weights_value_problem(expected, adapted)
+    if problem:
+        raise UserError(f"cannot evaluate the weights of {shown(path)}: {problem}")
     net.load_state_dict(adapted)
-    return ForeignNetwork(net.eval(), arch, num_classes, path, sha256, layout)
+    return ForeignNetwork(net.eval(), arch, num_classes, path, sha256, layout, key)
 
 
-def read_weights(path: Path) -> tuple[dict[str, Tensor], str]:
-    """(state dict, sha256 of the file's bytes): the file read once, with the weights-only unpickler."""
-    content, sha256 = read_torch_file(
-        path,
-        "weights file",
-        missing="give --ckpt the state dict of the network to evaluate",
-        fix="give the file torch.save(net.state_dict(), path) wrote",
-        safe_source="save the network's state dict (torch.save(net.state_dict(), path)), not the network object",
-    )
+def read_weights(path: Path) -> tuple[dict[str, Tensor], str | None, str]:
+    """(state dict, the key it was read from or None, sha256 of the file's bytes): the file read once, with the
+    weights-only unpickler, which may also rebuild `argparse.Namespace` (SAFE_CLASSES: timm's `args`), nothing else."""
+    with torch.serialization.safe_globals(list(SAFE_CLASSES)):
+        content, sha256 = read_torch_file(
+            path,
+            "weights file",
+            missing="give --ckpt the state dict of the network to evaluate",
+            fix="give the file torch.save(net.state_dict(), path) wrote",
+            safe_source="save the network's state dict (torch.save(net.state_dict(), path)), not the network object",
+        )
     if isinstance(content, dict) and content.get("format") == FORMAT:
         raise UserError(f"{shown(path)} is a checkpoint of `hrp-ood train`: drop --arch, it names its own network")
-    return state_dict_of(content, path), sha256
+    weights, key = state_dict_of(content, path)
+    if key is not None:
+        log.info(
+            "weights read from %s[%r]%s", shown(path), key, " (EMA, as timm loads them)" if key in EMA_KEYS else ""
+        )
+    return weights, key, sha256
 
 
 def _is_state_dict(value: Any) -> bool:
     return isinstance(value, dict) and bool(value) and all(isinstance(v, Tensor) for v in value.values())
 
 
-def state_dict_of(content: Any, path: Path) -> dict[str, Tensor]:
-    """The state dict in a loaded weights file: the file itself or the value of one of WRAPPER_KEYS."""
+def state_dict_of(content: Any, path: Path) -> tuple[dict[str, Tensor], str | None]:
+    """(the state dict in a loaded weights file, the key it is under): the file itself (None), or the value of the
+    first of WRAPPER_KEYS that holds one (the EMA weights first, as timm's loader)."""
     if _is_state_dict(content):
-        return dict(content)
+        return dict(content), None
     if isinstance(content, dict):
         for key in WRAPPER_KEYS:
             if _is_state_dict(content.get(key)):
-                return dict(content[key])
+                return dict(content[key]), key
         keys = ", ".join(map(str, list(content)[:6]))
         raise UserError(
             f"{shown(path)} holds no state dict (a dict of tensors, plain or under {', '.join(WRAPPER_KEYS)}); its "

@@ -63,6 +63,28 @@ def weights_mismatch(
     return f"they are from another width of the backbone ({key} has shape {got}, expected {want})"
 
 
+def weights_value_problem(expected: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> str | None:
+    """Why weights of the right names and shapes (`weights_mismatch` is None) still cannot be evaluated, or None:
+    a sparse or meta tensor (load_state_dict cannot copy it), values that are not real floating point where the
+    network's are (integer, complex), NaN or inf values, a negative BatchNorm running variance."""
+    for name, want in expected.items():
+        got = weights[name]
+        if got.layout != torch.strided:
+            return f"{name} is a sparse tensor ({got.layout}); save dense weights (tensor.to_dense())"
+        if got.is_meta:
+            return f"{name} is a meta tensor, which holds no values; save the weights of a trained network"
+        if want.is_floating_point() and not got.is_floating_point():
+            return f"{name} holds {got.dtype} values where the network has real floating point ones ({want.dtype})"
+        if got.is_floating_point():
+            bad = int((~torch.isfinite(got)).sum())
+            if bad:
+                return f"{name} holds {bad} NaN/inf value(s) of {got.numel()} (a diverged training, or an edited file)"
+            negative = int((got < 0).sum()) if name.endswith("running_var") else 0
+            if negative:
+                return f"{name} (BatchNorm statistics) holds {negative} negative variance(s): they give NaN outputs"
+    return None
+
+
 def networks_from_checkpoint(state: dict[str, Any], path: Path) -> list[nn.Module]:
     """Rebuild every saved network from the checkpoint's own config and load its weights (strictly)."""
     cfg = checkpoint_config(state, path)
@@ -70,8 +92,9 @@ def networks_from_checkpoint(state: dict[str, Any], path: Path) -> list[nn.Modul
     nets = []
     for k, weights in enumerate(state["nets"]):
         net = create_model(cfg.model, num_classes=num_classes)
+        expected = net.state_dict()
         problem = (
-            weights_mismatch(net.state_dict(), weights, num_classes)
+            weights_mismatch(expected, weights, num_classes) or weights_value_problem(expected, weights)
             if isinstance(weights, dict)
             else f"they are a {type(weights).__name__}, not a state dict"
         )

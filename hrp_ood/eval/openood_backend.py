@@ -23,7 +23,7 @@ from torch import nn
 
 from hrp_ood.data import DataBundle
 from hrp_ood.data.sources import ImageSource, pixels
-from hrp_ood.eval.evaluate import MEAN_ROW, METRIC_KEYS, EvalResult
+from hrp_ood.eval.evaluate import MEAN_ROW, METRIC_KEYS, EvalResult, check_finite_scores
 from hrp_ood.eval.features import channel_stats, normalise_batch
 from hrp_ood.eval.metrics import accuracy, ood_metrics
 from hrp_ood.eval.tuning import SELECTION_RULE, search_openood
@@ -125,9 +125,11 @@ def evaluate_with_openood(
         pred, conf, labels = openood_inference(method, net, id_test)
         id_accuracy = accuracy(pred, labels)
         scores[f"{name}/id"] = np.asarray(conf, dtype=np.float64)
+        check_finite_scores(name, "the ID test set", conf)
         per_set = []
         for set_name, set_loader in far.items():
             _, ood_conf, _ = openood_inference(method, net, set_loader)
+            check_finite_scores(name, f"OOD set {set_name}", ood_conf)
             scores[f"{name}/{set_name}"] = np.asarray(ood_conf, dtype=np.float64)
             per_set.append({"postprocessor": name, "ood": set_name, **ood_metrics(conf, ood_conf)})
         mean = {key: float(np.mean([row[key] for row in per_set])) for key in METRIC_KEYS}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import platform
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -29,7 +30,7 @@ from hrp_ood.devices import device_type, resolve_device
 from hrp_ood.errors import UserError
 from hrp_ood.eval.benchmarks import BENCHMARKS, Benchmark, check_checkpoint_fits, get_benchmark, load_benchmark_id_data
 from hrp_ood.eval.evaluate import check_ood_set_names, run_evaluation, write_eval_outputs
-from hrp_ood.eval.foreign import ForeignNetwork, load_foreign_network, with_network_contract
+from hrp_ood.eval.foreign import MAX_IMAGE_SIZE, ForeignNetwork, load_foreign_network, with_network_contract
 from hrp_ood.eval.generated import GENERATED_OOD_SETS, generated_ood_sets
 from hrp_ood.eval.network import checkpoint_config, network_from_state
 from hrp_ood.eval.ood_data import FAR_OOD_SETS, NEAR_OOD_SETS, ood_source
@@ -557,10 +558,12 @@ def _check_foreign_request(r: EvaluationRequest, benchmark: Benchmark | None) ->
     if (r.mean is None) != (r.std is None):
         raise UserError("give --mean and --std together (three values each, in [0, 1] pixel scale)")
     for name, values in (("mean", r.mean), ("std", r.std)):
-        if values is not None and (len(values) != 3 or (name == "std" and min(values) <= 0)):
-            raise UserError(f"--{name} needs three values (R,G,B){', all positive' if name == 'std' else ''}")
-    if r.image_size is not None and r.image_size < 1:
-        raise UserError(f"--image-size must be a positive number of pixels, got {r.image_size}")
+        finite = values is None or all(math.isfinite(v) for v in values)
+        if values is not None and (len(values) != 3 or not finite or (name == "std" and min(values) <= 0)):
+            positive = ", all positive" if name == "std" else ""
+            raise UserError(f"--{name} needs three finite values (R,G,B){positive}, got {','.join(map(str, values))}")
+    if r.image_size is not None and not 1 <= r.image_size <= MAX_IMAGE_SIZE:
+        raise UserError(f"--image-size must be a number of pixels from 1 to {MAX_IMAGE_SIZE}, got {r.image_size}")
     num_classes = r.num_classes if r.num_classes is not None else (benchmark.num_classes if benchmark else None)
     if num_classes is None or num_classes < 1:
         raise UserError(f"--arch {r.arch} needs the network's class count: give --num-classes N")

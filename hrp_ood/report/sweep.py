@@ -40,7 +40,8 @@ SUMMARY_COLUMNS = {
 
 def run_summary(rows: list[dict[str, str]], warmup_epochs: int, meta_held_out: bool = True) -> dict[str, float]:
     """SUMMARY_COLUMNS of one run from its metrics.csv rows (NaN where a column is absent, e.g. α for CE).
-    Without a held-out meta set (ce_meta) best.pt is the last epoch."""
+    Without a held-out meta set (ce_meta, or meta_size 0) best.pt is the last epoch, and so is the run's selection
+    when no epoch has a meta accuracy (meta_acc empty)."""
 
     def values(column: str, epochs: list[dict[str, str]]) -> np.ndarray:
         return np.array([csv_number(r, column) for r in epochs], dtype=float)
@@ -68,8 +69,10 @@ def accuracy_frame(
     for name, history in histories.items():
         if not history:
             continue
+        from hrp_ood.train.trainer import selects_on_meta_set
+
         spec = configs[name].spec
-        summary = run_summary(history, configs[name].warmup_epochs, not spec.trains_on_meta_set)
+        summary = run_summary(history, configs[name].warmup_epochs, selects_on_meta_set(configs[name]))
         if not spec.meta:  # α ≡ β ≡ 1 without a meta step: their AUROC says nothing
             summary.update({key: np.nan for key in summary if key.startswith(("alpha", "beta"))})
         rows.append({**{key: str(value) for key, value in runs[name].items()}, **summary})
