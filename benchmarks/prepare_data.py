@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from hrp_ood.eval.ood_data import read_mnist_idx
+from hrp_ood.data.idx import read_mnist_idx
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -1,12 +1,21 @@
-"""Cost of one HRP iteration (both networks) against its baselines, side by side in one process.
+"""Cost of one HRP iteration (both networks) against its baselines and the comparison methods, side by side in one
+process.
 
     python benchmarks/train_step.py [--quick] [--device cpu|cuda] [--models small_cnn,preact_resnet18]
+        [--epoch-samples N]
 
 Methods compared on the same backbone, batch and data: `hrp` (full, meta step on), `hrp_no_meta`
 (α = β = 1: the same losses without the meta step), `base` (Table 4's Base), `coteach`, `ce`. The paper reports
 HRP at ≈ 1.3× its baseline's training time and < 10% more GPU memory. Timings are interleaved round-robin
 and the median per method is reported, so machine noise hits every method alike. Peak memory: CUDA max
 allocated on a GPU; on CPU the peak RSS growth of a fresh subprocess per method.
+
+Per epoch (`--epoch-samples N`, 0 to skip): one epoch after the warm-up of every method in EPOCH_METHODS through the
+trainer itself, on N random training images (1,000 more as the meta set): the method's pass over the training set
+before the epoch (DivideMix's evaluation pass and GMM, UNICON's JSD, ProMix's selection; none for the others),
+its steps (ms per iteration: the steps' time over their count, which differs between methods: DivideMix trains
+each network on its labeled rows), and the whole epoch against CE's; `hrp_double_backward` is HRP with the
+meta-gradient by double backward instead of forward-mode AD (`meta_method`).
 """
 
 from __future__ import annotations
@@ -16,17 +25,31 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
-from hrp_ood.train.trainer import build_members
+from hrp_ood.train import trainer as trainer_module
+from hrp_ood.train.data import TrainingData
+from hrp_ood.train.trainer import Trainer, build_members
 
 from hrp_ood.config import build_config
 from hrp_ood.data.augment import BatchAugment
 from hrp_ood.trainers.base import StepContext, StepInputs
 
 METHODS = ("hrp", "hrp_no_meta", "base", "coteach", "ce")
+# name → (method, extra config): the per-epoch comparison
+EPOCH_METHODS = {
+    "ce": ("ce", {}),
+    "hrp": ("hrp", {}),
+    "hrp_double_backward": ("hrp", {"meta_method": "double_backward"}),
+    "dividemix": ("dividemix", {}),
+    "l2b": ("l2b", {}),
+    "unicon": ("unicon", {}),
+    "promix": ("promix", {}),
+}
 
 
 def make_step(model: str, method: str, batch: int, device: torch.device, num_classes: int = 10):
@@ -77,6 +100,73 @@ def time_methods(model: str, batch: int, device: torch.device, rounds: int) -> d
     return {m: statistics.median(t) for m, t in times.items()}
 
 
+def synthetic_data(samples: int, device: torch.device, num_classes: int = 10, meta: int = 1000) -> TrainingData:
+    """Random 32x32 images with half their labels flipped, a meta set and a small test set, on the device."""
+    generator = torch.Generator().manual_seed(0)
+
+    def images(n: int) -> torch.Tensor:
+        return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=generator).to(device)
+
+    def labels(n: int) -> torch.Tensor:
+        return torch.randint(0, num_classes, (n,), generator=generator).to(device)
+
+    clean = labels(samples)
+    noisy = torch.where(torch.rand(samples, generator=generator).to(device) < 0.5, labels(samples), clean)
+    return TrainingData(
+        "synthetic", [str(c) for c in range(num_classes)], (0.5,) * 3, (0.25,) * 3, 32,
+        images(samples), noisy, clean, images(meta), labels(meta), images(512), labels(512), 0.5,
+    )  # fmt: skip
+
+
+def time_epoch(model: str, name: str, batch: int, data: TrainingData, device: torch.device) -> dict[str, float]:
+    """One post-warm-up epoch of EPOCH_METHODS[name] through the trainer: its pass over the set, its steps."""
+    method, extra = EPOCH_METHODS[name]
+    overrides = {"model": model, "method": method, "batch_size": batch, "meta_batch_size": batch,
+                 "warmup_epochs": 0, "ramp_epochs": 0, "device": str(device), "tensorboard": False,
+                 "meta_size": len(data.meta_labels), **extra}  # fmt: skip
+    cfg = build_config(overrides=overrides)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    with (
+        tempfile.TemporaryDirectory() as run_dir,
+        mock.patch.object(trainer_module, "prepare_training_data") as data_fn,
+    ):
+        data_fn.return_value = data
+        trainer = Trainer(cfg, Path(run_dir), progress=False)
+        start = time.perf_counter()
+        trainer._begin_epoch()  # the method's pass over the training set and the epoch's plan
+        _synchronize(device)
+        planned = time.perf_counter()
+        with mock.patch.object(trainer, "_begin_epoch"):
+            trainer.train_epoch()
+        _synchronize(device)
+        done = time.perf_counter()
+    steps = trainer.plan.steps
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+    return {"pass_s": planned - start, "steps": steps, "ms_per_iter": 1000 * (done - planned) / steps,
+            "epoch_s": done - start, "peak_mb": peak}  # fmt: skip
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_epochs(model: str, batch: int, samples: int, device: torch.device) -> dict[str, dict[str, float]]:
+    data = synthetic_data(samples, device)
+    time_epoch(model, "ce", batch, data, device)  # warm-up: allocator, cudnn autotune, lazy init
+    results = {name: time_epoch(model, name, batch, data, device) for name in EPOCH_METHODS}
+    for row in results.values():
+        row["epoch_over_ce"] = row["epoch_s"] / results["ce"]["epoch_s"]
+    print(f"\n{model}, one epoch of {samples} images, batch {batch}")
+    print(f"{'method':<22}{'pass s':>9}{'steps':>7}{'ms/iter':>10}{'epoch s':>10}{'x ce':>8}{'peak MB':>10}")
+    for name, r in results.items():
+        print(f"{name:<22}{r['pass_s']:>9.2f}{r['steps']:>7}{r['ms_per_iter']:>10.1f}{r['epoch_s']:>10.2f}"
+              f"{r['epoch_over_ce']:>8.2f}{r['peak_mb']:>10.1f}")  # fmt: skip
+    return results
+
+
 def rss_kb(field: str) -> int:
     """A memory field of /proc/self/status (VmRSS: now, VmHWM: peak since the last reset), in kB."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -122,9 +212,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    parser.add_argument("--epoch-samples", type=int, default=4096, help="images of the per-epoch comparison (0: skip)")
     args = parser.parse_args()
     if args.quick:
         args.models, args.batch, args.rounds, args.no_memory = "small_cnn", 32, 3, True
+        args.epoch_samples = min(args.epoch_samples, 256)
     device = torch.device(args.device)
     print(
         f"# train_step: torch {torch.__version__}, device {device}, batch {args.batch}, "
@@ -142,6 +234,8 @@ def main() -> None:
             "peak_mb": memory,
             **{f"hrp_over_{m}": times["hrp"] / times[m] for m in METHODS if m != "hrp"},
         }
+        if args.epoch_samples:
+            results[model]["epochs"] = time_epochs(model, args.batch, args.epoch_samples, device)
     print(
         "\nratios: "
         + "; ".join(

@@ -22,7 +22,7 @@ import yaml
 
 from hrp_ood.errors import UserError, cut, shown
 from hrp_ood.io import atomic_write_text, read_text_file
-from hrp_ood.trainers.registry import METHODS, MethodSpec
+from hrp_ood.registry import METHODS, MethodSpec
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,11 @@ class TrainConfig:
     # not in SPEC: DivideMix's uniform-prior penalty (method/targets.py), on by default because the refined targets
     # collapse onto one class without it (docs/method.md)
     lambda_prior: float = 1.0
+    # an intervention, not the method (docs/results.md): in each listed term of Eq. 15 — "ce" (Eq. 13's T), "ram"
+    # (RAM's Beta law and gate), "cdcl" (the β̂ gate) — every sample's reliability becomes its batch mean from
+    # epoch reliability_mean_from on
+    reliability_mean_in: list[str] = field(default_factory=list)
+    reliability_mean_from: float = 0.0
     # baselines
     gce_q: float = 0.7
     forget_rate: float | None = None  # co-teaching; None = the noise file's realised rate
@@ -105,9 +110,35 @@ class TrainConfig:
     # the comparison methods (hrp_ood/trainers/<method>.py). A None value is the reference code's for the dataset and
     # noise level (each module's `reference_values`), resolved when the config is built: config.yaml records it.
     # -- DivideMix, UNICON and LongReMix (hrp_ood/trainers/dividemix.py) --
+    lambda_u: float | None = None  # weight of the unlabeled MSE loss Lu (ramped over ramp_epochs after warm-up)
+    p_threshold: float | None = None  # GMM clean probability above which a sample is labeled
+    mixup_alpha: float = 4.0  # MixMatch's Beta(α, α)
+    gmm_loss_epochs: int | None = None  # the GMM fits the mean normalised loss of this many epochs (5 at 90% noise)
+    longremix_stage1_epochs: int = 300  # LongReMix: stage 1 (constant lr, finds the HCS), then fresh networks
+    hcs_epochs: int = 5  # LongReMix: the HCS = samples the GMM labeled in each of this many last epochs
+    hcs_search_epochs: int = 150  # LongReMix: stage 2 takes net 1's largest HCS of this many last stage-1 epochs
     # -- L2B (hrp_ood/trainers/l2b.py) --
+    grad_clip: float | None = None  # gradient-norm clip before each step (0: none); CIFAR-10 0.25, CIFAR-100 0.80
     # -- UNICON (hrp_ood/trainers/unicon.py) --
+    unicon_d_u: float = 0.7  # mean JSD above which the selection threshold is lowered from the mean ...
+    unicon_tau: float = 5.0  # ... by (mean − min) / tau
+    # JSD in bits (÷ ln 2, bounded by 1) instead of the reference's nats (bounded by ln 2 < d_u: never lowered)
+    unicon_jsd_bits: bool = False
+    lambda_supcon: float = 0.025  # weight of SimCLR's loss on the unlabeled rows' strong views
+    supcon_temperature: float = 0.05
     # -- ProMix (hrp_ood/trainers/promix.py) --
+    # class-wise small-loss selection: per noisy class the ⌈ρ·N/K⌉ smallest losses, ρ linear from start to end over
+    # promix_ramp_epochs (the reference's scripts: start = end, 0.7 at 20% noise, else 0.5)
+    promix_rho_start: float | None = None
+    promix_rho_end: float | None = None
+    promix_tau: float | None = None  # matched high confidence: p(given label) > τ joins the selection (0.99 / 0.95)
+    promix_debias_output: float | None = None  # logit adjustment of the losses: z + τ·log π (0.8 / 0.5)
+    promix_debias_pl: float | None = None  # debiased pseudo-labels: softmax(z − τ·log π) (0.8 / 0.5)
+    promix_ramp_epochs: int = 50  # ρ and the weight w ramp over this many epochs, the unchosen weight over twice it
+    promix_expand_epochs: int = 250  # label guessing by agreement in the last this many epochs
+    promix_expand_fill: float = 0.9  # ... adds agreeing confident rows until this share of the batch is chosen
+    promix_prior_momentum: float = 0.9999  # EMA of the class prior π (the mean unadjusted softmax)
+    promix_unchosen_weight: float = 0.1  # the pseudo head's loss on the unchosen rows (× the ramp; 0 after it)
     # run
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -161,6 +192,12 @@ class TrainConfig:
             raise UserError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {cut(self.normalization)}")
         if self.meta_bn not in META_BN_MODES:
             raise UserError(f"meta_bn must be one of {', '.join(META_BN_MODES)}, got {cut(self.meta_bn)}")
+        unknown_terms = [term for term in self.reliability_mean_in if term not in RELIABILITY_TERMS]
+        if unknown_terms:
+            raise UserError(
+                f"reliability_mean_in takes {', '.join(RELIABILITY_TERMS)}, got {cut(unknown_terms)}; "
+                "e.g. --set reliability_mean_in=[ram]"
+            )
         if self.lr_schedule not in LR_SCHEDULES:
             raise UserError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {cut(self.lr_schedule)}")
         if self.on_nonfinite not in ("stop", "skip"):
@@ -225,6 +262,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+RELIABILITY_TERMS = ("ce", "ram", "cdcl")
 LR_SCHEDULES = ("multistep", "cosine", "constant")
 CE_LOSSES = ("refined", "meta_weighted", "meta_weighted_peer", "meta_weighted_s")
 MAX_EPOCHS = 100_000
@@ -255,6 +293,7 @@ VALUE_RANGES: dict[str, tuple[float, float, str]] = {
     "weight_decay": (0, INF, "[)"),
     "lr_gamma": (0, INF, "()"),
     "lr_min": (0, INF, "[)"),
+    "reliability_mean_from": (0, INF, "[)"),
     "kappa": (0, INF, "()"),
     "t_min": (0, INF, "()"),
     "t_max": (0, INF, "()"),
@@ -269,6 +308,28 @@ VALUE_RANGES: dict[str, tuple[float, float, str]] = {
     "lambda_prior": (0, INF, "[)"),
     "gce_q": (0, 1, "(]"),
     "forget_rate": (0, 1, "[)"),
+    "lambda_u": (0, INF, "[)"),
+    "p_threshold": (0, 1, "[)"),
+    "mixup_alpha": (0, INF, "()"),
+    "gmm_loss_epochs": (1, INF, "[)"),
+    "longremix_stage1_epochs": (0, INF, "[)"),
+    "hcs_epochs": (1, INF, "[)"),
+    "hcs_search_epochs": (1, INF, "[)"),
+    "grad_clip": (0, INF, "[)"),
+    "unicon_d_u": (0, INF, "[)"),
+    "unicon_tau": (0, INF, "()"),
+    "lambda_supcon": (0, INF, "[)"),
+    "supcon_temperature": (0, INF, "()"),
+    "promix_rho_start": (0, 1, "(]"),
+    "promix_rho_end": (0, 1, "(]"),
+    "promix_tau": (0, 1, "[]"),
+    "promix_debias_output": (0, INF, "[)"),
+    "promix_debias_pl": (0, INF, "[)"),
+    "promix_ramp_epochs": (0, INF, "[)"),
+    "promix_expand_epochs": (0, INF, "[)"),
+    "promix_expand_fill": (0, 1, "[]"),
+    "promix_prior_momentum": (0, 1, "[)"),
+    "promix_unchosen_weight": (0, INF, "[)"),
 }
 
 
@@ -316,8 +377,16 @@ def _allowed_types(hint: Any) -> tuple[type, ...]:
     return (typing.get_origin(hint) or hint,)
 
 
-def _type_name(t: type) -> str:
-    return {type(None): "null", list: "a list of int"}.get(t, t.__name__)
+def _type_name(t: type, item: type = int) -> str:
+    return {type(None): "null", list: f"a list of {item.__name__}"}.get(t, t.__name__)
+
+
+def _list_item_type(hint: Any) -> type:
+    """The item type of a list key (list[int], list[str])."""
+    for arg in (hint, *typing.get_args(hint)):
+        if typing.get_origin(arg) is list:
+            return typing.get_args(arg)[0]
+    return int
 
 
 def _check_types(cfg: TrainConfig) -> None:
@@ -325,6 +394,7 @@ def _check_types(cfg: TrainConfig) -> None:
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         allowed = _allowed_types(hints[f.name])
+        item = _list_item_type(hints[f.name])
         if float in allowed and isinstance(value, int) and not isinstance(value, bool):
             setattr(cfg, f.name, float(value))
             continue
@@ -332,9 +402,9 @@ def _check_types(cfg: TrainConfig) -> None:
         if value is None:
             ok = type(None) in allowed
         if ok and isinstance(value, list):
-            ok = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            ok = all(isinstance(v, item) and not isinstance(v, bool) for v in value)
         if not ok:
-            names = " or ".join(_type_name(t) for t in allowed)
+            names = " or ".join(_type_name(t, item) for t in allowed)
             raise UserError(f"config key {f.name!r} must be {names}, got {cut(value)} ({type(value).__name__})")
 
 

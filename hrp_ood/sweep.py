@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 EXPERIMENT_KEYS = ("base", "config", "grid", "out", "retries", "nproc", "evaluation", "report", "slurm")
 MAX_GRID_POINTS = 10_000
 RESERVED_KEYS = ("name", "out_dir", "tensorboard_dir")  # the sweep names and places every run itself
+CONFIG_GRID_KEY = "config"  # grid: {config: [a.yaml, b.yaml]}: each grid point starts from its own config file
 SLURM_DEFAULTS = {
     "partition": None,
     "time_min": 60 * 24,
@@ -97,10 +98,14 @@ class Experiment:
     slurm: dict[str, Any]
 
     def run_config(self, name: str) -> TrainConfig:
-        overrides = {**self.config, **self.runs[name], "out_dir": str(self.out / "runs"), "name": name}
+        point = dict(self.runs[name])
+        # a grid over `config` gives each point its own config file (a method's reference schedule), relative to
+        # the experiment file; `base` otherwise
+        base = self.path.parent / point.pop(CONFIG_GRID_KEY) if CONFIG_GRID_KEY in point else self.base
+        overrides = {**self.config, **point, "out_dir": str(self.out / "runs"), "name": name}
         # every run's TensorBoard events under one root, named by its grid point: `tensorboard --logdir <out>/tb`
         overrides["tensorboard_dir"] = str(self.out / "tb" / name)
-        return build_config(self.base, overrides)
+        return build_config(base, overrides)
 
     def run_dir(self, name: str) -> Path:
         return self.out / "runs" / name
@@ -138,6 +143,11 @@ def _known_keys(data: dict[str, Any], valid: tuple[str, ...] | list[str], what: 
         raise UserError(f"experiment {shown(path)}: unknown {what} key {unknown[0]!r}; valid keys: {', '.join(valid)}")
 
 
+def _point_text(key: str, value: Any) -> str:
+    """A grid value in a run name: a config file by its stem (cifar10_dividemix), any other value as text."""
+    return _value_text(Path(value).stem if key == CONFIG_GRID_KEY else value)
+
+
 def _value_text(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", str(value)).strip("_") or "_"
 
@@ -149,7 +159,7 @@ def grid_runs(grid: dict[str, Any], path: Path) -> dict[str, dict[str, Any]]:
             f"experiment {shown(path)}: grid must name at least one config key with a list of values, "
             "e.g. grid: {noise: [sym20, sym50]}"
         )
-    valid = field_names()
+    valid = [*field_names(), CONFIG_GRID_KEY]
     for key, values in grid.items():
         if key not in valid or key in RESERVED_KEYS:
             raise UserError(
@@ -160,6 +170,11 @@ def grid_runs(grid: dict[str, Any], path: Path) -> dict[str, dict[str, Any]]:
             raise UserError(
                 f"experiment {shown(path)}: grid key {key!r} needs a non-empty list of values, got {cut(values)}"
             )
+        if key == CONFIG_GRID_KEY and not all(isinstance(value, str) for value in values):
+            raise UserError(
+                f"experiment {shown(path)}: grid key {key!r} lists config files (paths relative to the experiment "
+                f"file), got {cut(values)}"
+            )
     points = math.prod(len(values) for values in grid.values())
     if points > MAX_GRID_POINTS:
         raise UserError(
@@ -169,7 +184,7 @@ def grid_runs(grid: dict[str, Any], path: Path) -> dict[str, dict[str, Any]]:
     runs: dict[str, dict[str, Any]] = {}
     for point in itertools.product(*grid.values()):
         overrides = dict(zip(grid, point))
-        name = "__".join(f"{key}-{_value_text(value)}" for key, value in overrides.items())
+        name = "__".join(f"{key}-{_point_text(key, value)}" for key, value in overrides.items())
         if name in runs:
             raise UserError(
                 f"experiment {shown(path)}: two grid points share the run name {name!r}; "
@@ -184,7 +199,7 @@ def grid_runs(grid: dict[str, Any], path: Path) -> dict[str, dict[str, Any]]:
 
 
 def _evaluation(data: dict[str, Any], path: Path) -> Evaluation:
-    from hrp_ood.eval.benchmarks import BENCHMARKS
+    from hrp_ood.data.benchmarks import BENCHMARKS
     from hrp_ood.eval.evaluate import check_ood_set_names
     from hrp_ood.eval.generated import GENERATED_OOD_SETS
     from hrp_ood.eval.network import NET_CHOICES
@@ -252,7 +267,7 @@ def _report(data: dict[str, Any], path: Path) -> Report:
 
 def _check_report_ood(experiment: Experiment) -> None:
     """report.ood names a set the evaluation scores (or the mean): found now, not after every run has trained."""
-    from hrp_ood.eval.benchmarks import get_benchmark
+    from hrp_ood.data.benchmarks import get_benchmark
     from hrp_ood.eval.session import ood_set_names
     from hrp_ood.report.evaluations import MEAN_OOD
 
@@ -770,14 +785,25 @@ def grid_variants(experiment: Experiment) -> dict[str, str]:
     """eval.json path → "key=value, ..." of the grid keys other than method, noise and seed, for the runs that have
     them: a grid over any config key reports each of its values apart."""
     labels = {}
+    hidden = {*REPORT_KEYS, CONFIG_GRID_KEY} if _config_files_name_their_methods(experiment) else set(REPORT_KEYS)
     for name, point in experiment.runs.items():
-        other = ", ".join(f"{key}={_value_text(value)}" for key, value in point.items() if key not in REPORT_KEYS)
+        other = ", ".join(f"{key}={_point_text(key, value)}" for key, value in point.items() if key not in hidden)
         if other:
             labels[str(experiment.eval_json(name))] = other
     return labels
 
 
 REPORT_KEYS = ("method", "noise", "seed")  # what eval.json records of a grid point itself
+
+
+def _config_files_name_their_methods(experiment: Experiment) -> bool:
+    """A grid over config files where each file trains its own method (Table 5): the method names the row."""
+    methods: dict[str, set[str]] = {}
+    for name, point in experiment.runs.items():
+        if CONFIG_GRID_KEY in point:
+            methods.setdefault(point[CONFIG_GRID_KEY], set()).add(experiment.run_config(name).method)
+    named = [next(iter(found)) for found in methods.values() if len(found) == 1]
+    return len(named) == len(methods) and len(set(named)) == len(named)
 
 
 def write_sweep_report(experiment: Experiment) -> dict[str, Path]:

@@ -37,9 +37,9 @@ from fakes import (
 
 from hrp_ood.cli import main
 from hrp_ood.data import fetch as fetch_module
+from hrp_ood.data.benchmarks import BENCHMARKS
 from hrp_ood.data.fetch import BASE_URL_ENV, DOWNLOADS, RETRIES, STAGING, fetch
 from hrp_ood.errors import UserError
-from hrp_ood.eval.benchmarks import BENCHMARKS
 from hrp_ood.eval.ood_data import load_ood_images
 
 N_OOD = {"svhn": 20, "mnist": 20, "textures": 21, "lsun": 20, "places365": 12}

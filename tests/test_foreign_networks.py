@@ -26,9 +26,9 @@ from scipy.special import softmax
 from torch import nn
 
 from hrp_ood.cli import main
+from hrp_ood.data.benchmarks import BENCHMARKS
 from hrp_ood.data.cifar import CIFAR10_MEAN, CIFAR10_STD
 from hrp_ood.errors import UserError
-from hrp_ood.eval.benchmarks import BENCHMARKS
 from hrp_ood.eval.foreign import LinearHeadNet, build_arch, load_foreign_network, with_network_contract
 from hrp_ood.eval.session import EvaluationRequest, evaluate
 from hrp_ood.report.evaluations import load_evaluations

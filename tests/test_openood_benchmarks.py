@@ -9,9 +9,9 @@ import torch
 from fakes import random_images, write_ood_folder, write_openood_cifar10_root, write_openood_imglist
 from PIL import Image
 
+from hrp_ood.data.benchmarks import BENCHMARKS, check_checkpoint_fits, get_benchmark, load_benchmark_id_data
 from hrp_ood.data.image_lists import load_image_list, load_labelled_image_list
 from hrp_ood.errors import UserError
-from hrp_ood.eval.benchmarks import BENCHMARKS, check_checkpoint_fits, get_benchmark, load_benchmark_id_data
 from hrp_ood.eval.ood_data import load_ood_images
 from hrp_ood.eval.validation import find_validation, load_validation, require_tuning_split
 

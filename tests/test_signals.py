@@ -1,4 +1,4 @@
-"""The method's diagnostics (train/signals.py and the step's measurements) against brute-force references, and
+"""The method's diagnostics (trainers/signals.py and the step's measurements) against brute-force references, and
 the per-sample reliability memory against a hand-written EMA."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from hrp_ood.train.signals import EpochSignals, auroc, batch_auroc, class_share_max
 from sklearn.metrics import roc_auc_score
 
 from hrp_ood.method import ReliabilityMemory, meta_reliabilities, reliabilities_from_signed
 from hrp_ood.trainers.hrp import _cdcl_purity, _ram_diagnostics
+from hrp_ood.trainers.signals import EpochSignals, auroc, batch_auroc, class_share_max
 
 
 def test_batch_auroc_matches_sklearn_with_ties_and_is_nan_for_one_class():

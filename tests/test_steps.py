@@ -407,3 +407,34 @@ def test_meta_bn_reaches_the_meta_step_and_weak_stats_feeds_running_statistics_t
             weak_only.train()(forwards[k][0][0][:N])
         mean, reference = m.net.block1[2].running_mean, weak_only.block1[2].running_mean
         assert torch.allclose(mean, reference) is (meta_bn == "eval_weak_stats")
+
+
+@pytest.mark.parametrize(
+    "terms, start, expect_mean",
+    [(["ram"], 0.0, {"ram"}), (["ce", "cdcl"], 0.0, {"ce", "cdcl"}), (["ram", "ce", "cdcl"], 2.0, set())],
+)
+def test_reliability_mean_in_replaces_exactly_the_listed_terms_reliabilities_by_their_batch_mean(
+    monkeypatch, terms, start, expect_mean
+):
+    """The paired intervention of issue 32: each listed term gets the batch mean of T (Eq. 13, RAM) or of β̂ (CDCL)
+    from `reliability_mean_from` on (the batch is at epoch 1.0: a start at 2.0 changes nothing); the others keep
+    the per-sample values."""
+    ctx, members, batch = make_step(reliability_mean_in=terms, reliability_mean_from=start)
+    alphas = [torch.linspace(0.1, 1.9, N), torch.linspace(1.5, 0.2, N)]
+    betas = [torch.linspace(0.3, 1.4, N), torch.linspace(0.9, 0.1, N)]
+    given_reliabilities(monkeypatch, list(zip(alphas, betas)))
+    recorded = {name: Recorder(monkeypatch, name) for name in ("reweighted_ce", "reliability_mixup", "cdcl_loss")}
+    hrp_step(ctx, members, batch)
+    cfg = ctx.cfg
+    for k in range(2):  # network k trains with its peer's T and β̂
+        peer_T = total_reliability(alphas[1 - k], betas[1 - k], cfg.t_min, cfg.t_max)
+        peer_beta_hat = normalize_beta(betas[1 - k], cfg.delta)
+        seen = {
+            "ce": recorded["reweighted_ce"].calls[k][0][2],
+            "ram": recorded["reliability_mixup"].calls[k][0][2],
+            "cdcl": recorded["cdcl_loss"].calls[k][0][2],
+        }
+        for term, value in seen.items():
+            per_sample = peer_beta_hat if term == "cdcl" else peer_T
+            expected = torch.full_like(per_sample, per_sample.mean().item()) if term in expect_mean else per_sample
+            torch.testing.assert_close(value, expected, msg=f"net {k + 1}, {term}")

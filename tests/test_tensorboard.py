@@ -13,12 +13,12 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_train_args
-from hrp_ood.train.signals import EpochSignals
 from hrp_ood.train.tensorboard import TensorBoardLog, scalar_tag
 
 from hrp_ood.cli import main
 from hrp_ood.config import build_config
 from hrp_ood.errors import UserError
+from hrp_ood.trainers.signals import EpochSignals
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 

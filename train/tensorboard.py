@@ -1,5 +1,5 @@
 """TensorBoard logs of a training run: every metrics.csv column as a scalar and the per-sample signals (α, β, T,
-loss; train/signals.py) as histograms, once per epoch, when the `tensorboard` package is installed
+loss; hrp_ood/trainers/signals.py) as histograms, once per epoch, when the `tensorboard` package is installed
 (`pip install 'hrp-ood[tensorboard]'`).
 
 The events go to `<run>/tb/`, or to the config's `tensorboard_dir` (`hrp-ood sweep` puts every run of a grid
@@ -25,9 +25,8 @@ import torch
 from hrp_ood.errors import UserError, shown
 
 if TYPE_CHECKING:
-    from hrp_ood.train.signals import EpochSignals
-
     from hrp_ood.config import TrainConfig
+    from hrp_ood.trainers.signals import EpochSignals
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The training loop: run folder, epochs, evaluation, metrics.csv, checkpoints and resume.
 
 A run folder `runs/<name>/` holds config.yaml, noise.npz, meta_indices.npz, metrics.csv, train.log,
-signals/epoch_NNNN.npz (per-sample diagnostics, train/signals.py), tb/ (TensorBoard events, train/tensorboard.py),
+signals/epoch_NNNN.npz (per-sample diagnostics, trainers/signals.py), tb/ (TensorBoard events, train/tensorboard.py),
 last.pt (everything needed to resume) and best.pt: the epoch whose ensemble is most accurate on the clean meta
 set, never chosen on the test set: the last epoch when nothing clean is held out (a method that trains on the meta
 set, or meta_size 0, where metrics.csv leaves meta_acc empty).
@@ -37,7 +37,6 @@ from typing import Any
 import numpy as np
 import torch
 from hrp_ood.train.data import prepare_training_data
-from hrp_ood.train.signals import EpochSignals, class_share_max
 from hrp_ood.train.tensorboard import TensorBoardLog, tensorboard_log
 
 from hrp_ood import distributed
@@ -52,6 +51,7 @@ from hrp_ood.models import create_model
 from hrp_ood.progress import progress_steps
 from hrp_ood.run_dir import RunFolder
 from hrp_ood.trainers.base import EpochPlan, Member, NonFiniteLoss, StepContext, StepInputs, shuffled_plan
+from hrp_ood.trainers.signals import EpochSignals, class_share_max
 
 log = logging.getLogger(__name__)
 

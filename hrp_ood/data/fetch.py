@@ -1,5 +1,5 @@
 """`hrp-ood data fetch NAME... --root DIR`: the real datasets, from the sources torchvision and OpenOOD use, into
-exactly the layout `hrp-ood train` and `hrp-ood evaluate` read (`hrp_ood.eval.ood_data`, `hrp_ood.eval.benchmarks`).
+exactly the layout `hrp-ood train` and `hrp-ood evaluate` read (`hrp_ood.eval.ood_data`, `hrp_ood.data.benchmarks`).
 
 Sources (`SOURCES`; the URLs and checksums are copied, never made up):
 
@@ -160,7 +160,7 @@ def _image_count(sub: str = "") -> Callable[[Path], int]:
 
 
 def _mnist_count(path: Path) -> int:
-    from hrp_ood.eval.ood_data import read_mnist_idx
+    from hrp_ood.data.idx import read_mnist_idx
 
     return len(read_mnist_idx(path))
 
@@ -923,9 +923,9 @@ def _unsafe(name: str) -> bool:
 
 
 def _check_benchmark_lists(benchmark_name: str, root: Path) -> str:
-    """Every list OpenOOD's benchmark reads (`hrp_ood.eval.benchmarks`) exists and names only present images."""
+    """Every list OpenOOD's benchmark reads (`hrp_ood.data.benchmarks`) exists and names only present images."""
+    from hrp_ood.data.benchmarks import BENCHMARKS
     from hrp_ood.data.image_lists import list_files
-    from hrp_ood.eval.benchmarks import BENCHMARKS
 
     benchmark = BENCHMARKS[benchmark_name]
     lists = [benchmark.id_list(split, root) for split in ("train", "val", "test")]

@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from hrp_ood.data.benchmarks import BENCHMARKS
 from hrp_ood.data.datasets import DATASETS
 from hrp_ood.errors import UserError
-from hrp_ood.eval.benchmarks import BENCHMARKS
 from hrp_ood.eval.evaluate import check_ood_set_names
 from hrp_ood.eval.generated import GENERATED_OOD_SETS
 from hrp_ood.eval.network import NET_CHOICES

@@ -8,7 +8,7 @@ A set name is resolved, first match wins, as
 3. plain formats under `data_root` — SVHN's `svhn/test_32x32.mat`, MNIST's idx files in torchvision's
    `MNIST/raw/` layout, the CIFAR pickles (near-OOD), or an image folder (`dtd/images/`, `LSUN/`, …).
 
-With an OpenOOD benchmark (`--benchmark`, `hrp_ood.eval.benchmarks`) a set is that benchmark's own list
+With an OpenOOD benchmark (`--benchmark`, `hrp_ood.data.benchmarks`) a set is that benchmark's own list
 (step 2 with its list name and image folder) unless `ood_dirs` names it; nothing else is looked at.
 
 Every image goes through OpenOOD's test transform without its normalisation: RGB (grey → 3 channels,
@@ -19,7 +19,6 @@ is applied later, on the batch, on the device (`features.py`).
 
 from __future__ import annotations
 
-import gzip
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -30,13 +29,14 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from hrp_ood.data.fetch import fetch_hint
+from hrp_ood.data.idx import read_mnist_idx
 from hrp_ood.data.image_lists import list_files, load_image_list
 from hrp_ood.data.images import decode_images, folder_images
 from hrp_ood.data.sources import ImageSource, files_under
 from hrp_ood.errors import UserError, shown
 
 if TYPE_CHECKING:
-    from hrp_ood.eval.benchmarks import Benchmark
+    from hrp_ood.data.benchmarks import Benchmark
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,6 @@ FOLDER_ALIASES: dict[str, tuple[str, ...]] = {
 # The CIFAR pickle folders `hrp_ood.data.load_dataset` reads (torchvision's names).
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 
-MNIST_IMAGES_MAGIC = 0x00000803  # idx3-ubyte: unsigned bytes, 3 dimensions
 
 Loader = Callable[[], torch.Tensor]
 
@@ -208,26 +207,6 @@ def read_svhn_mat(path: Path) -> torch.Tensor:
     if x.ndim != 4 or x.shape[2] != 3:
         raise UserError(f"{path}: X has shape {x.shape}, expected (32, 32, 3, N) as in SVHN's test_32x32.mat")
     return torch.from_numpy(np.ascontiguousarray(x.transpose(3, 2, 0, 1), dtype=np.uint8))
-
-
-def read_mnist_idx(path: Path) -> torch.Tensor:
-    """MNIST's idx3-ubyte file (optionally .gz): big-endian header magic, N, rows, cols → (N, 1, rows, cols)."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as err:
-        raise UserError(f"{path} cannot be read ({err}); download MNIST again") from None
-    header = np.frombuffer(data[:16], dtype=">u4") if len(data) >= 16 else np.zeros(0)
-    if len(header) != 4 or header[0] != MNIST_IMAGES_MAGIC:
-        raise UserError(f"{path} is not an idx3-ubyte image file (bad magic number); download MNIST again")
-    n, rows, cols = (int(v) for v in header[1:])
-    pixels = np.frombuffer(data, dtype=np.uint8, offset=16)
-    if pixels.size != n * rows * cols:
-        raise UserError(
-            f"{path} is truncated: {pixels.size} pixels for {n} images of {rows}x{cols}; download MNIST again"
-        )
-    return torch.from_numpy(pixels.reshape(n, 1, rows, cols).copy())
 
 
 def _cifar_test_images(name: str, data_root: Path, size: int) -> torch.Tensor:

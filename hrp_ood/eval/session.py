@@ -22,13 +22,13 @@ import torch
 from hrp_ood import __version__
 from hrp_ood.checkpoint import read_checkpoint
 from hrp_ood.config import TrainConfig
+from hrp_ood.data.benchmarks import BENCHMARKS, Benchmark, check_checkpoint_fits, get_benchmark, load_benchmark_id_data
 from hrp_ood.data.bundle import DataBundle
 from hrp_ood.data.datasets import DATASETS, load_dataset_lazily
 from hrp_ood.data.noise import load_noise
 from hrp_ood.data.sources import ImageSource
 from hrp_ood.devices import device_type, resolve_device
 from hrp_ood.errors import UserError
-from hrp_ood.eval.benchmarks import BENCHMARKS, Benchmark, check_checkpoint_fits, get_benchmark, load_benchmark_id_data
 from hrp_ood.eval.evaluate import check_ood_set_names, run_evaluation, write_eval_outputs
 from hrp_ood.eval.foreign import MAX_IMAGE_SIZE, ForeignNetwork, load_foreign_network, with_network_contract
 from hrp_ood.eval.generated import GENERATED_OOD_SETS, generated_ood_sets

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
+from hrp_ood.data.benchmarks import Benchmark
 from hrp_ood.data.image_lists import load_image_list
 from hrp_ood.errors import UserError, shown
-from hrp_ood.eval.benchmarks import Benchmark
 from hrp_ood.eval.ood_data import load_image_folder
 
 PARTS = ("id", "ood")

@@ -21,7 +21,6 @@ from torch import Tensor, nn
 from hrp_ood.errors import UserError
 from hrp_ood.models.base import ClassifierNet
 
-
 COMBINE_RULES = ("mean", "sum")
 
 

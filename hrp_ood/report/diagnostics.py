@@ -22,7 +22,7 @@ import numpy as np
 from hrp_ood.errors import UserError, one_line, shown
 from hrp_ood.io import csv_number, read_metrics_rows
 from hrp_ood.report.plots import _new_figure, _save_png
-from hrp_ood.train.signals import PAIR_TYPES
+from hrp_ood.trainers.signals import PAIR_TYPES
 
 
 def read_metrics(run_dir: Path) -> dict[str, np.ndarray]:

@@ -2,7 +2,7 @@
 batch a step sees (`StepInputs`), the run-wide `StepContext`, the epoch's plan of batches (`EpochPlan`) and the
 update that refuses non-finite losses.
 
-A method is one module of this package, named by its row of `registry.METHODS`. The module defines
+A method is one module of this package, named by its row of `hrp_ood.registry.METHODS`. The module defines
 
 * `step(ctx, members, batch) -> dict[str, Tensor]`: one optimisation step; returns detached scalars to log
   (never `.item()` here: a GPU step must not wait on the host);
@@ -34,7 +34,7 @@ from hrp_ood.config import TrainConfig
 from hrp_ood.data.augment import BatchAugment
 from hrp_ood.distributed import broadcast_from_main, global_sum, rank, world_size
 from hrp_ood.method import ReliabilityMemory
-from hrp_ood.train.signals import EpochSignals
+from hrp_ood.trainers.signals import EpochSignals
 
 
 @dataclass
@@ -81,7 +81,9 @@ class StepContext:
     autocast_device: str | None  # "cuda" when AMP is on, else None
     forget_rate: float = 0.0
     skipped_steps: int = 0  # non-finite steps skipped under on_nonfinite="skip"
-    signals: EpochSignals | None = None  # this epoch's per-sample diagnostics (train/signals.py), if recorded
+    signals: EpochSignals | None = (
+        None  # this epoch's per-sample diagnostics (hrp_ood/trainers/signals.py), if recorded
+    )
     # one per network: the per-sample averages of its meta-gradients (reliability_momentum > 0)
     memories: list[ReliabilityMemory] = field(default_factory=list)
     # the whole training set (uint8 images, noisy labels), for methods whose step reads rows beyond its batch

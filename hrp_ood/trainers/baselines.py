@@ -58,7 +58,7 @@ def coteach_step(ctx: StepContext, members: list[Member], batch: StepInputs) -> 
 
 
 def step(ctx: StepContext, members: list[Member], batch: StepInputs) -> dict[str, torch.Tensor]:
-    """The step of the method's `loss` (registry.METHODS)."""
+    """The step of the method's `loss` (hrp_ood.registry.METHODS)."""
     return STEPS[ctx.cfg.spec.loss](ctx, members, batch)
 
 

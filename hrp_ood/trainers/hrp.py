@@ -24,9 +24,9 @@ from hrp_ood.method import (
 )
 from hrp_ood.method.reliability import Reliabilities
 from hrp_ood.models import ProjectionHead, frozen_batchnorm_stats
-from hrp_ood.train.signals import batch_auroc
 from hrp_ood.trainers.base import Member, StepContext, StepInputs, loss_precision, record_loss, update
 from hrp_ood.trainers.baselines import ce_step
+from hrp_ood.trainers.signals import batch_auroc
 
 
 def projection_head(cfg: TrainConfig, net: torch.nn.Module) -> torch.nn.Module | None:
@@ -74,7 +74,7 @@ def _hrp_member_loss(
 ) -> dict[str, torch.Tensor]:
     """Eq. 15 for one network, trained with the targets, pseudo-labels, α and β its peer computed.
 
-    `diagnose` (net 1 only) adds the measurements of train/signals.py: S's class histogram, RAM's λ by pair
+    `diagnose` (net 1 only) adds the measurements of hrp_ood/trainers/signals.py: S's class histogram, RAM's λ by pair
     type and CDCL's positive-pair purity with and without the β̂ gate (these read the clean labels).
     """
     cfg, spec = ctx.cfg, ctx.cfg.spec
@@ -82,7 +82,7 @@ def _hrp_member_loss(
     targets, high_conf = refine_targets(peer["probs"], noisy, cfg.tau_match, cfg.tau_conf, cfg.sharpen_temperature)
     T = total_reliability(peer["alpha"], peer["beta"], cfg.t_min, cfg.t_max)
     terms = {
-        "loss_ce": _ce_term(cfg, own, peer, targets, T, high_conf, noisy),
+        "loss_ce": _ce_term(cfg, own, peer, targets, _batch_mean_in(cfg, "ce", T, batch.epoch), high_conf, noisy),
         "loss_cons": consistency_loss(own["logits_weak"], own["logits_strong"]),
         "high_conf": high_conf.float().mean(),
         "T": T.mean(),
@@ -94,8 +94,9 @@ def _hrp_member_loss(
         terms["loss_prior"] = prior_penalty(own["logits_weak"])
         loss = loss + cfg.lambda_prior * terms["loss_prior"]
     if weight > 0 and spec.ram:
+        T_ram = _batch_mean_in(cfg, "ram", T, batch.epoch)
         mixed = reliability_mixup(
-            x_weak, targets, T, cfg.kappa, symmetric=spec.symmetric_ram, gated=spec.grg, eps=cfg.delta
+            x_weak, targets, T_ram, cfg.kappa, symmetric=spec.symmetric_ram, gated=spec.grg, eps=cfg.delta
         )
         with ctx.autocast(), _running_stats_from_weak_views_only(ctx, member):
             mixed_logits = loss_precision(member.forward(mixed.inputs))
@@ -108,13 +109,22 @@ def _hrp_member_loss(
     if weight > 0 and spec.cdcl:
         z = member.head_forward(loss_precision(own["features"]))
         confident = peer["probs"].max(dim=1).values >= cfg.tau_conf
-        beta_hat = normalize_beta(peer["beta"], cfg.delta)
+        beta_hat = _batch_mean_in(cfg, "cdcl", normalize_beta(peer["beta"], cfg.delta), batch.epoch)
         terms["loss_cdcl"] = cdcl_loss(z, peer["pseudo"], beta_hat, confident, cfg.cdcl_temperature)
         loss = loss + weight * cfg.lambda_c * terms["loss_cdcl"]
         if diagnose and batch.clean_labels is not None:
             terms.update(_cdcl_purity(peer["pseudo"], beta_hat, confident, batch.clean_labels))
     terms["loss"] = loss
     return terms
+
+
+def _batch_mean_in(cfg: TrainConfig, term: str, values: torch.Tensor, epoch: float) -> torch.Tensor:
+    """The paired intervention of `reliability_mean_in` (docs/results.md): in the listed term, from epoch
+    `reliability_mean_from` on, every sample's reliability is the batch's mean, so the term keeps its scale but no
+    longer tells one sample from another."""
+    if term in cfg.reliability_mean_in and epoch >= cfg.reliability_mean_from:
+        return values.mean().expand_as(values)
+    return values
 
 
 def _ce_term(

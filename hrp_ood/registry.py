@@ -3,7 +3,7 @@ the sweep and evaluate. A row names the module of `hrp_ood.trainers` that implem
 its per-epoch pass, its step; `hrp_ood.trainers.base` says what such a module defines) and what the rest of the
 package needs to know about it without importing it.
 
-Adding a method: one module in this package, one row here, one config in configs/.
+Adding a method: one module in hrp_ood/trainers/, one row here, one config in configs/
 """
 
 from __future__ import annotations
@@ -89,4 +89,25 @@ METHODS: dict[str, MethodSpec] = {
     "base_coupled_meta": MethodSpec(normalization="coupled", ram=False, cdcl=False),
     "base_cdcl": MethodSpec(meta=False, ram=False),
     "base_ram_grg": MethodSpec(meta=False, cdcl=False),
+    # L2B (Zhou et al. 2024): one network; its meta step reweights the given label and its own pseudo-label of each
+    # sample by their effect on the clean meta set's loss after a virtual step of the real optimizer
+    "l2b": MethodSpec(module="l2b", networks=1, meta=True, ram=False, grg=False, cdcl=False),
+    # DivideMix (Li et al. 2020): per-epoch GMM co-divide, MixMatch with co-guessing and co-refinement
+    "dividemix": MethodSpec(
+        module="dividemix", meta=False, ram=False, grg=False, cdcl=False, test_rule="sum", data_parallel=False
+    ),
+    # LongReMix (Cordeiro et al. 2022): DivideMix finding a high-confidence set, then fresh networks trained with it
+    "longremix": MethodSpec(
+        module="longremix", meta=False, ram=False, grg=False, cdcl=False, test_rule="sum", data_parallel=False
+    ),
+    # ProMix (Xiao et al. 2023): two networks, each with a debiased pseudo head, trained on their own class-wise
+    # small-loss + matched high-confidence selection; test = the mean of the two primary heads' logits
+    "promix": MethodSpec(
+        module="promix", meta=False, ram=False, grg=False, cdcl=False, test_rule="mean", data_parallel=False
+    ),
+    # UNICON (Karim et al. 2022): DivideMix's step with a class-uniform JSD selection, MixMatch on strong views and
+    # SimCLR on the unlabeled rows
+    "unicon": MethodSpec(
+        module="unicon", meta=False, ram=False, grg=False, cdcl=False, test_rule="sum", data_parallel=False
+    ),
 }
