@@ -5,9 +5,10 @@
 # 1. the CUDA-only tests; 2. step times of HRP, Base, CE, ... on PreAct ResNet-18 (benchmarks/train_step.py:
 #    the HRP / Base and HRP / CE ratios; the paper reports ~1.3x its baseline, < 10% more memory);
 # 3. the decisive comparison at the paper's scale: CIFAR-10's 50,000 training images (1,000 of them the clean
-#    meta set) and 10,000 test images, PreAct ResNet-18, CE, HRP (the paper's form) and hrp_meta_weighted, seed 0,
-#    sym50 then sym80, on a schedule shortened to EPOCHS (default 8: warm-up 3, ramp 2, the paper's milestones
-#    scaled), through `hrp-ood sweep` with the three runs of a noise level sharing the GPU (--jobs 3). What
+#    meta set) and 10,000 test images, PreAct ResNet-18, CE, HRP (the paper's form), hrp_meta_weighted and
+#    DivideMix (at the same shortened schedule; its λu and p_threshold from the noise level), seed 0, sym50 then
+#    sym80, on a schedule shortened to EPOCHS (default 8: warm-up 3, ramp 2, the paper's milestones scaled), through
+#    `hrp-ood sweep` with the four runs of a noise level sharing the GPU (--jobs 4). What
 #    `hrp-ood train` does on CUDA: the decoded images resident on the GPU, batched GPU augmentation, bf16 autocast;
 #    channels_last on. A run the budget cuts short keeps its last.pt and its epochs in metrics.csv.
 # --quick: the same steps on CPU in about a minute (tests/test_benchmarks.py): 8 training and 4 test images per
@@ -64,7 +65,7 @@ config:
   signals_every: 1000
 grid:
   noise: [sym50, sym80]
-  method: [ce, hrp, hrp_meta_weighted]
+  method: [ce, hrp, hrp_meta_weighted, dividemix]
   seed: [0]
 out: $WORK/runs
 retries: 0
@@ -78,7 +79,7 @@ EOF
 cp "$WORK/paper_scale.yaml" "$OUT/"
 
 echo "== comparison: sym50, then sym80 while time is left ($(left) s left)"
-( exec setsid hrp-ood sweep "$WORK/paper_scale.yaml" --jobs 3 > "$OUT/sweep.log" 2>&1 ) &
+( exec setsid hrp-ood sweep "$WORK/paper_scale.yaml" --jobs 4 > "$OUT/sweep.log" 2>&1 ) &
 SWEEP=$!
 while kill -0 $SWEEP 2>/dev/null && [ "$(left)" -gt 45 ]; do
   sleep 5

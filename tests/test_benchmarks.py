@@ -25,6 +25,11 @@ def test_quick_mode_runs_and_prints_ratios(name):
     assert result.returncode == 0, result.stderr[-2000:]
     last = result.stdout.strip().splitlines()[-1]
     assert "x" in last and any(ch.isdigit() for ch in last), result.stdout[-2000:]
+    if name == "train_step":  # one epoch of every method, its pass over the set included, beside CE's
+        table = result.stdout.split("one epoch of", 1)[-1]
+        rows = {line.split()[0] for line in table.splitlines() if line.strip()}
+        for method in ("ce", "hrp", "hrp_double_backward", "dividemix", "l2b", "unicon", "promix"):
+            assert method in rows, result.stdout[-2000:]
 
 
 def test_gpu_session_quick_mode_times_prepares_sweeps_and_summarises(tmp_path):
@@ -51,12 +56,12 @@ def test_gpu_session_quick_mode_times_prepares_sweeps_and_summarises(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:] + result.stdout[-2000:]
     assert "hrp/base" in result.stdout and "hrp/ce" in result.stdout
-    assert "6 done, 0 running, 0 pending, 0 failed" in result.stdout, result.stdout[-3000:]
+    assert "8 done, 0 running, 0 pending, 0 failed" in result.stdout, result.stdout[-3000:]
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert all(
         f"| {noise} | {method} |" in summary
         for noise in ("sym50", "sym80")
-        for method in ("ce", "hrp", "hrp_meta_weighted")
+        for method in ("ce", "hrp", "hrp_meta_weighted", "dividemix")
     )
 
 
