@@ -127,7 +127,7 @@ def test_second_evaluation_makes_no_forward_pass(tmp_path):
 class StandIn:
     """What the evaluation reads of a postprocessor besides fit/score: no OpenOOD search, fitted on ID-train."""
 
-    fit_split, openood_sweep = "train", {}
+    fit_split, openood_sweep, fit_warnings = "train", {}, ()
 
     def hyperparameters(self) -> dict:
         return {}
