@@ -662,6 +662,11 @@ def test_a_part_without_a_validator_is_not_resumed(served, tmp_path):
     first, second = state.requests("test_32x32.mat")
     assert first["sent"] == len(data) // 3 and (second["range"], second["sent"]) == (None, len(data))
     assert (tmp_path / "svhn" / "test_32x32.mat").read_bytes() == data
+    with serving(served.files) as (state, url):  # given up: no part is kept, and none is promised to resume
+        state.validators, state.drops, state.drop_at = False, RETRIES, len(data) // 3
+        with pytest.raises(UserError) as refused:
+            fetch(["svhn"], tmp_path / "b", base_url=url, progress=False)
+    assert "resume" not in str(refused.value) and not (tmp_path / "b" / DOWNLOADS).exists()
 
 
 def test_a_server_too_slow_on_average_is_given_up_saying_the_minimum_rate(served, tmp_path, monkeypatch):
