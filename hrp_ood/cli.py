@@ -314,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _out_of_memory(err: BaseException) -> bool:
+    """A MemoryError (numpy, Python) or torch's allocation failure (a RuntimeError or its OutOfMemoryError)."""
+    text = str(err)
+    return isinstance(err, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -332,6 +338,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"hrp-ood {args.command}: error: {where}{os_error_text(err)}; check the path, its permissions and "
             "the free space",
+            file=sys.stderr,
+        )
+        return 2
+    except (MemoryError, RuntimeError) as err:
+        if args.debug or not _out_of_memory(err):
+            raise
+        print(
+            f"hrp-ood {args.command}: error: out of memory ({one_line(str(err))[:120] or type(err).__name__}); lower "
+            "--batch-size or --image-size, or give the command fewer images",
             file=sys.stderr,
         )
         return 2

@@ -921,3 +921,23 @@ def test_a_full_disk_while_training_is_one_line_and_keeps_the_last_checkpoint(ws
     }
     assert after == before, "the last checkpoint and metrics are kept, and no temporary file is left"
     assert sorted(p.name for p in (run / "signals").iterdir()) == signals_before  # nor signals of the lost epoch
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        MemoryError(),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried"),
+    ],
+)
+def test_running_out_of_memory_is_one_line(ws, capsys, monkeypatch, failure):
+    """e.g. `evaluate --arch … --image-size 4096` on a large ID set: a 76-line MemoryError before."""
+
+    def exhausted(request):
+        raise failure
+
+    monkeypatch.setattr("hrp_ood.eval.session.evaluate", exhausted)
+    assert main(ws.evaluate("ckpts/nope.pt")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("hrp-ood evaluate: error: out of memory (")
+    assert err.endswith("lower --batch-size or --image-size, or give the command fewer images")

@@ -344,3 +344,23 @@ def test_odin_perturbs_with_the_id_std_and_is_never_cached(tmp_path, monkeypatch
     assert np.array_equal(result.scores["odin/id"], again.scores["odin/id"])
     assert np.all(np.isfinite(result.scores["odin/id"])) and len(result.scores["odin/bright"]) == 25
     assert made[0].needs_network and made[0].input_std == STD
+
+
+def test_non_finite_scores_of_a_postprocessor_are_one_line_naming_the_causes():
+    from hrp_ood.eval.evaluate import _metric_rows
+
+    finite = np.array([0.1, 0.2, 0.3])
+    with pytest.raises(UserError, match=r"^ebo gave 1 NaN/inf score\(s\) of 3 on OOD set svhn: .* check the network's"):
+        _metric_rows("ebo", finite, {"svhn": np.array([0.1, np.inf, 0.3])})
+    with pytest.raises(UserError, match=r"^ebo gave 2 NaN/inf score\(s\) of 3 on the ID test set: .*--mean/--std"):
+        _metric_rows("ebo", np.array([np.nan, np.nan, 0.3]), {"svhn": finite})
+
+
+def test_outputs_too_large_for_float32_distances_are_one_line():
+    from hrp_ood.eval.evaluate import finite_outputs
+
+    huge = FeatureSet(logits=np.ones((2, 3), np.float32), features=np.full((2, 4), 1e20, np.float32))
+    with pytest.raises(UserError, match=r"^the network's features on ID train reach 1e\+20, beyond 1e\+17 .*--std"):
+        finite_outputs(huge, "ID train")
+    usual = FeatureSet(logits=np.ones((2, 3), np.float32), features=np.full((2, 4), 1e6, np.float32))
+    assert finite_outputs(usual, "ID train") is usual

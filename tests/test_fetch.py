@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import re
+import stat
 import tarfile
 import threading
 import time
@@ -60,7 +61,8 @@ class State:
     drop_at: int = 0
     confirm: set[str] = field(default_factory=set)  # served behind Google Drive's confirmation page
     refused: set[str] = field(default_factory=set)  # answered with Google Drive's quota error page
-    validators: bool = True  # an ETag (the md5 of the file) with every file, and If-Range honoured
+    validators: bool = True  # an ETag (the md5 of the file) with every file
+    if_range: bool = True  # If-Range honoured (False: a Range is served whatever version it was asked for)
     form_action: dict[str, str] = field(default_factory=dict)  # file → where its confirmation form leads
     redirect: dict[str, str] = field(default_factory=dict)  # file → Location of a 302 answer
     drip_s: float = 0.0  # > 0: the body is sent one byte every drip_s seconds
@@ -97,7 +99,7 @@ class Handler(BaseHTTPRequestHandler):
         start = 0
         etag = f'"{hashlib.md5(data).hexdigest()}"'
         headers = {"ETag": etag} if state.validators else {}
-        same_version = entry["if_range"] is None or (state.validators and entry["if_range"] == etag)
+        same_version = not state.if_range or entry["if_range"] in (None, etag if state.validators else None)
         if entry["range"] and state.range_support and same_version:
             start = int(re.fullmatch(r"bytes=(\d+)-", entry["range"])[1])
             if start >= len(data):
@@ -124,7 +126,7 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(sent)
             self.wfile.flush()
             return
-        for k in range(len(sent)):  # a slow server: one byte at a time, until the client gives up
+        for k in range(min(len(sent), 40)):  # a slow server: one byte at a time, then it drops the connection
             time.sleep(self.server.state.drip_s)
             try:
                 self.wfile.write(sent[k : k + 1])
@@ -625,18 +627,29 @@ def test_a_base_url_that_is_not_http_is_a_one_line_error(tmp_path, capsys, base_
     )
 
 
-def test_a_resumed_download_of_a_changed_file_starts_again_and_never_splices(served, tmp_path):
+@pytest.mark.parametrize("if_range", [True, False])
+def test_a_resumed_download_of_a_changed_file_starts_again_and_never_splices(served, tmp_path, if_range):
+    """A server that honours If-Range sends the new version whole; one that ignores it sends a 206 of the new version,
+    whose ETag is not the part's: the part restarts from zero."""
     old = served.files["LSUN.tar.gz"]
-    new = tar_of([(f"LSUN/test/{k:04d}.jpg", JPEG + bytes([k])) for k in range(N_OOD["lsun"])])
+    noise = np.random.default_rng(0).bytes(len(old))  # incompressible: the new version is longer than the old
+    new = tar_of(
+        [(f"LSUN/test/{k:04d}.jpg", JPEG + noise[k :: N_OOD["lsun"]] + bytes([k])) for k in range(N_OOD["lsun"])]
+    )
+    assert len(new) > len(old)
     with serving(served.files) as (state, url):
+        state.if_range = if_range
         state.drops, state.drop_at = RETRIES, len(old) // 4  # the first command stops with a quarter of the old file
         with pytest.raises(UserError, match="run the same command again to resume"):
             fetch(["lsun"], tmp_path, base_url=url, progress=False)
         state.files["LSUN.tar.gz"] = new  # the source changed meanwhile
         state.log.clear()
         fetch(["lsun"], tmp_path, base_url=url, progress=False)
-        (request,) = state.requests("LSUN.tar.gz")
+        request, *again = state.requests("LSUN.tar.gz")
     assert request["if_range"] == f'"{hashlib.md5(old).hexdigest()}"' and request["range"]
+    if not if_range:  # a 206 of another version: refused, then the whole file without Range
+        assert request["status"] == 206 and [(r["range"], r["status"]) for r in again] == [(None, 200)]
+        request = again[0]
     assert (request["status"], request["sent"]) == (200, len(new))  # the whole new version, from zero
     assert sorted(p.read_bytes()[-1] for p in (tmp_path / "LSUN" / "test").iterdir()) == list(range(N_OOD["lsun"]))
 
@@ -649,6 +662,11 @@ def test_a_part_without_a_validator_is_not_resumed(served, tmp_path):
     first, second = state.requests("test_32x32.mat")
     assert first["sent"] == len(data) // 3 and (second["range"], second["sent"]) == (None, len(data))
     assert (tmp_path / "svhn" / "test_32x32.mat").read_bytes() == data
+    with serving(served.files) as (state, url):  # given up: no part is kept, and none is promised to resume
+        state.validators, state.drops, state.drop_at = False, RETRIES, len(data) // 3
+        with pytest.raises(UserError) as refused:
+            fetch(["svhn"], tmp_path / "b", base_url=url, progress=False)
+    assert "resume" not in str(refused.value) and not (tmp_path / "b" / DOWNLOADS).exists()
 
 
 def test_a_server_too_slow_on_average_is_given_up_saying_the_minimum_rate(served, tmp_path, monkeypatch):
@@ -694,3 +712,18 @@ def test_an_installed_sets_archive_is_deleted_even_when_a_later_set_fails(served
     with serving(files) as (_, url), pytest.raises(UserError, match="refused places365.zip"):
         fetch(["lsun", "places365"], tmp_path, base_url=url, progress=False)
     assert (tmp_path / "LSUN").is_dir() and leftovers(tmp_path) == [] and not (tmp_path / DOWNLOADS).exists()
+
+
+def test_a_zip_member_that_is_a_link_is_refused(served, tmp_path):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("a.png", b"x")
+        info = zipfile.ZipInfo("up")
+        info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        archive.writestr(info, "..")
+    with serving({**served.files, "places365.zip": buffer.getvalue()}) as (_, url):
+        with pytest.raises(
+            UserError, match=r"not a valid zip archive: 'up' is not a file or a folder \(mode 0o120000\)"
+        ):
+            fetch(["places365"], tmp_path, base_url=url, progress=False)
+    assert not (tmp_path / "places365").exists() and leftovers(tmp_path) == []

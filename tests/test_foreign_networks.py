@@ -503,10 +503,12 @@ def test_non_finite_outputs_are_one_line_naming_the_normalisation(tmp_path, caps
     torch.save(randomised(OpenOODResNet18_32x32(num_classes=10), seed=1).state_dict(), tmp_path / "w.pt")
     args = ["evaluate", "--ckpt", str(tmp_path / "w.pt"), "--arch", "resnet18_32x32", "--num-classes", "10"]
     args += ["--dataset", "cifar10", "--id-data-root", str(tmp_path / "cifar"), "--data-root", str(tmp_path / "ood")]
-    args += ["--ood", "svhn", "--postprocessor", "msp", "--no-progress", "--device", "cpu"]
-    assert main([*args, "--mean", "0.5,0.5,0.5", "--std", "1e-300,1e-300,1e-300"]) == 2  # 0 in float32: x / 0
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and err.count("error:") == 1, err  # the log lines before it, then one error line
-    error = err.splitlines()[-1]
-    assert "msp gave 10 NaN/inf score(s) of 10 on the ID test set" in error
-    assert "--mean/--std: a tiny --std overflows" in error and not (tmp_path / "eval_w" / "eval.json").exists()
+    args += ["--ood", "svhn", "--no-progress", "--device", "cpu", "--mean", "0.5,0.5,0.5"]
+    for postprocessors, where, values in (("msp", "ID test", 100), ("msp,mds", "ID train", 200)):  # mds: fit first
+        tiny = ["--std", "1e-300,1e-300,1e-300", "--postprocessor", postprocessors]  # 0 in float32: x / 0
+        assert main([*args, *tiny]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.count("error:") == 1, err  # the log lines before it, then one error line
+        error = err.splitlines()[-1]
+        assert f"the network's logits on {where} hold {values} NaN/inf value(s) of {values}" in error  # 10 classes
+        assert "--mean/--std: a tiny --std overflows" in error and not (tmp_path / "eval_w" / "eval.json").exists()

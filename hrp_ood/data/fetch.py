@@ -545,7 +545,9 @@ def _download_any(urls: tuple[str, ...], path: Path, progress: bool, hosts: tupl
             raise write_error(path, err) from None
         _validator_file(part).unlink(missing_ok=True)
         return
-    kept = part.stat().st_size if part.exists() else 0
+    kept = part.stat().st_size if part.exists() and _validator_file(part).is_file() else 0
+    if not kept:  # nothing a later run could resume (no validator: it would start from zero)
+        part.unlink(missing_ok=True)
     resume = f"; {kept} bytes are kept in {shown(part)}: run the same command again to resume" if kept else ""
     raise UserError(f"cannot download {path.name}: {'; '.join(failures)}{resume}; or give --base-url a mirror")
 

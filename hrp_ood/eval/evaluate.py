@@ -156,8 +156,9 @@ def run_evaluation(
     id_test = cached_features(
         net, id_bundle.test_images, mean, std, key=f"{prefix}-test", labels=id_bundle.test_labels, **extract
     )
+    finite_outputs(id_test, "ID test")
     ood = {
-        name: cached_features(net, images, mean, std, key=ood_keys[name], **extract)
+        name: finite_outputs(cached_features(net, images, mean, std, key=ood_keys[name], **extract), f"OOD set {name}")
         for name, images in ood_images.items()
     }
     check_ood_set_names(ood_images, "evaluate")
@@ -235,7 +236,12 @@ def _validation_features(
     """{"id": (images, cached features), "ood": (…)} for the validation images there are."""
     parts = {} if validation is None else {"id": validation.id_images, "ood": validation.ood_images}
     return {
-        part: (images, cached_features(net, images, mean, std, key=f"{prefix}-val-{part}", **extract))
+        part: (
+            images,
+            finite_outputs(
+                cached_features(net, images, mean, std, key=f"{prefix}-val-{part}", **extract), f"{part}-val"
+            ),
+        )
         for part, images in parts.items()
         if images is not None
     }
@@ -286,7 +292,7 @@ def _fit_features(
             key = f"{key}-subset{fit_subset}"
             images = select(images, torch.from_numpy(picked), key)
             labels = labels[picked] if labels is not None else None
-    train = cached_features(net, images, bundle.mean, bundle.std, key=key, **extract)
+    train = finite_outputs(cached_features(net, images, bundle.mean, bundle.std, key=key, **extract), "ID train")
     train.labels = train.logits.argmax(axis=1).astype(np.int64) if labels is None else labels
     return train
 
@@ -338,6 +344,29 @@ NON_FINITE_CAUSES = (
     "the network's weights (NaN or inf), its BatchNorm statistics (a negative running_var) or the input "
     "normalisation (--mean/--std: a tiny --std overflows)"
 )
+
+
+OUTPUT_LIMIT = 1e17  # |logit| and |feature| beyond which float32 distances and covariances (sums of squares) overflow
+
+
+def finite_outputs(outputs: FeatureSet, set_name: str) -> FeatureSet:
+    """The network's outputs on one set, after a one-line error naming the likely cause if any is NaN or inf, or so
+    large (OUTPUT_LIMIT) that a postprocessor's float32 arithmetic would turn it into inf (checked before a
+    postprocessor is fitted on them or scores them)."""
+    for what, values in (("logits", outputs.logits), ("features", outputs.features)):
+        bad = int((~np.isfinite(values)).sum())
+        if bad:
+            raise UserError(
+                f"the network's {what} on {set_name} hold {bad} NaN/inf value(s) of {values.size}; check "
+                f"{NON_FINITE_CAUSES}"
+            )
+        largest = float(np.abs(values).max()) if values.size else 0.0
+        if largest > OUTPUT_LIMIT:
+            raise UserError(
+                f"the network's {what} on {set_name} reach {largest:.3g}, beyond {OUTPUT_LIMIT:.0e} (where float32 "
+                f"distances overflow); check {NON_FINITE_CAUSES}"
+            )
+    return outputs
 
 
 def check_finite_scores(method: str, set_name: str, scores: Any) -> None:
