@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hrp_ood.train.trainer import build_members
+from hrp_ood.train.trainer import build_members, lr_scheduler
 
 import hrp_ood.trainers.hrp as steps_module
 from hrp_ood.config import build_config
@@ -438,3 +438,27 @@ def test_reliability_mean_in_replaces_exactly_the_listed_terms_reliabilities_by_
             per_sample = peer_beta_hat if term == "cdcl" else peer_T
             expected = torch.full_like(per_sample, per_sample.mean().item()) if term in expect_mean else per_sample
             torch.testing.assert_close(value, expected, msg=f"net {k + 1}, {term}")
+
+
+@pytest.mark.parametrize("schedule", ["multistep", "cosine", "constant"])
+def test_the_lr_schedule_of_each_setting_per_epoch(schedule):
+    """lr_schedule: multistep (×lr_gamma at each milestone), cosine from lr to lr_min over the run (L2B, ProMix,
+    UNICON), constant (LongReMix's first stage); the trainer steps it once per epoch."""
+    import math
+
+    cfg = build_config(
+        overrides={"lr": 0.1, "lr_schedule": schedule, "lr_min": 0.001, "epochs": 10, "lr_milestones": [4, 8]}
+    )
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    scheduler = lr_scheduler(cfg, optimizer)
+    seen = []
+    for _ in range(cfg.epochs + 1):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    expected = {
+        "multistep": [0.1 * 0.1 ** sum(e >= m for m in (4, 8)) for e in range(11)],
+        "cosine": [0.001 + (0.1 - 0.001) * (1 + math.cos(math.pi * e / 10)) / 2 for e in range(11)],
+        "constant": [0.1] * 11,
+    }[schedule]
+    assert seen == pytest.approx(expected, rel=1e-9)
