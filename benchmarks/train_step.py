@@ -123,7 +123,7 @@ def time_epoch(model: str, name: str, batch: int, data: TrainingData, device: to
     method, extra = EPOCH_METHODS[name]
     overrides = {"model": model, "method": method, "batch_size": batch, "meta_batch_size": batch,
                  "warmup_epochs": 0, "ramp_epochs": 0, "device": str(device), "tensorboard": False,
-                 "meta_size": len(data.meta_labels), **extra}  # fmt: skip
+                 "meta_size": len(data.meta_labels), "on_nonfinite": "skip", **extra}  # fmt: skip
     cfg = build_config(overrides=overrides)
     if device.type == "cuda":
         torch.cuda.empty_cache()
