@@ -218,7 +218,7 @@ class Trainer:
             autocast_device="cuda" if amp else None,
             forget_rate=cfg.forget_rate if cfg.forget_rate is not None else self.data.noise_rate,
         )
-        self.ctx.train_images, self.ctx.train_labels = self.data.images, self.data.noisy_labels
+        self.ctx.train_images = self.data.images
         self.implementation = cfg.spec.implementation()
         if cfg.spec.meta and cfg.reliability_momentum > 0:
             self.ctx.memories = [

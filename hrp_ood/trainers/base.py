@@ -86,9 +86,8 @@ class StepContext:
     )
     # one per network: the per-sample averages of its meta-gradients (reliability_momentum > 0)
     memories: list[ReliabilityMemory] = field(default_factory=list)
-    # the whole training set (uint8 images, noisy labels), for methods whose step reads rows beyond its batch
+    # the whole training set (uint8 images), for methods whose step reads rows beyond its batch (the unlabeled rows)
     train_images: torch.Tensor | None = None
-    train_labels: torch.Tensor | None = None
     # a method's state across epochs (tensors; saved in last.pt): DivideMix's loss history, ProMix's class prior
     method_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
