@@ -11,7 +11,7 @@ import yaml
 
 from hrp_ood.cli import main
 from hrp_ood.errors import UserError
-from hrp_ood.report.sweep import accuracy_table, run_summary, write_accuracy_table
+from hrp_ood.report.sweep import accuracy_table, run_summary, summary_table, write_accuracy_table
 from hrp_ood.sweep import gpu_slots_of_jobs, load_experiment, run_sweep
 
 pytestmark = pytest.mark.slow  # end-to-end: left out by `pytest -m "not slow"`
@@ -78,7 +78,9 @@ def test_sweep_trains_evaluates_and_reports_every_grid_point(swept):
     for figure in ("noise_curves.png", "accuracy_vs_noise.png"):
         assert (out / "report" / "plots" / figure).stat().st_size > 10_000
     summary = (out / "report" / "summary.md").read_text().splitlines()
-    assert summary[2].startswith("| noise | method | test_acc | test_acc_peak | test_acc_meta_selected |")
+    assert summary[2].startswith(
+        "| noise | method | test_acc | test_acc_min | test_acc_peak | test_acc_meta_selected |"
+    )
 
 
 ACCURACY_FRAME = pd.DataFrame(
@@ -107,12 +109,27 @@ def test_run_summary_takes_last_peak_meta_selected_and_post_warmup_means():
         {"epoch": "3", "acc_ensemble": "60", "meta_acc": "65", "alpha_auroc": "", "loss_auroc": "80"},
         {"epoch": "4", "acc_ensemble": "45", "meta_acc": "50", "alpha_auroc": "61", "loss_auroc": "90"},
     ]
+    instruments = {"T_auroc": ["20", "30", "", "40"], "ram_lambda_clean_noisy": ["0.5", "0.3", "0.2", "0.4"]}
+    instruments["cdcl_purity_gated"] = ["1.0", "0.9", "0.8", ""]
+    for column, values in instruments.items():
+        for row, value in zip(rows, values):
+            row[column] = value
     summary = run_summary(rows, warmup_epochs=1)
     assert (summary["test_acc"], summary["test_acc_peak"], summary["test_acc_meta_selected"]) == (45, 70, 70)
     assert summary["alpha_auroc"] == 58 and summary["loss_auroc"] == 80 and math.isnan(summary["beta_auroc"])
+    assert summary["T_auroc"] == 35 and summary["ram_lambda_clean_noisy"] == pytest.approx(0.3)
+    assert summary["cdcl_purity_gated"] == pytest.approx(85)  # a fraction in metrics.csv, % in the summary
     assert run_summary(rows, warmup_epochs=1, meta_held_out=False)["test_acc_meta_selected"] == 45
     no_meta_set = [{**row, "meta_acc": ""} for row in rows]  # meta_size 0: metrics.csv leaves meta_acc empty
     assert run_summary(no_meta_set, warmup_epochs=1)["test_acc_meta_selected"] == 45
+
+
+def test_summary_table_shows_the_worst_seed_beside_mean_and_std():
+    frame = ACCURACY_FRAME.assign(ram_lambda_clean_noisy=[0.31, 0.35, 0.5, 0.444])
+    table = summary_table(frame)["cell"]
+    assert list(table.columns) == ["test_acc", "test_acc_min", "ram_lambda_clean_noisy", "seeds"]
+    assert table.loc[("sym20", "ce")].tolist() == ["91.0 ± 1.4", "90.0", "0.33 ± 0.03", "2"]
+    assert table.loc[("sym20", "hrp")].tolist() == ["95.0", "95.0", "0.44", "1"]
 
 
 def test_accuracy_table_is_mean_and_std_over_seeds():

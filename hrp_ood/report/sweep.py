@@ -24,8 +24,10 @@ from hrp_ood.report.tables import format_mean_std, to_latex, to_markdown
 ACCURACY = "test_acc"
 # summary column → (metrics.csv column, how it is taken over the epochs): the ensemble's test accuracy at the last
 # epoch, its peak, at the epoch best.pt holds (the most accurate on the clean meta set), and the reliability
-# AUROCs (×100) averaged over the epochs after the warm-up: α, and the per-sample CE loss, for telling clean given
-# labels from corrupted ones, β for correct pseudo-labels; "_batch": within each batch, then averaged
+# AUROCs (×100) averaged over the epochs after the warm-up: α, T = α + β, and the per-sample CE loss, for telling
+# clean given labels from corrupted ones, β for correct pseudo-labels; "_batch": within each batch, then averaged;
+# and two mechanism instruments averaged the same way: the share of the mix RAM gives the clean sample of a
+# clean–noisy pair (0.5 = no arbitration) and the share of CDCL's β̂-gated positive pairs whose true classes agree (%)
 SUMMARY_COLUMNS = {
     ACCURACY: ("acc_ensemble", "last"),
     "test_acc_peak": ("acc_ensemble", "max"),
@@ -35,7 +37,14 @@ SUMMARY_COLUMNS = {
     "beta_auroc": ("beta_pseudo_auroc", "after_warmup"),
     "beta_auroc_batch": ("beta_auroc_batch", "after_warmup"),
     "loss_auroc": ("loss_auroc", "after_warmup"),
+    "T_auroc": ("T_auroc", "after_warmup"),
+    "ram_lambda_clean_noisy": ("ram_lambda_clean_noisy", "after_warmup"),
+    "cdcl_purity_gated": ("cdcl_purity_gated", "after_warmup"),
 }
+PERCENT_COLUMNS = {"cdcl_purity_gated"}  # logged as a fraction
+# the worst seed's last-epoch accuracy (a row's floor: a bimodal method shows here, not in mean ± std)
+ACCURACY_MIN = "test_acc_min"
+SUMMARY_DECIMALS = {"ram_lambda_clean_noisy": 2}
 
 
 def run_summary(rows: list[dict[str, str]], warmup_epochs: int, meta_held_out: bool = True) -> dict[str, float]:
@@ -54,6 +63,8 @@ def run_summary(rows: list[dict[str, str]], warmup_epochs: int, meta_held_out: b
         if how == "after_warmup":
             taken = values(column, after)
             summary[name] = float(np.nanmean(taken)) if np.isfinite(taken).any() else np.nan
+            if name in PERCENT_COLUMNS:
+                summary[name] *= 100
         else:
             taken = values(column, rows)
             summary[name] = {"last": taken[-1], "max": np.nanmax(taken), "meta_selected": taken[selected]}[how]
@@ -74,25 +85,26 @@ def accuracy_frame(
         spec = configs[name].spec
         summary = run_summary(history, configs[name].warmup_epochs, selects_on_meta_set(configs[name]))
         if not spec.meta:  # α ≡ β ≡ 1 without a meta step: their AUROC says nothing
-            summary.update({key: np.nan for key in summary if key.startswith(("alpha", "beta"))})
+            summary.update({key: np.nan for key in summary if key.startswith(("alpha", "beta", "T_"))})
         rows.append({**{key: str(value) for key, value in runs[name].items()}, **summary})
     return pd.DataFrame(rows)
 
 
 def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Every SUMMARY_COLUMN as mean ± std over seeds, a row per grid point without seed (the display text is
-    table["cell"], to_markdown's input)."""
+    """Every SUMMARY_COLUMN as mean ± std over seeds, and the worst seed's accuracy (ACCURACY_MIN), a row per grid
+    point without seed (the display text is table["cell"], to_markdown's input)."""
     keys = [key for key in frame.columns if key not in SUMMARY_COLUMNS and key != "seed"] or ["all"]
     frame = frame.assign(all="all") if keys == ["all"] else frame
     columns = [c for c in SUMMARY_COLUMNS if c in frame and frame[c].notna().any()]
     grouped = frame.groupby(keys, sort=False)
-    cells = pd.DataFrame(
-        {
-            c: [format_mean_std(v.mean(), v.std(ddof=STD_DDOF) if v.count() > 1 else np.nan) for _, v in grouped[c]]
-            for c in columns
-        },
-        index=grouped.size().index,
-    )
+
+    def cell(column: str, values: pd.Series) -> str:
+        std = values.std(ddof=STD_DDOF) if values.count() > 1 else np.nan
+        return format_mean_std(values.mean(), std, SUMMARY_DECIMALS.get(column, 1))
+
+    cells = pd.DataFrame({c: [cell(c, v) for _, v in grouped[c]] for c in columns}, index=grouped.size().index)
+    if ACCURACY in columns:
+        cells.insert(1, ACCURACY_MIN, [format_mean_std(v.min(), np.nan) for _, v in grouped[ACCURACY]])
     cells["seeds"] = grouped.size().astype(str).to_numpy()
     if not isinstance(cells.index, pd.MultiIndex):
         cells.index = pd.MultiIndex.from_arrays([cells.index])
@@ -137,10 +149,11 @@ def write_accuracy_table(frame: pd.DataFrame, by: str, out_dir: Path) -> dict[st
 
 ACCURACY_CAPTION = "Ensemble test accuracy (%) at the last epoch, mean ± std over seeds"
 SUMMARY_CAPTION = (
-    "Training summary, mean ± std over seeds: ensemble test accuracy (%) at the last epoch, at its "
-    "peak and at the epoch the clean meta set selects (best.pt); AUROC (×100) over the epochs after "
-    "the warm-up of α and of the per-sample loss for clean given labels, of β for correct "
-    "pseudo-labels, pooled over the epoch and within each batch (_batch)"
+    "Training summary, mean ± std over seeds: ensemble test accuracy (%) at the last epoch (and its "
+    "minimum over seeds), at its peak and at the epoch the clean meta set selects (best.pt); AUROC "
+    "(×100) over the epochs after the warm-up of α, T and the per-sample loss for clean given labels, "
+    "of β for correct pseudo-labels, pooled over the epoch and within each batch (_batch); over the "
+    "same epochs, RAM's weight on the clean sample of a clean–noisy pair and CDCL's gated pair purity (%)"
 )
 
 
