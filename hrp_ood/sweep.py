@@ -29,13 +29,16 @@ import math
 import os
 import re
 import shutil
+import signal
+import threading
+import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 from hrp_ood.config import LOGGING_KEYS, TrainConfig, build_config, field_names, read_yaml
-from hrp_ood.errors import UserError, cut, one_line, shown
+from hrp_ood.errors import Interrupted, UserError, cut, one_line, shown
 from hrp_ood.io import csv_number, read_metrics_rows
 from hrp_ood.run_dir import check_run_name
 
@@ -471,9 +474,22 @@ def train_and_evaluate(experiment: Experiment, name: str) -> str:
     return "done before"
 
 
+# A local worker's state: the lock is held while a run is set up, trained or evaluated; the event is set once the
+# sweep is stopping (the worker saw a run interrupted, or its sweep process is gone), and no run starts after it.
+_RUN_LOCK = threading.Lock()
+_STOPPING = threading.Event()
+
+
 def run_job(experiment_path: str, out: str, name: str, nproc: int | None = None) -> tuple[str, str | None]:
     """One grid point in a worker (a local process or a Slurm job): (what it did, None) or (name, error line).
     It holds `<out>/sweep/<name>.lock` while it works and logs to `<out>/sweep/<name>.log`."""
+    with _RUN_LOCK:
+        if _STOPPING.is_set():
+            return f"{name}: not started (the sweep is stopping)", None
+        return _run_job(experiment_path, out, name, nproc)
+
+
+def _run_job(experiment_path: str, out: str, name: str, nproc: int | None) -> tuple[str, str | None]:
     experiment = load_experiment(experiment_path, out, nproc)
     experiment.sweep_file(name, "").parent.mkdir(parents=True, exist_ok=True)
     error_file = experiment.sweep_file(name, ".error")
@@ -487,6 +503,8 @@ def run_job(experiment_path: str, out: str, name: str, nproc: int | None = None)
         try:
             did = train_and_evaluate(experiment, name)
         except Exception as err:  # one failing run never stops the others: its error line is kept for --status
+            if isinstance(err, Interrupted):  # Ctrl-C, or its sweep killed: start nothing more in this worker
+                _STOPPING.set()
             message = one_line(str(err)) if isinstance(err, UserError) else one_line(f"{type(err).__name__}: {err}")
             package_log.error("%s failed:\n%s", name, traceback.format_exc())
             error_file.write_text(message + "\n")
@@ -502,13 +520,27 @@ def run_job(experiment_path: str, out: str, name: str, nproc: int | None = None)
 
 
 def _init_worker(threads: int, gpu_slots: Any) -> None:
-    """A local worker process: its share of the CPU threads, and its own GPUs (one per process of a run) when
-    there are GPUs."""
+    """A local worker process: its share of the CPU threads, its own GPUs (one per process of a run) when there
+    are GPUs, and a watch on the sweep process."""
     import torch
 
     if gpu_slots is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_slots.get())
     torch.set_num_threads(threads)
+    threading.Thread(target=_stop_when_orphaned, args=(os.getppid(),), daemon=True).start()
+
+
+def _stop_when_orphaned(sweep_pid: int, poll_s: float = 1.0) -> None:
+    """A `kill` of the sweep process reaches it alone: its workers would train on unseen. Once the sweep is gone,
+    the worker interrupts itself as Ctrl-C would (the run saves last.pt after the current step and stops; a run
+    still being set up is abandoned), and the next sweep command resumes it."""
+    while os.getppid() == sweep_pid:
+        time.sleep(poll_s)
+    _STOPPING.set()
+    if _RUN_LOCK.locked():
+        os.kill(os.getpid(), signal.SIGINT)
+    with _RUN_LOCK:  # the run has saved its state and let go of its files
+        os._exit(1)
 
 
 def gpu_slots_of_jobs(gpus: int, nproc: int, jobs: int) -> list[str]:
@@ -541,19 +573,29 @@ def run_local(experiment: Experiment, names: list[str], jobs: int) -> dict[str, 
         for slot in slots:
             gpu_slots.put(slot)
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    errors = {}
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(threads, gpu_slots)) as pool:
         futures = {pool.submit(run_job, str(experiment.path), str(experiment.out), name, nproc): name for name in names}
-        for future in as_completed(futures):
-            try:
-                line, error = future.result()
-            except Exception as err:  # the worker process died (killed, out of memory)
-                line, error = futures[future], one_line(f"worker process failed: {type(err).__name__}: {err}")
-            if error is None:
-                print(line, flush=True)
-            else:
-                print(f"{futures[future]}: FAILED: {error}", flush=True)
-                errors[futures[future]] = error
+        try:
+            errors = _collect(futures)
+        except KeyboardInterrupt:  # Ctrl-C reached the workers too: their runs save their state; none starts after
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return errors
+
+
+def _collect(futures: dict[Any, str]) -> dict[str, str]:
+    """Print each run's line as it finishes; returns run → error."""
+    errors = {}
+    for future in as_completed(futures):
+        try:
+            line, error = future.result()
+        except Exception as err:  # the worker process died (killed, out of memory)
+            line, error = futures[future], one_line(f"worker process failed: {type(err).__name__}: {err}")
+        if error is None:
+            print(line, flush=True)
+        else:
+            print(f"{futures[future]}: FAILED: {error}", flush=True)
+            errors[futures[future]] = error
     return errors
 
 
@@ -677,8 +719,6 @@ def set_aside_changed(experiment: Experiment, changes: dict[str, str]) -> None:
     """--rerun-changed: move each changed run's folder (config changed) or evaluation folder aside into
     <out>/replaced/, so the sweep trains or evaluates it again; a retrained run's TensorBoard logs (<out>/tb/<run>) go
     with its folder, as its tb/; nothing is deleted."""
-    import time
-
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for name, what in changes.items():
         source = experiment.run_dir(name) if what.startswith("config") else experiment.eval_json(name).parent

@@ -403,6 +403,89 @@ def _child_pids(pid: int) -> list[int]:
     return children
 
 
+LONG_CONFIG = {**TINY_CONFIG, "epochs": 400}  # minutes a run: far longer than a test waits for a stop
+
+
+def start_sweep_process(experiment: Path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "hrp_ood", "sweep", str(experiment)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+
+
+def wait_for_first_epoch(sweep, run_dir: Path) -> None:
+    import time
+
+    deadline = time.monotonic() + 120
+    metrics = run_dir / "metrics.csv"
+    while not metrics.is_file() or metrics.read_text().count("\n") < 2:
+        assert sweep.poll() is None and time.monotonic() < deadline, "the sweep ended before it could be stopped"
+        time.sleep(0.05)
+
+
+def assert_stopped_with_its_state_saved(out: Path, name: str) -> None:
+    from hrp_ood.checkpoint import load_checkpoint
+
+    epochs_logged = (out / "runs" / name / "metrics.csv").read_text().count("\n") - 1
+    assert 1 <= epochs_logged < 400
+    assert load_checkpoint(out / "runs" / name / "last.pt")["epoch"] >= epochs_logged
+    assert "SIGINT received: saving a checkpoint after the current step" in (out / "sweep" / f"{name}.log").read_text()
+
+
+def test_a_sweep_process_killed_alone_stops_its_workers(tmp_path):
+    """`kill <sweep pid>` reaches the sweep process, not its workers: each worker sees its sweep gone, saves its
+    run's last.pt after the current step and exits (it used to train to the end unseen)."""
+    import fcntl
+    import time
+
+    grid = {"noise": ["sym50"], "method": ["ce"], "seed": [0]}
+    experiment = write_experiment(tmp_path, grid=grid, config=LONG_CONFIG, report={"plots": False})
+    name = next(iter(load_experiment(experiment).runs))
+    sweep = start_sweep_process(experiment)
+    wait_for_first_epoch(sweep, tmp_path / "out" / "runs" / name)
+    sweep.terminate()  # SIGTERM to the sweep process alone
+    sweep.wait()
+    with (tmp_path / "out" / "sweep" / f"{name}.lock").open("a") as lock:  # its worker holds it while it works
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.monotonic() < deadline, "the worker trains on after its sweep was killed"
+                time.sleep(0.1)
+    assert_stopped_with_its_state_saved(tmp_path / "out", name)
+
+
+def test_ctrl_c_stops_the_sweep_and_starts_no_further_run(tmp_path):
+    """Ctrl-C (SIGINT to the process group): the run in progress saves its state and the sweep ends; no queued run
+    starts (one already handed to the worker used to train to its end while the sweep waited)."""
+    import os
+    import signal
+
+    grid = {"noise": ["sym50"], "method": ["ce"], "seed": [0, 1, 2]}
+    experiment = write_experiment(tmp_path, grid=grid, config=LONG_CONFIG, report={"plots": False})
+    first, *queued = load_experiment(experiment).runs
+    sweep = start_sweep_process(experiment)
+    wait_for_first_epoch(sweep, tmp_path / "out" / "runs" / first)
+    os.killpg(sweep.pid, signal.SIGINT)
+    try:
+        assert sweep.wait(timeout=60) == 130, sweep.stderr.read()
+    finally:
+        os.killpg(sweep.pid, signal.SIGKILL) if sweep.poll() is None else None
+    assert_stopped_with_its_state_saved(tmp_path / "out", first)
+    assert not any((tmp_path / "out" / "runs" / name).exists() for name in queued)
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the job's task process through /proc")
 def test_a_submitit_job_signalled_before_its_time_limit_is_requeued_and_resumes_from_its_last_checkpoint(tmp_path):
     """End to end through submitit's LocalExecutor: the signal a Slurm job receives before its time limit or a
