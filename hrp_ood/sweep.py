@@ -502,9 +502,12 @@ def _run_job(experiment_path: str, out: str, name: str, nproc: int | None) -> tu
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             did = train_and_evaluate(experiment, name)
+        except Interrupted as err:  # Ctrl-C, or its sweep killed: start nothing more in this worker
+            _STOPPING.set()
+            package_log.info("%s stopped: %s", name, err)
+            error_file.unlink(missing_ok=True)  # not a failure: --status shows it pending at the epoch it saved
+            return name, "interrupted after saving its state; the next sweep command resumes it"
         except Exception as err:  # one failing run never stops the others: its error line is kept for --status
-            if isinstance(err, Interrupted):  # Ctrl-C, or its sweep killed: start nothing more in this worker
-                _STOPPING.set()
             message = one_line(str(err)) if isinstance(err, UserError) else one_line(f"{type(err).__name__}: {err}")
             package_log.error("%s failed:\n%s", name, traceback.format_exc())
             error_file.write_text(message + "\n")

@@ -12,7 +12,7 @@ import yaml
 from hrp_ood.cli import main
 from hrp_ood.errors import UserError
 from hrp_ood.report.sweep import accuracy_table, run_summary, summary_table, write_accuracy_table
-from hrp_ood.sweep import gpu_slots_of_jobs, load_experiment, run_sweep
+from hrp_ood.sweep import gpu_slots_of_jobs, load_experiment, run_state, run_sweep
 
 pytestmark = pytest.mark.slow  # end-to-end: left out by `pytest -m "not slow"`
 
@@ -484,6 +484,8 @@ def test_ctrl_c_stops_the_sweep_and_starts_no_further_run(tmp_path):
         os.killpg(sweep.pid, signal.SIGKILL) if sweep.poll() is None else None
     assert_stopped_with_its_state_saved(tmp_path / "out", first)
     assert not any((tmp_path / "out" / "runs" / name).exists() for name in queued)
+    stopped = run_state(load_experiment(experiment), first)  # waiting to be resumed, not failed
+    assert (stopped["state"], stopped["error"]) == ("pending", "") and stopped["epoch"] != "0/400"
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the job's task process through /proc")
