@@ -107,6 +107,7 @@ def test_epoch_signals_summary_and_saved_file(tmp_path):
     assert row["alpha_auroc"] == pytest.approx(100.0)
     assert row["loss_auroc"] == pytest.approx(100 * roc_auc_score(is_clean.numpy(), -signals.values["loss"].numpy()))
     assert row["beta_pseudo_auroc"] == pytest.approx(100 * roc_auc_score([1, 0, 1, 0, 0, 0], [1, 0, 1, 0, 1, 0]))
+    assert row["T_pseudo_auroc"] == pytest.approx(100 * 7 / 8)  # T 3.0 and 1.5 are correct: 1.5 < 2.0 is the one miss
     assert row["targets_S_class_max"] == pytest.approx(0.75)
     signals.save(tmp_path / "signals" / "epoch_0001.npz", is_clean, torch.tensor([5.0, 1.0, 0.0]))
     saved = np.load(tmp_path / "signals" / "epoch_0001.npz")

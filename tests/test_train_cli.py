@@ -113,6 +113,7 @@ def test_diagnostics_columns_signals_file_and_meta_selected_best(cifar_root, tmp
         "T_auroc",
         "loss_auroc",
         "beta_pseudo_auroc",
+        "T_pseudo_auroc",
         "pseudo_acc",
         "targets_S_class_max",
         "ram_lambda_clean_noisy",

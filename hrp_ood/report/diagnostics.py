@@ -94,6 +94,7 @@ def _auroc_figure(metrics: dict[str, np.ndarray]):
         ("T_auroc", "T = α + β"),
         ("loss_auroc", "−loss (small-loss signal)"),
         ("beta_pseudo_auroc", "β (pseudo-label correct)"),
+        ("T_pseudo_auroc", "T (pseudo-label correct)"),
     ):
         if column in metrics and not np.isnan(metrics[column]).all():
             axes[0, 0].plot(epoch, metrics[column], marker=".", label=label)

@@ -25,7 +25,7 @@ ACCURACY = "test_acc"
 # summary column → (metrics.csv column, how it is taken over the epochs): the ensemble's test accuracy at the last
 # epoch, its peak, at the epoch best.pt holds (the most accurate on the clean meta set), and the reliability
 # AUROCs (×100) averaged over the epochs after the warm-up: α, T = α + β, and the per-sample CE loss, for telling
-# clean given labels from corrupted ones, β for correct pseudo-labels; "_batch": within each batch, then averaged;
+# clean given labels from corrupted ones, β and T for correct pseudo-labels; "_batch": within each batch, then averaged;
 # and two mechanism instruments averaged the same way: the share of the mix RAM gives the clean sample of a
 # clean–noisy pair (0.5 = no arbitration) and the share of CDCL's β̂-gated positive pairs whose true classes agree (%)
 SUMMARY_COLUMNS = {
@@ -38,6 +38,7 @@ SUMMARY_COLUMNS = {
     "beta_auroc_batch": ("beta_auroc_batch", "after_warmup"),
     "loss_auroc": ("loss_auroc", "after_warmup"),
     "T_auroc": ("T_auroc", "after_warmup"),
+    "T_pseudo_auroc": ("T_pseudo_auroc", "after_warmup"),
     "ram_lambda_clean_noisy": ("ram_lambda_clean_noisy", "after_warmup"),
     "cdcl_purity_gated": ("cdcl_purity_gated", "after_warmup"),
 }

@@ -99,6 +99,8 @@ class EpochSignals:
             "loss_auroc": auroc(-v["loss"], is_clean),
             "selection_auroc": auroc(v["selection"], is_clean),
             "beta_pseudo_auroc": auroc(v["beta"], v["pseudo_correct"] > 0.5),
+            # T for a correct pseudo-label: RAM mixes toward, and GRG weights up, the samples T ranks first
+            "T_pseudo_auroc": auroc(v["T"], v["pseudo_correct"] > 0.5),
             "pseudo_acc": 100.0 * torch.nanmean(v["pseudo_correct"]).item(),
             "targets_S_class_max": class_share_max(self.class_counts["targets_S"]),
         }
