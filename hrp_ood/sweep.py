@@ -4,7 +4,7 @@ An experiment file names a base config, a grid over config keys, the evaluation 
 
     base: ../cifar10_hrp.yaml           # relative to the experiment file (optional)
     config: {epochs: 200}               # overrides for every run (optional)
-    grid: {noise: [sym20, sym50], method: [ce, hrp], seed: [0, 1, 2]}
+    grid: {noise: [sym20, sym50], method: [ce, hrp], seed: [0, 1, 2]}   # or a list of grids: their union
     out: runs/sweeps/table5             # relative to the working directory (default runs/sweeps/<file stem>)
     retries: 1                          # a failing run is tried 1 + retries times per sweep command
     nproc: 1                            # processes per run: data-parallel training (hrp-ood train --nproc)
@@ -155,8 +155,33 @@ def _value_text(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", str(value)).strip("_") or "_"
 
 
-def grid_runs(grid: dict[str, Any], path: Path) -> dict[str, dict[str, Any]]:
-    """Run name → overrides for every point of the grid, in the grid's order (the last key varies fastest)."""
+def grid_runs(grid: Any, path: Path) -> dict[str, dict[str, Any]]:
+    """Run name → overrides for every point of the grid, in the grid's order (the last key varies fastest). A list
+    of grids is their union, in the list's order: one experiment for rows that vary different keys (a candidate at
+    sym80 over six seeds and at sym50 over three)."""
+    grids = grid if isinstance(grid, list) and grid else [grid or {}]
+    runs: dict[str, dict[str, Any]] = {}
+    for one in grids:
+        if not isinstance(one, dict):
+            raise UserError(
+                f"experiment {shown(path)}: grid must map config keys to lists of values, or be a list of such "
+                f"mappings, got {cut(one)}"
+            )
+        for name, overrides in _product_runs(one, path).items():
+            if name in runs:
+                raise UserError(
+                    f"experiment {shown(path)}: two grids of the list share the run {name!r}; list every point once"
+                )
+            runs[name] = overrides
+    if len(runs) > MAX_GRID_POINTS:
+        raise UserError(
+            f"experiment {shown(path)}: the grids have {len(runs):,} points, over {MAX_GRID_POINTS:,}; split them "
+            "into several experiment files"
+        )
+    return runs
+
+
+def _product_runs(grid: dict[str, Any], path: Path) -> dict[str, dict[str, Any]]:
     if not grid:
         raise UserError(
             f"experiment {shown(path)}: grid must name at least one config key with a list of values, "
@@ -336,7 +361,7 @@ def load_experiment(path: str | Path, out: str | Path | None = None, nproc: int 
     experiment = Experiment(
         path=path,
         out=Path(os.path.abspath(out or _path_value(data.get("out"), "out", path) or Path("runs/sweeps") / path.stem)),
-        runs=grid_runs(_mapping(data.get("grid"), "grid", path), path),
+        runs=grid_runs(data.get("grid"), path),
         base=path.parent / base if base is not None else None,
         config=_mapping(data.get("config"), "config", path),
         retries=retries,

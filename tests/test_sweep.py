@@ -253,6 +253,10 @@ def test_a_slurm_job_stopped_by_its_time_limit_is_requeued_with_the_same_run():
         ({"grid": {"methd": ["ce"]}}, "grid key 'methd'"),
         ({"grid": {"name": ["a"]}}, "grid key 'name'"),
         ({"grid": {"seed": []}}, "non-empty list"),
+        ({"grid": []}, "grid must name at least one config key"),
+        ({"grid": [{"seed": [0]}, ["seed"]]}, "or be a list of such mappings, got ['seed']"),
+        ({"grid": [{"seed": [0, 1]}, {"seed": [1]}]}, "two grids of the list share the run 'seed-1'"),
+        ({"grid": [{"seed": [0]}, {"methd": ["ce"]}]}, "grid key 'methd'"),
         ({"grid": {"method": ["ce", "nope"]}}, "unknown method 'nope'"),
         ({"config": {"epochs": 0}}, "epochs must be"),
         ({"evaluation": {"ood": ["nowhere"]}}, "unknown evaluation ood set 'nowhere'"),
@@ -616,6 +620,22 @@ def test_a_grid_over_any_config_key_reports_each_value_apart(tmp_path):
     assert "| ce (lr=0.05) | msp |" in report and "| ce (lr=0.01) | msp |" in report
     summary = (tmp_path / "out" / "report" / "summary.md").read_text().splitlines()
     assert summary[2].startswith("| lr | method | noise | test_acc |")
+
+
+def test_a_list_of_grids_is_their_union_and_reports_each_point(tmp_path):
+    """A candidate at two noise levels with different seeds, beside the default: one experiment, each grid's keys
+    naming its own runs, and the report telling the default (no lr in its point) from the variant."""
+    grid = [
+        {"method": ["ce"], "noise": ["sym20"], "seed": [0], "lr": [0.01]},
+        {"method": ["ce"], "noise": ["sym20"], "seed": [0]},
+    ]
+    path = write_experiment(tmp_path, grid=grid)
+    experiment = load_experiment(path)
+    assert list(experiment.runs) == ["method-ce__noise-sym20__seed-0__lr-0.01", "method-ce__noise-sym20__seed-0"]
+    assert [experiment.run_config(name).lr for name in experiment.runs] == [0.01, 0.05]
+    assert main(["sweep", str(path)]) == 0
+    report = (tmp_path / "out" / "report" / "report.md").read_text()
+    assert "| ce (lr=0.01) | msp |" in report and "| ce | msp |" in report
 
 
 def test_the_slurm_executor_without_slurm_is_one_line_before_anything_starts(tmp_path, monkeypatch, capsys):
