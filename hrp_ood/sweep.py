@@ -33,6 +33,7 @@ import signal
 import threading
 import time
 import traceback
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -853,8 +854,9 @@ def grid_variants(experiment: Experiment) -> dict[str, str]:
     """eval.json path → "key=value, ..." of the grid keys other than method, noise and seed, for the runs that have
     them: a grid over any config key reports each of its values apart."""
     labels = {}
-    hidden = {*REPORT_KEYS, CONFIG_GRID_KEY} if _config_files_name_their_methods(experiment) else set(REPORT_KEYS)
+    naming = _config_files_naming_their_method(experiment)
     for name, point in experiment.runs.items():
+        hidden = {*REPORT_KEYS, CONFIG_GRID_KEY} if point.get(CONFIG_GRID_KEY) in naming else set(REPORT_KEYS)
         other = ", ".join(f"{key}={_point_text(key, value)}" for key, value in point.items() if key not in hidden)
         if other:
             labels[str(experiment.eval_json(name))] = other
@@ -864,14 +866,15 @@ def grid_variants(experiment: Experiment) -> dict[str, str]:
 REPORT_KEYS = ("method", "noise", "seed")  # what eval.json records of a grid point itself
 
 
-def _config_files_name_their_methods(experiment: Experiment) -> bool:
-    """A grid over config files where each file trains its own method (Table 5): the method names the row."""
+def _config_files_naming_their_method(experiment: Experiment) -> set[str]:
+    """The grid's config files that alone train their method (Table 5): the method names their rows; files that
+    share a method with another (HRP and its T_max variant) are told apart by their file's name."""
     methods: dict[str, set[str]] = {}
     for name, point in experiment.runs.items():
         if CONFIG_GRID_KEY in point:
             methods.setdefault(point[CONFIG_GRID_KEY], set()).add(experiment.run_config(name).method)
-    named = [next(iter(found)) for found in methods.values() if len(found) == 1]
-    return len(named) == len(methods) and len(set(named)) == len(named)
+    files_of = Counter(next(iter(found)) for found in methods.values() if len(found) == 1)
+    return {file for file, found in methods.items() if len(found) == 1 and files_of[next(iter(found))] == 1}
 
 
 def write_sweep_report(experiment: Experiment) -> dict[str, Path]:
