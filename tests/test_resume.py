@@ -12,13 +12,13 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_train_args
+from hrp_ood.train.trainer import resume_config
 
 from hrp_ood.checkpoint import load_checkpoint
 from hrp_ood.cli import main
 from hrp_ood.config import build_config
 from hrp_ood.errors import UserError
 from hrp_ood.eval.network import checkpoint_config
-from train.trainer import resume_config
 
 pytestmark = pytest.mark.slow  # end-to-end: left out by `pytest -m "not slow"`
 
