@@ -873,8 +873,9 @@ def _config_files_naming_their_method(experiment: Experiment) -> set[str]:
     for name, point in experiment.runs.items():
         if CONFIG_GRID_KEY in point:
             methods.setdefault(point[CONFIG_GRID_KEY], set()).add(experiment.run_config(name).method)
-    files_of = Counter(next(iter(found)) for found in methods.values() if len(found) == 1)
-    return {file for file, found in methods.items() if len(found) == 1 and files_of[next(iter(found))] == 1}
+    sole_method = {file: next(iter(found)) for file, found in methods.items() if len(found) == 1}
+    files_of = Counter(sole_method.values())
+    return {file for file, method in sole_method.items() if files_of[method] == 1}
 
 
 def write_sweep_report(experiment: Experiment) -> dict[str, Path]:
