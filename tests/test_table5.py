@@ -61,7 +61,7 @@ def test_table5_cifar10_sweeps_every_method_from_its_own_config_and_reports_the_
         if cfg.method == "dividemix":
             assert (cfg.lambda_u, cfg.p_threshold, cfg.lr) == (25.0, 0.5, 0.02)  # sym50, from its config file
     hrp_points = [loaded.run_config(name) for name in loaded.runs if loaded.run_config(name).method == "hrp"]
-    assert sorted((cfg.kappa, cfg.t_max) for cfg in hrp_points) == [(1.0, 1.5), (4.0, 1.5), (4.0, 3.0)]  # HRP, variants
+    assert sorted((cfg.kappa, cfg.t_max) for cfg in hrp_points) == [(1.0, 1.25), (4.0, 1.5), (4.0, 3.0)]  # HRP, variants
 
     assert main(["sweep", str(path), "--jobs", "1"]) == 0
     for name in loaded.runs:
@@ -74,7 +74,7 @@ def test_table5_cifar10_sweeps_every_method_from_its_own_config_and_reports_the_
         assert f"| {method}" in table or f"{method} |" in table, method
     summary = pd.read_csv(tmp_path / "out" / "report" / "report_summary.csv")
     # HRP and its two variants train the same method: their rows carry the file's name, the others the method's
-    variants = ("cifar10_hrp", "cifar10_hrp_t_max1.5", "cifar10_hrp_kappa1_t_max1.5")
+    variants = ("cifar10_hrp", "cifar10_hrp_t_max1.5", "cifar10_hrp_kappa1_t_max1.25")
     rows = (methods - {"hrp"}) | {f"hrp (config={name})" for name in variants}
     assert set(summary["method"]) == rows and set(summary["noise"]) == {"sym50"}
 
