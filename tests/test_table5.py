@@ -60,7 +60,7 @@ def test_table5_cifar10_sweeps_every_method_from_its_own_config_and_reports_the_
         assert cfg.epochs == 2 and cfg.model == "small_cnn"
         if cfg.method == "dividemix":
             assert (cfg.lambda_u, cfg.p_threshold, cfg.lr) == (25.0, 0.5, 0.02)  # sym50, from its config file
-    hrp_points = [loaded.run_config(name) for name in loaded.runs if loaded.run_config(name).method == "hrp"]
+    hrp_points = [cfg for cfg in map(loaded.run_config, loaded.runs) if cfg.method == "hrp"]
     # HRP (κ 4, T_max 3.0) and its two named variants
     assert sorted((cfg.kappa, cfg.t_max) for cfg in hrp_points) == [(1.0, 1.25), (4.0, 1.5), (4.0, 3.0)]
 
